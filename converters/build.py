@@ -1,0 +1,110 @@
+"""The generic conversion loop: checkpoint tensors -> jaxind param tree (numpy, float32).
+
+Family-agnostic: it matches names against the reader's table (:mod:`converters.mappings`),
+applies each rule's transform, checks shape and finiteness against the config, and fills the
+tree. Work is done group by group -- each top-level leaf, then one decoder layer at a time --
+so a caller that writes each group out (the converter) never holds the whole model.
+Every problem becomes a :class:`CheckpointError` naming the tensor and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxind import model
+from jaxind.config import ModelConfig
+from jaxind.errors import CheckpointError
+from converters.mappings import Rule
+
+
+class Reader(Protocol):
+    config: ModelConfig
+    table: tuple[Rule, ...]
+    ignored: tuple[str, ...]
+
+    def names(self) -> list[str]: ...
+
+    def load(self, name: str) -> np.ndarray: ...
+
+
+def group_of(path: str) -> str:
+    """``"layers.3.q"`` -> ``"layers.3"``; top-level leaves are their own group."""
+    parts = path.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def plan(reader: Reader, source: str) -> dict[str, list[tuple[str, Rule, str]]]:
+    """Maps every checkpoint tensor to ``(name, rule, path)`` by group, before any data is read.
+
+    Raises:
+      CheckpointError: unknown tensors, tensors the config does not have, or missing ones.
+    """
+    cfg = reader.config
+    expected = model.param_shapes_flat(cfg)
+    groups: dict[str, list[tuple[str, Rule, str]]] = {}
+    found = set()
+    for name in reader.names():
+        rule, path = next(((r, p) for r in reader.table if (p := r.match(name)) is not None), (None, None))
+        if rule is None:
+            if any(re.fullmatch(pattern, name) for pattern in reader.ignored):
+                continue
+            raise CheckpointError(f"{source}: unexpected tensor {name!r}: it is not part of a {cfg.family} model as jaxind defines it")
+        if path == "lm_head" and cfg.tie_embeddings:
+            continue  # a tied head stored explicitly: the embedding is the head
+        if path not in expected:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} maps to {path}, which a {cfg.family} model with this config does not have "
+                "(layer count or bias settings in the config disagree with the weights)"
+            )
+        groups.setdefault(group_of(path), []).append((name, rule, path))
+        found.add(path)
+    missing = sorted(set(expected) - found, key=_path_order)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise CheckpointError(f"{source}: {len(missing)} tensors the config needs are missing: {shown} (incomplete checkpoint?)")
+    return dict(sorted(groups.items(), key=lambda kv: _path_order(kv[0])))
+
+
+def _path_order(path: str) -> tuple:
+    parts = path.split(".")
+    return (1, int(parts[1]), path) if parts[0] == "layers" else (0 if parts[0] == "embed" else 2, 0, path)
+
+
+def iter_groups(reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Yields ``(group, {leaf_name: array})`` in order: embed, layers.0 .. layers.L-1, the rest."""
+    cfg = reader.config
+    expected = model.param_shapes_flat(cfg)
+    groups = plan(reader, source)
+    for group, entries in tqdm(groups.items(), desc=f"converting {source}", unit="group", disable=not progress, leave=False):
+        out = {}
+        for name, rule, path in entries:
+            value = rule.transform(reader.load(name), cfg)
+            if value.shape != expected[path]:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} has shape {tuple(value.shape)} (as {path}) but the config implies {expected[path]}: "
+                    "the config and the weights disagree; fix config.json or use the matching checkpoint"
+                )
+            if not np.isfinite(value).all():
+                raise CheckpointError(f"{source}: tensor {name!r} contains NaN or Inf values: the checkpoint is corrupt or diverged")
+            out[path.split(".")[-1]] = value.astype(dtype, copy=False)
+        yield group, out
+
+
+def assemble(groups: Iterator[tuple[str, dict[str, Any]]], cfg: ModelConfig) -> dict[str, Any]:
+    """Collects :func:`iter_groups` output into the nested param tree of :mod:`jaxind.model`."""
+    tree: dict[str, Any] = {"layers": [None] * cfg.n_layers}
+    for group, leaves in groups:
+        if group.startswith("layers."):
+            tree["layers"][int(group.split(".")[1])] = leaves
+        else:
+            tree.update(leaves)
+    return tree
+
+
+def build_params(reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False) -> dict[str, Any]:
+    """The whole param tree of ``reader.config`` as numpy leaves."""
+    return assemble(iter_groups(reader, dtype, source, progress), reader.config)

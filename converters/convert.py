@@ -1,0 +1,73 @@
+"""Converts a checkpoint into a jaxind (orbax) checkpoint.
+
+    python -m converters.convert --src=PATH_OR_GGUF --out=DIR [--overwrite] [--tokenizer]
+
+SRC is a Hugging Face model directory (config.json + safetensors or pytorch_model*.bin,
+sharded or not), a .gguf file (dequantised to float32), or the alias ``smollm2``. Tensors are
+streamed one at a time; the converter holds one float32 copy of the model at most.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("src", None, "Checkpoint to convert: HF model dir, .gguf file, or 'smollm2'.")
+flags.DEFINE_string("out", None, "Output directory for the jaxind (orbax) checkpoint.")
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.DEFINE_bool("tokenizer", True, "Also save the source's tokenizer (needs transformers; GGUF tokenizers are rebuilt).")
+
+
+def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = True, progress: bool = True) -> dict:
+    """Converts ``src`` and writes ``out``; returns the checkpoint's meta dict."""
+    from converters import build, checkpoint, sources
+    from jaxind import tokenizer as tok
+    from jaxind.errors import CheckpointError
+
+    start = time.perf_counter()
+    path = sources.resolve(src)
+    if checkpoint.is_checkpoint(path):
+        raise CheckpointError(f"{src} is already a jaxind checkpoint: nothing to convert")
+    reader = sources.open_reader(path)
+    meta = sources.source_meta(src, path, reader)
+    if os.path.exists(out) and not overwrite:  # fail before the slow part
+        raise CheckpointError(f"{os.path.abspath(out)} already exists: choose another --out or pass --overwrite")
+
+    def write_tokenizer(directory: str) -> None:
+        try:
+            tok.load_tokenizer(meta["tokenizer"]).save_pretrained(directory)
+        except Exception as e:  # a missing tokenizer must not block weight conversion
+            logging.warning("tokenizer not saved (%s); text data will need --data=random", e)
+
+    groups = build.iter_groups(reader, source=path, progress=progress)
+    checkpoint.save_checkpoint(out, reader.config, groups, meta, overwrite=overwrite,
+                               write_tokenizer=write_tokenizer if with_tokenizer else None)
+    logging.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - start)
+    return meta
+
+
+def main(argv):
+    del argv
+    from jaxind.cli_utils import run_reporting_errors
+    from jaxind.errors import JaxindError
+
+    def body() -> int:
+        if not FLAGS.src or not FLAGS.out:
+            raise JaxindError("--src and --out are required (see --help)")
+        convert(FLAGS.src, FLAGS.out, overwrite=FLAGS.overwrite, with_tokenizer=FLAGS.tokenizer, progress=sys.stderr.isatty())
+        print(f"wrote {FLAGS.out}")
+        return 0
+
+    run_reporting_errors(body)
+
+
+def entry_point():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry_point()

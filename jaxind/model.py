@@ -1,0 +1,238 @@
+"""The decoder-only transformer as pure functions over a param pytree.
+
+One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2 and
+Gemma: pre-norm blocks with RMSNorm, rotary attention with grouped KV heads, and a gated
+(GLU) MLP. The pass can hand back, for chosen layers, the MLP's gate- and up-projection
+outputs (pre-activation, shape ``(B, T, h)``), which is what the independence tests match.
+
+Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``)::
+
+    {"embed": (V, d),
+     "layers": [ {"attn_norm": (d,), "q": (d, H*hd), "k": (d, K*hd), "v": (d, K*hd),
+                  "o": (H*hd, d), ["q_bias": (H*hd,), "k_bias": (K*hd,), "v_bias": (K*hd,)],
+                  ["o_bias": (d,)], "mlp_norm": (d,),
+                  "gate": (d, h), "up": (d, h), "down": (h, d)}, ... n_layers ],
+     "final_norm": (d,),
+     ["lm_head": (d, V)]}          # absent when cfg.tie_embeddings
+
+Hidden unit ``j`` of layer ``l`` is column ``j`` of ``gate``/``up`` and row ``j`` of ``down``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxind.config import ModelConfig
+
+Params = dict[str, Any]
+Activations = dict[int, dict[str, jax.Array]]
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32; ``offset=1`` scales by ``1 + w`` (Gemma)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies ``(head_dim // 2,)`` float32, with linear/llama3 scaling applied."""
+    hd = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv
+    if scaling["rope_type"] == "factors":  # per-frequency divisors (GGUF rope_freqs tensor)
+        return (inv / np.asarray(scaling["factors"], np.float32)).astype(np.float32)
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv / factor).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables ``(T, head_dim)`` float32 for positions ``0..T-1``."""
+    inv = jnp.asarray(rope_inv_freq(cfg))
+    freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates ``x (B, T, heads, hd)`` by position (half-split layout, as in HF Llama)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
+
+
+def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Causal grouped-query self-attention: ``x (B, T, d)`` -> ``(B, T, d)``."""
+    b, t, _ = x.shape
+    hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+    q, k, v = x @ layer["q"], x @ layer["k"], x @ layer["v"]
+    if cfg.qkv_bias:
+        q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
+    q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
+    k = apply_rope(k.reshape(b, t, nkv, hd), cos, sin)
+    v = v.reshape(b, t, nkv, hd)
+    group = nh // nkv
+    q = q.reshape(b, t, nkv, group, hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(hd)
+    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed = ki <= qi
+    if cfg.sliding_window is not None:
+        allowed &= (qi - ki) < cfg.sliding_window
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, nh * hd)
+    out = out @ layer["o"]
+    if cfg.o_bias:
+        out = out + layer["o_bias"]
+    return out
+
+
+def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """GLU MLP on ``x (..., d)``; returns ``(out (..., d), gate (..., h), up (..., h))``.
+
+    ``gate`` and ``up`` are the projections' outputs before the activation, i.e. what
+    ``gate_proj`` / ``up_proj`` return in transformers.
+    """
+    gate = x @ layer["gate"]
+    up = x @ layer["up"]
+    if cfg.mlp_act == "silu":
+        act = jax.nn.silu(gate)
+    else:
+        act = jax.nn.gelu(gate, approximate=True)
+    return (act * up) @ layer["down"], gate, up
+
+
+def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The MLP block as a function ``x (..., d)`` -> ``(..., d)`` (what distillation imitates)."""
+    return mlp(layer, cfg, x)[0]
+
+
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Token embeddings ``(B, T, d)`` (scaled by sqrt(d) for Gemma)."""
+    x = params["embed"][tokens]
+    if cfg.embed_scale:
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype=x.dtype)
+    return x
+
+
+def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Final norm and LM head: ``x (B, T, d)`` -> logits ``(B, T, V)`` float32."""
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_offset)
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return (x @ head).astype(jnp.float32)
+
+
+def block(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    """One pre-norm decoder block; returns ``(x_out, gate, up)``."""
+    x = x + attention(layer, cfg, rms_norm(x, layer["attn_norm"], cfg.norm_eps, cfg.norm_offset), cos, sin)
+    out, gate, up = mlp(layer, cfg, rms_norm(x, layer["mlp_norm"], cfg.norm_eps, cfg.norm_offset))
+    return x + out, gate, up
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    collect: tuple[int, ...] = (),
+    return_logits: bool = True,
+) -> tuple[jax.Array | None, Activations]:
+    """Runs the model on ``tokens (B, T)`` int.
+
+    Args:
+      collect: layer indices whose MLP gate/up outputs to return.
+      return_logits: skip the LM head when False (activation-only passes).
+
+    Returns:
+      ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
+      ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``.
+    """
+    wanted = frozenset(collect)
+    last = max(wanted) if wanted and not return_logits else cfg.n_layers - 1
+    cos, sin = rope_tables(cfg, tokens.shape[1])
+    x = embed(params, cfg, tokens)
+    acts: Activations = {}
+    for index, layer in enumerate(params["layers"][: last + 1]):
+        x, gate, up = block(layer, cfg, x, cos, sin)
+        if index in wanted:
+            acts[index] = {"gate": gate, "up": up}
+    return (unembed(params, cfg, x) if return_logits else None), acts
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits"))
+def forward_jit(params: Params, cfg: ModelConfig, tokens: jax.Array, collect: tuple[int, ...] = (), return_logits: bool = True):
+    """Jitted :func:`forward` (``cfg`` and ``collect`` are static)."""
+    return forward(params, cfg, tokens, collect, return_logits)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random parameters (normal(0, std) weights, unit norms) for a config: independent models
+    are ``init_params(cfg, key)`` for different keys."""
+    d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    shapes = {"q": (d, cfg.n_heads * hd), "k": (d, cfg.n_kv_heads * hd), "v": (d, cfg.n_kv_heads * hd),
+              "o": (cfg.n_heads * hd, d), "gate": (d, h), "up": (d, h), "down": (h, d)}
+    keys = jax.random.split(key, cfg.n_layers + 2)
+    norm_init = 0.0 if cfg.norm_offset else 1.0
+
+    def layer(k):
+        ks = jax.random.split(k, len(shapes))
+        out = {name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)}
+        out["attn_norm"] = jnp.full((d,), norm_init, dtype)
+        out["mlp_norm"] = jnp.full((d,), norm_init, dtype)
+        if cfg.qkv_bias:
+            out["q_bias"] = jnp.zeros((cfg.n_heads * hd,), dtype)
+            out["k_bias"] = jnp.zeros((cfg.n_kv_heads * hd,), dtype)
+            out["v_bias"] = jnp.zeros((cfg.n_kv_heads * hd,), dtype)
+        if cfg.o_bias:
+            out["o_bias"] = jnp.zeros((d,), dtype)
+        return out
+
+    params: Params = {
+        "embed": (std * jax.random.normal(keys[0], (cfg.vocab_size, d))).astype(dtype),
+        "layers": [layer(k) for k in keys[2:]],
+        "final_norm": jnp.full((d,), norm_init, dtype),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = (std * jax.random.normal(keys[1], (d, cfg.vocab_size))).astype(dtype)
+    return params
+
+
+def param_shapes_flat(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{"embed": (V, d), "layers.0.q": (d, H*hd), ...}``: every leaf's path and shape."""
+    tree = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        flat[".".join(keys)] = tuple(leaf.shape)
+    return flat
+
+
+def collect_all(cfg: ModelConfig, layers: Iterable[int] | None) -> tuple[int, ...]:
+    """Normalises a layer selection (None = all layers; negative indices allowed) to a sorted tuple."""
+    if layers is None:
+        return tuple(range(cfg.n_layers))
+    out = []
+    for layer in layers:
+        index = layer + cfg.n_layers if layer < 0 else layer
+        if not 0 <= index < cfg.n_layers:
+            raise ValueError(f"layer {layer} out of range for a {cfg.n_layers}-layer model")
+        out.append(index)
+    return tuple(sorted(set(out)))

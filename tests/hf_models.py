@@ -1,0 +1,78 @@
+"""Tiny random Hugging Face checkpoints of every supported family, built by the tests.
+
+Each model gets non-trivial norm weights and biases so that conversion mistakes (a missing
+norm offset, an unused bias, a transposed kernel) change the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+
+# name -> (transformers config class name, extra config kwargs)
+FAMILIES = {
+    "llama": ("LlamaConfig", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                  rope_theta=500000.0)),
+    "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True, attention_bias=True)),
+    "llama_linear_rope": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0)),
+    "gemma": ("GemmaConfig", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh")),
+}
+CAUSAL_LM = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
+             "Qwen2Config": "Qwen2ForCausalLM", "GemmaConfig": "GemmaForCausalLM"}
+
+
+def build_torch_model(name: str, seed: int = 0, **overrides):
+    """A float32 transformers causal LM of family ``name`` with randomised norms and biases."""
+    import transformers
+
+    config_cls, extra = FAMILIES[name]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, CAUSAL_LM[config_cls])(config).float().eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_((0.0 if name == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
+            elif pname.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model
+
+
+def save(model, out_dir: str, fmt: str = "safetensors") -> str:
+    """Saves as ``safetensors`` (single file), ``sharded`` (several safetensors + index) or
+    ``bin`` (legacy pytorch_model.bin); returns ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    if fmt == "safetensors":
+        model.save_pretrained(out_dir, max_shard_size="1GB")
+    elif fmt == "sharded":
+        model.save_pretrained(out_dir, max_shard_size="60KB")
+        assert os.path.isfile(os.path.join(out_dir, "model.safetensors.index.json"))
+    elif fmt == "bin":
+        model.config.save_pretrained(out_dir)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    else:
+        raise ValueError(fmt)
+    return out_dir
+
+
+def edit_config(out_dir: str, **changes) -> None:
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)

@@ -1,0 +1,49 @@
+"""The real SmolLM2-135M-Instruct GGUF against transformers' own GGUF loader (float32 both,
+dequantised alike by the `gguf` package)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from test_parity import rel_err, torch_reference
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def test_config_read_from_gguf_metadata(smollm2):
+    c = smollm2.config
+    assert (c.family, c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (
+        "llama", 30, 576, 1536, 9, 3, 64, 49152)
+    assert c.tie_embeddings and c.rope_theta == 100000.0
+    assert smollm2.summary()["params"] == c.num_params() == 134_515_008
+
+
+def test_logits_and_activations_match_transformers(smollm2, reference):
+    tokens = np.random.default_rng(0).integers(0, 49152, (2, 24))
+    ref_logits, ref_acts = torch_reference(reference, tokens)
+    assert rel_err(smollm2.logits(tokens), ref_logits) <= 1e-3
+    acts = smollm2.mlp_activations(tokens, layers=[0, 14, 29])
+    for layer in (0, 14, 29):
+        for proj in ("gate", "up"):
+            assert rel_err(acts[layer][proj], ref_acts[layer][proj]) <= 1e-3
+
+
+def test_gguf_tokenizer_and_real_text(smollm2):
+    tok = smollm2.tokenizer
+    ids = tok("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    assert tok.decode(ids) == "The quick brown fox jumps over the lazy dog."
+    logits = np.asarray(smollm2.logits(np.asarray([ids])))
+    # A real language model predicts real text far better than chance (log 49152 = 10.8 nats).
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.mean([logp[0, i, ids[i + 1]] for i in range(len(ids) - 1)])
+    assert nll < 6.0
