@@ -48,20 +48,21 @@ def plan(reader: Reader, source: str) -> dict[str, list[tuple[str, Rule, str]]]:
     groups: dict[str, list[tuple[str, Rule, str]]] = {}
     found = set()
     for name in reader.names():
-        rule, path = next(((r, p) for r in reader.table if (p := r.match(name)) is not None), (None, None))
-        if rule is None:
+        matches = [(r, p) for r in reader.table if (p := r.match(name)) is not None]  # a fused tensor has several
+        if not matches:
             if any(re.fullmatch(pattern, name) for pattern in reader.ignored):
                 continue
             raise CheckpointError(f"{source}: unexpected tensor {name!r}: it is not part of a {cfg.family} model as jaxind defines it")
-        if path == "lm_head" and cfg.tie_embeddings:
-            continue  # a tied head stored explicitly: the embedding is the head
-        if path not in expected:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} maps to {path}, which a {cfg.family} model with this config does not have "
-                "(layer count or bias settings in the config disagree with the weights)"
-            )
-        groups.setdefault(group_of(path), []).append((name, rule, path))
-        found.add(path)
+        for rule, path in matches:
+            if path == "lm_head" and cfg.tie_embeddings:
+                continue  # a tied head stored explicitly: the embedding is the head
+            if path not in expected:
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} maps to {path}, which a {cfg.family} model with this config does not have "
+                    "(layer count or bias settings in the config disagree with the weights)"
+                )
+            groups.setdefault(group_of(path), []).append((name, rule, path))
+            found.add(path)
     missing = sorted(set(expected) - found, key=_path_order)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -54,6 +54,17 @@ def gguf_k_bias(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return _unpermute_rope(w, cfg.n_kv_heads)
 
 
+def split_qkv(part: int, bias: bool = False) -> Transform:
+    """GPT-2's fused ``c_attn`` (Conv1D, already ``(d, 3d)``; bias ``(3d,)``) -> its q, k or v."""
+
+    def transform(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        d = cfg.d_model
+        return np.ascontiguousarray(w[..., part * d : (part + 1) * d])
+
+    transform.__name__ = f"split_qkv_{'qkv'[part]}{'_bias' if bias else ''}"
+    return transform
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer)."""
@@ -91,7 +102,31 @@ HF_DECODER = (
     Rule(r"lm_head\.weight", "lm_head", transpose),
 )
 # Tensors some checkpoints carry that hold no parameters.
-HF_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+HF_IGNORED = (
+    r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+    r"transformer\.h\.\d+\.attn\.(masked_)?bias",  # GPT-2's stored causal-mask buffers
+)
+
+# GPT-2 (non-GLU MLP, for the generalized test). Conv1D weights are stored (in, out) already.
+HF_GPT2 = (
+    Rule(r"transformer\.wte\.weight", "embed"),
+    Rule(r"transformer\.wpe\.weight", "pos_embed"),
+    Rule(rf"transformer\.h\.{_L}\.ln_1\.weight", "layers.{}.attn_norm"),
+    Rule(rf"transformer\.h\.{_L}\.ln_1\.bias", "layers.{}.attn_norm_bias"),
+    *(Rule(rf"transformer\.h\.{_L}\.attn\.c_attn\.weight", f"layers.{{}}.{n}", split_qkv(i)) for i, n in enumerate("qkv")),
+    *(Rule(rf"transformer\.h\.{_L}\.attn\.c_attn\.bias", f"layers.{{}}.{n}_bias", split_qkv(i, True)) for i, n in enumerate("qkv")),
+    Rule(rf"transformer\.h\.{_L}\.attn\.c_proj\.weight", "layers.{}.o"),
+    Rule(rf"transformer\.h\.{_L}\.attn\.c_proj\.bias", "layers.{}.o_bias"),
+    Rule(rf"transformer\.h\.{_L}\.ln_2\.weight", "layers.{}.mlp_norm"),
+    Rule(rf"transformer\.h\.{_L}\.ln_2\.bias", "layers.{}.mlp_norm_bias"),
+    Rule(rf"transformer\.h\.{_L}\.mlp\.c_fc\.weight", "layers.{}.up"),
+    Rule(rf"transformer\.h\.{_L}\.mlp\.c_fc\.bias", "layers.{}.up_bias"),
+    Rule(rf"transformer\.h\.{_L}\.mlp\.c_proj\.weight", "layers.{}.down"),
+    Rule(rf"transformer\.h\.{_L}\.mlp\.c_proj\.bias", "layers.{}.down_bias"),
+    Rule(r"transformer\.ln_f\.weight", "final_norm"),
+    Rule(r"transformer\.ln_f\.bias", "final_norm_bias"),
+    Rule(r"lm_head\.weight", "lm_head", transpose),
+)
 
 # GGUF names (llama.cpp). Llama-architecture files store q/k rows interleaved for RoPE.
 _GGUF_COMMON = (
@@ -121,6 +156,6 @@ GGUF_QWEN2 = _GGUF_COMMON + (
 )
 GGUF_IGNORED = (r"rope_freqs\.weight",)  # read into the config instead
 
-HF_TABLES = {"llama": HF_DECODER, "mistral": HF_DECODER, "qwen2": HF_DECODER, "gemma": HF_DECODER}
+HF_TABLES = {"llama": HF_DECODER, "mistral": HF_DECODER, "qwen2": HF_DECODER, "gemma": HF_DECODER, "gpt2": HF_GPT2}
 # GGUF architecture name -> (jaxind family, table).
 GGUF_TABLES = {"llama": ("llama", GGUF_LLAMA), "qwen2": ("qwen2", GGUF_QWEN2)}

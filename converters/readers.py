@@ -84,7 +84,7 @@ class HFDirReader:
         file = self._where[name]
         if self.kind == "safetensors":
             return _safetensors_load(file, name)
-        return _torch_bin(file).pop(name).to(_torch().float32).numpy()
+        return np.array(_torch_bin(file)[name].to(_torch().float32).numpy())  # copy out of the mmap
 
     def tokenizer_source(self) -> dict[str, str]:
         return {"kind": "hf", "path": self.path}

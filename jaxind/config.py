@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from jaxind.errors import UnsupportedModelError
 
 # Families and the HF `model_type` values they cover.
-FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 
 # Config keys that never change the forward function (training, generation, bookkeeping).
 _INERT_KEYS = frozenset(
@@ -69,6 +69,10 @@ class ModelConfig:
       norm_offset: 1.0 where the norm scales by ``1 + w`` (Gemma), else 0.0.
       embed_scale: multiply embeddings by sqrt(d_model) (Gemma).
       sliding_window: attention window (Mistral) or ``None`` for full causal attention.
+      glu: gated MLP (gate, up, down) if True; plain MLP (up, act, down) if False (GPT-2).
+      norm_kind: "rms" (RMSNorm) or "layer" (LayerNorm with bias, GPT-2).
+      max_positions: size of the learned position embedding; 0 means RoPE.
+      mlp_bias: biases on the MLP projections (GPT-2).
     """
 
     family: str
@@ -89,6 +93,10 @@ class ModelConfig:
     norm_offset: float = 0.0
     embed_scale: bool = False
     sliding_window: int | None = None
+    glu: bool = True
+    norm_kind: str = "rms"
+    max_positions: int = 0
+    mlp_bias: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -105,10 +113,17 @@ class ModelConfig:
             )
         if self.mlp_act not in ("silu", "gelu_tanh"):
             raise UnsupportedModelError(f"unsupported MLP activation {self.mlp_act!r}")
+        if self.norm_kind not in ("rms", "layer"):
+            raise UnsupportedModelError(f"unsupported norm {self.norm_kind!r}")
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+    @property
+    def rope(self) -> bool:
+        """Rotary position embedding (every family but GPT-2)."""
+        return self.max_positions == 0
 
     def num_params(self) -> int:
         """Number of parameters (tied embeddings counted once)."""
@@ -118,9 +133,11 @@ class ModelConfig:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         if self.o_bias:
             attn += d
-        per_layer = attn + 3 * d * h + 2 * d
+        mlp = (3 if self.glu else 2) * d * h + ((h + d) if self.mlp_bias else 0)
+        norm = d if self.norm_kind == "rms" else 2 * d
+        per_layer = attn + mlp + 2 * norm
         head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.n_layers * per_layer + d + head
+        return self.vocab_size * d + self.max_positions * d + self.n_layers * per_layer + norm + head
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -175,6 +192,33 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
     return theta, _freeze(merged)
 
 
+_GPT2_KEYS = frozenset(
+    {
+        "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "n_ctx", "activation_function",
+        "layer_norm_epsilon", "vocab_size", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_activation",
+        "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
+    }
+)
+
+
+def _from_gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
+    unknown = set(hf) - _INERT_KEYS - _GPT2_KEYS
+    if unknown:
+        raise UnsupportedModelError(f"gpt2 config has attributes jaxind does not handle: {sorted(unknown)}")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UnsupportedModelError(f"gpt2 with activation_function={hf.get('activation_function')!r} is not supported (gelu_new only)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention") or hf.get("scale_attn_weights", True) is False:
+        raise UnsupportedModelError("gpt2 attention variants (scale_attn_by_inverse_layer_idx, cross attention, unscaled) are not supported")
+    d, n_heads = int(hf["n_embd"]), int(hf["n_head"])
+    return ModelConfig(
+        family="gpt2", vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=int(hf["n_layer"]),
+        n_heads=n_heads, n_kv_heads=n_heads, head_dim=d // n_heads, d_ff=int(hf.get("n_inner") or 4 * d),
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), tie_embeddings=True, qkv_bias=True, o_bias=True,
+        mlp_act="gelu_tanh", glu=False, norm_kind="layer", max_positions=int(hf.get("n_positions", 1024)), mlp_bias=True,
+    )
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     """Builds a ModelConfig from a HF config dict, refusing anything not implemented.
 
@@ -183,10 +227,12 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         value (activation, MLP bias, sliding-window layout, RoPE type).
     """
     model_type = hf.get("model_type")
+    if model_type == "gpt2":
+        return _from_gpt2_config(hf)
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}: jaxind converts {', '.join(FAMILIES)} "
-            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma)"
+            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2)"
         )
     unknown = set(hf) - _INERT_KEYS - _CORE_KEYS
     if unknown:

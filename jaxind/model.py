@@ -2,8 +2,10 @@
 
 One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2 and
 Gemma: pre-norm blocks with RMSNorm, rotary attention with grouped KV heads, and a gated
-(GLU) MLP. The pass can hand back, for chosen layers, the MLP's gate- and up-projection
-outputs (pre-activation, shape ``(B, T, h)``), which is what the independence tests match.
+(GLU) MLP; and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
+family the generalized test needs. The pass can hand back, for chosen layers, the MLP's
+gate- and up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only),
+which is what the independence tests match.
 
 Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``)::
 
@@ -14,6 +16,9 @@ Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_d
                   "gate": (d, h), "up": (d, h), "down": (h, d)}, ... n_layers ],
      "final_norm": (d,),
      ["lm_head": (d, V)]}          # absent when cfg.tie_embeddings
+
+GPT-2 adds ``pos_embed (P, d)``, ``*_norm_bias``, ``up_bias (h,)``, ``down_bias (d,)`` and has
+no ``gate``.
 
 Hidden unit ``j`` of layer ``l`` is column ``j`` of ``gate``/``up`` and row ``j`` of ``down``.
 """
@@ -39,6 +44,22 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float = 0.0) -
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(params: Params, name: str, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The family's norm with weight ``params[name]`` (and ``params[name + "_bias"]`` for LayerNorm)."""
+    if cfg.norm_kind == "layer":
+        return layer_norm(x, params[name], params[name + "_bias"], cfg.norm_eps)
+    return rms_norm(x, params[name], cfg.norm_eps, cfg.norm_offset)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -80,15 +101,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
 
 
-def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Causal grouped-query self-attention: ``x (B, T, d)`` -> ``(B, T, d)``."""
+def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
+    """Causal grouped-query self-attention: ``x (B, T, d)`` -> ``(B, T, d)`` (RoPE when ``cos`` is given)."""
     b, t, _ = x.shape
     hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     q, k, v = x @ layer["q"], x @ layer["k"], x @ layer["v"]
     if cfg.qkv_bias:
         q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
-    q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
-    k = apply_rope(k.reshape(b, t, nkv, hd), cos, sin)
+    q, k = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd)
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, t, nkv, hd)
     group = nh // nkv
     q = q.reshape(b, t, nkv, group, hd)
@@ -106,19 +128,29 @@ def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin
     return out
 
 
-def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """GLU MLP on ``x (..., d)``; returns ``(out (..., d), gate (..., h), up (..., h))``.
+def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return jax.nn.silu(x) if cfg.mlp_act == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """The MLP on ``x (..., d)``; returns ``(out (..., d), gate (..., h) or None, up (..., h))``.
 
     ``gate`` and ``up`` are the projections' outputs before the activation, i.e. what
-    ``gate_proj`` / ``up_proj`` return in transformers.
+    ``gate_proj`` / ``up_proj`` return in transformers. A plain (non-GLU, GPT-2) MLP has no
+    gate; its ``up`` is ``c_fc``'s output.
     """
-    gate = x @ layer["gate"]
     up = x @ layer["up"]
-    if cfg.mlp_act == "silu":
-        act = jax.nn.silu(gate)
+    if cfg.mlp_bias:
+        up = up + layer["up_bias"]
+    if cfg.glu:
+        gate = x @ layer["gate"]
+        hidden = _activation(cfg, gate) * up
     else:
-        act = jax.nn.gelu(gate, approximate=True)
-    return (act * up) @ layer["down"], gate, up
+        gate, hidden = None, _activation(cfg, up)
+    out = hidden @ layer["down"]
+    if cfg.mlp_bias:
+        out = out + layer["down_bias"]
+    return out, gate, up
 
 
 def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -129,6 +161,8 @@ def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Token embeddings ``(B, T, d)`` (scaled by sqrt(d) for Gemma)."""
     x = params["embed"][tokens]
+    if not cfg.rope:
+        x = x + params["pos_embed"][: tokens.shape[1]][None]
     if cfg.embed_scale:
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype=x.dtype)
     return x
@@ -136,15 +170,15 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
 
 def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Final norm and LM head: ``x (B, T, d)`` -> logits ``(B, T, V)`` float32."""
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps, cfg.norm_offset)
+    x = norm(params, "final_norm", cfg, x)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     return (x @ head).astype(jnp.float32)
 
 
-def block(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array):
+def block(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None):
     """One pre-norm decoder block; returns ``(x_out, gate, up)``."""
-    x = x + attention(layer, cfg, rms_norm(x, layer["attn_norm"], cfg.norm_eps, cfg.norm_offset), cos, sin)
-    out, gate, up = mlp(layer, cfg, rms_norm(x, layer["mlp_norm"], cfg.norm_eps, cfg.norm_offset))
+    x = x + attention(layer, cfg, norm(layer, "attn_norm", cfg, x), cos, sin)
+    out, gate, up = mlp(layer, cfg, norm(layer, "mlp_norm", cfg, x))
     return x + out, gate, up
 
 
@@ -163,17 +197,20 @@ def forward(
 
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
-      ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``.
+      ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``
+      (no "gate" for a non-GLU family).
     """
     wanted = frozenset(collect)
     last = max(wanted) if wanted and not return_logits else cfg.n_layers - 1
-    cos, sin = rope_tables(cfg, tokens.shape[1])
+    if not cfg.rope and tokens.shape[1] > cfg.max_positions:
+        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's {cfg.max_positions} positions")
+    cos, sin = rope_tables(cfg, tokens.shape[1]) if cfg.rope else (None, None)
     x = embed(params, cfg, tokens)
     acts: Activations = {}
     for index, layer in enumerate(params["layers"][: last + 1]):
         x, gate, up = block(layer, cfg, x, cos, sin)
         if index in wanted:
-            acts[index] = {"gate": gate, "up": up}
+            acts[index] = {"up": up} if gate is None else {"gate": gate, "up": up}
     return (unembed(params, cfg, x) if return_logits else None), acts
 
 
@@ -189,6 +226,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     shapes = {"q": (d, cfg.n_heads * hd), "k": (d, cfg.n_kv_heads * hd), "v": (d, cfg.n_kv_heads * hd),
               "o": (cfg.n_heads * hd, d), "gate": (d, h), "up": (d, h), "down": (h, d)}
+    if not cfg.glu:
+        del shapes["gate"]
     keys = jax.random.split(key, cfg.n_layers + 2)
     norm_init = 0.0 if cfg.norm_offset else 1.0
 
@@ -203,6 +242,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
             out["v_bias"] = jnp.zeros((cfg.n_kv_heads * hd,), dtype)
         if cfg.o_bias:
             out["o_bias"] = jnp.zeros((d,), dtype)
+        if cfg.mlp_bias:
+            out["up_bias"] = jnp.zeros((h,), dtype)
+            out["down_bias"] = jnp.zeros((d,), dtype)
+        if cfg.norm_kind == "layer":
+            out["attn_norm_bias"] = jnp.zeros((d,), dtype)
+            out["mlp_norm_bias"] = jnp.zeros((d,), dtype)
         return out
 
     params: Params = {
@@ -212,6 +257,10 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     }
     if not cfg.tie_embeddings:
         params["lm_head"] = (std * jax.random.normal(keys[1], (d, cfg.vocab_size))).astype(dtype)
+    if not cfg.rope:
+        params["pos_embed"] = (std * jax.random.normal(jax.random.fold_in(keys[1], 1), (cfg.max_positions, d))).astype(dtype)
+    if cfg.norm_kind == "layer":
+        params["final_norm_bias"] = jnp.zeros((d,), dtype)
     return params
 
 

@@ -24,9 +24,10 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(sliding_window=5)),
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0)),
     "gemma": ("GemmaConfig", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh")),
+    "gpt2": ("GPT2Config", dict(n_embd=48, n_layer=3, n_head=6, n_inner=80, n_positions=64)),
 }
 CAUSAL_LM = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
-             "Qwen2Config": "Qwen2ForCausalLM", "GemmaConfig": "GemmaForCausalLM"}
+             "Qwen2Config": "Qwen2ForCausalLM", "GemmaConfig": "GemmaForCausalLM", "GPT2Config": "GPT2LMHeadModel"}
 
 
 def build_torch_model(name: str, seed: int = 0, **overrides):
@@ -34,19 +35,27 @@ def build_torch_model(name: str, seed: int = 0, **overrides):
     import transformers
 
     config_cls, extra = FAMILIES[name]
-    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
+    base = {"vocab_size": TINY["vocab_size"]} if name == "gpt2" else TINY
+    config = getattr(transformers, config_cls)(**{**base, **extra, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, CAUSAL_LM[config_cls])(config).float().eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if "norm" in pname:
+            if "norm" in pname or ".ln_" in pname:
                 p.copy_((0.0 if name == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
             elif pname.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     return model
+
+
+def mlp_modules(model) -> list[dict]:
+    """Per layer, the transformers modules whose outputs are jaxind's "gate"/"up" activations."""
+    if hasattr(model, "transformer"):  # GPT-2: c_fc is the (only) hidden-unit projection
+        return [{"up": block.mlp.c_fc} for block in model.transformer.h]
+    return [{"gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj} for layer in model.model.layers]
 
 
 def save(model, out_dir: str, fmt: str = "safetensors") -> str:

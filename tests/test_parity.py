@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import jaxind
-from hf_models import FAMILIES, build_torch_model, save
+from hf_models import FAMILIES, build_torch_model, mlp_modules, save
 
 TOL = 1e-4
 
@@ -20,9 +20,8 @@ def torch_reference(model, tokens):
     """Logits and per-layer gate/up outputs captured with forward hooks."""
     captured = {}
     hooks = []
-    for i, layer in enumerate(model.model.layers):
-        for proj in ("gate", "up"):
-            module = getattr(layer.mlp, f"{proj}_proj")
+    for i, modules in enumerate(mlp_modules(model)):
+        for proj, module in modules.items():
             hooks.append(module.register_forward_hook(
                 lambda mod, inp, out, i=i, proj=proj: captured.setdefault(i, {}).__setitem__(proj, out.detach().numpy())))
     with torch.no_grad():
@@ -45,7 +44,8 @@ def test_logits_and_activations_match_transformers(tmp_path, family, fmt):
     acts = ours.mlp_activations(tokens)
     assert sorted(acts) == list(range(ours.config.n_layers))
     for layer, ref in ref_acts.items():
-        for proj in ("gate", "up"):
+        assert sorted(acts[layer]) == sorted(ref)
+        for proj in ref:
             assert acts[layer][proj].shape == (2, 12, ours.config.d_ff)
             assert rel_err(acts[layer][proj], ref[proj]) <= TOL, (layer, proj)
 
