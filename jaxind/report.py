@@ -1,0 +1,53 @@
+"""Human-readable report of a results document: one table row per test."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+_MEANING = {
+    "csu": "up-projection weights matched (exact p)",
+    "csu_all": "all 2-D weights matched (heuristic)",
+    "csh": "up-projection activations matched (exact p)",
+    "l2": "weight distance, PERMTEST (exact p)",
+    "mc": "mode connectivity, PERMTEST (exact p)",
+    "jsd": "output divergence (no p-value)",
+    "match": "gate vs up matchings agree (robust)",
+    "generalized": "distilled MLPs, MATCH (robust)",
+}
+
+
+def verdict(test: dict[str, Any], alpha: float) -> str:
+    """What the p-value means at level ``alpha``."""
+    if test.get("pvalue") is None:
+        return "n/a (not a test)"
+    if test.get("error"):
+        return "error"
+    return "dependent (reject H0)" if test["log10_pvalue"] <= math.log10(alpha) else "no evidence of dependence"
+
+
+def _p(test: dict[str, Any]) -> str:
+    if test.get("error"):
+        return "-"
+    if test.get("pvalue") is None:
+        return f"stat={test['statistic']:.4g}" if test.get("statistic") is not None else "-"
+    log10 = test["log10_pvalue"]
+    if test["pvalue"] and test["pvalue"] >= 1e-4:
+        return f"{test['pvalue']:.4f}"
+    return f"10^{log10:.1f}"
+
+
+def format_table(results: dict[str, Any], title: str | None = None) -> str:
+    """The results' tests as an aligned text table (test, p-value, verdict, seconds, meaning)."""
+    alpha = results.get("alpha", 0.05)
+    rows = [("test", "p-value", f"at alpha={alpha}", "seconds", "what it measures")]
+    for name, test in results["tests"].items():
+        meaning = test.get("error") or _MEANING.get(name, "")
+        rows.append((name, _p(test), verdict(test, alpha), f"{test.get('seconds', 0.0):.1f}", meaning))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title] if title else []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
