@@ -73,8 +73,7 @@ def run_demo(settings, output: str | None = None, quick: bool = False, log=print
     zoo = build_zoo(seed=settings.data.seed, steps=steps, finetune_steps=finetune_steps, log=log)
     if quick:
         settings = dataclasses.replace(settings, num_perms=min(settings.num_perms, 99))
-    spec = dataclasses.replace(settings.data, kind="text", path="jaxind/data/demo_corpus.txt",
-                               num_sequences=min(settings.data.num_sequences, 32), seq_len=min(settings.data.seq_len, 64))
+    spec = dataclasses.replace(settings.data, kind="text", path="jaxind/data/demo_corpus.txt")
     tokens = data.windows(corpus_bytes(), spec)
     for name_a, name_b in PAIRS:
         a = from_params(*zoo[name_a], name=name_a)
