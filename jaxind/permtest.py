@@ -1,0 +1,449 @@
+"""PERMTEST as a kernel: ``stat(A, p_t(B))`` for T random group elements at once.
+
+Under H0 (independent initialisations, permutation-invariant init, equivariant training) the
+pair ``(A, p(B))`` is distributed as ``(A, B)`` for a uniform group element ``p`` (see
+:mod:`jaxind.symmetry`), so ``p = (1 + #{t : stat_t >= stat_0}) / (T + 1)`` is an exact
+p-value for any statistic, oriented so that larger = more similar.
+
+Statistics:
+
+- ``"l2"``: minus the L2 distance of the weights, per transformer layer (all of its leaves) and
+  in total (every leaf, embeddings and head included). The draws never materialise a permuted
+  model: ``||A - p(B)||^2 = ||A||^2 + ||B||^2 - 2 <A, p(B)>`` (a permutation keeps norms), and
+
+  * every leaf whose only permuted axis is the residual one (q, k, v, o, norms, o_bias, embed,
+    lm_head) contributes ``sum_i G[i, s_i]`` with the cross-Gram ``G = A ._resid B`` ``(d, d)``
+    computed once per layer: ``O(d)`` per draw instead of ``O(V d)`` for the embedding;
+  * gate / up / down^T share the axes ``(resid, mlp)`` and are stacked as ``(3, d, h)``; their
+    inner product with the permuted B needs one gather of ``B[s][:, t_l]`` per layer per draw,
+    done layer by layer (``lax.scan``) so memory stays at one layer per draw in flight.
+
+  The observed ``stat_0`` is computed directly from ``A - B`` (no cancellation when B is close
+  to A).
+- ``"mc"``: mode connectivity, minus the mean next-token cross-entropy of the weight-averaged
+  model ``0.5 (A + p(B))`` on given tokens (:func:`jaxind.model.forward`). Total only.
+
+The draw axis is a batch axis: ``vmap`` over draws, chunked to a memory budget, each chunk
+sharded over a 1-D mesh of devices with ``jax.shard_map``. Draw ``t`` always uses the group
+element ``draw_permutations(fold_in(key, t))``, whatever the device count or chunk size, so
+results for a seed do not depend on the hardware. :func:`permtest_loop` is the plain reference:
+a Python loop applying one permutation at a time with :func:`apply_permutation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxind import pvalues
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+from jaxind.model import forward
+from jaxind.symmetry import Perm, apply_permutation, draw_permutations, get_leaf, permutation_spec
+
+Params = dict[str, Any]
+STATISTICS = ("l2", "mc")
+_AXIS = "perm"
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class PermTestResult:
+    """Outcome of one PERMTEST.
+
+    Attributes:
+      statistic: "l2" or "mc".
+      num_perms: T.
+      stat0: observed total statistic ``stat(A, B)``.
+      stats: ``(T,)`` total statistic of each draw ``stat(A, p_t(B))``.
+      pvalue, log10_pvalue: exact p-value of the total statistic and its log10.
+      stat0_layers: ``(L,)`` per-layer observed statistic (None for "mc").
+      stats_layers: ``(T, L)`` per-layer draws (None for "mc").
+      pvalue_layers, log10_pvalue_layers: ``(L,)`` per-layer exact p-values (None for "mc").
+    """
+
+    statistic: str
+    num_perms: int
+    stat0: float
+    stats: np.ndarray
+    pvalue: float
+    log10_pvalue: float
+    stat0_layers: np.ndarray | None = None
+    stats_layers: np.ndarray | None = None
+    pvalue_layers: np.ndarray | None = None
+    log10_pvalue_layers: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# L2: precomputed cross-Grams and MLP stacks.
+
+
+class L2Consts(NamedTuple):
+    """Everything the L2 draw kernel needs (shapes for L layers, width d, hidden h).
+
+    gram_layers ``(L, d, d)``, gram_global ``(d, d)``: cross-Grams over residual-only leaves.
+    const_layers ``(L,)``, const_global ``()``: inner products of unpermuted leaves (q/k/v bias).
+    mlp_a, mlp_b ``(L, k, d, h)``: the layer's matrices with an MLP axis, as (resid, mlp):
+      gate, up, down^T (k = 3; GPT-2: up, down^T, k = 2).
+    mlp_vec_a, mlp_vec_b ``(L, m, h)``: vectors on the MLP axis (GPT-2's up_bias; m = 0 or 1).
+    sq_a_layers, sq_b_layers ``(L,)``, sq_a_total, sq_b_total ``()``: squared norms.
+    """
+
+    gram_layers: jax.Array
+    gram_global: jax.Array
+    const_layers: jax.Array
+    const_global: jax.Array
+    mlp_a: jax.Array
+    mlp_b: jax.Array
+    mlp_vec_a: jax.Array
+    mlp_vec_b: jax.Array
+    sq_a_layers: jax.Array
+    sq_b_layers: jax.Array
+    sq_a_total: jax.Array
+    sq_b_total: jax.Array
+
+
+def _mlp_stacks(params: Params, cfg: ModelConfig, spec) -> tuple[jax.Array, jax.Array]:
+    """``(L, k, d, h)`` matrices and ``(L, m, h)`` vectors carrying layer l's MLP axis, with
+    matrices laid out as (resid, mlp)."""
+    mats, vecs = [], []
+    for layer in range(cfg.n_layers):
+        lm, lv = [], []
+        for path, axes in spec.items():
+            if path[0] != "layers" or path[1] != layer or not any(isinstance(a, tuple) for a in axes):
+                continue
+            leaf = get_leaf(params, path).astype(jnp.float32)
+            if len(axes) == 1:
+                lv.append(leaf)
+            else:
+                if axes != ("resid", ("mlp", layer)) and axes != (("mlp", layer), "resid"):
+                    raise JaxindError(f"unsupported MLP axes {axes} for {path}")
+                lm.append(leaf if axes[0] == "resid" else leaf.T)
+        mats.append(jnp.stack(lm))
+        vecs.append(jnp.stack(lv) if lv else jnp.zeros((0, cfg.d_ff), jnp.float32))
+    return jnp.stack(mats), jnp.stack(vecs)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
+    """Precomputes the cross-Grams, MLP stacks and norms of the pair (once per test)."""
+    d = cfg.d_model
+    spec = permutation_spec(cfg)
+    gram_layers = [jnp.zeros((d, d), jnp.float32) for _ in range(cfg.n_layers)]
+    const_layers = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
+    sq_a = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
+    sq_b = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
+    gram_global = jnp.zeros((d, d), jnp.float32)
+    const_global = jnp.zeros((), jnp.float32)
+    sq_a_global = jnp.zeros((), jnp.float32)
+    sq_b_global = jnp.zeros((), jnp.float32)
+    for path, axes in spec.items():
+        a = get_leaf(params_a, path).astype(jnp.float32)
+        b = get_leaf(params_b, path).astype(jnp.float32)
+        in_layer = path[0] == "layers"
+        na, nb = jnp.sum(a * a), jnp.sum(b * b)
+        if in_layer:
+            sq_a[path[1]] += na
+            sq_b[path[1]] += nb
+        else:
+            sq_a_global += na
+            sq_b_global += nb
+        if any(isinstance(name, tuple) for name in axes):
+            continue  # gate/up/down (and up_bias): handled by the MLP stacks
+        if "resid" in axes:
+            axis = axes.index("resid")
+            others = [i for i in range(a.ndim) if i != axis]
+            gram = jnp.tensordot(jnp.moveaxis(a, axis, 0), jnp.moveaxis(b, axis, 0),
+                                 axes=(list(range(1, a.ndim)), list(range(1, b.ndim))), precision=_HIGHEST) if others else jnp.outer(a, b)
+            if in_layer:
+                gram_layers[path[1]] += gram
+            else:
+                gram_global += gram
+        else:
+            inner = jnp.sum(a * b)
+            if in_layer:
+                const_layers[path[1]] += inner
+            else:
+                const_global += inner
+    sq_a_layers, sq_b_layers = jnp.stack(sq_a), jnp.stack(sq_b)
+    mlp_a, mlp_vec_a = _mlp_stacks(params_a, cfg, spec)
+    mlp_b, mlp_vec_b = _mlp_stacks(params_b, cfg, spec)
+    return L2Consts(
+        gram_layers=jnp.stack(gram_layers),
+        gram_global=gram_global,
+        const_layers=jnp.stack(const_layers),
+        const_global=const_global,
+        mlp_a=mlp_a,
+        mlp_b=mlp_b,
+        mlp_vec_a=mlp_vec_a,
+        mlp_vec_b=mlp_vec_b,
+        sq_a_layers=sq_a_layers,
+        sq_b_layers=sq_b_layers,
+        sq_a_total=sq_a_layers.sum() + sq_a_global,
+        sq_b_total=sq_b_layers.sum() + sq_b_global,
+    )
+
+
+def l2_draw(consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
+    """L2 statistic of ``(A, p(B))`` for one group element, without materialising ``p(B)``.
+
+    Returns:
+      ``(stat_layers (L,), stat_total ())``: minus the L2 distances.
+    """
+    d = consts.gram_global.shape[0]
+    s = perm.resid
+    rows = jnp.arange(d)
+    resid_layers = consts.gram_layers[:, rows, s].sum(axis=-1)
+    resid_global = consts.gram_global[rows, s].sum()
+
+    def layer_inner(carry, xs):
+        a, b, av, bv, t = xs  # (k, d, h), (k, d, h), (m, h), (m, h), (h,)
+        # B[k, s_i, t_j] for every (k, i, j): a contiguous row gather, then a column gather.
+        bp = jnp.take(jnp.take(b, s, axis=1, mode="clip"), t, axis=2, mode="clip")
+        return carry, jnp.sum(a * bp) + jnp.sum(av * jnp.take(bv, t, axis=1, mode="clip"))
+
+    xs = (consts.mlp_a, consts.mlp_b, consts.mlp_vec_a, consts.mlp_vec_b, perm.mlp)
+    _, mlp_layers = jax.lax.scan(layer_inner, None, xs)
+    inner_layers = resid_layers + mlp_layers + consts.const_layers
+    inner_total = inner_layers.sum() + resid_global + consts.const_global
+    dist2_layers = consts.sq_a_layers + consts.sq_b_layers - 2.0 * inner_layers
+    dist2_total = consts.sq_a_total + consts.sq_b_total - 2.0 * inner_total
+    return -jnp.sqrt(jnp.maximum(dist2_layers, 0.0)), -jnp.sqrt(jnp.maximum(dist2_total, 0.0))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def l2_direct(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Minus the L2 distance between two param trees, computed from the differences.
+
+    Returns:
+      ``(stat_layers (L,), stat_total ())``.
+    """
+    layers = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
+    other = jnp.zeros((), jnp.float32)
+    for path in permutation_spec(cfg):
+        diff = get_leaf(params_a, path).astype(jnp.float32) - get_leaf(params_b, path).astype(jnp.float32)
+        sq = jnp.sum(diff * diff)
+        if path[0] == "layers":
+            layers[path[1]] += sq
+        else:
+            other += sq
+    stacked = jnp.stack(layers)
+    return -jnp.sqrt(stacked), -jnp.sqrt(stacked.sum() + other)
+
+
+# --------------------------------------------------------------------------------------------
+# MC: loss of the weight-averaged model.
+
+
+def mc_stat(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Minus the mean next-token cross-entropy of ``0.5 (A + B)`` on ``tokens (N, T)``: scalar."""
+    avg = jax.tree.map(lambda x, y: 0.5 * (x.astype(jnp.float32) + y.astype(jnp.float32)), params_a, params_b)
+    logits, _ = forward(avg, cfg, tokens)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.mean(nll)
+
+
+_mc_stat_jit = jax.jit(mc_stat, static_argnames=("cfg",))
+
+
+class MCConsts(NamedTuple):
+    params_a: Params
+    params_b: Params
+    tokens: jax.Array
+
+
+def _mc_draw(cfg: ModelConfig, consts: MCConsts, perm: Perm) -> tuple[jax.Array, jax.Array]:
+    stat = mc_stat(consts.params_a, apply_permutation(consts.params_b, cfg, perm), cfg, consts.tokens)
+    return jnp.zeros((0,), jnp.float32), stat
+
+
+def _l2_draw(cfg: ModelConfig, consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
+    return l2_draw(consts, perm)
+
+
+_DRAW_FNS: dict[str, Callable] = {"l2": _l2_draw, "mc": _mc_draw}
+
+
+# --------------------------------------------------------------------------------------------
+# The sharded, chunked driver.
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"perm"`` over ``devices`` (default: all devices)."""
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise JaxindError("permtest needs at least one device")
+    return Mesh(np.array(devs), (_AXIS,))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
+    """Jitted ``(consts, key, idx (C,)) -> (stat_layers (C, L), stat_total (C,))`` with ``idx``
+    sharded over the mesh; each device draws and evaluates its own slice of indices."""
+    draw_fn = functools.partial(_DRAW_FNS[statistic], cfg)
+
+    def local(consts, key, idx):
+        perms = jax.vmap(lambda i: draw_permutations(jax.random.fold_in(key, i), cfg))(idx)
+        return jax.vmap(lambda p: draw_fn(consts, p))(perms)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(_AXIS)), out_specs=(P(_AXIS), P(_AXIS)))
+    return jax.jit(mapped)
+
+
+def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: jax.Array | None) -> int:
+    """Rough peak working memory of one draw in flight (float32)."""
+    if statistic == "l2":
+        return 2 * 3 * cfg.d_model * cfg.d_ff * 4  # the gathered layer stack and its product
+    n_tok = int(np.prod(tokens.shape))
+    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * cfg.d_ff) * 4
+    return 3 * cfg.num_params() * 4 + acts
+
+
+def _check_pair(params_a: Params, params_b: Params, cfg: ModelConfig) -> None:
+    sa = jax.tree.map(lambda x: tuple(x.shape), params_a)
+    sb = jax.tree.map(lambda x: tuple(x.shape), params_b)
+    if sa != sb:
+        raise JaxindError("PERMTEST needs two models of the same architecture and shapes")
+    for path in permutation_spec(cfg):
+        try:
+            get_leaf(params_a, path)
+        except (KeyError, IndexError) as err:
+            raise JaxindError(f"param tree lacks {path} expected for this config") from err
+
+
+def _check_args(statistic: str, num_perms: int, tokens) -> None:
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown PERMTEST statistic {statistic!r}; choose from {STATISTICS}")
+    if num_perms < 1:
+        raise ValueError(f"num_perms must be >= 1, got {num_perms}")
+    if statistic == "mc" and (tokens is None or np.ndim(tokens) != 2 or np.shape(tokens)[1] < 2):
+        raise ValueError("the mc statistic needs tokens of shape (N, T) with T >= 2")
+
+
+def _result(statistic: str, stat0_layers, stat0_total, stats_layers, stats_total) -> PermTestResult:
+    stat0_total = float(stat0_total)
+    stats_total = np.asarray(stats_total, dtype=np.float64)
+    p, lp = pvalues.permtest_pvalue(stat0_total, stats_total)
+    kwargs = {}
+    if statistic == "l2":
+        s0l = np.asarray(stat0_layers, dtype=np.float64)
+        stl = np.asarray(stats_layers, dtype=np.float64)
+        pl, lpl = pvalues.permtest_pvalue(s0l, stl)
+        kwargs = dict(stat0_layers=s0l, stats_layers=stl, pvalue_layers=pl, log10_pvalue_layers=lpl)
+    return PermTestResult(statistic, int(stats_total.shape[0]), stat0_total, stats_total, p, lp, **kwargs)
+
+
+def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
+    if statistic == "l2":
+        return l2_direct(params_a, params_b, cfg)
+    return None, _mc_stat_jit(params_a, params_b, cfg, jnp.asarray(tokens, dtype=jnp.int32))
+
+
+def permtest(
+    params_a: Params,
+    params_b: Params,
+    cfg: ModelConfig,
+    key: jax.Array,
+    num_perms: int = 999,
+    statistic: str = "l2",
+    tokens: jax.Array | None = None,
+    devices: Sequence[jax.Device] | None = None,
+    chunk_size: int | None = None,
+    memory_budget_bytes: int = 512 * 2**20,
+) -> PermTestResult:
+    """PERMTEST(statistic, T) with the draws vmapped, chunked and sharded over devices.
+
+    Args:
+      params_a, params_b: two param trees for the same ``cfg``.
+      key: PRNG key; draw ``t`` uses ``draw_permutations(fold_in(key, t), cfg)``.
+      num_perms: T, the number of random group elements.
+      statistic: "l2" or "mc".
+      tokens: ``(N, T)`` int tokens for "mc".
+      devices: devices to shard the draws over (default: all devices).
+      chunk_size: draws per device per step (default: from ``memory_budget_bytes``).
+      memory_budget_bytes: working memory per device for draws in flight.
+
+    Returns:
+      PermTestResult with the observed and drawn statistics and exact p-values (per layer and
+      total for "l2"; total for "mc").
+    """
+    _check_args(statistic, num_perms, tokens)
+    _check_pair(params_a, params_b, cfg)
+    mesh = make_mesh(devices)
+    n_dev = mesh.size
+    if chunk_size is None:
+        chunk_size = max(1, memory_budget_bytes // _bytes_per_draw(statistic, cfg, tokens))
+    # Per-device chunk: at most what the budget allows, at most the next power of two above
+    # T / n_dev (so that different T reuse the same compiled shapes).
+    needed = -(-num_perms // n_dev)
+    chunk_size = max(1, min(int(chunk_size), 1 << (needed - 1).bit_length()))
+    step = chunk_size * n_dev
+
+    if statistic == "l2":
+        consts = l2_consts(params_a, params_b, cfg)
+    else:
+        consts = MCConsts(params_a, params_b, jnp.asarray(tokens, dtype=jnp.int32))
+    replicated = NamedSharding(mesh, P())
+    consts = jax.device_put(consts, replicated)
+    key_rep = jax.device_put(key, replicated)
+    idx_sharding = NamedSharding(mesh, P(_AXIS))
+    fn = _sharded_draws(statistic, cfg, mesh)
+
+    layer_chunks, total_chunks = [], []
+    for start in range(0, num_perms, step):
+        idx = jax.device_put(np.arange(start, start + step, dtype=np.int32), idx_sharding)
+        layers, total = fn(consts, key_rep, idx)
+        layer_chunks.append(layers)
+        total_chunks.append(total)
+    stats_layers = np.concatenate([np.asarray(c) for c in layer_chunks])[:num_perms]
+    stats_total = np.concatenate([np.asarray(c) for c in total_chunks])[:num_perms]
+    stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
+    return _result(statistic, stat0_layers, stat0_total, stats_layers, stats_total)
+
+
+@functools.lru_cache(maxsize=16)
+def _loop_step(statistic: str, cfg: ModelConfig) -> Callable:
+    """Jitted ``(A, B, key, t) -> stat(A, apply_permutation(B, draw(fold_in(key, t))))``."""
+
+    def step(params_a, params_b, key, t, tokens):
+        permuted = apply_permutation(params_b, cfg, draw_permutations(jax.random.fold_in(key, t), cfg))
+        if statistic == "l2":
+            return l2_direct(params_a, permuted, cfg)
+        return jnp.zeros((0,), jnp.float32), mc_stat(params_a, permuted, cfg, tokens)
+
+    return jax.jit(step)
+
+
+def permtest_loop(
+    params_a: Params,
+    params_b: Params,
+    cfg: ModelConfig,
+    key: jax.Array,
+    num_perms: int = 999,
+    statistic: str = "l2",
+    tokens: jax.Array | None = None,
+) -> PermTestResult:
+    """Reference PERMTEST: a Python loop over draws, each materialising ``p_t(B)`` with
+    :func:`apply_permutation` and computing the statistic directly (one jitted step per draw).
+
+    Same draws as :func:`permtest` for the same ``key`` (``fold_in(key, t)``), so the results
+    agree up to float rounding.
+    """
+    _check_args(statistic, num_perms, tokens)
+    _check_pair(params_a, params_b, cfg)
+    step = _loop_step(statistic, cfg)
+    toks = None if tokens is None else jnp.asarray(tokens, dtype=jnp.int32)
+    layers, totals = [], []
+    for t in range(num_perms):  # dispatched asynchronously; read back once at the end
+        sl, st = step(params_a, params_b, key, t, toks)
+        layers.append(sl)
+        totals.append(st)
+    stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
+    return _result(statistic, stat0_layers, stat0_total, np.stack(jax.device_get(layers)), np.asarray(jax.device_get(totals)))

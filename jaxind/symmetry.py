@@ -1,0 +1,319 @@
+"""The symmetry group of a decoder-only transformer, as pure functions on param pytrees.
+
+Everything is driven by one declarative **permutation spec** (git-re-basin style): for every
+leaf of the param tree (layout in :mod:`jaxind.model`), which axis carries which permutation.
+
+- ``"resid"``: the residual-stream (``d``) axis. One permutation ``s`` of ``d`` acts on every
+  residual axis at once: embedding and LM-head columns/rows, the input axis of q/k/v/gate/up,
+  the output axis of o/down, ``o_bias`` and every RMSNorm weight.
+- ``"mlp"``: the MLP hidden (``h``) axis of one layer. Layer ``l`` has its own permutation
+  ``t_l``, acting on the columns of ``gate``/``up``, the rows of ``down`` (and GPT-2's
+  ``up_bias``).
+
+GPT-2's extra leaves (``pos_embed``, LayerNorm biases, ``down_bias``) carry ``"resid"``;
+LayerNorm is permutation-equivariant but not rotation-equivariant, so rotations refuse it.
+
+A group element is a :class:`Perm` ``(resid (d,), mlp (L, h))`` of int32 index arrays.
+Applying it *gathers*: every axis tagged ``"resid"`` becomes ``take(w, s, axis)``, every axis
+tagged ``"mlp"`` of layer ``l`` becomes ``take(w, t_l, axis)``. Under this convention
+
+    apply(apply(w, p1), p2) == apply(w, compose(p2, p1)),   compose(p2, p1) = (s1[s2], t1[t2])
+
+and ``invert`` is an argsort. Perms are pytrees, so ``draw_permutations``, ``compose``,
+``invert`` and ``apply_permutation`` all ``vmap`` over a leading batch axis.
+
+Residual **rotations** (the adversary's larger group) use the same axis names: every
+``"resid"`` axis is contracted with an orthogonal ``R``, ``w'[.., i, ..] = sum_k R[k, i]
+w[.., k, ..]`` (``R`` = the permutation matrix of ``s`` reproduces the gather). RMSNorm is
+equivariant under orthogonal maps only with a neutral scale, so :func:`rotate_residual`
+first folds every norm weight into the linear maps that read the normalised stream
+(:func:`fold_norms`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+
+Params = dict[str, Any]
+
+# Axis name of one array axis: "resid", ("mlp", layer) after expansion, or None (untouched).
+AxisName = Union[str, tuple, None]
+
+# The permutation spec: per-layer leaves and top-level leaves. "mlp" means this layer's MLP axis.
+LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
+    "attn_norm": ("resid",),
+    "q": ("resid", None),
+    "k": ("resid", None),
+    "v": ("resid", None),
+    "q_bias": (None,),
+    "k_bias": (None,),
+    "v_bias": (None,),
+    "o": (None, "resid"),
+    "o_bias": ("resid",),
+    "mlp_norm": ("resid",),
+    "gate": ("resid", "mlp"),
+    "up": ("resid", "mlp"),
+    "down": ("mlp", "resid"),
+    # GPT-2 (LayerNorm biases, MLP biases)
+    "attn_norm_bias": ("resid",),
+    "mlp_norm_bias": ("resid",),
+    "up_bias": ("mlp",),
+    "down_bias": ("resid",),
+}
+TOP_SPEC: dict[str, tuple[AxisName, ...]] = {
+    "embed": (None, "resid"),
+    "pos_embed": (None, "resid"),  # GPT-2 learned positions
+    "final_norm": ("resid",),
+    "final_norm_bias": ("resid",),  # GPT-2
+    "lm_head": ("resid", None),
+}
+# Norm weights, and which linear maps read each norm's output (for folding).
+NORM_READERS: dict[str, tuple[str, ...]] = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
+
+Path = tuple  # ("embed",) or ("layers", l, "q")
+
+
+class Perm(NamedTuple):
+    """One element of the permutation group (or a batch of them, with leading axes).
+
+    Attributes:
+      resid: ``(..., d)`` int32, the residual permutation ``s``.
+      mlp: ``(..., L, h)`` int32, one hidden-unit permutation ``t_l`` per layer.
+    """
+
+    resid: jax.Array
+    mlp: jax.Array
+
+
+def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
+    """The expanded spec for ``cfg``: ``{leaf path: axis names}`` for every leaf of the tree.
+
+    Paths are ``(name,)`` for top-level leaves and ``("layers", l, name)`` for layer leaves;
+    axis names are ``"resid"``, ``("mlp", l)`` or ``None``.
+    """
+    layer_norm = getattr(cfg, "norm_kind", "rms") == "layer"
+    glu = getattr(cfg, "glu", True)
+    mlp_bias = getattr(cfg, "mlp_bias", False)
+    spec: dict[Path, tuple[AxisName, ...]] = {("embed",): TOP_SPEC["embed"]}
+    if not getattr(cfg, "rope", True):
+        spec[("pos_embed",)] = TOP_SPEC["pos_embed"]
+    layer_keys = ["attn_norm"] + (["attn_norm_bias"] if layer_norm else []) + ["q", "k", "v"]
+    if cfg.qkv_bias:
+        layer_keys += ["q_bias", "k_bias", "v_bias"]
+    layer_keys += ["o"] + (["o_bias"] if cfg.o_bias else []) + ["mlp_norm"] + (["mlp_norm_bias"] if layer_norm else [])
+    layer_keys += (["gate"] if glu else []) + ["up"] + (["up_bias"] if mlp_bias else []) + ["down"]
+    layer_keys += ["down_bias"] if mlp_bias else []
+    for layer in range(cfg.n_layers):
+        for name in layer_keys:
+            spec[("layers", layer, name)] = tuple(("mlp", layer) if a == "mlp" else a for a in LAYER_SPEC[name])
+    spec[("final_norm",)] = TOP_SPEC["final_norm"]
+    if layer_norm:
+        spec[("final_norm_bias",)] = TOP_SPEC["final_norm_bias"]
+    if not cfg.tie_embeddings:
+        spec[("lm_head",)] = TOP_SPEC["lm_head"]
+    return spec
+
+
+def get_leaf(params: Params, path: Path) -> jax.Array:
+    """The leaf of ``params`` at ``path``."""
+    node = params
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName, ...]]) -> None:
+    """Refuses a param tree whose leaves differ from the spec (a silently unpermuted leaf
+    would break the group action)."""
+    found = {(name,) for name in params if name != "layers"}
+    unknown_top = set(params) - set(TOP_SPEC) - {"layers"}
+    if unknown_top:
+        raise JaxindError(f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}")
+    if len(params["layers"]) != cfg.n_layers:
+        raise JaxindError(f"param tree has {len(params['layers'])} layers, config says {cfg.n_layers}")
+    for layer, entries in enumerate(params["layers"]):
+        found |= {("layers", layer, name) for name in entries}
+    if found != set(spec):
+        extra, missing = sorted(map(str, found - set(spec))), sorted(map(str, set(spec) - found))
+        raise JaxindError(f"param tree does not match the permutation spec for this config: extra {extra}, missing {missing}")
+
+
+def _rebuild(params: Params, new_leaves: dict[Path, jax.Array]) -> Params:
+    """A copy of ``params`` with the leaves at the given paths replaced."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    layers = [dict(layer) for layer in params["layers"]]
+    for path, leaf in new_leaves.items():
+        if path[0] == "layers":
+            layers[path[1]][path[2]] = leaf
+        else:
+            out[path[0]] = leaf
+    out["layers"] = layers
+    return out
+
+
+def _perm_for(perm: Perm, name: AxisName) -> jax.Array:
+    if name == "resid":
+        return perm.resid
+    return perm.mlp[name[1]]
+
+
+def identity(cfg: ModelConfig) -> Perm:
+    """The identity element: ``resid = arange(d)``, ``mlp = arange(h)`` for every layer."""
+    return Perm(
+        jnp.arange(cfg.d_model, dtype=jnp.int32),
+        jnp.broadcast_to(jnp.arange(cfg.d_ff, dtype=jnp.int32), (cfg.n_layers, cfg.d_ff)),
+    )
+
+
+def draw_permutations(key: jax.Array, cfg: ModelConfig) -> Perm:
+    """A uniformly random group element (independent uniform ``s`` and ``t_0..t_{L-1}``).
+
+    Args:
+      key: a PRNG key. Deterministic in ``key``; ``vmap`` over keys for a batch.
+
+    Returns:
+      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32.
+    """
+    k_resid, k_mlp = jax.random.split(key)
+    resid = jax.random.permutation(k_resid, cfg.d_model).astype(jnp.int32)
+    mlp_keys = jax.random.split(k_mlp, cfg.n_layers)
+    mlp = jax.vmap(lambda k: jax.random.permutation(k, cfg.d_ff))(mlp_keys).astype(jnp.int32)
+    return Perm(resid, mlp)
+
+
+def compose(p2: Perm, p1: Perm) -> Perm:
+    """The element "first ``p1``, then ``p2``":
+    ``apply_permutation(apply_permutation(w, p1), p2) == apply_permutation(w, compose(p2, p1))``.
+
+    Works on batches (leading axes broadcast per component)."""
+    return Perm(
+        jnp.take_along_axis(p1.resid, p2.resid, axis=-1),
+        jnp.take_along_axis(p1.mlp, p2.mlp, axis=-1),
+    )
+
+
+def invert(p: Perm) -> Perm:
+    """The inverse element: ``compose(invert(p), p) == compose(p, invert(p)) == identity``."""
+    return Perm(jnp.argsort(p.resid, axis=-1).astype(jnp.int32), jnp.argsort(p.mlp, axis=-1).astype(jnp.int32))
+
+
+def apply_permutation(params: Params, cfg: ModelConfig, perm: Perm) -> Params:
+    """Applies a group element to a param tree; the model's function is unchanged.
+
+    Args:
+      params: param tree for ``cfg`` (see :mod:`jaxind.model`).
+      perm: a single (unbatched) :class:`Perm`; ``vmap`` over perms for batches.
+
+    Returns:
+      A new param tree of the same structure; each axis tagged by the spec is gathered with
+      its permutation.
+
+    Raises:
+      JaxindError: the tree's leaves do not match the spec for ``cfg``.
+    """
+    spec = permutation_spec(cfg)
+    _check_tree(params, cfg, spec)
+    new = {}
+    for path, axes in spec.items():
+        leaf = get_leaf(params, path)
+        for axis, name in enumerate(axes):
+            if name is not None:
+                leaf = jnp.take(leaf, _perm_for(perm, name), axis=axis)
+        new[path] = leaf
+    return _rebuild(params, new)
+
+
+def random_orthogonal(key: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
+    """A Haar-random orthogonal matrix ``(d, d)`` (QR of a Gaussian matrix, signs fixed)."""
+    g = jax.random.normal(key, (d, d), dtype=jnp.float32)
+    q, r = jnp.linalg.qr(g)
+    q = q * jnp.sign(jnp.diagonal(r))[None, :]
+    return q.astype(dtype)
+
+
+def _require_rms(cfg: ModelConfig) -> None:
+    if getattr(cfg, "norm_kind", "rms") != "rms":
+        raise JaxindError(
+            f"residual rotations need RMSNorm models; {cfg.family} uses LayerNorm, whose mean subtraction "
+            "does not commute with a rotation (permutations are supported)"
+        )
+
+
+def fold_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
+    """Folds every RMSNorm scale into the linear maps that read the normalised stream.
+
+    ``attn_norm`` goes into the input rows of q/k/v, ``mlp_norm`` into gate/up, ``final_norm``
+    into ``lm_head`` (a tied head is untied first: ``lm_head = embed.T``). Norm weights are
+    then set to their neutral value (1, or 0 where ``cfg.norm_offset == 1``), so the norm
+    becomes a plain ``x / rms(x)``. The function is unchanged (up to rounding).
+
+    Returns:
+      ``(params, cfg)``; ``cfg`` has ``tie_embeddings=False`` if the head was untied.
+    """
+    _require_rms(cfg)
+    off = cfg.norm_offset
+    neutral = 0.0 if off else 1.0
+    layers = []
+    for layer in params["layers"]:
+        new = dict(layer)
+        for norm, readers in NORM_READERS.items():
+            scale = (off + layer[norm].astype(jnp.float32))[:, None]
+            for name in readers:
+                new[name] = (scale * layer[name].astype(jnp.float32)).astype(layer[name].dtype)
+            new[norm] = jnp.full_like(layer[norm], neutral)
+        layers.append(new)
+    out = dict(params)
+    out["layers"] = layers
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    scale = (off + params["final_norm"].astype(jnp.float32))[:, None]
+    out["lm_head"] = (scale * head.astype(jnp.float32)).astype(head.dtype)
+    out["final_norm"] = jnp.full_like(params["final_norm"], neutral)
+    return out, (cfg.replace(tie_embeddings=False) if cfg.tie_embeddings else cfg)
+
+
+def rotate_residual(params: Params, cfg: ModelConfig, rotation: jax.Array) -> tuple[Params, ModelConfig]:
+    """Rotates the residual stream by an orthogonal ``R (d, d)``: ``x -> x R`` everywhere.
+
+    Norms are folded first (:func:`fold_norms`); then every axis tagged ``"resid"`` in the
+    spec (embed and o/down/o_bias outputs: ``W R``; q/k/v/gate/up/lm_head inputs:
+    ``R^T W``) is contracted with ``R``. RMSNorm of ``x R`` equals RMSNorm of ``x`` times
+    ``R`` once its scale is neutral, so logits are unchanged (up to rounding). Gemma's
+    embedding scale is a scalar and commutes with ``R``.
+
+    Returns:
+      ``(params, cfg)``: the rotated tree and its config (``tie_embeddings=False`` when the
+      model was tied: a rotated tied model needs its own head).
+    """
+    _require_rms(cfg)
+    d = cfg.d_model
+    if rotation.shape != (d, d):
+        raise JaxindError(f"rotation must have shape ({d}, {d}), got {rotation.shape}")
+    folded, new_cfg = fold_norms(params, cfg)
+    spec = permutation_spec(new_cfg)
+    _check_tree(folded, new_cfg, spec)
+    rot = rotation.astype(jnp.float32)
+    new = {}
+    for path, axes in spec.items():
+        if path[-1] in ("attn_norm", "mlp_norm", "final_norm"):
+            continue  # neutral after folding; invariant
+        leaf = get_leaf(folded, path)
+        out = leaf.astype(jnp.float32)
+        for axis, name in enumerate(axes):
+            if name == "resid":
+                # out'[.., i, ..] = sum_k R[k, i] out[.., k, ..]
+                out = jnp.moveaxis(jnp.tensordot(out, rot, axes=([axis], [0]), precision=jax.lax.Precision.HIGHEST), -1, axis)
+        new[path] = out.astype(leaf.dtype)
+    return _rebuild(folded, new), new_cfg
+
+
+def permutation_matrix(p: jax.Array) -> jax.Array:
+    """The ``(n, n)`` matrix ``R`` with ``R[p[i], i] = 1``, for which contracting a residual
+    axis with ``R`` (as :func:`rotate_residual` does) equals gathering it with ``p``."""
+    n = p.shape[-1]
+    return jnp.zeros((n, n), jnp.float32).at[p, jnp.arange(n)].set(1.0)

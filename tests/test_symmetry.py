@@ -1,0 +1,222 @@
+"""The symmetry group: every group action leaves the logits unchanged, on every family, and
+the group laws (compose / invert / identity) hold."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxind import symmetry as S
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+from jaxind.model import forward_jit, init_params
+
+V, D, L, H_HEADS, KV, HD, H = 64, 16, 2, 4, 2, 4, 24
+
+CONFIGS = {
+    "llama": ModelConfig("llama", V, D, L, H_HEADS, KV, HD, H),
+    "mistral_window": ModelConfig("mistral", V, D, L, H_HEADS, KV, HD, H, sliding_window=3),
+    "qwen2_bias": ModelConfig("qwen2", V, D, L, H_HEADS, KV, HD, H, qkv_bias=True),
+    "gemma": ModelConfig("gemma", V, D, L, H_HEADS, 1, HD, H, mlp_act="gelu_tanh", norm_offset=1.0,
+                         embed_scale=True, tie_embeddings=True),
+    "llama_tied_obias": ModelConfig("llama", V, D, L, H_HEADS, KV, HD, H, tie_embeddings=True, o_bias=True),
+    "gpt2": ModelConfig("gpt2", V, D, L, H_HEADS, H_HEADS, HD, H, tie_embeddings=True, qkv_bias=True, o_bias=True,
+                        mlp_act="gelu_tanh", glu=False, norm_kind="layer", max_positions=16, mlp_bias=True),
+}
+
+
+def refuses_rotation(cfg) -> bool:
+    """LayerNorm models (GPT-2) have no rotation symmetry: the functions must refuse them."""
+    if cfg.norm_kind != "layer":
+        return False
+    with pytest.raises(JaxindError, match="LayerNorm"):
+        S.rotate_residual(random_params(cfg), cfg, jnp.eye(cfg.d_model))
+    with pytest.raises(JaxindError, match="LayerNorm"):
+        S.fold_norms(random_params(cfg), cfg)
+    return True
+TOKENS = jax.random.randint(jax.random.key(99), (2, 9), 0, V)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+    """Random weights with non-trivial norm weights and biases, so folding is really tested."""
+    params = init_params(cfg, jax.random.key(seed), std=0.3)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def logits(params, cfg):
+    return np.asarray(forward_jit(params, cfg, TOKENS)[0])
+
+
+def assert_same_function(p1, c1, p2, c2):
+    a, b = logits(p1, c1), logits(p2, c2)
+    assert np.abs(a).max() > 1.0  # a meaningful scale, not all-zero logits
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def leaves_differ(p1, p2) -> bool:
+    return any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)) if x.shape == y.shape)
+
+
+@pytest.fixture(params=list(CONFIGS), scope="module")
+def family(request):
+    cfg = CONFIGS[request.param]
+    return cfg, random_params(cfg)
+
+
+def test_residual_permutation_preserves_logits(family):
+    cfg, params = family
+    perm = S.draw_permutations(jax.random.key(1), cfg)
+    perm = S.Perm(perm.resid, S.identity(cfg).mlp)
+    out = S.apply_permutation(params, cfg, perm)
+    assert leaves_differ(params, out)
+    np.testing.assert_array_equal(out["final_norm"], params["final_norm"][perm.resid])
+    assert_same_function(params, cfg, out, cfg)
+
+
+def test_mlp_permutations_preserve_logits(family):
+    cfg, params = family
+    perm = S.draw_permutations(jax.random.key(2), cfg)
+    perm = S.Perm(S.identity(cfg).resid, perm.mlp)
+    out = S.apply_permutation(params, cfg, perm)
+    for layer in range(cfg.n_layers):
+        np.testing.assert_array_equal(out["layers"][layer]["down"], params["layers"][layer]["down"][perm.mlp[layer]])
+        np.testing.assert_array_equal(out["layers"][layer]["attn_norm"], params["layers"][layer]["attn_norm"])
+        if cfg.mlp_bias:
+            np.testing.assert_array_equal(out["layers"][layer]["up_bias"], params["layers"][layer]["up_bias"][perm.mlp[layer]])
+    assert_same_function(params, cfg, out, cfg)
+
+
+def test_composed_permutations_preserve_logits(family):
+    cfg, params = family
+    p1 = S.draw_permutations(jax.random.key(3), cfg)
+    p2 = S.draw_permutations(jax.random.key(4), cfg)
+    out = S.apply_permutation(params, cfg, S.compose(p2, p1))
+    assert_same_function(params, cfg, out, cfg)
+
+
+def test_rotation_preserves_logits(family):
+    cfg, params = family
+    if refuses_rotation(cfg):
+        return
+    rot = S.random_orthogonal(jax.random.key(5), cfg.d_model)
+    out, new_cfg = S.rotate_residual(params, cfg, rot)
+    assert new_cfg.tie_embeddings is False
+    assert "lm_head" in out
+    neutral = 0.0 if cfg.norm_offset else 1.0
+    np.testing.assert_array_equal(out["final_norm"], neutral)
+    np.testing.assert_array_equal(out["layers"][0]["mlp_norm"], neutral)
+    assert not np.allclose(out["embed"], params["embed"], atol=1e-2)
+    assert_same_function(params, cfg, out, new_cfg)
+
+
+def test_rotation_then_permutation_preserves_logits(family):
+    cfg, params = family
+    if refuses_rotation(cfg):
+        return
+    rot = S.random_orthogonal(jax.random.key(6), cfg.d_model)
+    out, new_cfg = S.rotate_residual(params, cfg, rot)
+    out = S.apply_permutation(out, new_cfg, S.draw_permutations(jax.random.key(7), new_cfg))
+    assert_same_function(params, cfg, out, new_cfg)
+
+
+def test_fold_norms_preserves_logits(family):
+    cfg, params = family
+    if refuses_rotation(cfg):
+        return
+    folded, new_cfg = S.fold_norms(params, cfg)
+    assert new_cfg.tie_embeddings is False
+    assert_same_function(params, cfg, folded, new_cfg)
+
+
+def test_broken_action_is_detected():
+    """Sensitivity check: permuting only q's input rows (not a group element) changes logits."""
+    cfg = CONFIGS["llama"]
+    params = random_params(cfg)
+    perm = S.draw_permutations(jax.random.key(8), cfg)
+    broken = S._rebuild(params, {("layers", 0, "q"): params["layers"][0]["q"][perm.resid]})
+    assert not np.allclose(logits(params, cfg), logits(broken, cfg), rtol=1e-4, atol=1e-3)
+    # And a non-orthogonal "rotation" is not a symmetry either.
+    not_orth = S.random_orthogonal(jax.random.key(9), cfg.d_model) * 1.5
+    out, new_cfg = S.rotate_residual(params, cfg, not_orth)
+    assert not np.allclose(logits(params, cfg), logits(out, new_cfg), rtol=1e-4, atol=1e-3)
+
+
+def test_rotation_by_permutation_matrix_equals_gather():
+    """The spec drives both actions: contracting with P_s equals gathering with s."""
+    cfg = CONFIGS["qwen2_bias"]
+    folded, fcfg = S.fold_norms(random_params(cfg), cfg)
+    perm = S.draw_permutations(jax.random.key(10), fcfg)
+    perm = S.Perm(perm.resid, S.identity(fcfg).mlp)
+    rotated, _ = S.rotate_residual(folded, fcfg, S.permutation_matrix(perm.resid))
+    gathered = S.apply_permutation(folded, fcfg, perm)
+    for x, y in zip(jax.tree.leaves(rotated), jax.tree.leaves(gathered)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_random_orthogonal():
+    q = S.random_orthogonal(jax.random.key(0), 32)
+    np.testing.assert_allclose(q @ q.T, np.eye(32), atol=1e-5)
+    assert not np.allclose(q, S.random_orthogonal(jax.random.key(1), 32))
+
+
+def test_group_laws():
+    cfg = CONFIGS["llama"]
+    params = random_params(cfg)
+    p1, p2, p3 = (S.draw_permutations(jax.random.key(k), cfg) for k in (11, 12, 13))
+    ident = S.identity(cfg)
+
+    def eq(a, b):
+        return bool(jnp.all(a.resid == b.resid)) and bool(jnp.all(a.mlp == b.mlp))
+
+    # valid permutations, deterministic in the key, different across keys
+    assert eq(S.Perm(jnp.sort(p1.resid), jnp.sort(p1.mlp, axis=-1)), ident)
+    assert eq(p1, S.draw_permutations(jax.random.key(11), cfg))
+    assert not eq(p1, p2)
+    assert not bool(jnp.all(p1.mlp[0] == p1.mlp[1]))  # layers get their own permutation
+    # inverse and identity
+    assert eq(S.compose(S.invert(p1), p1), ident)
+    assert eq(S.compose(p1, S.invert(p1)), ident)
+    assert eq(S.compose(p1, ident), p1) and eq(S.compose(ident, p1), p1)
+    assert eq(S.invert(S.invert(p1)), p1)
+    # associativity
+    assert eq(S.compose(p3, S.compose(p2, p1)), S.compose(S.compose(p3, p2), p1))
+    # the action: apply(apply(w, p1), p2) == apply(w, compose(p2, p1)), exactly
+    two_step = S.apply_permutation(S.apply_permutation(params, cfg, p1), cfg, p2)
+    one_step = S.apply_permutation(params, cfg, S.compose(p2, p1))
+    for x, y in zip(jax.tree.leaves(two_step), jax.tree.leaves(one_step)):
+        np.testing.assert_array_equal(x, y)
+    back = S.apply_permutation(S.apply_permutation(params, cfg, p1), cfg, S.invert(p1))
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)
+    assert not eq(S.compose(p2, p1), S.compose(p1, p2))  # the group is not abelian
+
+
+def test_vmap_over_permutations():
+    cfg = CONFIGS["llama"]
+    params = random_params(cfg)
+    keys = jax.random.split(jax.random.key(14), 3)
+    perms = jax.vmap(lambda k: S.draw_permutations(k, cfg))(keys)
+    assert perms.resid.shape == (3, D) and perms.mlp.shape == (3, L, H)
+    batched = jax.vmap(lambda p: S.apply_permutation(params, cfg, p))(perms)
+    for i in range(3):
+        single = S.apply_permutation(params, cfg, S.draw_permutations(keys[i], cfg))
+        np.testing.assert_array_equal(batched["layers"][1]["gate"][i], single["layers"][1]["gate"])
+        np.testing.assert_array_equal(batched["embed"][i], single["embed"])
+
+
+def test_spec_covers_tree_and_refuses_unknown_leaves():
+    cfg = CONFIGS["qwen2_bias"]
+    params = random_params(cfg)
+    spec = S.permutation_spec(cfg)
+    assert len(spec) == len(jax.tree.leaves(params))
+    assert spec[("layers", 1, "down")] == (("mlp", 1), "resid")
+    assert spec[("layers", 0, "q_bias")] == (None,)
+    bad = dict(params)
+    bad["layers"] = [dict(params["layers"][0], extra=jnp.zeros(3)), params["layers"][1]]
+    with pytest.raises(JaxindError, match="extra"):
+        S.apply_permutation(bad, cfg, S.identity(cfg))
+    with pytest.raises(JaxindError, match="rotation must have shape"):
+        S.rotate_residual(params, cfg, jnp.eye(D + 1))
