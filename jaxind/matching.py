@@ -1,0 +1,538 @@
+"""Linear assignment (LAP) solvers: a jitted auction for accelerators, exact host solvers.
+
+The LAP is the hot spot of CSU/CSH/MATCH (DESIGN.md §1, §4): match ``n`` hidden units of model
+A to ``m`` of model B (``n, m`` up to 14,336) minimising a sum of squared distances or
+maximising a sum of cosine similarities.
+
+Solvers (``method=``)
+  * ``"scipy"`` - :func:`scipy.optimize.linear_sum_assignment` (shortest augmenting path,
+    exact, float64, host only).
+  * ``"auction"`` - Bertsekas' auction algorithm with epsilon-scaling, written in JAX
+    (:func:`auction_lap`): every unassigned row bids in parallel for its best column, which is
+    one gather plus one top-2 reduction per iteration, the shape of work accelerators like.
+    Static shapes, ``jit``/``vmap`` friendly.
+  * ``"hungarian"`` - :func:`optax.assignment.hungarian_algorithm` (exact, jittable, but its
+    loops are sequential: O(n^3) small steps, only sensible for small ``n``).
+  * ``"lapjv"`` - Jonker-Volgenant from the optional ``lap`` package (``pip install
+    "jaxind[fast]"``; exact, host only; 2-5x faster than scipy in our CPU runs).
+  * ``"auto"`` - the host solver on a CPU backend (LAPJV where ``lap`` is installed, else
+    scipy), the auction on GPU/TPU for square costs, the host solver for rectangular ones. On a
+    2-core CPU both host solvers beat the jitted auction at every size we measured (see
+    ``benchmarks/bench_lap.py``); the auction is the one that can use an accelerator.
+
+Exactness of the auction (the guarantee)
+  The auction ends with an assignment and column prices ``p`` that satisfy eps-complementary
+  slackness, so the assignment is within ``max(n, m) * eps`` of optimal.
+  :func:`solve_lap` does not rely on that bound alone: it builds the dual solution implied by
+  the prices *in float64* (``u_i = max_j (a_ij - q_j)``) and computes the duality gap
+  ``dual - primal``, which by weak LP duality bounds the distance to the optimum. The result is
+  returned only when ``gap <= rtol * |objective| + atol`` (``rtol = 1e-6`` by default,
+  ``atol = 1e-12 * cost range * max(n, m)``, which only matters for an optimum near 0), i.e.
+  the objective is *certified* within ``rtol`` of the exact optimum. Float32 prices (the fast
+  path on GPUs) are not always precise enough for that at ``n ~ 10^4`` with costs whose optimum
+  is tiny compared with their range (uniform random costs: optimum ~ 1.6 whatever ``n``), so
+  when the float32 certificate fails the auction continues in float64 (``jax.enable_x64``),
+  warm-started from the float32 prices and assignment, down to ``eps = tol / max(n, m)``,
+  where the certificate holds by construction (on uniform random costs this is the usual path:
+  the float64 stage adds ~10-20% rounds). If the auction hits its iteration cap the solver falls
+  back to scipy with a warning. Costs are first reduced (row, and for square matrices column,
+  minima subtracted) so prices stay small and float32 resolves them finely.
+
+  On near-permutation costs (the dependent-models case) the optimum is unique with a large gap
+  to the runner-up, and the auction returns exactly scipy's assignment (tested).
+
+Rectangular problems
+  The auction runs from the smaller side (``n <= m`` after an optional transpose). The ``m - n``
+  missing rows are implicit dummy rows of benefit 0; all dummies are alike, so the unassigned
+  ones bid together for the cheapest columns (one sort of the prices per iteration) instead of
+  fighting one at a time. This is correct (certified like the square case) but slow: dummies
+  and real rows raise the prices of the cheap columns by about eps per round, so rectangular
+  problems take many more rounds (a known weakness of the forward auction on asymmetric
+  problems). "auto" therefore sends rectangular costs to scipy.
+
+Equivariance
+  With ``key`` given, rows and columns are relabelled by independent uniform random
+  permutations before solving and the labels are mapped back afterwards, so tie-breaking
+  (and the path the auction takes) cannot depend on index order: the output's law is
+  equivariant under relabelling of the input. With ``key=None`` no relabelling is done
+  (deterministic, like scipy); for continuous costs the optimum is unique with probability one,
+  so every exact solver is then equivariant anyway. Statistics that need exact equivariance in
+  the presence of ties should pass a key.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from jaxind.errors import JaxindError
+
+METHODS = ("auto", "scipy", "auction", "hungarian", "lapjv")
+DEFAULT_RTOL = 1e-6
+# Last float32 epsilon, relative to the cost range; the float64 stage continues from there.
+_REL_EPS32 = 2.0**-20
+
+
+class CostMatrixError(JaxindError, ValueError):
+    """A cost matrix with the wrong rank, a non-numeric dtype, or NaN/inf entries."""
+
+
+class AuctionResult(NamedTuple):
+    """Output of :func:`auction_lap` (``n`` rows, ``m`` columns, ``n <= m``).
+
+    col_of_row: (n,) int32, column assigned to each row (-1 if not converged).
+    prices: (m,) column prices (the dual variables).
+    num_iters: () int32, bidding rounds used over all phases.
+    converged: () bool, every row assigned.
+    """
+
+    col_of_row: jax.Array
+    prices: jax.Array
+    num_iters: jax.Array
+    converged: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_cost(cost, ndim: int, name: str = "cost"):
+    """Return ``cost`` as a jax or numpy array after checking rank, dtype and finiteness."""
+    if not isinstance(cost, (np.ndarray, jax.Array)):
+        cost = np.asarray(cost)
+    if cost.ndim != ndim:
+        what = "a 2-D (n, m) matrix" if ndim == 2 else "a 3-D (batch, n, m) array"
+        raise CostMatrixError(f"{name} must be {what}, got shape {tuple(cost.shape)}")
+    if not (jnp.issubdtype(cost.dtype, jnp.floating) or jnp.issubdtype(cost.dtype, jnp.integer)
+            or cost.dtype == bool):
+        raise CostMatrixError(f"{name} must be real numeric, got dtype {cost.dtype}")
+    if cost.size and jnp.issubdtype(cost.dtype, jnp.floating):
+        xp = np if isinstance(cost, np.ndarray) else jnp
+        finite = bool(xp.isfinite(cost).all())
+        if not finite:
+            raise CostMatrixError(
+                f"{name} contains NaN or inf entries; the assignment is undefined "
+                "(replace them by large finite costs or drop those rows/columns)")
+    return cost
+
+
+def _check_method(method: str, shape: tuple[int, ...]) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return default_method(shape=shape)
+    return method
+
+
+def default_method(backend: str | None = None, shape: tuple[int, ...] | None = None) -> str:
+    """The fastest correct solver for ``backend`` (default: JAX's default backend).
+
+    Host solvers on CPU: LAPJV when the ``lap`` package is installed (2-5x faster than scipy
+    in ``benchmarks/bench_lap.py``, exact), else scipy; both beat the jitted auction on a
+    2-core CPU at every size measured. The jitted auction on GPU/TPU for square problems.
+    Rectangular problems go to the host solver everywhere: the auction's dummy rows make it
+    slow there (see "Rectangular problems" above).
+    """
+    backend = backend or jax.default_backend()
+    if backend == "cpu" or (shape is not None and shape[-1] != shape[-2]):
+        return "lapjv" if _have_lap() else "scipy"
+    return "auction"
+
+
+@functools.lru_cache(maxsize=1)
+def _have_lap() -> bool:
+    try:
+        import lap  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The auction kernel (pure JAX, static shapes)
+# --------------------------------------------------------------------------------------------
+
+
+def eps_schedule(rel_start: float = 0.05, rel_final: float = 2.0**-20,
+                 factor: float = 0.125) -> np.ndarray:
+    """Geometric epsilon-scaling schedule, relative to the cost range.
+
+    Returns a float64 numpy array ``[rel_start, rel_start*factor, ..., rel_final]`` (the last
+    entry exactly ``rel_final``); multiply by the range of the (reduced) costs.
+    """
+    if not (0 < factor < 1) or rel_final <= 0:
+        raise ValueError("need 0 < factor < 1 and rel_final > 0")
+    rel_start = max(rel_start, rel_final)
+    k = max(0, math.ceil(math.log(rel_final / rel_start) / math.log(factor)))
+    sched = rel_start * factor ** np.arange(k + 1, dtype=np.float64)
+    sched[-1] = rel_final
+    return sched
+
+
+def _top2(vals: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Best value, its column, and second-best value along the last axis."""
+    j1 = jnp.argmax(vals, axis=-1)
+    v1 = jnp.take_along_axis(vals, j1[..., None], axis=-1)[..., 0]
+    masked = jnp.where(jnp.arange(vals.shape[-1]) == j1[..., None], -jnp.inf, vals)
+    v2 = jnp.max(masked, axis=-1)
+    return v1, j1, v2
+
+
+@functools.partial(jax.jit, static_argnames=("block", "small_block", "max_iter"))
+def auction_lap(benefit: jax.Array, eps: jax.Array, init_prices: jax.Array | None = None,
+                init_col_of_row: jax.Array | None = None, *, block: int = 256,
+                small_block: int = 16, max_iter: int = 200_000) -> AuctionResult:
+    """Forward auction with epsilon-scaling: maximise ``sum_i benefit[i, col[i]]``.
+
+    Args:
+      benefit: (n, m) float array with ``1 <= n <= m`` (transpose first otherwise). Rows beyond
+        ``n`` are implicit dummy rows of benefit 0, so rectangular problems are handled.
+      eps: (num_phases,) decreasing epsilons (absolute, same units as ``benefit``).
+      init_prices: optional (m,) warm-start prices (default zeros).
+      init_col_of_row: optional (n,) warm-start assignment (-1 = unassigned); pairs that violate
+        eps-complementary slackness at the first phase are dropped.
+      block: at most this many unassigned rows bid per round (static; bigger suits GPUs).
+      small_block: when at most this many rows are unassigned, rounds use this smaller block.
+      max_iter: cap on bidding rounds over all phases (static).
+
+    Returns:
+      :class:`AuctionResult`. When ``converged``, the assignment is within ``m * eps[-1]`` of
+      optimal (eps-complementary slackness).
+    """
+    n, m = benefit.shape
+    dtype = benefit.dtype
+    n_dummy = m - n
+    block = min(block, n)
+    small = min(small_block, block)
+    big = jnp.asarray(m, jnp.int32)  # "no target" sentinel, dropped by scatters
+    prices = jnp.zeros((m,), dtype) if init_prices is None else init_prices.astype(dtype)
+    # person_obj: object held by each of the m persons (n real rows, then the dummies).
+    person_obj = jnp.full((m,), -1, jnp.int32)
+    if init_col_of_row is not None:
+        person_obj = person_obj.at[:n].set(init_col_of_row.astype(jnp.int32))
+    eps = eps.astype(dtype)
+    arange_m = jnp.arange(m, dtype=jnp.int32)
+
+    def start_phase(prices, person_obj, e):
+        """Keep only pairs satisfying e-complementary slackness; free the others."""
+        best = jnp.max(benefit - prices, axis=1)
+        obj = person_obj[:n]
+        cur = benefit[jnp.arange(n), jnp.maximum(obj, 0)] - prices[jnp.maximum(obj, 0)]
+        keep = jnp.concatenate([
+            (obj >= 0) & (cur >= best - e),
+            (person_obj[n:] >= 0)
+            & (-prices[jnp.maximum(person_obj[n:], 0)] >= -jnp.min(prices) - e)])
+        person_obj = jnp.where(keep, person_obj, -1)
+        # Repair double ownership from a stale warm start: later persons lose.
+        owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].min(
+            arange_m, mode="drop")
+        ok = (person_obj >= 0) & (owner[jnp.maximum(person_obj, 0)] == arange_m)
+        return jnp.where(ok, person_obj, -1)
+
+    def bid_round(carry, e, size):
+        prices, person_obj, it = carry
+        unassigned = person_obj < 0
+        # Real bidders: up to `size` unassigned rows, each bids for its best column.
+        idx = jnp.nonzero(unassigned[:n], size=size, fill_value=n)[0]
+        valid = idx < n
+        rows = benefit[jnp.minimum(idx, n - 1)] - prices
+        v1, j1, v2 = _top2(rows)
+        v2 = jnp.where(jnp.isfinite(v2), v2, v1)  # m == 1
+        real_bid = prices[j1] + (v1 - v2) + e
+        real_bid = jnp.maximum(real_bid, jnp.nextafter(prices[j1], jnp.inf))
+        bidders = [idx]
+        targets = [jnp.where(valid, j1, big)]
+        bids = [jnp.where(valid, real_bid, -jnp.inf)]
+        if n_dummy:
+            # Unassigned dummies (benefit 0 everywhere) take the cheapest columns together.
+            d_un = unassigned[n:]
+            num_un = jnp.sum(d_un)
+            order = jnp.argsort(prices)
+            sorted_p = prices[order]
+            rank = jnp.cumsum(d_un) - 1
+            d_target = order[jnp.clip(rank, 0, m - 1)]
+            d_bid = sorted_p[jnp.minimum(num_un, m - 1)] + e
+            d_bid = jnp.maximum(d_bid, jnp.nextafter(prices[d_target], jnp.inf))
+            bidders.append(n + jnp.arange(n_dummy, dtype=jnp.int32))
+            targets.append(jnp.where(d_un, d_target, big))
+            bids.append(jnp.where(d_un, d_bid, -jnp.inf))
+        bidders = jnp.concatenate(bidders).astype(jnp.int32)
+        targets = jnp.concatenate(targets).astype(jnp.int32)
+        bids = jnp.concatenate(bids)
+        # Each column goes to its highest bidder (lowest id among equal bids).
+        best_bid = jnp.full((m,), -jnp.inf, dtype).at[targets].max(bids, mode="drop")
+        is_win = (targets < m) & (bids == best_bid[jnp.minimum(targets, m - 1)])
+        winner = jnp.full((m,), m, jnp.int32).at[targets].min(
+            jnp.where(is_win, bidders, m), mode="drop")
+        sold = winner < m
+        owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].set(
+            arange_m, mode="drop")
+        person_obj = person_obj.at[jnp.where(sold, owner, m)].set(-1, mode="drop")
+        person_obj = person_obj.at[jnp.where(sold, winner, m)].set(arange_m, mode="drop")
+        prices = jnp.where(sold, best_bid, prices)
+        return prices, person_obj, it + 1
+
+    def phase(carry, e):
+        prices, person_obj, it = carry
+        person_obj = start_phase(prices, person_obj, e)
+
+        def cond(c):
+            return jnp.any(c[1] < 0) & (c[2] < max_iter)
+
+        def body(c):
+            if small >= block:
+                return bid_round(c, e, block)
+            # Few bidders left (the usual tail): a small block avoids wasted rows.
+            return jax.lax.cond(jnp.sum(c[1][:n] < 0) > small,
+                                lambda c: bid_round(c, e, block),
+                                lambda c: bid_round(c, e, small), c)
+
+        carry = jax.lax.while_loop(cond, body, (prices, person_obj, it))
+        return carry, None
+
+    (prices, person_obj, it), _ = jax.lax.scan(
+        phase, (prices, person_obj, jnp.asarray(0, jnp.int32)), eps)
+    converged = jnp.all(person_obj >= 0)
+    return AuctionResult(person_obj[:n], prices, it, converged)
+
+
+def duality_gap(benefit: jax.Array, col_of_row: jax.Array, prices: jax.Array) -> tuple[
+        jax.Array, jax.Array]:
+    """Primal value and LP duality gap of an assignment, from auction prices.
+
+    Args:
+      benefit: (n, m), ``n <= m``, maximisation form.
+      col_of_row: (n,) assignment; prices: (m,) column prices.
+
+    Returns:
+      (primal, gap): ``primal = sum_i benefit[i, col[i]]``; ``gap >= 0`` bounds how far
+      ``primal`` is below the optimum (weak duality), computed in ``benefit``'s dtype. The dual
+      is ``q_j = max(p_j - lam, 0)``, ``u_i = max_j (benefit_ij - q_j)``, with ``lam`` the lowest
+      price of an assigned column, a feasible dual for the rectangular LP.
+    """
+    n, m = benefit.shape
+    prices = prices.astype(benefit.dtype)
+    lam = jnp.min(prices[col_of_row])
+    q = jnp.maximum(prices - lam, 0) if n < m else prices - jnp.min(prices)
+    u = jnp.max(benefit - q, axis=1)
+    primal = jnp.sum(benefit[jnp.arange(n), col_of_row])
+    dual = jnp.sum(u) + jnp.sum(q)
+    return primal, dual - primal
+
+
+# --------------------------------------------------------------------------------------------
+# Host drivers
+# --------------------------------------------------------------------------------------------
+
+
+def _benefit(cost: jax.Array, sign: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """(n, m) cost with n <= m -> reduced benefit (row max 0; column max 0 if square), range.
+
+    ``sign`` is +1 to maximise the cost, -1 to minimise (traced: one compile for both).
+    """
+    a = cost.astype(dtype) * jnp.asarray(sign, dtype)
+    a = a - jnp.max(a, axis=1, keepdims=True)
+    if a.shape[0] == a.shape[1]:
+        a = a - jnp.max(a, axis=0, keepdims=True)
+    rng = -jnp.min(a)
+    # All-equal costs: every assignment is optimal; any positive scale will do.
+    scale = jnp.where(rng > 1e3 * jnp.finfo(dtype).tiny, rng, jnp.ones((), dtype))
+    return a, scale
+
+
+@functools.partial(jax.jit, static_argnames=("block", "max_iter", "dtype"))
+def _auction_stage(cost, eps_rel, init_prices, init_cols, sign, *, block, max_iter, dtype):
+    a, scale = _benefit(cost, sign, dtype)
+    if init_prices is not None:
+        init_prices = init_prices.astype(dtype)
+    res = auction_lap(a, eps_rel.astype(dtype) * scale, init_prices, init_cols, block=block,
+                      max_iter=max_iter)
+    return res, scale
+
+
+@jax.jit
+def _certificate64(cost, col_of_row, prices, sign):
+    """Primal (of the user's cost) and duality gap, both float64 (call under enable_x64)."""
+    a, _ = _benefit(cost, sign, jnp.float64)
+    _, gap = duality_gap(a, col_of_row, prices)
+    c64 = cost.astype(jnp.float64)
+    primal = jnp.sum(c64[jnp.arange(cost.shape[0]), col_of_row])
+    return primal, gap
+
+
+def _default_block(n: int) -> int:
+    return min(n, 256 if jax.default_backend() == "cpu" else 2048)
+
+
+def _auction_oriented(cost, maximize: bool, rtol: float, block: int | None,
+                      max_iter: int) -> tuple[np.ndarray, dict]:
+    """Auction on an (n, m) cost with n <= m; returns col_of_row (n,) and diagnostics."""
+    n, m = cost.shape
+    block = block or _default_block(n)
+    cost32 = jnp.asarray(cost, jnp.float32) if not isinstance(cost, jax.Array) else cost
+    sched32 = jnp.asarray(eps_schedule(rel_final=_REL_EPS32), jnp.float32)
+    sign = 1.0 if maximize else -1.0
+    res, scale = _auction_stage(cost32, sched32, None, None, sign, block=block,
+                                max_iter=max_iter, dtype=jnp.float32)
+    info = {"iters32": int(res.num_iters), "refined": False, "fallback": False}
+    with jax.enable_x64(True):
+        # float64 copy of the user's cost, on the device that holds it.
+        cost64 = (cost.astype(jnp.float64) if isinstance(cost, jax.Array)
+                  else jnp.asarray(cost, jnp.float64))
+        cols, prices = res.col_of_row, res.prices
+        ok = bool(res.converged)
+        if ok:
+            primal, gap = (float(x) for x in _certificate64(
+                cost64, cols, prices.astype(jnp.float64), sign))
+            tol = rtol * abs(primal) + 1e-12 * float(scale) * m
+            ok = gap <= tol
+            info.update(gap32=gap, tol=tol)
+        if res.converged and not ok:
+            # float64 continuation, warm-started. With eps_final = tol / m every assigned pair
+            # has slack <= eps (and dummy-held columns price <= lam + eps), so the gap is
+            # <= m * eps = tol: the certificate then holds by construction.
+            info["refined"] = True
+            rel_final = max(tol / m / float(scale), 1e-15)
+            sched64 = jnp.asarray(eps_schedule(rel_start=_REL_EPS32, rel_final=rel_final),
+                                  jnp.float64)
+            res64, scale64 = _auction_stage(
+                cost64, sched64, prices.astype(jnp.float64), cols, sign,
+                block=block, max_iter=max_iter, dtype=jnp.float64)
+            info["iters64"] = int(res64.num_iters)
+            cols = res64.col_of_row
+            ok = bool(res64.converged)
+            if ok:
+                primal, gap = (float(x) for x in _certificate64(
+                    cost64, cols, res64.prices, sign))
+                tol = rtol * abs(primal) + 1e-12 * float(scale64) * m
+                info.update(gap64=gap, tol=tol)
+                ok = gap <= tol
+    if not ok:
+        warnings.warn("auction did not reach the certified tolerance; falling back to scipy",
+                      RuntimeWarning, stacklevel=3)
+        info["fallback"] = True
+        _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64),
+                                                       maximize=maximize)
+    return np.asarray(cols), info
+
+
+def _solve_oriented(cost, maximize: bool, method: str, rtol: float, block: int | None,
+                    max_iter: int) -> np.ndarray:
+    """Dispatch on an (n, m) cost with n <= m; returns col_of_row (n,)."""
+    if method == "scipy":
+        _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64),
+                                                       maximize=maximize)
+        return cols
+    if method == "lapjv":
+        try:
+            import lap
+        except ImportError as e:
+            raise ValueError("method='lapjv' needs the optional package `lap` "
+                             "(pip install lap)") from e
+        c = np.asarray(cost, np.float64)
+        c = -c if maximize else c
+        _, cols, _ = lap.lapjv(c, extend_cost=c.shape[0] != c.shape[1])
+        return np.asarray(cols)
+    if method == "hungarian":
+        from optax import assignment  # local: optional dependency path
+
+        c = jnp.asarray(cost)
+        rows, cols = jax.jit(assignment.hungarian_algorithm)(-c if maximize else c)
+        out = np.empty(cost.shape[0], np.int64)
+        out[np.asarray(rows)] = np.asarray(cols)
+        return out
+    cols, _ = _auction_oriented(cost, maximize, rtol, block, max_iter)
+    return cols
+
+
+def solve_lap(cost, *, maximize: bool = False, method: str = "auto", key: jax.Array | None = None,
+              rtol: float = DEFAULT_RTOL, block: int | None = None,
+              max_iter: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Solve the linear assignment problem, like :func:`scipy.optimize.linear_sum_assignment`.
+
+    Args:
+      cost: (n, m) numpy or jax array, finite, any n, m (rectangular allowed).
+      maximize: maximise the total instead of minimising it.
+      method: "auto" (scipy on CPU, auction on GPU/TPU for square costs), "scipy", "auction",
+        "hungarian" (optax), "lapjv" (needs the optional ``lap`` package).
+      key: optional PRNG key; rows and columns are randomly relabelled before solving and
+        mapped back after (equivariance under ties). None: no relabelling.
+      rtol: certified relative tolerance on the objective for the auction (see module doc).
+      block: auction rows bidding per round (default by backend).
+      max_iter: auction cap on bidding rounds (then scipy fallback with a warning).
+
+    Returns:
+      (row_ind, col_ind): int64 numpy arrays of length ``min(n, m)``, ``row_ind`` ascending.
+    """
+    cost = _check_cost(cost, 2)
+    method = _check_method(method, cost.shape)
+    n, m = cost.shape
+    if n == 0 or m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if key is not None:
+        kr, kc = jax.random.split(key)
+        perm_r = np.asarray(jax.random.permutation(kr, n))
+        perm_c = np.asarray(jax.random.permutation(kc, m))
+        xp = np if isinstance(cost, np.ndarray) else jnp
+        cost = xp.take(xp.take(cost, perm_r, axis=0), perm_c, axis=1)
+    transpose = n > m
+    c = cost.T if transpose else cost
+    cols = np.asarray(_solve_oriented(c, maximize, method, rtol, block, max_iter), np.int64)
+    rows = np.arange(c.shape[0], dtype=np.int64)
+    if transpose:
+        rows, cols = cols, rows
+    if key is not None:
+        rows, cols = perm_r[rows].astype(np.int64), perm_c[cols].astype(np.int64)
+    order = np.argsort(rows, kind="stable")
+    return rows[order], cols[order]
+
+
+def solve_lap_batched(costs, *, maximize: bool = False, method: str = "auto",
+                      key: jax.Array | None = None, rtol: float = DEFAULT_RTOL,
+                      block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Solve a batch of LAPs of one shape.
+
+    Args:
+      costs: (b, n, m) array. Other arguments as :func:`solve_lap` (``key`` is split per item).
+
+    Returns:
+      (row_ind, col_ind): (b, k) int64 arrays, ``k = min(n, m)``, each row as :func:`solve_lap`.
+    """
+    costs = _check_cost(costs, 3, "costs")
+    b, n, m = costs.shape
+    keys = [None] * b if key is None else list(jax.random.split(key, b))
+    method = _check_method(method, costs.shape)
+    k = min(n, m)
+    rows = np.zeros((b, k), np.int64)
+    cols = np.zeros((b, k), np.int64)
+    if b and k and method == "hungarian" and key is None:
+        from optax import assignment
+
+        c = jnp.asarray(costs)
+        c = jnp.swapaxes(c, 1, 2) if n > m else c
+        r, cc = jax.vmap(jax.jit(assignment.hungarian_algorithm))(-c if maximize else c)
+        r, cc = np.asarray(r, np.int64), np.asarray(cc, np.int64)
+        if n > m:
+            r, cc = cc, r
+        order = np.argsort(r, axis=1)
+        return np.take_along_axis(r, order, 1), np.take_along_axis(cc, order, 1)
+    # Items are solved one by one: the auction is already parallel inside one problem, and the
+    # host certificate/fallback is per item.
+    for i in range(b):
+        rows[i], cols[i] = solve_lap(costs[i], maximize=maximize, method=method, key=keys[i],
+                                     rtol=rtol, block=block)
+    return rows, cols
+
+
+def assignment_cost(cost, row_ind, col_ind) -> float:
+    """Total ``sum cost[row_ind, col_ind]`` in float64."""
+    c = np.asarray(cost, np.float64)
+    return float(c[np.asarray(row_ind), np.asarray(col_ind)].sum())

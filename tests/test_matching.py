@@ -1,0 +1,244 @@
+"""Tests for jaxind.matching: optimality against scipy, exactness on near-permutations,
+equivariance, batching, jit, input errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from jaxind import matching
+from jaxind.matching import assignment_cost, solve_lap, solve_lap_batched
+
+RTOL = 1e-6
+# A scipy fallback inside the auction would make these tests vacuous: make it an error.
+pytestmark = pytest.mark.filterwarnings("error:auction did not reach:RuntimeWarning")
+
+
+def scipy_objective(cost: np.ndarray, maximize: bool = False) -> float:
+    r, c = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64), maximize=maximize)
+    return assignment_cost(cost, r, c)
+
+
+def assert_valid(cost_shape, rows, cols):
+    n, m = cost_shape
+    k = min(n, m)
+    assert rows.shape == cols.shape == (k,)
+    assert np.all(np.diff(rows) > 0), "row_ind must be strictly ascending"
+    assert len(np.unique(cols)) == k
+    assert rows.min(initial=0) >= 0 and rows.max(initial=0) < max(n, 1)
+    assert cols.min(initial=0) >= 0 and cols.max(initial=0) < max(m, 1)
+
+
+def near_permutation(n: int, seed: int, dim: int = 64, noise: float = 0.5):
+    """Negative cosine similarity of a noisy, permuted copy; returns cost and planted cols."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim))
+    perm = rng.permutation(n)
+    y = x[perm] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return (-(x @ y.T)).astype(np.float32), np.argsort(perm)
+
+
+@pytest.mark.parametrize("method", ["auction", "scipy", "hungarian"])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (5, 5), (37, 37), (13, 29), (29, 13)])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_small_random_optimal(method, shape, maximize):
+    rng = np.random.default_rng(hash((method, shape, maximize)) % 2**32)
+    cost = rng.random(shape).astype(np.float32)
+    rows, cols = solve_lap(cost, maximize=maximize, method=method)
+    assert_valid(shape, rows, cols)
+    ref = scipy_objective(cost, maximize)
+    assert assignment_cost(cost, rows, cols) == pytest.approx(ref, rel=RTOL)
+
+
+@pytest.mark.parametrize("n,m,maximize,dist", [
+    (512, 512, False, "uniform"),
+    (2048, 2048, False, "uniform"),
+    (512, 512, True, "normal"),
+    (90, 60, False, "uniform"),
+    (60, 90, True, "uniform"),
+])
+def test_auction_random_matches_scipy(n, m, maximize, dist):
+    rng = np.random.default_rng(n * 7 + m)
+    cost = (rng.random((n, m)) if dist == "uniform" else rng.standard_normal((n, m)))
+    cost = cost.astype(np.float32)
+    rows, cols = solve_lap(cost, maximize=maximize, method="auction")
+    assert_valid((n, m), rows, cols)
+    got, ref = assignment_cost(cost, rows, cols), scipy_objective(cost, maximize)
+    assert abs(got - ref) <= RTOL * abs(ref), (got, ref)
+
+
+def test_auction_offset_costs_squared_distances():
+    """Squared Euclidean distances: large common offset, the MATCH use case."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((512, 32))
+    b = rng.standard_normal((512, 32)) + 3.0
+    cost = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1).astype(np.float32)
+    rows, cols = solve_lap(jnp.asarray(cost), method="auction")
+    got, ref = assignment_cost(cost, rows, cols), scipy_objective(cost)
+    assert abs(got - ref) <= RTOL * abs(ref)
+
+
+@pytest.mark.parametrize("n", [37, 2048])
+@pytest.mark.parametrize("method", ["auction", "auto"])
+def test_near_permutation_exact(n, method):
+    cost, planted = near_permutation(n, seed=n)
+    rows, cols = solve_lap(cost, method=method)
+    r_ref, c_ref = scipy.optimize.linear_sum_assignment(cost.astype(np.float64))
+    np.testing.assert_array_equal(rows, np.arange(n))
+    np.testing.assert_array_equal(cols, c_ref)
+    np.testing.assert_array_equal(cols, planted)
+
+
+def test_near_permutation_maximize_similarity():
+    cost, planted = near_permutation(512, seed=5)
+    rows, cols = solve_lap(-cost, maximize=True, method="auction")
+    np.testing.assert_array_equal(cols, planted)
+
+
+@pytest.mark.parametrize("method", ["auction", "scipy"])
+def test_equivariance_under_input_permutation(method):
+    """Permuting rows/cols of the input permutes the output the same way."""
+    rng = np.random.default_rng(11)
+    n = 512
+    cost = rng.random((n, n)).astype(np.float32)
+    pr, pc = rng.permutation(n), rng.permutation(n)
+    rows, cols = solve_lap(cost, method=method)
+    rows_p, cols_p = solve_lap(cost[pr][:, pc], method=method)
+    # Pair (i, j) of the permuted problem is pair (pr[i], pc[j]) of the original.
+    mapped = dict(zip(pr[rows_p], pc[cols_p]))
+    assert mapped == dict(zip(rows, cols))
+
+
+@pytest.mark.parametrize("method", ["auction", "scipy"])
+def test_key_relabelling_keeps_optimum(method):
+    rng = np.random.default_rng(12)
+    cost = rng.random((29, 13)).astype(np.float32)
+    ref = scipy_objective(cost)
+    for seed in range(3):
+        rows, cols = solve_lap(cost, method=method, key=jax.random.key(seed))
+        assert_valid(cost.shape, rows, cols)
+        assert assignment_cost(cost, rows, cols) == pytest.approx(ref, rel=RTOL)
+
+
+@pytest.mark.parametrize("fill", ["zeros", "ties"])
+def test_auction_degenerate_costs(fill):
+    """All-equal costs (zero range) and heavy ties (small integers) still terminate, optimal."""
+    rng = np.random.default_rng(71)
+    cost = np.zeros((37, 37)) if fill == "zeros" else rng.integers(0, 3, (37, 37)).astype(float)
+    for maximize in (False, True):
+        rows, cols = solve_lap(cost, method="auction", maximize=maximize)
+        assert_valid(cost.shape, rows, cols)
+        assert assignment_cost(cost, rows, cols) == pytest.approx(
+            scipy_objective(cost, maximize), rel=RTOL, abs=1e-9)
+
+
+def test_key_relabelling_randomises_ties():
+    """All-equal costs: every assignment is optimal; a key makes the choice depend on it."""
+    cost = np.zeros((8, 8), np.float32)
+    outs = {tuple(solve_lap(cost, method="scipy", key=jax.random.key(s))[1]) for s in range(10)}
+    assert len(outs) > 1
+    for cols in outs:
+        assert sorted(cols) == list(range(8))
+
+
+@pytest.mark.parametrize("method", ["auction", "hungarian", "scipy"])
+@pytest.mark.parametrize("shape", [(3, 37, 37), (2, 13, 29), (2, 29, 13)])
+def test_batched_equals_per_item(method, shape):
+    rng = np.random.default_rng(21)
+    costs = rng.random(shape).astype(np.float32)
+    rows, cols = solve_lap_batched(costs, method=method)
+    k = min(shape[1:])
+    assert rows.shape == cols.shape == (shape[0], k)
+    for i in range(shape[0]):
+        r, c = solve_lap(costs[i], method=method)
+        np.testing.assert_array_equal(rows[i], r)
+        np.testing.assert_array_equal(cols[i], c)
+
+
+def test_auction_kernel_jit_and_vmap():
+    """The raw kernel composes with jit and vmap; converged results are eps-optimal."""
+    rng = np.random.default_rng(31)
+    costs = rng.random((4, 37, 37)).astype(np.float32)
+    eps = jnp.asarray(matching.eps_schedule(rel_final=1e-7), jnp.float32)
+
+    @jax.jit
+    def solve(c):
+        return jax.vmap(lambda x: matching.auction_lap(-x, eps))(c)
+
+    res = solve(jnp.asarray(costs))
+    assert bool(jnp.all(res.converged))
+    for i in range(4):
+        cols = np.asarray(res.col_of_row[i])
+        assert sorted(cols) == list(range(37))
+        got = assignment_cost(costs[i], np.arange(37), cols)
+        assert got <= scipy_objective(costs[i]) + 37 * 1e-7 + 1e-6
+        primal, gap = matching.duality_gap(-jnp.asarray(costs[i]), res.col_of_row[i],
+                                           res.prices[i])
+        assert float(gap) >= -1e-4
+
+
+def test_duality_gap_detects_suboptimal():
+    rng = np.random.default_rng(41)
+    cost = rng.random((30, 30))
+    _, opt = scipy.optimize.linear_sum_assignment(cost)
+    with jax.enable_x64(True):
+        bad = np.roll(opt, 1)
+        _, gap = matching.duality_gap(-jnp.asarray(cost), jnp.asarray(bad), jnp.zeros(30))
+        excess = assignment_cost(cost, np.arange(30), bad) - scipy_objective(cost)
+        assert excess > 0 and float(gap) >= excess - 1e-9
+
+
+def test_auto_is_optimal_and_documented_default():
+    host = "lapjv" if matching._have_lap() else "scipy"
+    assert matching.default_method("cpu") == host
+    assert matching.default_method("gpu") == "auction"
+    assert matching.default_method("gpu", (30, 40)) == host
+    rng = np.random.default_rng(51)
+    cost = rng.random((300, 300)).astype(np.float32)
+    rows, cols = solve_lap(cost)
+    assert assignment_cost(cost, rows, cols) == pytest.approx(scipy_objective(cost), rel=RTOL)
+
+
+@pytest.mark.parametrize("shape", [(37, 37), (13, 29), (29, 13)])
+def test_lapjv(shape):
+    # `lap` is in the test extra, so this always runs in CI.
+    cost = np.random.default_rng(61).random(shape)
+    for maximize in (False, True):
+        rows, cols = solve_lap(cost, method="lapjv", maximize=maximize)
+        assert_valid(shape, rows, cols)
+        assert assignment_cost(cost, rows, cols) == pytest.approx(
+            scipy_objective(cost, maximize), rel=RTOL)
+
+
+def test_empty_and_jax_input():
+    r, c = solve_lap(np.zeros((0, 5)))
+    assert r.shape == c.shape == (0,)
+    cost = jnp.asarray(np.random.default_rng(0).random((10, 10)), jnp.float32)
+    r, c = solve_lap(cost, method="auction")
+    assert isinstance(r, np.ndarray) and isinstance(c, np.ndarray)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.array([[0.0, np.nan], [1.0, 2.0]]), "NaN or inf"),
+    (np.array([[0.0, np.inf], [1.0, 2.0]]), "NaN or inf"),
+    (np.zeros(5), "2-D"),
+    (np.zeros((2, 2, 2)), "2-D"),
+    (np.array([["a", "b"]]), "numeric"),
+])
+def test_bad_input_raises(bad, match):
+    with pytest.raises(ValueError, match=match):
+        solve_lap(bad)
+
+
+def test_bad_input_batched_and_method():
+    with pytest.raises(ValueError, match="3-D"):
+        solve_lap_batched(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        solve_lap_batched(jnp.full((2, 3, 3), jnp.nan))
+    with pytest.raises(ValueError, match="method"):
+        solve_lap(np.zeros((2, 2)), method="magic")
