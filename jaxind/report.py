@@ -51,3 +51,23 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_localized(loc: dict[str, Any]) -> str:
+    """The localized-testing summary: which layer of B comes from which layer of A."""
+    lines = [f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
+             f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"]
+    units = {u["layer_b"]: u for u in loc.get("matched_units", [])}
+    matrix = loc["log10_pvalue_matrix"]
+    for col, b in enumerate(loc["layers_b"]):
+        a = loc["layer_map"][str(b)]
+        if a is None:
+            lines.append(f"  B layer {b:>3}: no layer of A")
+            continue
+        row = loc["layers_a"].index(a)
+        kept = units.get(b)
+        extra = f", {len(kept['units_a'])} units matched" if kept else ""
+        lines.append(f"  B layer {b:>3} <- A layer {a:>3} (log10 p = {matrix[row][col]:.1f}{extra})")
+    if loc.get("heatmap"):
+        lines.append(f"  heatmap: {loc['heatmap']}")
+    return "\n".join(lines)

@@ -58,6 +58,19 @@ def test_cli_prints_models_and_writes_results_json(tmp_path, pair):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic write left nothing behind
 
 
+def test_cli_localized_writes_matrix_map_and_heatmap(tmp_path, pair):
+    a, b, _ = pair
+    out = tmp_path / "loc.json"
+    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=match", "--localized", "--num_sequences=8",
+                 "--seq_len=16", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    loc = json.loads(out.read_text())["localized"]
+    assert loc["layer_map"] == {"0": 0, "1": 1}
+    assert np.asarray(loc["log10_pvalue_matrix"]).shape == (2, 2)
+    assert os.path.getsize(tmp_path / "loc_localized.png") > 1000
+    assert "B layer   1 <- A layer   1" in r.stdout
+
+
 def test_cli_independent_pair_and_flagfile(tmp_path, pair):
     a, _, c = pair
     flagfile = tmp_path / "run.flags"

@@ -1,0 +1,192 @@
+"""Localized testing: MATCH on every layer pair ``(i, j)`` of two models (DESIGN.md §1).
+
+The p-value matrix ``(L_A, L_B)`` shows which layers of B come from which layers of A (models
+may differ in depth and MLP width), and the matched unit indices show which hidden units of A a
+pruned B kept (paper: Llama-3.1-8B -> Llama-3.2-3B).
+
+**One pass, chunked.** The cross Grams of all pairs are accumulated while the data stream through
+both models once. Holding them costs ``L_A * L_B * 2 * h_A * h_B * 4`` bytes (float32, gate + up):
+4 x 3 layers of width 64 x 48 take 0.3 MB, but Llama-3.1-8B (32 x 14336) vs Llama-3.2-3B
+(28 x 8192) would take 841 GB. When the estimate exceeds ``memory_budget_bytes`` the B layers are
+split into chunks of ``max(1, budget // (L_A * 2 * h_A * h_B * 4))`` layers, one pass over the data
+per chunk (``num_passes`` in the result); peak accumulator memory is then at most the budget (or
+one B layer's worth, ``L_A * 2 * h_A * h_B * 4`` bytes: 30 GB for the Llama pair, so such a pair
+also needs a smaller set of A layers per pass, which ``layers_a`` allows).
+
+**Threshold.** A layer pair is called dependent when its p-value passes Bonferroni over the
+whole matrix: ``p_ij < alpha / (L_A * L_B)``. This bounds the family-wise error rate (any false
+pair anywhere in the matrix) by ``alpha`` whatever the dependence between entries, so the layer
+map of two independent models is empty with probability at least ``1 - alpha``. (The per-pair
+p-values of MATCH are approximate, as in the paper; dependent pairs give p-values far below any
+such threshold, e.g. log10 p < -100 for h = 64.) The overall ``pvalue`` is the Bonferroni-adjusted
+minimum, a valid global test of "some layer of B depends on some layer of A".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+
+from jaxind import match as match_lib
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+
+Params = dict[str, Any]
+
+
+def pair_memory_bytes(cfg_a: ModelConfig, cfg_b: ModelConfig, n_a: int | None = None, n_b: int | None = None) -> int:
+    """Bytes of the float32 gate + up cross Grams for ``n_a x n_b`` layer pairs (default all)."""
+    n_a = cfg_a.n_layers if n_a is None else n_a
+    n_b = cfg_b.n_layers if n_b is None else n_b
+    return n_a * n_b * 2 * cfg_a.d_ff * cfg_b.d_ff * 4
+
+
+def _iterate(batches: Sequence | Callable[[], Iterable]) -> Iterable:
+    return batches() if callable(batches) else batches
+
+
+def localized_test(
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    batches: Sequence | Callable[[], Iterable],
+    *,
+    key: jax.Array,
+    alpha: float = 0.01,
+    layers_a: Sequence[int] | None = None,
+    layers_b: Sequence[int] | None = None,
+    memory_budget_bytes: int = 2 * 2**30,
+    heatmap_path: str | os.PathLike | None = None,
+    labels: tuple[str, str] = ("model A", "model B"),
+) -> dict[str, Any]:
+    """MATCH on every layer pair of A and B.
+
+    Args:
+      params_a, cfg_a, params_b, cfg_b: the models (GLU MLPs; depth and width may differ).
+      batches: token batches ``(B, T)`` (see :func:`jaxind.match.match_test`); a list, or a
+        zero-argument callable returning a fresh iterable (needed only if the Grams are chunked
+        into several passes).
+      key: PRNG key for the LAPs.
+      alpha: family-wise error rate for the layer map (Bonferroni over ``L_A * L_B`` pairs).
+      layers_a, layers_b: restrict to these layers (default all).
+      memory_budget_bytes: bound on the cross-Gram accumulator; above it, B layers are chunked.
+      heatmap_path: where to write the heatmap PNG (e.g. next to the results JSON, see
+        :func:`heatmap_path_for`); None writes nothing.
+      labels: axis labels for the heatmap.
+
+    Returns:
+      ``{"test": "localized", "pvalue", "log10_pvalue", "layers": [per-pair records, row-major
+      over (layer_a, layer_b)], "layers_a", "layers_b", "log10_pvalue_matrix": (n_a, n_b) nested
+      list, "rho_matrix", "threshold_log10", "alpha", "layer_map": {str(layer_b): layer_a or
+      None}, "matched_units": [{"layer_a", "layer_b", "units_a", "units_b", "up_agreement"}],
+      "num_passes", "memory_bytes", "seconds", "heatmap"}``. ``units_a[k]`` is the unit of A
+      matched (gate LAP) to unit ``units_b[k]`` of B; when B is the narrower model ``units_b``
+      is ``0..h_B-1`` and ``units_a`` lists the A units B kept. ``up_agreement`` is the fraction of
+      units on which the up matching agrees with the gate matching.
+    """
+    start = time.perf_counter()
+    la = tuple(range(cfg_a.n_layers)) if layers_a is None else tuple(sorted({int(l) for l in layers_a}))
+    lb = tuple(range(cfg_b.n_layers)) if layers_b is None else tuple(sorted({int(l) for l in layers_b}))
+    match_lib._check_pairs([(a, b) for a in la for b in lb], cfg_a, cfg_b)
+    if not 0 < alpha < 1:
+        raise JaxindError(f"alpha must lie in (0, 1), got {alpha}")
+    per_b_layer = pair_memory_bytes(cfg_a, cfg_b, len(la), 1)
+    chunk = max(1, min(len(lb), memory_budget_bytes // max(per_b_layer, 1)))
+    chunks = [lb[i:i + chunk] for i in range(0, len(lb), chunk)]
+    if len(chunks) > 1 and not callable(batches) and iter(batches) is batches:
+        raise JaxindError("localized testing needs several passes here; pass batches as a list or a callable")
+
+    n_a, n_b = len(la), len(lb)
+    log10_matrix = np.zeros((n_a, n_b))
+    rho_matrix = np.zeros((n_a, n_b))
+    stats: dict[tuple[int, int], dict[str, Any]] = {}
+    keys = jax.random.split(key, n_a * n_b).reshape(n_a, n_b)
+    num_tokens = 0
+    for sub_b in match_lib._progress(chunks, total=len(chunks), desc="localized passes"):
+        state = match_lib.accumulate(params_a, cfg_a, params_b, cfg_b, _iterate(batches), layers_a=la,
+                                     layers_b=sub_b, outer=True)
+        num_tokens = int(state["count"])
+        for jb, b in enumerate(sub_b):
+            col = lb.index(b)
+            for ia, a in enumerate(la):
+                d_gate = match_lib.sq_distances(state["gate"][ia, jb], state["gate_a"][ia], state["gate_b"][jb])
+                d_up = match_lib.sq_distances(state["up"][ia, jb], state["up_a"][ia], state["up_b"][jb])
+                stat = match_lib.match_units(d_gate, d_up, keys[ia, col])
+                stats[(a, b)] = stat
+                log10_matrix[ia, col] = stat["log10_pvalue"]
+                rho_matrix[ia, col] = stat["rho"]
+
+    records = [match_lib.layer_result(a, b, stats[(a, b)]) for a in la for b in lb]
+    threshold = math.log10(alpha) - math.log10(n_a * n_b)
+    layer_map: dict[str, int | None] = {}
+    matched_units = []
+    for col, b in enumerate(lb):
+        best = int(np.argmin(log10_matrix[:, col]))
+        if log10_matrix[best, col] < threshold:
+            a = la[best]
+            layer_map[str(b)] = a
+            s = stats[(a, b)]
+            up_map = dict(zip(s["up_b"].tolist(), s["up_a"].tolist()))
+            agree = float(np.mean([up_map.get(ub) == ua for ua, ub in zip(s["gate_a"].tolist(), s["gate_b"].tolist())]))
+            matched_units.append({"layer_a": a, "layer_b": b, "units_a": s["gate_a"].tolist(),
+                                  "units_b": s["gate_b"].tolist(), "up_agreement": agree})
+        else:
+            layer_map[str(b)] = None
+    min_log10 = float(log10_matrix.min())
+    log10_p = min(0.0, min_log10 + math.log10(n_a * n_b))
+    result = {
+        "test": "localized", "pvalue": float(10.0 ** log10_p) if log10_p > -300 else 0.0, "log10_pvalue": log10_p,
+        "layers": records, "layers_a": list(la), "layers_b": list(lb),
+        "log10_pvalue_matrix": log10_matrix.tolist(), "rho_matrix": rho_matrix.tolist(),
+        "threshold_log10": threshold, "alpha": alpha, "layer_map": layer_map, "matched_units": matched_units,
+        "num_passes": len(chunks), "memory_bytes": pair_memory_bytes(cfg_a, cfg_b, n_a, min(chunk, n_b)),
+        "num_tokens": num_tokens, "heatmap": None,
+    }
+    if heatmap_path is not None:
+        result["heatmap"] = plot_heatmap(result, heatmap_path, labels=labels)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def heatmap_path_for(json_path: str | os.PathLike) -> str:
+    """``results/pair.json`` -> ``results/pair_localized.png`` (the heatmap next to the JSON)."""
+    root, _ = os.path.splitext(os.fspath(json_path))
+    return root + "_localized.png"
+
+
+def plot_heatmap(result: dict[str, Any], path: str | os.PathLike, labels: tuple[str, str] = ("model A", "model B")) -> str:
+    """Writes the ``-log10 p`` matrix of a :func:`localized_test` result as a PNG (Agg backend);
+    pairs passing the threshold are outlined. Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    mat = -np.asarray(result["log10_pvalue_matrix"], dtype=np.float64)
+    shown = np.minimum(mat, 50.0)  # clip extreme evidence so weak structure stays visible
+    la, lb = result["layers_a"], result["layers_b"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(lb), 1.0 + 0.35 * len(la)), dpi=100)
+    im = ax.imshow(shown, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(shown.max()), -result["threshold_log10"]))
+    ax.set_xticks(range(len(lb)), [str(l) for l in lb], fontsize=7)
+    ax.set_yticks(range(len(la)), [str(l) for l in la], fontsize=7)
+    ax.set_xlabel(f"layer of {labels[1]}")
+    ax.set_ylabel(f"layer of {labels[0]}")
+    ax.set_title("MATCH -log10 p (clipped at 50)", fontsize=9)
+    hits = np.argwhere(-mat < result["threshold_log10"])
+    for i, j in hits:
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2))
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
