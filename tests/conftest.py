@@ -25,3 +25,25 @@ def smollm2(smollm2_path):
     import jaxind
 
     return jaxind.load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def corpus_ids(smollm2):
+    """The bundled demo corpus tokenised with SmolLM2's own tokenizer: real English text."""
+    import numpy as np
+
+    from jaxind import demo
+
+    text = demo.corpus_bytes().astype("uint8").tobytes().decode("utf-8")
+    return np.asarray(smollm2.tokenizer(text)["input_ids"], np.int32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_finetuned(smollm2, corpus_ids):
+    """SmolLM2 after two real AdamW steps on real text (a fine-tuned copy)."""
+    from jaxind import train
+
+    params, losses = train.train(smollm2.params, smollm2.config, corpus_ids, steps=2, batch_size=2, seq_len=32,
+                                 learning_rate=1e-5)
+    assert all(l == l for l in losses)  # finite
+    return params

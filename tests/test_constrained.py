@@ -6,7 +6,7 @@ import pytest
 import jax
 from scipy import stats
 
-from jaxind import constrained, demo, model, permtest, symmetry, train
+from jaxind import constrained, demo, model, permtest, symmetry
 from jaxind.config import ModelConfig
 
 TINY = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=48)
@@ -108,16 +108,27 @@ def test_jsd_is_zero_for_the_same_function_and_positive_otherwise(zoo):
     assert constrained.jsd(f(base, cfg), f(finetuned, cfg), batches(tokens, 4), 256)["statistic"] > 1e-3
 
 
-def test_real_smollm2_fine_tune_is_detected(smollm2):
+def test_real_smollm2_fine_tune_is_detected(smollm2, smollm2_finetuned):
     """A few real optimisation steps on real text (the bundled corpus, SmolLM2's tokenizer)."""
-    ids = np.asarray(smollm2.tokenizer(" ".join(demo.corpus_bytes().tobytes().decode().split()))["input_ids"], np.int32)
-    tuned, losses = train.train(smollm2.params, smollm2.config, ids, steps=2, batch_size=2, seq_len=32, learning_rate=1e-5)
-    assert np.isfinite(losses).all()
+    tuned = smollm2_finetuned
     csu = constrained.csu(smollm2.params, smollm2.config, tuned, smollm2.config, jax.random.key(0))
     assert csu["log10_pvalue"] < -10
     t = 49
     l2 = permtest.permtest(smollm2.params, tuned, smollm2.config, jax.random.key(1), num_perms=t)
     assert l2.pvalue == pytest.approx(1 / (t + 1))
+
+
+def test_match_on_the_trained_zoo(zoo):
+    """MATCH sees through the disguise that defeats CSU, and stays quiet on the independent model."""
+    from jaxind import match
+
+    cfg, base = zoo["base"]
+    tokens = demo.corpus_bytes()[: 16 * 32].reshape(16, 32)
+    out = {name: match.match_test(base, cfg, zoo[name][1], zoo[name][0], [tokens], key=jax.random.key(4))
+           for name in ("finetuned", "independent", "permuted+rotated")}
+    assert out["finetuned"]["log10_pvalue"] < -10
+    assert out["permuted+rotated"]["log10_pvalue"] < -10
+    assert out["independent"]["pvalue"] > 0.01
 
 
 def test_csu_refuses_models_of_different_width():

@@ -47,3 +47,24 @@ def test_gguf_tokenizer_and_real_text(smollm2):
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     nll = -np.mean([logp[0, i, ids[i + 1]] for i in range(len(ids) - 1)])
     assert nll < 6.0
+
+
+def test_match_detects_disguised_and_fine_tuned_smollm2(smollm2, smollm2_finetuned, corpus_ids):
+    """MATCH on the real model: a copy with every MLP's hidden units permuted and the residual
+    stream rotated, and a fine-tuned copy, are both detected from activations on real text."""
+    import jax
+
+    from jaxind import match, model, symmetry
+
+    cfg = smollm2.config
+    k_perm, k_rot = jax.random.split(jax.random.key(7))
+    disguised = symmetry.apply_permutation(smollm2.params, cfg, symmetry.draw_permutations(k_perm, cfg))
+    disguised, disguised_cfg = symmetry.rotate_residual(disguised, cfg, symmetry.random_orthogonal(k_rot, cfg.d_model))
+    tokens = corpus_ids[: 4 * 64].reshape(4, 64)
+    logits = model.forward_jit(disguised, disguised_cfg, tokens[:1])[0]
+    assert rel_err(logits, smollm2.logits(tokens[:1])) < 1e-3  # the same function
+    layers = [(l, l) for l in (0, 10, 20, 29)]
+    for params_b, cfg_b in ((disguised, disguised_cfg), (smollm2_finetuned, cfg)):
+        out = match.match_test(smollm2.params, cfg, params_b, cfg_b, [tokens[:2], tokens[2:]], key=jax.random.key(0),
+                               layer_pairs=layers)
+        assert out["log10_pvalue"] < -10, out["log10_pvalue"]
