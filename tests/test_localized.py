@@ -11,14 +11,9 @@ import pytest
 
 from jaxind import localized, model
 from jaxind.config import ModelConfig
+from tree_helpers import perturb
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
-
-
-def _noise(params, key, rel, std=0.02):
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [w + rel * std * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def test_pruned_model_layer_map_and_units(model_a, batches, tmp_path):
     for l in keep_layers:
         layer, k = model_a["layers"][l], kept[l]
         layers.append(dict(layer, gate=layer["gate"][:, k], up=layer["up"][:, k], down=layer["down"][k]))
-    b = _noise(dict(model_a, layers=layers), jax.random.key(2), rel=0.3)
+    b = perturb(dict(model_a, layers=layers), jax.random.key(2), rel=0.3)
     cfg_b = CFG.replace(n_layers=3, d_ff=48)
     png = localized.heatmap_path_for(tmp_path / "pair.json")
     res = localized.localized_test(model_a, CFG, b, cfg_b, batches, key=jax.random.key(3), heatmap_path=png)
@@ -65,7 +60,7 @@ def test_partly_shared_model_flagged_on_exactly_those_layers(model_a, batches):
     other = model.init_params(CFG, jax.random.key(77))
     shared = {1, 3}
     b = dict(model_a, layers=[model_a["layers"][l] if l in shared else other["layers"][l] for l in range(4)])
-    b = _noise(b, jax.random.key(4), rel=0.3)
+    b = perturb(b, jax.random.key(4), rel=0.3)
     res = localized.localized_test(model_a, CFG, b, CFG, batches, key=jax.random.key(5))
     assert res["layer_map"] == {"0": None, "1": 1, "2": None, "3": 3}
     hits = {tuple(ij) for ij in np.argwhere(np.asarray(res["log10_pvalue_matrix"]) < res["threshold_log10"]).tolist()}
@@ -73,7 +68,7 @@ def test_partly_shared_model_flagged_on_exactly_those_layers(model_a, batches):
 
 
 def test_chunked_passes_match_single_pass(model_a, batches):
-    b = _noise(model_a, jax.random.key(6), rel=3.0)
+    b = perturb(model_a, jax.random.key(6), rel=3.0)
     one = localized.localized_test(model_a, CFG, b, CFG, batches, key=jax.random.key(7))
     budget = localized.pair_memory_bytes(CFG, CFG, CFG.n_layers, 1)  # one B layer per pass
     many = localized.localized_test(model_a, CFG, b, CFG, lambda: iter(batches), key=jax.random.key(7),

@@ -13,19 +13,13 @@ import scipy.stats
 from jaxind import match, model, symmetry
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
+from tree_helpers import perturb
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 
 
 def _batches(n=4, b=4, t=32, vocab=128, seed=100):
     return [jax.random.randint(jax.random.key(seed + i), (b, t), 0, vocab) for i in range(n)]
-
-
-def _finetune_proxy(params, key, rel=0.5, std=0.02):
-    """A copy of ``params`` with every weight moved by N(0, (rel * std)^2): half the init scale."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [w + rel * std * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def batches():
 
 
 def test_finetuned_copy_detected(model_a, batches):
-    b = _finetune_proxy(model_a, jax.random.key(1))
+    b = perturb(model_a, jax.random.key(1))
     res = match.match_test(model_a, CFG, b, CFG, batches, key=jax.random.key(2))
     assert res["log10_pvalue"] < -10
     assert all(rec["log10_pvalue"] < -10 for rec in res["layers"])
@@ -73,7 +67,7 @@ def test_independent_models_not_detected(model_a, batches):
 
 
 def test_one_pass_agrees_with_slow_baseline(model_a, batches):
-    b = _finetune_proxy(model_a, jax.random.key(7), rel=3.0)  # weakly related: matchings not trivial
+    b = perturb(model_a, jax.random.key(7), rel=3.0)  # weakly related: matchings not trivial
     pairs = [(0, 0), (2, 1)]
     fast = match.match_test(model_a, CFG, b, CFG, batches, key=jax.random.key(8), layer_pairs=pairs)
     slow = match.match_test_slow(model_a, CFG, b, CFG, batches, key=jax.random.key(8), layer_pairs=pairs)
@@ -84,7 +78,7 @@ def test_one_pass_agrees_with_slow_baseline(model_a, batches):
 
 
 def test_mask_excludes_tokens(model_a, batches):
-    b = _finetune_proxy(model_a, jax.random.key(9), rel=3.0)
+    b = perturb(model_a, jax.random.key(9), rel=3.0)
     ones = [(t, jnp.ones(t.shape, bool)) for t in batches]
     half = [(t, jnp.arange(t.shape[1])[None, :].repeat(t.shape[0], 0) < 16) for t in batches]
     full = match.accumulate(model_a, CFG, b, CFG, batches, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
@@ -106,7 +100,7 @@ def test_rectangular_pruned_widths(model_a, batches):
     layers = []
     for layer, k in zip(model_a["layers"], kept):
         layers.append(dict(layer, gate=layer["gate"][:, k], up=layer["up"][:, k], down=layer["down"][k]))
-    b = _finetune_proxy(dict(model_a, layers=layers), jax.random.key(10), rel=0.3)
+    b = perturb(dict(model_a, layers=layers), jax.random.key(10), rel=0.3)
     cfg_b = CFG.replace(d_ff=40)
     for swap in (False, True):
         args = (b, cfg_b, model_a, CFG) if swap else (model_a, CFG, b, cfg_b)
