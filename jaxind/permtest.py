@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from jaxind import pvalues
 from jaxind.config import ModelConfig
@@ -397,11 +399,15 @@ def permtest(
     fn = _sharded_draws(statistic, cfg, mesh)
 
     layer_chunks, total_chunks = [], []
+    progress = tqdm(total=num_perms, desc=f"PERMTEST-{statistic}", unit="perm", leave=False,
+                    disable=not sys.stderr.isatty())
     for start in range(0, num_perms, step):
         idx = jax.device_put(np.arange(start, start + step, dtype=np.int32), idx_sharding)
         layers, total = fn(consts, key_rep, idx)
         layer_chunks.append(layers)
-        total_chunks.append(total)
+        total_chunks.append(total.block_until_ready() if not progress.disable else total)
+        progress.update(min(step, num_perms - start))
+    progress.close()
     stats_layers = np.concatenate([np.asarray(c) for c in layer_chunks])[:num_perms]
     stats_total = np.concatenate([np.asarray(c) for c in total_chunks])[:num_perms]
     stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
