@@ -104,8 +104,9 @@ def _permtest(a: Model, b: Model, statistic: str, settings: Settings, tokens: np
 def _activation_tests(a: Model, b: Model, wanted: list[str], settings: Settings, tokens: np.ndarray) -> dict[str, dict]:
     """CSH and MATCH from one pass over the data for both models."""
     start = time.perf_counter()
-    if "match" in wanted and not (a.config.glu and b.config.glu):
-        raise JaxindError("MATCH needs gated (GLU) MLPs in both models; use --tests=generalized for GPT-2-style MLPs")
+    if not (a.config.glu and b.config.glu):
+        raise JaxindError("csh and match read gate/up activations and need gated (GLU) MLPs in both models; "
+                          "use --tests=generalized for GPT-2-style MLPs")
     pairs = match.default_layer_pairs(a.config, b.config)
     layers = tuple(l for l, _ in pairs)
     pair_index = tuple((i, i) for i in range(len(pairs)))
