@@ -117,19 +117,15 @@ def _flat_2d(params: Params) -> dict[str, jax.Array]:
     return out
 
 
-def csh_from_grams(cross_up: np.ndarray, sq_norm_a: np.ndarray, sq_norm_b: np.ndarray, pairs: list[tuple[int, int]],
-                   key: jax.Array, start: float) -> dict[str, Any]:
-    """CSH from accumulated activation statistics.
-
-    Args:
-      cross_up: ``(P, h_A, h_B)`` sums over tokens of ``U_A[i] * U_B[j]`` per layer pair.
-      sq_norm_a, sq_norm_b: ``(P, h_A)``, ``(P, h_B)`` sums of squares of each unit's output.
-      pairs: the P ``(layer_a, layer_b)`` pairs.
-    """
+def csh_from_pass(stats: Any, pairs: list[tuple[int, int]], key: jax.Array, start: float) -> dict[str, Any]:
+    """CSH from one data pass (:class:`jaxind.match.PassStats` over explicit ``pairs``): per pair,
+    the cosine similarity of up-projection activation rows ``U_A[i] . U_B[j] / (|U_A[i]| |U_B[j]|)``
+    over the tokens, matched and tested like CSU."""
     records = []
     for p, ((la, lb), k) in enumerate(zip(pairs, jax.random.split(key, len(pairs)))):
-        denom = np.sqrt(np.maximum(sq_norm_a[p], 1e-30))[:, None] * np.sqrt(np.maximum(sq_norm_b[p], 1e-30))[None, :]
-        result, _, _ = matched_spearman(np.asarray(cross_up[p], np.float64) / denom, k)
+        cross, sq_a, sq_b = stats.grams(p, "up")
+        denom = np.sqrt(np.maximum(sq_a, 1e-30))[:, None] * np.sqrt(np.maximum(sq_b, 1e-30))[None, :]
+        result, _, _ = matched_spearman(cross / denom, k)
         records.append(_layer_record(la, lb, result))
     return _combined(records, start, exact=True)
 

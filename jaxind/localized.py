@@ -40,10 +40,11 @@ Params = dict[str, Any]
 
 
 def pair_memory_bytes(cfg_a: ModelConfig, cfg_b: ModelConfig, n_a: int | None = None, n_b: int | None = None) -> int:
-    """Bytes of the float32 gate + up cross Grams for ``n_a x n_b`` layer pairs (default all)."""
+    """Bytes of the float32 accumulator for ``n_a x n_b`` layer pairs (default all): the MLP-input
+    cross Grams ``d_A x d_B`` per pair (see :class:`jaxind.match.PassStats`)."""
     n_a = cfg_a.n_layers if n_a is None else n_a
     n_b = cfg_b.n_layers if n_b is None else n_b
-    return n_a * n_b * 2 * cfg_a.d_ff * cfg_b.d_ff * 4
+    return n_a * n_b * cfg_a.d_model * cfg_b.d_model * 4
 
 
 def _iterate(batches: Sequence | Callable[[], Iterable]) -> Iterable:
@@ -109,15 +110,14 @@ def localized_test(
     keys = jax.random.split(key, n_a * n_b).reshape(n_a, n_b)
     num_tokens = 0
     for sub_b in match_lib._progress(chunks, total=len(chunks), desc="localized passes"):
-        state = match_lib.accumulate(params_a, cfg_a, params_b, cfg_b, _iterate(batches), layers_a=la,
-                                     layers_b=sub_b, outer=True)
-        num_tokens = int(state["count"])
+        pass_stats = match_lib.accumulate(params_a, cfg_a, params_b, cfg_b, _iterate(batches), layers_a=la,
+                                          layers_b=sub_b, outer=True)
+        num_tokens = int(pass_stats.count)
         for jb, b in enumerate(sub_b):
             col = lb.index(b)
             for ia, a in enumerate(la):
-                d_gate = match_lib.sq_distances(state["gate"][ia, jb], state["gate_a"][ia], state["gate_b"][jb])
-                d_up = match_lib.sq_distances(state["up"][ia, jb], state["up_a"][ia], state["up_b"][jb])
-                stat = match_lib.match_units(d_gate, d_up, keys[ia, col])
+                stat = match_lib.match_units(pass_stats.distances((ia, jb), "gate"), pass_stats.distances((ia, jb), "up"),
+                                             keys[ia, col])
                 stats[(a, b)] = stat
                 log10_matrix[ia, col] = stat["log10_pvalue"]
                 rho_matrix[ia, col] = stat["rho"]

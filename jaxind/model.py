@@ -176,10 +176,12 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def block(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None):
-    """One pre-norm decoder block; returns ``(x_out, gate, up)``."""
+    """One pre-norm decoder block; returns ``(x_out, gate, up, mlp_in)`` (``mlp_in``: the normed
+    input of the MLP, ``(B, T, d)``)."""
     x = x + attention(layer, cfg, norm(layer, "attn_norm", cfg, x), cos, sin)
-    out, gate, up = mlp(layer, cfg, norm(layer, "mlp_norm", cfg, x))
-    return x + out, gate, up
+    mlp_in = norm(layer, "mlp_norm", cfg, x)
+    out, gate, up = mlp(layer, cfg, mlp_in)
+    return x + out, gate, up, mlp_in
 
 
 def forward(
@@ -188,12 +190,16 @@ def forward(
     tokens: jax.Array,
     collect: tuple[int, ...] = (),
     return_logits: bool = True,
+    collect_inputs: bool = False,
 ) -> tuple[jax.Array | None, Activations]:
     """Runs the model on ``tokens (B, T)`` int.
 
     Args:
       collect: layer indices whose MLP gate/up outputs to return.
       return_logits: skip the LM head when False (activation-only passes).
+      collect_inputs: return each collected layer's normed MLP input ``{"x": (B, T, d)}``
+        instead of its gate/up outputs (``gate = x @ W_gate``: Gram statistics of the
+        outputs follow from those of ``x``, which is ``d``-wide instead of ``h``-wide).
 
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
@@ -208,16 +214,20 @@ def forward(
     x = embed(params, cfg, tokens)
     acts: Activations = {}
     for index, layer in enumerate(params["layers"][: last + 1]):
-        x, gate, up = block(layer, cfg, x, cos, sin)
+        x, gate, up, mlp_in = block(layer, cfg, x, cos, sin)
         if index in wanted:
-            acts[index] = {"up": up} if gate is None else {"gate": gate, "up": up}
+            if collect_inputs:
+                acts[index] = {"x": mlp_in}
+            else:
+                acts[index] = {"up": up} if gate is None else {"gate": gate, "up": up}
     return (unembed(params, cfg, x) if return_logits else None), acts
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits"))
-def forward_jit(params: Params, cfg: ModelConfig, tokens: jax.Array, collect: tuple[int, ...] = (), return_logits: bool = True):
-    """Jitted :func:`forward` (``cfg`` and ``collect`` are static)."""
-    return forward(params, cfg, tokens, collect, return_logits)
+@functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs"))
+def forward_jit(params: Params, cfg: ModelConfig, tokens: jax.Array, collect: tuple[int, ...] = (), return_logits: bool = True,
+                collect_inputs: bool = False):
+    """Jitted :func:`forward` (``cfg``, ``collect`` and the flags are static)."""
+    return forward(params, cfg, tokens, collect, return_logits, collect_inputs)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:

@@ -110,17 +110,17 @@ def _activation_tests(a: Model, b: Model, wanted: list[str], settings: Settings,
     pairs = match.default_layer_pairs(a.config, b.config)
     layers = tuple(l for l, _ in pairs)
     pair_index = tuple((i, i) for i in range(len(pairs)))
-    state = match.accumulate(a.params, a.config, b.params, b.config, data.batches(tokens, settings.batch_size),
+    stats = match.accumulate(a.params, a.config, b.params, b.config, data.batches(tokens, settings.batch_size),
                              layers_a=layers, layers_b=layers, pair_index=pair_index)
     pass_seconds = time.perf_counter() - start
     out = {}
     if "csh" in wanted:
         t0 = time.perf_counter()
-        out["csh"] = constrained.csh_from_grams(state["up"], state["up_a"], state["up_b"], list(pairs), _key(settings.data.seed, "csh"), t0)
+        out["csh"] = constrained.csh_from_pass(stats, list(pairs), _key(settings.data.seed, "csh"), t0)
         out["csh"]["seconds"] += pass_seconds
     if "match" in wanted:
         t0 = time.perf_counter()
-        out["match"] = match.match_from_state(state, pairs, pair_index, _key(settings.data.seed, "match"))
+        out["match"] = match.match_from_pass(stats, pairs, _key(settings.data.seed, "match"))
         out["match"]["seconds"] = time.perf_counter() - t0 + pass_seconds
         out["match"]["exact"] = False  # the paper's approximate test: calibrated in simulation, not exact
     return out

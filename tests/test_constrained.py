@@ -88,9 +88,9 @@ def test_csh_detects_fine_tune_from_activations(zoo):
     for name in ("finetuned", "independent"):
         _, other = zoo[name]
         pairs = match.default_layer_pairs(cfg, cfg)
-        state = match.accumulate(base, cfg, other, cfg, [tokens], layers_a=(0, 1, 2, 3), layers_b=(0, 1, 2, 3),
+        stats = match.accumulate(base, cfg, other, cfg, [tokens], layers_a=(0, 1, 2, 3), layers_b=(0, 1, 2, 3),
                                  pair_index=tuple((i, i) for i in range(4)))
-        results[name] = constrained.csh_from_grams(state["up"], state["up_a"], state["up_b"], list(pairs), jax.random.key(0), 0.0)
+        results[name] = constrained.csh_from_pass(stats, list(pairs), jax.random.key(0), 0.0)
     assert results["finetuned"]["log10_pvalue"] < -10
     assert results["independent"]["pvalue"] > 0.01
 

@@ -83,13 +83,13 @@ def test_mask_excludes_tokens(model_a, batches):
     half = [(t, jnp.arange(t.shape[1])[None, :].repeat(t.shape[0], 0) < 16) for t in batches]
     full = match.accumulate(model_a, CFG, b, CFG, batches, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
     masked1 = match.accumulate(model_a, CFG, b, CFG, ones, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
-    np.testing.assert_allclose(full["gate"], masked1["gate"], rtol=1e-6)
+    np.testing.assert_allclose(full.grams(0, "gate")[0], masked1.grams(0, "gate")[0], rtol=1e-6)
     # Causal model: the first 16 positions of each sequence alone give the same activations.
     short = [t[:, :16] for t in batches]
     cut = match.accumulate(model_a, CFG, b, CFG, short, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
     masked = match.accumulate(model_a, CFG, b, CFG, half, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
-    assert masked["count"] == cut["count"] == 4 * 4 * 16
-    np.testing.assert_allclose(masked["up"], cut["up"], rtol=1e-4, atol=1e-6)
+    assert masked.count == cut.count == 4 * 4 * 16
+    np.testing.assert_allclose(masked.grams(0, "up")[0], cut.grams(0, "up")[0], rtol=1e-4, atol=1e-6)
 
 
 def test_rectangular_pruned_widths(model_a, batches):
@@ -136,3 +136,25 @@ def test_bad_input_errors(model_a, batches):
         match.match_test(model_a, CFG, model_a, CFG, batches, key=jax.random.key(0), layer_pairs=[(0, 5)])
     with pytest.raises(JaxindError, match="no token batches"):
         match.match_test(model_a, CFG, model_a, CFG, [], key=jax.random.key(0))
+
+
+def test_input_grams_give_the_activation_grams_exactly(model_a):
+    """The pass accumulates MLP-input Grams; the gate/up Grams derived from them equal the ones
+    computed from stored activations (masked tokens excluded)."""
+    b = perturb(model_a, jax.random.key(11), rel=3.0)
+    tokens = jax.random.randint(jax.random.key(12), (3, 16), 0, CFG.vocab_size)
+    mask = jnp.ones((3, 16)).at[2, 5:].set(0.0)
+    stats = match.accumulate(model_a, CFG, b, CFG, [(tokens, mask)], layers_a=(0, 1), layers_b=(1,),
+                             pair_index=((0, 0), (1, 0)))
+    keep = np.asarray(mask).reshape(-1) > 0
+    _, acts_a = model.forward(model_a, CFG, tokens, collect=(0, 1), return_logits=False)
+    _, acts_b = model.forward(b, CFG, tokens, collect=(1,), return_logits=False)
+    for p, (la, lb) in enumerate(((0, 1), (1, 1))):
+        for proj in ("gate", "up"):
+            xa = np.asarray(acts_a[la][proj], np.float64).reshape(-1, CFG.d_ff)[keep]
+            xb = np.asarray(acts_b[lb][proj], np.float64).reshape(-1, CFG.d_ff)[keep]
+            cross, sq_a, sq_b = stats.grams(p, proj)
+            np.testing.assert_allclose(cross, xa.T @ xb, rtol=1e-4, atol=1e-4 * np.abs(xa.T @ xb).max())
+            np.testing.assert_allclose(sq_a, (xa ** 2).sum(0), rtol=1e-4)
+            np.testing.assert_allclose(sq_b, (xb ** 2).sum(0), rtol=1e-4)
+    assert stats.count == keep.sum()
