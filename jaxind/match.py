@@ -42,10 +42,11 @@ Params = dict[str, Any]
 # Gate and up activations are linear in the MLP's normed input x (B*T, d):  G = x W_gate,
 # U = x W_up. So every Gram statistic MATCH and CSH need follows from Grams of the inputs:
 #   G_A^T G_B = W_gate_A^T (x_A^T x_B) W_gate_B,   ||G_A[:, i]||^2 = diag(W_A^T (x_A^T x_A) W_A)_i.
-# The pass therefore accumulates d_A x d_B input cross-Grams per layer pair (and d x d self-Grams
-# per layer) instead of two h_A x h_B output Grams: for Llama-2-7B (d = 4,096, h = 11,008) 14x
-# less memory and 14x fewer multiply-adds per token. The h x h Grams are formed one layer pair at
-# a time, on the device, when the LAPs need them (:meth:`PassStats.grams`).
+# The pass therefore accumulates one d_A x d_B input cross-Gram per layer pair, plus each unit's
+# sum of squared outputs (h-vectors; gate and up are computed by the forward pass anyway), instead
+# of two h_A x h_B output Grams: for Llama-2-7B (d = 4,096, h = 11,008) 14x less memory and 14x
+# fewer multiply-adds per token. The h x h Grams are formed one layer pair at a time, on the
+# device, when the LAPs need them (:meth:`PassStats.grams`).
 
 
 @dataclasses.dataclass
@@ -55,7 +56,8 @@ class PassStats:
     Attributes:
       cross: ``(*pair_shape, d_A, d_B)`` sums over tokens of ``x_A x_B^T`` per layer pair
         (pair_shape ``(P,)`` for explicit pairs, ``(n_a, n_b)`` for all pairs).
-      self_a, self_b: ``(n_a, d_A, d_A)``, ``(n_b, d_B, d_B)`` input self-Grams per collected layer.
+      sq_a, sq_b: ``{"gate": (n_a, h_A), "up": (n_a, h_A)}`` (and ``n_b, h_B``): each unit's sum
+        of squared outputs per collected layer.
       count: number of tokens counted.
       weights_a, weights_b: per collected layer ``{"gate": (d, h), "up": (d, h)}`` (references
         into the param trees, not copies).
@@ -63,8 +65,8 @@ class PassStats:
     """
 
     cross: np.ndarray
-    self_a: np.ndarray
-    self_b: np.ndarray
+    sq_a: dict[str, np.ndarray]
+    sq_b: dict[str, np.ndarray]
     count: float
     weights_a: tuple[dict[str, jax.Array], ...]
     weights_b: tuple[dict[str, jax.Array], ...]
@@ -80,9 +82,9 @@ class PassStats:
         else:
             ia, ib = self.pair_index[pair]
             cross = self.cross[pair]
-        wa, wb = self.weights_a[ia][proj], self.weights_b[ib][proj]
-        c, na, nb = _project(wa, wb, jnp.asarray(cross), jnp.asarray(self.self_a[ia]), jnp.asarray(self.self_b[ib]))
-        return np.asarray(c, np.float64), np.asarray(na, np.float64), np.asarray(nb, np.float64)
+        c = _project(self.weights_a[ia][proj], self.weights_b[ib][proj], jnp.asarray(cross))
+        return (np.asarray(c, np.float64), self.sq_a[proj][ia].astype(np.float64),
+                self.sq_b[proj][ib].astype(np.float64))
 
     def distances(self, pair: int | tuple[int, int], proj: str) -> np.ndarray:
         """Squared Euclidean distances ``(h_A, h_B)`` between hidden units' activation rows."""
@@ -90,27 +92,23 @@ class PassStats:
 
 
 @jax.jit
-def _project(w_a: jax.Array, w_b: jax.Array, cross: jax.Array, self_a: jax.Array, self_b: jax.Array):
-    """Input Grams -> output Grams: ``W_a^T C W_b``, ``diag(W_a^T S_a W_a)``, ``diag(W_b^T S_b W_b)``."""
+def _project(w_a: jax.Array, w_b: jax.Array, cross: jax.Array) -> jax.Array:
+    """Input cross-Gram ``C (d_A, d_B)`` -> output cross-Gram ``W_a^T C W_b (h_A, h_B)``."""
     hi = jax.lax.Precision.HIGHEST
-    w_a, w_b = w_a.astype(jnp.float32), w_b.astype(jnp.float32)
-    c = jnp.matmul(jnp.matmul(w_a.T, cross, precision=hi), w_b, precision=hi)
-    na = jnp.sum(jnp.matmul(self_a, w_a, precision=hi) * w_a, axis=0)
-    nb = jnp.sum(jnp.matmul(self_b, w_b, precision=hi) * w_b, axis=0)
-    return c, na, nb
+    return jnp.matmul(jnp.matmul(w_a.astype(jnp.float32).T, cross, precision=hi), w_b.astype(jnp.float32), precision=hi)
 
 
-def init_state(d_a: int, d_b: int, n_a: int, n_b: int, pair_shape: tuple[int, ...]) -> dict[str, jax.Array]:
-    """Zero accumulator: ``{"cross": (*pair_shape, d_a, d_b), "self_a": (n_a, d_a, d_a),
-    "self_b": (n_b, d_b, d_b), "count": ()}`` float32."""
+def init_state(d_a: int, d_b: int, h_a: int, h_b: int, n_a: int, n_b: int, pair_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+    """Zero accumulator: ``{"cross": (*pair_shape, d_a, d_b), "gate_a"/"up_a": (n_a, h_a),
+    "gate_b"/"up_b": (n_b, h_b), "count": ()}`` float32."""
     z = functools.partial(jnp.zeros, dtype=jnp.float32)
-    return {"cross": z((*pair_shape, d_a, d_b)), "self_a": z((n_a, d_a, d_a)), "self_b": z((n_b, d_b, d_b)),
-            "count": z(())}
+    return {"cross": z((*pair_shape, d_a, d_b)), "gate_a": z((n_a, h_a)), "up_a": z((n_a, h_a)),
+            "gate_b": z((n_b, h_b)), "up_b": z((n_b, h_b)), "count": z(())}
 
 
-def _stack(acts: dict, layers: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
-    """``(n_layers, N, d)`` float32 MLP inputs of the collected layers, masked tokens zeroed."""
-    out = jnp.stack([acts[l]["x"].reshape(-1, acts[l]["x"].shape[-1]) for l in layers]).astype(jnp.float32)
+def _stack(acts: dict, layers: tuple[int, ...], name: str, mask: jax.Array | None) -> jax.Array:
+    """``(n_layers, N, width)`` float32 ``acts[l][name]`` of the collected layers, masked tokens zeroed."""
+    out = jnp.stack([acts[l][name].reshape(-1, acts[l][name].shape[-1]) for l in layers]).astype(jnp.float32)
     if mask is not None:
         out = out * mask.reshape(1, -1, 1).astype(jnp.float32)
     return out
@@ -152,21 +150,21 @@ def accumulate_step(
     hi = jax.lax.Precision.HIGHEST
     _, acts_a = model_lib.forward(params_a, cfg_a, tokens, collect=layers_a, return_logits=False, collect_inputs=True)
     _, acts_b = model_lib.forward(params_b, cfg_b, tokens, collect=layers_b, return_logits=False, collect_inputs=True)
-    xa = _stack(acts_a, layers_a, mask)  # (n_a, N, d_a)
-    xb = _stack(acts_b, layers_b, mask)  # (n_b, N, d_b)
+    xa = _stack(acts_a, layers_a, "x", mask)  # (n_a, N, d_a)
+    xb = _stack(acts_b, layers_b, "x", mask)  # (n_b, N, d_b)
     if outer:
         cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)
     else:
         ia = jnp.asarray([p[0] for p in pair_index], dtype=jnp.int32)
         ib = jnp.asarray([p[1] for p in pair_index], dtype=jnp.int32)
         cross = jnp.einsum("pnd,pne->pde", xa[ia], xb[ib], precision=hi)
+    new = {"cross": state["cross"] + cross}
+    for name in ("gate", "up"):
+        new[name + "_a"] = state[name + "_a"] + jnp.sum(jnp.square(_stack(acts_a, layers_a, name, mask)), axis=1)
+        new[name + "_b"] = state[name + "_b"] + jnp.sum(jnp.square(_stack(acts_b, layers_b, name, mask)), axis=1)
     count = tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32))
-    return {
-        "cross": state["cross"] + cross,
-        "self_a": state["self_a"] + jnp.einsum("ind,ine->ide", xa, xa, precision=hi),
-        "self_b": state["self_b"] + jnp.einsum("ind,ine->ide", xb, xb, precision=hi),
-        "count": state["count"] + count,
-    }
+    new["count"] = state["count"] + count
+    return new
 
 
 def sq_distances(cross: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
@@ -307,7 +305,7 @@ def accumulate(
             raise JaxindError(f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "
                               "none: use the generalized test (jaxind.generalized) for this pair")
     pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
-    state = init_state(cfg_a.d_model, cfg_b.d_model, len(layers_a), len(layers_b), pair_shape)
+    state = init_state(cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape)
     n_batches = 0
     for tokens, mask in _progress(_batches(batches), desc="MATCH pass"):
         state = accumulate_step(state, params_a, params_b, tokens, mask, cfg_a=cfg_a, cfg_b=cfg_b,
@@ -316,7 +314,9 @@ def accumulate(
     if n_batches == 0:
         raise JaxindError("MATCH got no token batches")
     weights = lambda params, layers: tuple({k: params["layers"][l][k] for k in ("gate", "up")} for l in layers)
-    return PassStats(cross=np.asarray(state["cross"]), self_a=np.asarray(state["self_a"]), self_b=np.asarray(state["self_b"]),
+    return PassStats(cross=np.asarray(state["cross"]),
+                     sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
+                     sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
                      count=float(state["count"]), weights_a=weights(params_a, layers_a), weights_b=weights(params_b, layers_b),
                      pair_index=tuple(pair_index))
 

@@ -197,9 +197,9 @@ def forward(
     Args:
       collect: layer indices whose MLP gate/up outputs to return.
       return_logits: skip the LM head when False (activation-only passes).
-      collect_inputs: return each collected layer's normed MLP input ``{"x": (B, T, d)}``
-        instead of its gate/up outputs (``gate = x @ W_gate``: Gram statistics of the
-        outputs follow from those of ``x``, which is ``d``-wide instead of ``h``-wide).
+      collect_inputs: also return each collected layer's normed MLP input as ``"x"``
+        ``(B, T, d)`` (``gate = x @ W_gate``: cross-Gram statistics of the outputs follow from
+        those of ``x``, which is ``d``-wide instead of ``h``-wide).
 
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
@@ -216,10 +216,9 @@ def forward(
     for index, layer in enumerate(params["layers"][: last + 1]):
         x, gate, up, mlp_in = block(layer, cfg, x, cos, sin)
         if index in wanted:
+            acts[index] = {"up": up} if gate is None else {"gate": gate, "up": up}
             if collect_inputs:
-                acts[index] = {"x": mlp_in}
-            else:
-                acts[index] = {"up": up} if gate is None else {"gate": gate, "up": up}
+                acts[index]["x"] = mlp_in
     return (unembed(params, cfg, x) if return_logits else None), acts
 
 
