@@ -37,14 +37,13 @@ def group_of(path: str) -> str:
     return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
 
 
-def plan(reader: Reader, source: str) -> dict[str, list[tuple[str, Rule, str]]]:
+def plan(reader: Reader, source: str, expected: dict[str, tuple[int, ...]]) -> dict[str, list[tuple[str, Rule, str]]]:
     """Maps every checkpoint tensor to ``(name, rule, path)`` by group, before any data is read.
 
     Raises:
       CheckpointError: unknown tensors, tensors the config does not have, or missing ones.
     """
     cfg = reader.config
-    expected = model.param_shapes_flat(cfg)
     groups: dict[str, list[tuple[str, Rule, str]]] = {}
     found = set()
     for name in reader.names():
@@ -79,7 +78,7 @@ def iter_groups(reader: Reader, dtype: Any = np.float32, source: str = "checkpoi
     """Yields ``(group, {leaf_name: array})`` in order: embed, layers.0 .. layers.L-1, the rest."""
     cfg = reader.config
     expected = model.param_shapes_flat(cfg)
-    groups = plan(reader, source)
+    groups = plan(reader, source, expected)
     for group, entries in tqdm(groups.items(), desc=f"converting {source}", unit="group", disable=not progress, leave=False):
         out = {}
         for name, rule, path in entries:

@@ -42,6 +42,9 @@ class HFDirReader:
         self.table = mappings.HF_TABLES[self.config.family]
         self.ignored = mappings.HF_IGNORED
         self.files, self.kind = self._weight_files()
+        # tensor name -> the file holding it (read from the headers only)
+        self._where = {name: file for file in self.files
+                       for name in (_safetensors_names(file) if self.kind == "safetensors" else _torch_bin(file))}
 
     def _weight_files(self) -> tuple[list[str], str]:
         for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
@@ -65,22 +68,12 @@ class HFDirReader:
             return files, "bin"
         raise CheckpointError(f"no weights in {self.path}: expected *.safetensors or pytorch_model*.bin next to config.json")
 
-    @property
-    def nbytes(self) -> int:
-        return sum(os.path.getsize(f) for f in self.files)
-
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint (headers only; no tensor data is read)."""
-        if not hasattr(self, "_where"):
-            self._where = {}
-            for file in self.files:
-                for name in (_safetensors_names(file) if self.kind == "safetensors" else _torch_bin(file)):
-                    self._where[name] = file
         return list(self._where)
 
     def load(self, name: str) -> np.ndarray:
         """One tensor as float32 numpy."""
-        self.names()
         file = self._where[name]
         if self.kind == "safetensors":
             return _safetensors_load(file, name)
@@ -158,6 +151,7 @@ class GGUFFileReader:
             )
         family, self.table = mappings.GGUF_TABLES[arch]
         self.ignored = mappings.GGUF_IGNORED
+        self._tensors = {t.name: t for t in self.reader.tensors}
         self.config = self._config(arch, family)
         self.hf_config = None
 
@@ -199,18 +193,14 @@ class GGUFFileReader:
         except TypeError:
             raise CheckpointError(f"GGUF file {self.path} lacks required {arch}.* metadata (block_count, embedding_length, ...)") from None
 
-    @property
-    def nbytes(self) -> int:
-        return os.path.getsize(self.path)
-
     def names(self) -> list[str]:
-        return [t.name for t in self.reader.tensors]
+        return list(self._tensors)
 
     def load(self, name: str) -> np.ndarray:
         """One tensor, dequantised to float32 in blocks of rows (bounded temporaries)."""
         from gguf import quants
 
-        tensor = next(t for t in self.reader.tensors if t.name == name)
+        tensor = self._tensors[name]
         data = tensor.data
         try:
             if data.ndim < 2:

@@ -11,7 +11,6 @@ import os
 import re
 from typing import Any
 
-import numpy as np
 
 import jaxind
 from jaxind import assets

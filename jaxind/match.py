@@ -64,7 +64,7 @@ class PassStats:
       pair_index: for explicit pairs, ``(ia, ib)`` positions of each pair in the collected layers.
     """
 
-    cross: np.ndarray
+    cross: jax.Array
     sq_a: dict[str, np.ndarray]
     sq_b: dict[str, np.ndarray]
     count: float
@@ -82,7 +82,7 @@ class PassStats:
         else:
             ia, ib = self.pair_index[pair]
             cross = self.cross[pair]
-        c = _project(self.weights_a[ia][proj], self.weights_b[ib][proj], jnp.asarray(cross))
+        c = _project(self.weights_a[ia][proj], self.weights_b[ib][proj], cross)
         return (np.asarray(c, np.float64), self.sq_a[proj][ia].astype(np.float64),
                 self.sq_b[proj][ib].astype(np.float64))
 
@@ -314,7 +314,7 @@ def accumulate(
     if n_batches == 0:
         raise JaxindError("MATCH got no token batches")
     weights = lambda params, layers: tuple({k: params["layers"][l][k] for k in ("gate", "up")} for l in layers)
-    return PassStats(cross=np.asarray(state["cross"]),
+    return PassStats(cross=state["cross"],  # stays on the device: the h x h Grams are derived there
                      sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
                      sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
                      count=float(state["count"]), weights_a=weights(params_a, layers_a), weights_b=weights(params_b, layers_b),

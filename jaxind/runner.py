@@ -9,7 +9,6 @@ is recorded with its error and the others still run.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from typing import Any, Callable
 
