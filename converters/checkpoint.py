@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxind.config import ModelConfig
-from jaxind.errors import CheckpointError
+from jaxind.errors import CheckpointError, JaxindError
 
 CONFIG_FILE = "jaxind_config.json"
 META_FILE = "jaxind_meta.json"
@@ -96,23 +96,33 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
     """Reads a checkpoint written by :func:`save_checkpoint`: ``(config, params, meta)``,
     params as float32 numpy leaves.
 
-    Raises:
-      CheckpointError: unreadable config, or missing/corrupt param groups.
-    """
-    from converters.build import assemble, group_of
-    from jaxind import model
+    Before any array is read, the config is checked against what is stored (:func:`check_stored`): the param
+    groups on disk, the groups ``jaxind_meta.json`` lists, and every stored array's shape.
 
+    Raises:
+      CheckpointError: unreadable config, missing/corrupt param groups, or a config that disagrees with the
+        stored weights (naming the array and both shapes).
+    """
+    from converters.build import assemble
+
+    config_path = os.path.join(path, CONFIG_FILE)
     try:
-        with open(os.path.join(path, CONFIG_FILE)) as f:
+        with open(config_path) as f:
             cfg = ModelConfig.from_json(f.read())
         meta_path = os.path.join(path, META_FILE)
-        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
-    except (OSError, json.JSONDecodeError) as e:
+        meta = {}
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read jaxind checkpoint {path}: {e}") from None
-    shapes = model.param_shapes_flat(cfg)
-    targets: dict[str, dict[str, Any]] = {}
-    for leaf_path, shape in shapes.items():
-        targets.setdefault(group_of(leaf_path), {})[leaf_path.split(".")[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
+    except JaxindError as e:  # a malformed ModelConfig (unknown/missing fields, bad values)
+        raise CheckpointError(f"{config_path}: {e}; restore the file or convert the model again") from None
+    except TypeError as e:
+        raise CheckpointError(f"{config_path} is malformed ({e}); restore the file or convert the model again") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is not a JSON object; restore the file or convert the model again")
+    targets = check_stored(path, cfg, meta)
     checkpointer = _checkpointer()
 
     def restore(group: str, target: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -124,6 +134,79 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
                 item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
         except Exception as e:
             raise CheckpointError(f"cannot restore {location}: {type(e).__name__}: {str(e)[:200]} (incomplete or corrupt checkpoint? convert again)") from None
+        for name, value in restored.items():  # the restore must give what was checked; never a silent reshape
+            if tuple(np.shape(value)) != tuple(target[name].shape):
+                raise CheckpointError(f"{location}: restored {name} has shape {tuple(np.shape(value))}, expected "
+                                      f"{tuple(target[name].shape)} (corrupt checkpoint? convert again)")
         return group, restored
 
     return cfg, assemble((restore(g, t) for g, t in targets.items()), cfg), meta
+
+
+def _stored_shapes(checkpointer: Any, location: str) -> dict[str, tuple[int, ...]]:
+    """``{leaf: shape}`` of one orbax param group, from its metadata (no array data is read)."""
+    try:
+        metadata = checkpointer.metadata(location)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {location}: {type(e).__name__}: {str(e)[:200]} "
+                              "(incomplete or corrupt checkpoint? convert again)") from None
+    tree = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11.x wraps the tree in StepMetadata
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{location} is not a jaxind param group (unexpected orbax metadata); convert again")
+    return {str(name): tuple(getattr(leaf, "shape", ()) or ()) for name, leaf in tree.items()}
+
+
+def check_stored(path: str, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Checks the config against the stored weights; returns the restore targets ``{group: {leaf: struct}}``.
+
+    Raises:
+      CheckpointError: a group the config needs is missing, a stored group the config does not have (e.g.
+        ``n_layers`` lowered: a layer would be dropped silently), groups that disagree with ``jaxind_meta.json``,
+        or an array whose stored shape differs from the config's (named, with both shapes).
+    """
+    from converters.build import group_of
+    from jaxind import model
+
+    fix = f"the config ({CONFIG_FILE}) and the stored weights disagree: restore the original config or convert again"
+    try:
+        expected = model.param_shapes_flat(cfg)
+    except Exception as e:  # a config whose shapes cannot even be formed
+        raise CheckpointError(f"{path}: invalid config ({type(e).__name__}: {e}); {fix}") from None
+    targets: dict[str, dict[str, Any]] = {}
+    for leaf_path, shape in expected.items():
+        targets.setdefault(group_of(leaf_path), {})[leaf_path.split(".")[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
+    params_dir = os.path.join(path, "params")
+    stored = sorted(os.listdir(params_dir)) if os.path.isdir(params_dir) else []
+    stored = [g for g in stored if not g.startswith(".") and os.path.isdir(os.path.join(params_dir, g))]
+    listed = meta.get("groups")
+    if listed is not None and sorted(listed) != stored:
+        problems = []
+        if set(listed) - set(stored):
+            problems.append(f"listed in {META_FILE} but missing from params/: {', '.join(sorted(set(listed) - set(stored)))}")
+        if set(stored) - set(listed):
+            problems.append(f"in params/ but not listed in {META_FILE}: {', '.join(sorted(set(stored) - set(listed)))}")
+        raise CheckpointError(f"{path} is incomplete or mixed (param groups {'; '.join(problems)}); convert again")
+    missing = [g for g in targets if g not in stored]
+    if missing:
+        raise CheckpointError(f"{path}: the config needs param groups {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''} that are not stored (n_layers={cfg.n_layers} "
+                              f"in {CONFIG_FILE}, or an incomplete checkpoint); {fix}")
+    unused = [g for g in stored if g not in targets]
+    if unused:
+        raise CheckpointError(f"{path} stores param groups {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} "
+                              f"that the config (n_layers={cfg.n_layers}) does not have; they would be dropped "
+                              f"silently; {fix}")
+    checkpointer = _checkpointer()
+    for group, target in targets.items():
+        shapes = _stored_shapes(checkpointer, os.path.abspath(os.path.join(params_dir, group)))
+        prefix = f"{group}." if group.startswith("layers.") else ""
+        if set(shapes) != set(target):
+            gone, extra = sorted(set(target) - set(shapes)), sorted(set(shapes) - set(target))
+            raise CheckpointError(f"{path}: param group {group} stores arrays {sorted(shapes)}; the config needs "
+                                  f"{sorted(target)} (missing: {gone or 'none'}, unexpected: {extra or 'none'}); {fix}")
+        for name, struct in target.items():
+            if shapes[name] != tuple(struct.shape):
+                raise CheckpointError(f"{path}: array {prefix}{name} is stored with shape {shapes[name]} but the "
+                                      f"config implies {tuple(struct.shape)}; {fix}")
+    return targets

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 from absl import app, flags, logging
 
@@ -19,13 +20,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "Checkpoint to convert: HF model dir, .gguf file, or 'smollm2'.")
 flags.DEFINE_string("out", None, "Output directory for the jaxind (orbax) checkpoint.")
 flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-flags.DEFINE_bool("tokenizer", True, "Also save the source's tokenizer (needs transformers; GGUF tokenizers are rebuilt).")
+flags.DEFINE_bool("tokenizer", True, "Also save the source's tokenizer (GGUF tokenizers are rebuilt from the file's "
+                  "metadata); a tokenizer the source has but that cannot be read is an error.")
 
 
 def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = True, progress: bool = True) -> dict:
     """Converts ``src`` and writes ``out``; returns the checkpoint's meta dict."""
     from converters import build, checkpoint, sources
-    from jaxind import tokenizer as tok
     from jaxind.errors import CheckpointError
 
     start = time.perf_counter()
@@ -37,17 +38,43 @@ def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = 
     if os.path.exists(out) and not overwrite:  # fail before the slow part
         raise CheckpointError(f"{os.path.abspath(out)} already exists: choose another --out or pass --overwrite")
 
+    tokenizer = source_tokenizer(src, meta) if with_tokenizer else None  # before the slow part: fail early
+    if not with_tokenizer:
+        meta.update(tokenizer=None, tokenizer_missing="converted with --notokenizer")
+
     def write_tokenizer(directory: str) -> None:
-        try:
-            tok.load_tokenizer(meta["tokenizer"]).save_pretrained(directory)
-        except Exception as e:  # a missing tokenizer must not block weight conversion
-            logging.warning("tokenizer not saved (%s); text data will need --data=random", e)
+        tokenizer.save_pretrained(directory)
 
     groups = build.iter_groups(reader, source=path, progress=progress)
     checkpoint.save_checkpoint(out, reader.config, groups, meta, overwrite=overwrite,
-                               write_tokenizer=write_tokenizer if with_tokenizer else None)
+                               write_tokenizer=write_tokenizer if tokenizer is not None else None)
     logging.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - start)
     return meta
+
+
+def source_tokenizer(src: str, meta: dict) -> Any:
+    """The source's tokenizer, to be saved with the checkpoint; never dropped silently.
+
+    A source without any tokenizer (an HF directory without tokenizer files, a GGUF file without
+    ``tokenizer.ggml.*`` metadata) gets ``tokenizer: null`` and ``tokenizer_missing`` (the reason) in its meta and
+    a warning. A source that has one that cannot be read is an error: the user asked for it (``--tokenizer``).
+
+    Raises:
+      CheckpointError: the source's tokenizer exists but cannot be read.
+    """
+    from jaxind import tokenizer as tok
+    from jaxind.errors import CheckpointError, JaxindError
+
+    if not tok.has_tokenizer(meta["tokenizer"]):
+        reason = f"the source {src} has no tokenizer"
+        logging.warning("tokenizer not saved: %s (text data will need --data=random)", reason)
+        meta.update(tokenizer=None, tokenizer_missing=reason)
+        return None
+    try:
+        return tok.load_tokenizer(meta["tokenizer"])
+    except JaxindError as e:
+        raise CheckpointError(f"cannot save the tokenizer of {src}: {e}; pass --notokenizer to convert the weights "
+                              "without it") from None
 
 
 def main(argv):

@@ -19,9 +19,24 @@ from typing import Any
 
 import numpy as np
 
-from jaxind.config import ModelConfig, from_hf_config
+from absl import logging
+
+from jaxind.config import ModelConfig, parse_hf_config
 from jaxind.errors import CheckpointError, UnsupportedModelError
 from converters import mappings
+
+
+def _log_ignored(where: str, ignored: dict[str, str]) -> None:
+    """One log line about the config keys that were ignored: a warning naming those transformers' config class
+    does not define (custom bookkeeping, keys of other versions), else an info line."""
+    unknown = [k for k, why in ignored.items() if why.startswith("not a")]
+    if unknown:
+        logging.warning("%s: ignoring config keys that transformers' config class does not define (so they cannot "
+                        "change the model): %s; %d other ignored keys are listed in ignored_config_keys",
+                        where, ", ".join(unknown), len(ignored) - len(unknown))
+    elif ignored:
+        logging.info("%s: ignoring config keys that do not change the model: %s", where, ", ".join(ignored))
+
 
 class HFDirReader:
     """A local Hugging Face model directory."""
@@ -36,9 +51,14 @@ class HFDirReader:
         try:
             with open(config_path) as f:
                 self.hf_config: dict[str, Any] = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot parse {config_path}: {e}") from None
-        self.config: ModelConfig = from_hf_config(self.hf_config)
+        if not isinstance(self.hf_config, dict):
+            raise CheckpointError(f"{config_path} holds a JSON {type(self.hf_config).__name__}, not an object of "
+                                  "model settings: restore the checkpoint's original config.json")
+        self.config: ModelConfig
+        self.config, self.ignored_config_keys = parse_hf_config(self.hf_config)
+        _log_ignored(config_path, self.ignored_config_keys)
         self.table = mappings.HF_TABLES[self.config.family]
         self.ignored = mappings.HF_IGNORED
         self.files, self.kind = self._weight_files()
@@ -131,6 +151,14 @@ def _field(reader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+# The `{arch}.*` GGUF metadata keys GGUFFileReader reads or checks.
+_GGUF_READ = (
+    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
+    "attention.layer_norm_rms_epsilon", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
+    "rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor", "expert_count",
+)
+
+
 class GGUFFileReader:
     """A ``.gguf`` file (llama.cpp), dequantised to float32 tensor by tensor."""
 
@@ -152,8 +180,13 @@ class GGUFFileReader:
         family, self.table = mappings.GGUF_TABLES[arch]
         self.ignored = mappings.GGUF_IGNORED
         self._tensors = {t.name: t for t in self.reader.tensors}
-        self.config = self._config(arch, family)
+        try:
+            self.config = self._config(arch, family)
+        except (TypeError, ValueError, ZeroDivisionError, StopIteration):  # a missing (None) or malformed value
+            raise CheckpointError(f"GGUF file {path} lacks required {arch}.* metadata (block_count, embedding_length, "
+                                  "head_count, feed_forward_length) or has malformed values: re-download it") from None
         self.hf_config = None
+        _log_ignored(path, self.ignored_config_keys)
 
     def _config(self, arch: str, family: str) -> ModelConfig:
         r = self.reader
@@ -164,6 +197,8 @@ class GGUFFileReader:
         vocab = _field(r, f"{arch}.vocab_size") or (len(tokens) if tokens is not None else None)
         if vocab is None:
             vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
+        head_dim = int(_field(r, f"{arch}.attention.key_length", d // n_heads))
+        self._refuse_unsupported_metadata(arch, head_dim)
         scaling = None
         if "rope_freqs.weight" in names:  # Llama 3.1-style scaling stored as per-frequency divisors
             tensor = next(t for t in r.tensors if t.name == "rope_freqs.weight")
@@ -173,25 +208,41 @@ class GGUFFileReader:
             if kind != "linear":
                 raise UnsupportedModelError(f"GGUF RoPE scaling {kind!r} is not supported")
             scaling = (("factor", float(_field(r, f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
-        try:
-            return ModelConfig(
-                family=family,
-                vocab_size=int(vocab),
-                d_model=d,
-                n_layers=int(_field(r, f"{arch}.block_count")),
-                n_heads=n_heads,
-                n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", n_heads)),
-                head_dim=int(_field(r, f"{arch}.attention.key_length", d // n_heads)),
-                d_ff=int(_field(r, f"{arch}.feed_forward_length")),
-                norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-                rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
-                rope_scaling=scaling,
-                tie_embeddings="output.weight" not in names,
-                qkv_bias="blk.0.attn_q.bias" in names,
-                o_bias="blk.0.attn_output.bias" in names,
-            )
-        except TypeError:
-            raise CheckpointError(f"GGUF file {self.path} lacks required {arch}.* metadata (block_count, embedding_length, ...)") from None
+        return ModelConfig(
+            family=family,
+            vocab_size=int(vocab),
+            d_model=d,
+            n_layers=int(_field(r, f"{arch}.block_count")),
+            n_heads=n_heads,
+            n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            d_ff=int(_field(r, f"{arch}.feed_forward_length")),
+            norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_embeddings="output.weight" not in names,
+            qkv_bias="blk.0.attn_q.bias" in names,
+            o_bias="blk.0.attn_output.bias" in names,
+        )
+
+    def _refuse_unsupported_metadata(self, arch: str, head_dim: int) -> None:
+        """Refuses the metadata that changes the function and that jaxind does not implement; records the
+        other ``{arch}.*`` keys it does not read in ``ignored_config_keys`` (they never block)."""
+        r = self.reader
+        experts = _field(r, f"{arch}.expert_count")
+        if experts:
+            raise UnsupportedModelError(f"GGUF {arch}.expert_count={experts}: mixture-of-experts models are not supported")
+        rope_dims = _field(r, f"{arch}.rope.dimension_count")
+        if rope_dims not in (None, head_dim):
+            raise UnsupportedModelError(f"GGUF {arch}.rope.dimension_count={rope_dims} with head size {head_dim}: "
+                                        "RoPE on part of each head is not supported")
+        value_dim = _field(r, f"{arch}.attention.value_length")
+        if value_dim not in (None, head_dim):
+            raise UnsupportedModelError(f"GGUF {arch}.attention.value_length={value_dim} differs from key_length={head_dim}: "
+                                        "not supported")
+        read = {f"{arch}.{k}" for k in _GGUF_READ}
+        self.ignored_config_keys = {k: "GGUF metadata jaxind does not use" for k in r.fields
+                                    if k.startswith(f"{arch}.") and k not in read}
 
     def names(self) -> list[str]:
         return list(self._tensors)

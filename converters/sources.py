@@ -76,6 +76,8 @@ def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, d
         meta.pop("tokenizer", None)
         if os.path.isdir(tokenizer_dir):
             meta["tokenizer"] = {"kind": "dir", "path": os.path.abspath(tokenizer_dir)}
+        else:
+            meta.setdefault("tokenizer_missing", f"the checkpoint {path} has no tokenizer/ directory")
         return cfg, params, meta
     reader = open_reader(path)
     params = build_params(reader, source=path, progress=progress)
@@ -90,6 +92,7 @@ def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) ->
         "path": os.path.abspath(path),
         "format": reader.format,
         "tokenizer": reader.tokenizer_source(),
+        "ignored_config_keys": reader.ignored_config_keys,
         "jaxind_version": jaxind.__version__,
     }
 

@@ -1,51 +1,70 @@
 """Model configuration: one frozen, hashable dataclass for every supported decoder family.
 
 `ModelConfig` is what the forward pass needs and nothing more; it is a static argument of the
-jitted functions. `from_hf_config` reads a Hugging Face ``config.json`` dict *strictly*: an
-attribute that would change the model's function and that jaxind does not implement raises
-:class:`UnsupportedModelError` rather than producing a silently different model.
+jitted functions. `parse_hf_config` reads a Hugging Face ``config.json`` dict precisely: a key is
+refused (:class:`UnsupportedModelError`) only when it can change the model's function and jaxind
+does not implement its value; keys that cannot (bookkeeping, token ids, dropout, keys transformers'
+own config class does not define) are returned as ``ignored`` and never stop a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Mapping
 
-from jaxind.errors import UnsupportedModelError
+from jaxind.errors import CheckpointError, UnsupportedModelError
 
 # Families and the HF `model_type` values they cover.
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 
-# Config keys that never change the forward function (training, generation, bookkeeping).
-_INERT_KEYS = frozenset(
+# Keys of every config.json that only say where the file came from; neither used nor recorded.
+_PROVENANCE_KEYS = frozenset({"model_type", "architectures", "transformers_version", "_name_or_path"})
+
+# Keys jaxind reads or checks (see `_decoder_config` / `_gpt2_config`), per family. This includes every key that
+# transformers' modeling and RoPE code read through `getattr` even where the config class does not declare it
+# (`head_dim`, `partial_rotary_factor`, `original_max_position_embeddings`, ...).
+_DECODER_KEYS = frozenset(
     {
-        "_name_or_path", "architectures", "attention_dropout", "bos_token_id", "eos_token_id",
-        "pad_token_id", "chunk_size_feed_forward", "dtype", "torch_dtype", "id2label",
-        "label2id", "initializer_range", "is_encoder_decoder", "output_attentions",
-        "output_hidden_states", "pretraining_tp", "problem_type", "return_dict",
-        "transformers_version", "use_cache", "model_type", "max_position_embeddings",
-        "tie_word_embeddings", "tokenizer_class", "_attn_implementation_autoset",
-        "quantization_config", "task_specific_params", "prefix", "finetuning_task",
-        "tf_legacy_loss", "use_bfloat16", "pruned_heads", "torchscript", "tokenizer_class",
-        "add_cross_attention", "cross_attention_hidden_size", "is_decoder", "num_labels",
-        "bad_words_ids", "begin_suppress_tokens", "decoder_start_token_id", "diversity_penalty",
-        "do_sample", "early_stopping", "encoder_no_repeat_ngram_size", "exponential_decay_length_penalty",
-        "forced_bos_token_id", "forced_eos_token_id", "length_penalty", "max_length", "min_length",
-        "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
-        "output_scores", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate",
-        "sep_token_id", "suppress_tokens", "temperature", "top_k", "top_p", "typical_p",
-        "tie_encoder_decoder", "transformers.js_config", "max_window_layers",
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+        "rope_parameters", "partial_rotary_factor", "original_max_position_embeddings", "attention_bias",
+        "mlp_bias", "tie_word_embeddings", "quantization_config", "pruned_heads",
     }
 )
-# Keys read by `from_hf_config` (per family extras below).
-_CORE_KEYS = frozenset(
+_READ_KEYS = {
+    "llama": _DECODER_KEYS,
+    "mistral": _DECODER_KEYS | {"sliding_window"},
+    "qwen2": _DECODER_KEYS | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "gemma": _DECODER_KEYS | {"hidden_activation", "use_bidirectional_attention"},
+    "gpt2": frozenset(
+        {
+            "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function",
+            "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention",
+            "tie_word_embeddings", "quantization_config", "pruned_heads",
+        }
+    ),
+}
+# Keys that never change the forward function of these causal LMs: training (dropout, init), caching, token ids,
+# dtype of the stored weights, the heads of other tasks, generation defaults, output flags. Checked first, so
+# that the usual config.json needs no look-up in transformers (whose import also loads PyTorch where installed).
+_INERT_KEYS = frozenset(
     {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
-        "hidden_activation", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-        "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "layer_types",
-        "use_bidirectional_attention",
+        "attention_dropout", "initializer_range", "use_cache", "pretraining_tp", "max_position_embeddings",
+        "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id",
+        "torch_dtype", "dtype", "use_bfloat16", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_activation",
+        "summary_first_dropout", "summary_last_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
+        "hidden_dropout", "classifier_dropout", "reorder_and_upcast_attn", "n_ctx", "chunk_size_feed_forward",
+        "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params", "prefix",
+        "is_encoder_decoder", "is_decoder", "tie_encoder_decoder", "cross_attention_hidden_size", "output_attentions",
+        "output_hidden_states", "return_dict", "torchscript", "tf_legacy_loss", "tokenizer_class",
+        "_attn_implementation_autoset", "transformers.js_config", "bad_words_ids", "begin_suppress_tokens",
+        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
+        "exponential_decay_length_penalty", "forced_bos_token_id", "forced_eos_token_id", "length_penalty",
+        "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
+        "output_scores", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "suppress_tokens",
+        "temperature", "top_k", "top_p", "typical_p",
     }
 )
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -151,12 +170,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """The inverse of :meth:`to_json`'s dict.
+
+        Raises:
+          CheckpointError: not a JSON object, unknown or missing fields.
+        """
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"a jaxind config must be a JSON object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
-            raise UnsupportedModelError(f"unknown jaxind config fields: {sorted(unknown)}")
+            raise CheckpointError(f"unknown jaxind config fields: {sorted(unknown)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if required - set(data):
+            raise CheckpointError(f"jaxind config lacks fields {sorted(required - set(data))}")
         data = dict(data)
         if data.get("rope_scaling") is not None:
+            if not isinstance(data["rope_scaling"], Mapping):
+                raise CheckpointError(f"jaxind config field rope_scaling must be an object or null, got {data['rope_scaling']!r}")
             data["rope_scaling"] = _freeze(data["rope_scaling"])
         return cls(**data)
 
@@ -170,83 +201,92 @@ def _freeze(mapping: Mapping[str, Any] | None) -> tuple | None:
     return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in mapping.items()))
 
 
+@functools.lru_cache(maxsize=None)
+def _base_keys() -> frozenset[str]:
+    """Attributes every transformers config has (output flags, label maps, generation defaults in 4.x)."""
+    from transformers import PretrainedConfig
+
+    return frozenset(PretrainedConfig().to_dict())
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(model_type: str) -> tuple[str, dict[str, Any]]:
+    """``(class name, default attributes)`` of transformers' config class for ``model_type``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    return cls.__name__, cls().to_dict()
+
+
+def _int(hf: Mapping[str, Any], key: str, default: Any = None) -> int:
+    value = hf.get(key, default)
+    if value is None:
+        raise CheckpointError(f"config.json lacks {key!r}, which a {hf.get('model_type')} model needs")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise CheckpointError(f"config.json has {key}={value!r}; it must be an integer")
+    return int(value)
+
+
+def _float(hf: Mapping[str, Any], key: str, default: float) -> float:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"config.json has {key}={value!r}; it must be a number")
+    return float(value)
+
+
 def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
-    """Reads RoPE base and scaling from either the v4 (rope_theta/rope_scaling) or the
-    v5 (rope_parameters) layout of a HF config."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    """RoPE base and scaling from either the v4 (rope_theta/rope_scaling) or the v5 (rope_parameters) layout,
+    completed as transformers completes it (top-level ``partial_rotary_factor`` and
+    ``original_max_position_embeddings`` move into the RoPE parameters)."""
+    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if not isinstance(params, Mapping) or not isinstance(scaling, Mapping):
+        raise CheckpointError("config.json: rope_parameters / rope_scaling must be objects or null")
+    if any(isinstance(v, Mapping) for v in params.values()):
+        raise UnsupportedModelError(f"per-layer-type RoPE parameters ({sorted(params)}) are not supported")
     merged = {**scaling, **params}
-    rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+    theta = float(merged.pop("rope_theta", hf.get("rope_theta") or 10000.0))
+    rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    merged.pop("type", None)
+    partial = merged.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise UnsupportedModelError(f"partial_rotary_factor={partial} (RoPE on part of each head) is not supported")
     if rope_type not in _SUPPORTED_ROPE:
         raise UnsupportedModelError(
             f"RoPE scaling type {rope_type!r} is not supported (supported: {', '.join(_SUPPORTED_ROPE)})"
         )
     if rope_type == "default":
-        if merged.get("partial_rotary_factor", 1.0) == 1.0:
-            merged.pop("partial_rotary_factor", None)
+        merged.pop("original_max_position_embeddings", None)  # transformers ignores it without scaling
         if merged:
-            raise UnsupportedModelError(f"unhandled RoPE parameters {sorted(merged)}")
+            raise UnsupportedModelError(f"unhandled parameters {sorted(merged)} for the default RoPE")
         return theta, None
+    if rope_type == "llama3":
+        merged.setdefault("original_max_position_embeddings",
+                          hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+        needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    else:
+        needed = {"factor"}
+    missing = sorted(k for k in needed if merged.get(k) is None)
+    if missing:
+        raise CheckpointError(f"config.json: {rope_type} RoPE scaling lacks {missing}")
+    merged = {k: v for k, v in merged.items() if k in needed}  # what the RoPE code reads; nothing else
     merged["rope_type"] = rope_type
     return theta, _freeze(merged)
 
 
-_GPT2_KEYS = frozenset(
-    {
-        "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "n_ctx", "activation_function",
-        "layer_norm_epsilon", "vocab_size", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-        "reorder_and_upcast_attn", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_activation",
-        "summary_first_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
-    }
-)
-
-
-def _from_gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
-    unknown = set(hf) - _INERT_KEYS - _GPT2_KEYS
-    if unknown:
-        raise UnsupportedModelError(f"gpt2 config has attributes jaxind does not handle: {sorted(unknown)}")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UnsupportedModelError(f"gpt2 with activation_function={hf.get('activation_function')!r} is not supported (gelu_new only)")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention") or hf.get("scale_attn_weights", True) is False:
-        raise UnsupportedModelError("gpt2 attention variants (scale_attn_by_inverse_layer_idx, cross attention, unscaled) are not supported")
-    d, n_heads = int(hf["n_embd"]), int(hf["n_head"])
-    return ModelConfig(
-        family="gpt2", vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=int(hf["n_layer"]),
-        n_heads=n_heads, n_kv_heads=n_heads, head_dim=d // n_heads, d_ff=int(hf.get("n_inner") or 4 * d),
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), tie_embeddings=True, qkv_bias=True, o_bias=True,
-        mlp_act="gelu_tanh", glu=False, norm_kind="layer", max_positions=int(hf.get("n_positions", 1024)), mlp_bias=True,
-    )
-
-
-def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
-    """Builds a ModelConfig from a HF config dict, refusing anything not implemented.
-
-    Raises:
-      UnsupportedModelError: unknown `model_type`, an unhandled attribute, or an unsupported
-        value (activation, MLP bias, sliding-window layout, RoPE type).
-    """
-    model_type = hf.get("model_type")
-    if model_type == "gpt2":
-        return _from_gpt2_config(hf)
-    if model_type not in FAMILIES:
-        raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}: jaxind converts {', '.join(FAMILIES)} "
-            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2)"
-        )
-    unknown = set(hf) - _INERT_KEYS - _CORE_KEYS
-    if unknown:
-        raise UnsupportedModelError(
-            f"{model_type} config has attributes jaxind does not handle: {sorted(unknown)}; "
-            "refusing to build a model that could differ from the checkpoint"
-        )
-    d = int(hf["hidden_size"])
-    n_heads = int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or d // n_heads
-    act = hf.get("hidden_act") if model_type != "gemma" else (hf.get("hidden_activation") or hf.get("hidden_act"))
-    expected_act = {"gemma": ("gelu_pytorch_tanh", "gelu")}.get(model_type, ("silu",))
-    if act not in expected_act:
-        raise UnsupportedModelError(f"{model_type} with hidden_act={act!r} is not supported (expected {expected_act[0]})")
+def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
+    """Llama, Mistral, Qwen2 and Gemma: the keys of ``_READ_KEYS`` -> a ModelConfig, or a refusal."""
+    d = _int(hf, "hidden_size")
+    n_heads = _int(hf, "num_attention_heads")
+    if model_type == "gemma":
+        # transformers 4.x reads `hidden_activation` (None: the tanh GELU); 5.x maps the legacy "gelu" to tanh.
+        act = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
+        allowed = ("gelu_pytorch_tanh", "gelu") if not hf.get("hidden_activation") else ("gelu_pytorch_tanh",)
+    else:
+        act, allowed = hf.get("hidden_act", "silu"), ("silu",)
+    if act not in allowed:
+        raise UnsupportedModelError(f"{model_type} with hidden activation {act!r} is not supported (supported: {allowed[0]})")
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=True is not supported (GLU MLPs without biases only)")
     if hf.get("use_bidirectional_attention"):
@@ -254,24 +294,23 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     sliding = None
     if model_type == "mistral":
         sliding = hf.get("sliding_window")
-    elif model_type == "qwen2":
-        if hf.get("use_sliding_window"):
-            raise UnsupportedModelError("qwen2 with use_sliding_window=True is not supported")
+    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise UnsupportedModelError("qwen2 with use_sliding_window=True (sliding-window layers) is not supported")
     layer_types = hf.get("layer_types")
-    if layer_types and model_type != "mistral" and any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(f"{model_type} with per-layer attention types {set(layer_types)} is not supported")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise UnsupportedModelError(f"{model_type} with per-layer attention types {sorted(set(layer_types))} is not supported")
     theta, scaling = _rope(hf)
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         family=model_type,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=_int(hf, "vocab_size"),
         d_model=d,
-        n_layers=int(hf["num_hidden_layers"]),
+        n_layers=_int(hf, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(head_dim),
-        d_ff=int(hf["intermediate_size"]),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        n_kv_heads=_int(hf, "num_key_value_heads", n_heads),
+        head_dim=_int(hf, "head_dim") if hf.get("head_dim") else d // n_heads,
+        d_ff=_int(hf, "intermediate_size"),
+        norm_eps=_float(hf, "rms_norm_eps", 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
@@ -280,5 +319,88 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         mlp_act="gelu_tanh" if model_type == "gemma" else "silu",
         norm_offset=1.0 if model_type == "gemma" else 0.0,
         embed_scale=model_type == "gemma",
-        sliding_window=int(sliding) if sliding else None,
+        sliding_window=_int(hf, "sliding_window") if sliding else None,
     )
+
+
+def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UnsupportedModelError(
+            f"gpt2 with activation_function={hf.get('activation_function')!r} is not supported (gelu_new only)")
+    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention") or hf.get("scale_attn_weights", True) is False:
+        raise UnsupportedModelError("gpt2 attention variants (scale_attn_by_inverse_layer_idx, cross attention, "
+                                    "unscaled) are not supported")
+    d, n_heads = _int(hf, "n_embd"), _int(hf, "n_head")
+    return ModelConfig(
+        family="gpt2", vocab_size=_int(hf, "vocab_size"), d_model=d, n_layers=_int(hf, "n_layer"),
+        n_heads=n_heads, n_kv_heads=n_heads, head_dim=d // n_heads, d_ff=_int(hf, "n_inner", 4 * d),
+        norm_eps=_float(hf, "layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=True, o_bias=True, mlp_act="gelu_tanh", glu=False, norm_kind="layer",
+        max_positions=_int(hf, "n_positions", 1024), mlp_bias=True,
+    )
+
+
+def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
+    """A HF ``config.json`` dict -> ``(ModelConfig, ignored)``, refusing only what changes the function.
+
+    Every key is one of:
+      * read by jaxind (sizes, RoPE, biases, activation, sliding window...): an unsupported value is refused;
+      * provenance (``model_type``, ``architectures``, ``transformers_version``): skipped;
+      * known never to change the forward function (dropout, use_cache, token ids, dtype...): ignored;
+      * otherwise checked against transformers' own config class for the ``model_type`` (looked up only here):
+        not an attribute of that class (custom bookkeeping, keys of other transformers versions): transformers'
+        model never reads it -> ignored; a generic ``PretrainedConfig`` attribute -> ignored; any other
+        attribute -> ignored if its value is the class default (what jaxind implements), else refused.
+    ``ignored`` maps each ignored key to why.
+
+    Raises:
+      CheckpointError: not a JSON object, or a required key is missing or malformed.
+      UnsupportedModelError: an unknown ``model_type``, or a key whose value changes the function in a way
+        jaxind does not implement (the message names the key, its value and what is supported).
+    """
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(f"config.json must be a JSON object (a dict of settings), got a {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported model_type {model_type!r}: jaxind converts {', '.join(FAMILIES)} "
+            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2)"
+        )
+    if model_type == "gpt2":  # GPT2Config's attribute_map: the generic names of its n_* attributes
+        aliases = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+                   "num_hidden_layers": "n_layer"}
+        hf = {aliases.get(k, k): v for k, v in hf.items()}
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], Mapping) else None
+        raise UnsupportedModelError(f"quantised checkpoints (quantization_config: {method or '?'}) are not supported: "
+                                    "use the unquantised (float16/bfloat16/float32) checkpoint or its GGUF file")
+    if hf.get("pruned_heads"):
+        raise UnsupportedModelError(f"pruned_heads={hf['pruned_heads']} (heads removed per layer) is not supported")
+    cfg = _gpt2_config(hf) if model_type == "gpt2" else _decoder_config(hf, model_type)
+    ignored: dict[str, str] = {}
+    refused = []
+    for key in sorted(set(hf) - _READ_KEYS[model_type] - _PROVENANCE_KEYS):
+        if key in _INERT_KEYS:
+            ignored[key] = "does not change the function"
+            continue
+        class_name, defaults = _reference(model_type)  # only for keys jaxind does not know
+        if key not in defaults:
+            ignored[key] = f"not a {class_name} attribute"
+        elif key in _base_keys():
+            ignored[key] = "does not change the function"
+        elif hf[key] == defaults[key]:
+            ignored[key] = f"{class_name} default"
+        else:
+            refused.append(f"{key}={hf[key]!r} (jaxind implements only {key}={defaults[key]!r})")
+    if refused:
+        raise UnsupportedModelError(
+            f"{model_type} config.json sets {'; '.join(refused)}: transformers' {class_name} uses "
+            f"{'this' if len(refused) == 1 else 'these'} and jaxind does not; refusing to build a model that could "
+            "differ from the checkpoint"
+        )
+    return cfg, ignored
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """:func:`parse_hf_config` without the record of ignored keys."""
+    return parse_hf_config(hf)[0]

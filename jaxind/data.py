@@ -2,9 +2,10 @@
 
 ``--data=random`` draws uniform token ids from the vocabulary both models share (the prefix
 ``[0, min(V_A, V_B))``). ``--data=text:PATH`` and ``--data=jsonl:PATH`` (a ``text`` field per
-line) are tokenised with model A's tokenizer; model B must tokenise the same text to the same
-ids, else the run stops with an error saying so. Sequences are windows of ``seq_len`` tokens
-at seeded random offsets into the tokenised corpus.
+line) are tokenised with model A's tokenizer; model B's tokenizer must turn the whole data into
+the same ids (every token is compared), else the run stops with an error naming the first
+difference. Sequences are windows of ``seq_len`` tokens at seeded random offsets into the
+tokenised corpus.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jaxind import tokenizer
 from jaxind.errors import JaxindError
 
 
@@ -100,17 +102,14 @@ def make_tokens(spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = N
         raise JaxindError("text data needs model A's tokenizer, and it has none: use --data=random")
     texts = read_texts(spec)
     eos = getattr(tokenizer_a, "eos_token_id", None)
+    separate = eos is not None and len(texts) > 1
+    encoded = tokenizer.encode(tokenizer_a, texts)
+    if tokenizer_b is not None and tokenizer_b is not tokenizer_a:  # B must see exactly A's ids, all of them
+        tokenizer.check_same_tokens(texts, encoded, tokenizer_a, tokenizer_b, separator=separate)
     pieces = []
-    for text in texts:
-        ids = tokenizer_a(text, add_special_tokens=False)["input_ids"]
-        if tokenizer_b is not None and tokenizer_b is not tokenizer_a:
-            if tokenizer_b(text[:2000], add_special_tokens=False)["input_ids"] != tokenizer_a(text[:2000], add_special_tokens=False)["input_ids"]:
-                raise JaxindError(
-                    "models A and B tokenise the data differently (different tokenizers): "
-                    "use --data=random, which uses token ids both vocabularies share"
-                )
+    for ids in encoded:
         pieces.append(np.asarray(ids, np.int64))
-        if eos is not None and len(texts) > 1:
+        if separate:
             pieces.append(np.asarray([eos], np.int64))
     ids = np.concatenate(pieces)
     if ids.max(initial=0) >= shared:

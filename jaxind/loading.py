@@ -58,7 +58,9 @@ class Model:
 
         spec = self.meta.get("tokenizer")
         if not spec:
-            raise JaxindError(f"model {self.meta.get('source', '?')} has no tokenizer; use random tokens instead")
+            why = self.meta.get("tokenizer_missing")
+            raise JaxindError(f"model {self.meta.get('source', '?')} has no tokenizer{f' ({why})' if why else ''}; "
+                              "use --data=random")
         return load_tokenizer(spec)
 
     def summary(self) -> dict[str, Any]:
@@ -77,6 +79,8 @@ class Model:
             "vocab": c.vocab_size,
             "params": int(sum(int(np.prod(x.shape)) for x in leaves)),
             "dtype": str(leaves[0].dtype),
+            # config keys of the source that cannot change the function, and why (see jaxind.config.parse_hf_config)
+            "ignored_config_keys": dict(self.meta.get("ignored_config_keys") or {}),
         }
 
 
