@@ -119,7 +119,7 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
     except JaxindError as e:  # a malformed ModelConfig (unknown/missing fields, bad values)
         raise CheckpointError(f"{config_path}: {e}; restore the file or convert the model again") from None
     except TypeError as e:
-        raise CheckpointError(f"{config_path} is malformed ({e}); restore the file or convert the model again") from None
+        raise CheckpointError(f"{config_path} is malformed ({e}); restore the file or convert again") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path} is not a JSON object; restore the file or convert the model again")
     targets = check_stored(path, cfg, meta)
@@ -133,7 +133,8 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
             restored = checkpointer.restore(location, args=ocp.args.PyTreeRestore(
                 item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
         except Exception as e:
-            raise CheckpointError(f"cannot restore {location}: {type(e).__name__}: {str(e)[:200]} (incomplete or corrupt checkpoint? convert again)") from None
+            raise CheckpointError(f"cannot restore {location}: {type(e).__name__}: {str(e)[:200]} "
+                                  "(incomplete or corrupt checkpoint? convert again)") from None
         for name, value in restored.items():  # the restore must give what was checked; never a silent reshape
             if tuple(np.shape(value)) != tuple(target[name].shape):
                 raise CheckpointError(f"{location}: restored {name} has shape {tuple(np.shape(value))}, expected "
@@ -182,10 +183,11 @@ def check_stored(path: str, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str,
     listed = meta.get("groups")
     if listed is not None and sorted(listed) != stored:
         problems = []
-        if set(listed) - set(stored):
-            problems.append(f"listed in {META_FILE} but missing from params/: {', '.join(sorted(set(listed) - set(stored)))}")
-        if set(stored) - set(listed):
-            problems.append(f"in params/ but not listed in {META_FILE}: {', '.join(sorted(set(stored) - set(listed)))}")
+        gone, extra = sorted(set(listed) - set(stored)), sorted(set(stored) - set(listed))
+        if gone:
+            problems.append(f"listed in {META_FILE} but missing from params/: {', '.join(gone)}")
+        if extra:
+            problems.append(f"in params/ but not listed in {META_FILE}: {', '.join(extra)}")
         raise CheckpointError(f"{path} is incomplete or mixed (param groups {'; '.join(problems)}); convert again")
     missing = [g for g in targets if g not in stored]
     if missing:
@@ -205,8 +207,9 @@ def check_stored(path: str, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str,
             gone, extra = sorted(set(target) - set(shapes)), sorted(set(shapes) - set(target))
             raise CheckpointError(f"{path}: param group {group} stores arrays {sorted(shapes)}; the config needs "
                                   f"{sorted(target)} (missing: {gone or 'none'}, unexpected: {extra or 'none'}); {fix}")
-        for name, struct in target.items():
-            if shapes[name] != tuple(struct.shape):
-                raise CheckpointError(f"{path}: array {prefix}{name} is stored with shape {shapes[name]} but the "
-                                      f"config implies {tuple(struct.shape)}; {fix}")
+        wrong = [f"{prefix}{name} is stored with shape {shapes[name]} but the config implies {tuple(struct.shape)}"
+                 for name, struct in sorted(target.items()) if shapes[name] != tuple(struct.shape)]
+        if wrong:
+            more = "; ..." if len(wrong) > 4 else ""
+            raise CheckpointError(f"{path}: array {'; array '.join(wrong[:4])}{more}; {fix}")
     return targets

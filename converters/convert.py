@@ -38,7 +38,7 @@ def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = 
     if os.path.exists(out) and not overwrite:  # fail before the slow part
         raise CheckpointError(f"{os.path.abspath(out)} already exists: choose another --out or pass --overwrite")
 
-    tokenizer = source_tokenizer(src, meta) if with_tokenizer else None  # before the slow part: fail early
+    tokenizer = source_tokenizer(src, reader, meta) if with_tokenizer else None  # before the slow part: fail early
     if not with_tokenizer:
         meta.update(tokenizer=None, tokenizer_missing="converted with --notokenizer")
 
@@ -52,7 +52,7 @@ def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = 
     return meta
 
 
-def source_tokenizer(src: str, meta: dict) -> Any:
+def source_tokenizer(src: str, reader: Any, meta: dict) -> Any:
     """The source's tokenizer, to be saved with the checkpoint; never dropped silently.
 
     A source without any tokenizer (an HF directory without tokenizer files, a GGUF file without
@@ -65,7 +65,7 @@ def source_tokenizer(src: str, meta: dict) -> Any:
     from jaxind import tokenizer as tok
     from jaxind.errors import CheckpointError, JaxindError
 
-    if not tok.has_tokenizer(meta["tokenizer"]):
+    if not reader.has_tokenizer():
         reason = f"the source {src} has no tokenizer"
         logging.warning("tokenizer not saved: %s (text data will need --data=random)", reason)
         meta.update(tokenizer=None, tokenizer_missing=reason)

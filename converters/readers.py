@@ -54,8 +54,10 @@ class HFDirReader:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot parse {config_path}: {e}") from None
         if not isinstance(self.hf_config, dict):
-            raise CheckpointError(f"{config_path} holds a JSON {type(self.hf_config).__name__}, not an object of "
-                                  "model settings: restore the checkpoint's original config.json")
+            kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+                type(self.hf_config), "null")
+            raise CheckpointError(f"{config_path} holds {kind}, not an object of model settings: restore the "
+                                  "checkpoint's original config.json")
         self.config: ModelConfig
         self.config, self.ignored_config_keys = parse_hf_config(self.hf_config)
         _log_ignored(config_path, self.ignored_config_keys)
@@ -101,6 +103,12 @@ class HFDirReader:
 
     def tokenizer_source(self) -> dict[str, str]:
         return {"kind": "hf", "path": self.path}
+
+    def has_tokenizer(self) -> bool:
+        """Whether the directory ships tokenizer files at all (their contents are not read)."""
+        from jaxind.tokenizer import TOKENIZER_FILES
+
+        return any(os.path.isfile(os.path.join(self.path, name)) for name in TOKENIZER_FILES)
 
 
 def _safetensors_names(file: str) -> list[str]:
@@ -231,15 +239,16 @@ class GGUFFileReader:
         r = self.reader
         experts = _field(r, f"{arch}.expert_count")
         if experts:
-            raise UnsupportedModelError(f"GGUF {arch}.expert_count={experts}: mixture-of-experts models are not supported")
+            raise UnsupportedModelError(
+                f"GGUF {arch}.expert_count={experts}: mixture-of-experts models are not supported")
         rope_dims = _field(r, f"{arch}.rope.dimension_count")
         if rope_dims not in (None, head_dim):
             raise UnsupportedModelError(f"GGUF {arch}.rope.dimension_count={rope_dims} with head size {head_dim}: "
                                         "RoPE on part of each head is not supported")
         value_dim = _field(r, f"{arch}.attention.value_length")
         if value_dim not in (None, head_dim):
-            raise UnsupportedModelError(f"GGUF {arch}.attention.value_length={value_dim} differs from key_length={head_dim}: "
-                                        "not supported")
+            raise UnsupportedModelError(
+                f"GGUF {arch}.attention.value_length={value_dim} differs from key_length={head_dim}: not supported")
         read = {f"{arch}.{k}" for k in _GGUF_READ}
         self.ignored_config_keys = {k: "GGUF metadata jaxind does not use" for k in r.fields
                                     if k.startswith(f"{arch}.") and k not in read}
@@ -267,3 +276,7 @@ class GGUFFileReader:
 
     def tokenizer_source(self) -> dict[str, str]:
         return {"kind": "gguf", "path": self.path}
+
+    def has_tokenizer(self) -> bool:
+        """Whether the file carries a tokenizer (``tokenizer.ggml.*`` metadata)."""
+        return "tokenizer.ggml.tokens" in self.reader.fields

@@ -187,7 +187,8 @@ class ModelConfig:
         data = dict(data)
         if data.get("rope_scaling") is not None:
             if not isinstance(data["rope_scaling"], Mapping):
-                raise CheckpointError(f"jaxind config field rope_scaling must be an object or null, got {data['rope_scaling']!r}")
+                raise CheckpointError("jaxind config field rope_scaling must be an object or null, "
+                                      f"got {data['rope_scaling']!r}")
             data["rope_scaling"] = _freeze(data["rope_scaling"])
         return cls(**data)
 
@@ -286,7 +287,8 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
     else:
         act, allowed = hf.get("hidden_act", "silu"), ("silu",)
     if act not in allowed:
-        raise UnsupportedModelError(f"{model_type} with hidden activation {act!r} is not supported (supported: {allowed[0]})")
+        raise UnsupportedModelError(
+            f"{model_type} with hidden activation {act!r} is not supported (supported: {allowed[0]})")
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=True is not supported (GLU MLPs without biases only)")
     if hf.get("use_bidirectional_attention"):
@@ -298,7 +300,8 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
         raise UnsupportedModelError("qwen2 with use_sliding_window=True (sliding-window layers) is not supported")
     layer_types = hf.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(f"{model_type} with per-layer attention types {sorted(set(layer_types))} is not supported")
+        raise UnsupportedModelError(
+            f"{model_type} with per-layer attention types {sorted(set(layer_types))} is not supported")
     theta, scaling = _rope(hf)
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
@@ -327,7 +330,8 @@ def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UnsupportedModelError(
             f"gpt2 with activation_function={hf.get('activation_function')!r} is not supported (gelu_new only)")
-    if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention") or hf.get("scale_attn_weights", True) is False:
+    if (hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention")
+            or hf.get("scale_attn_weights", True) is False):
         raise UnsupportedModelError("gpt2 attention variants (scale_attn_by_inverse_layer_idx, cross attention, "
                                     "unscaled) are not supported")
     d, n_heads = _int(hf, "n_embd"), _int(hf, "n_head")
@@ -371,7 +375,8 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
                    "num_hidden_layers": "n_layer"}
         hf = {aliases.get(k, k): v for k, v in hf.items()}
     if hf.get("quantization_config"):
-        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], Mapping) else None
+        quant = hf["quantization_config"]
+        method = quant.get("quant_method") if isinstance(quant, Mapping) else None
         raise UnsupportedModelError(f"quantised checkpoints (quantization_config: {method or '?'}) are not supported: "
                                     "use the unquantised (float16/bfloat16/float32) checkpoint or its GGUF file")
     if hf.get("pruned_heads"):

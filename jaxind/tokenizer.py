@@ -19,18 +19,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "tekken.json", "vocab.txt")
 
 
-def has_tokenizer(spec: dict[str, str] | None) -> bool:
-    """Whether the source holds a tokenizer at all (files, or GGUF tokenizer metadata); reads no vocabulary."""
-    if not spec:
-        return False
-    kind, path = spec.get("kind"), spec.get("path")
-    if kind == "gguf":
-        from gguf import GGUFReader
-
-        return "tokenizer.ggml.tokens" in GGUFReader(path).fields
-    return any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES)
-
-
 def load_tokenizer(spec: dict[str, str]) -> Any:
     """A transformers tokenizer for ``{"kind": "hf"|"gguf"|"dir", "path": ...}``.
 
@@ -50,12 +38,14 @@ def load_tokenizer(spec: dict[str, str]) -> Any:
         reason = " ".join(f"{type(e).__name__}: {e}".split())
         if len(reason) > 300:
             reason = reason[:300].rsplit(" ", 1)[0] + " ..."
-        raise JaxindError(f"no usable tokenizer for {path} ({reason}); use --data=random or a source with a tokenizer") from None
+        raise JaxindError(f"no usable tokenizer for {path} ({reason}); use --data=random or a source with a "
+                          "tokenizer") from None
 
 
 def gguf_tokenizer(path: str) -> Any:
     """The tokenizer a GGUF file describes: transformers' ``AutoTokenizer(gguf_file=...)`` where PyTorch is
-    installed, else the same converter fed from metadata the ``gguf`` package reads (:func:`gguf_tokenizer_without_torch`)."""
+    installed, else the same converter fed from metadata the ``gguf`` package reads
+    (:func:`gguf_tokenizer_without_torch`)."""
     from transformers.utils import is_torch_available
 
     if is_torch_available():
@@ -93,7 +83,8 @@ def gguf_tokenizer_without_torch(path: str) -> Any:
     if "tokenizer.ggml.tokens" not in metadata:
         raise JaxindError(f"{path} holds no tokenizer (no tokenizer.ggml.* metadata); use --data=random")
     architecture = reader.fields["general.architecture"].contents()
-    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in metadata}
                for group, renames in GGUF_TOKENIZER_MAPPING.items()}
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies by default
@@ -135,7 +126,8 @@ def check_same_tokens(texts: Sequence[str], ids_a: Sequence[Sequence[int]], toke
     if separator:
         eos_a, eos_b = getattr(tokenizer_a, "eos_token_id", None), getattr(tokenizer_b, "eos_token_id", None)
         if eos_a != eos_b:
-            raise JaxindError(f"models A and B end documents with different tokens (A: id {eos_a}, B: id {eos_b}); {fix}")
+            raise JaxindError(f"models A and B end documents with different tokens (A: id {eos_a}, B: id {eos_b}); "
+                              f"{fix}")
 
 
 def _describe(tokenizer: Any, ids: np.ndarray, i: int) -> str:

@@ -47,3 +47,16 @@ def smollm2_finetuned(smollm2, corpus_ids):
                                  learning_rate=1e-5)
     assert all(l == l for l in losses)  # finite
     return params
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_path):
+    """The same GGUF loaded by transformers (float32 PyTorch, eager attention): the reference model, loaded
+    once per session (about 15 s) for every test that compares against it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    return model.eval()

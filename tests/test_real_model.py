@@ -5,19 +5,13 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from test_parity import rel_err, torch_reference
 
 
 @pytest.fixture(scope="module")
-def reference(smollm2_path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
-    model.config._attn_implementation = "eager"
-    return model.eval()
+def reference(smollm2_torch):
+    return smollm2_torch
 
 
 def test_config_read_from_gguf_metadata(smollm2):
