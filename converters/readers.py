@@ -27,15 +27,11 @@ from converters import mappings
 
 
 def _log_ignored(where: str, ignored: dict[str, str]) -> None:
-    """One log line about the config keys that were ignored: a warning naming those transformers' config class
-    does not define (custom bookkeeping, keys of other versions), else an info line."""
-    unknown = [k for k, why in ignored.items() if why.startswith("not a")]
-    if unknown:
-        logging.warning("%s: ignoring config keys that transformers' config class does not define (so they cannot "
-                        "change the model): %s; %d other ignored keys are listed in ignored_config_keys",
-                        where, ", ".join(unknown), len(ignored) - len(unknown))
-    elif ignored:
-        logging.info("%s: ignoring config keys that do not change the model: %s", where, ", ".join(ignored))
+    """One info log line naming the config keys that were ignored (they cannot change the function, so this is
+    no warning; the results JSON lists them with the reason under ``ignored_config_keys``)."""
+    if ignored:
+        logging.info("%s: ignoring config keys that cannot change the model's function: %s", where,
+                     ", ".join(f"{key} ({why})" for key, why in ignored.items()))
 
 
 class HFDirReader:

@@ -97,8 +97,8 @@ def gguf_tokenizer_without_torch(path: str) -> Any:
 
 
 def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """The token ids of each text, without special tokens (one batched call)."""
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    """The token ids of each text, without special tokens."""
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
 
 def check_same_tokens(texts: Sequence[str], ids_a: Sequence[Sequence[int]], tokenizer_a: Any, tokenizer_b: Any,
@@ -134,4 +134,5 @@ def _describe(tokenizer: Any, ids: np.ndarray, i: int) -> str:
     if i >= ids.size:
         return f"no token (its tokenisation ends after {ids.size:,} tokens)"
     token = int(ids[i])
-    return f"id {token} ({tokenizer.convert_ids_to_tokens(token)!r})"
+    to_string = getattr(tokenizer, "convert_ids_to_tokens", None)
+    return f"id {token}" + (f" ({to_string(token)!r})" if to_string else "")

@@ -22,6 +22,39 @@ with open(os.path.join(REPO, "README.md"), encoding="utf-8") as _f:
              "<|im_start|>user\nünïcødé 日本語 🙂 1234567<|im_end|>", _f.read()[:3000]]
 
 
+# Makes PyTorch unfindable, as in a plain install: `import torch` fails and importlib.util.find_spec("torch") (what
+# transformers and scipy consult) returns None, while every other package imports as usual.
+NO_TORCH = """
+import importlib.machinery, importlib.util, sys
+class _NoTorch(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name == "torch" or name.startswith("torch.") else super().find_spec(name, path, target)
+sys.meta_path = [_NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+assert importlib.util.find_spec("torch") is None
+"""
+# In that process: the GGUF's tokenizer as the runner gets it (text data), a conversion (which must save the
+# tokenizer), the converted checkpoint's tokenizer, and a run on text data.
+WITHOUT_TORCH_SCRIPT = """
+import json
+import jaxind
+from converters.convert import convert
+from jaxind import data, runner
+from transformers.utils import is_torch_available
+assert not is_torch_available()
+tiny, out, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model = jaxind.load_model(tiny)
+direct = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+meta = convert(tiny, out, progress=False)
+saved = jaxind.load_model(out).tokenizer(texts, add_special_tokens=False)["input_ids"]
+settings = runner.Settings(tests=("csu",), data=data.DataSpec(kind="text", path="README.md", num_sequences=2, seq_len=16))
+doc = runner.run_pair(model, model, settings, log=lambda _: None)
+print(json.dumps({"direct": direct, "saved": saved, "meta_tokenizer": meta["tokenizer"],
+                  "torch_loaded": "torch" in sys.modules, "data_kind": doc["data"]["kind"],
+                  "tokens_shape": doc["data"]["tokens_shape"], "csu_log10_p": doc["tests"]["csu"]["log10_pvalue"]}))
+"""
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, smollm2_path):
     """A 2-layer Llama GGUF carrying the real SmolLM2 tokenizer metadata (5 MB)."""
@@ -31,29 +64,16 @@ def tiny_gguf(tmp_path_factory, smollm2_path):
 def test_without_torch_the_tokenizer_is_read_and_saved(tiny_gguf, smollm2, tmp_path):
     """In a process where `import torch` fails: the GGUF's tokenizer loads (what --data=text uses) and the converter
     saves it; both give exactly the ids of transformers' own (PyTorch-based) GGUF tokenizer."""
-    script = (
-        "import sys, json\n"
-        "sys.modules['torch'] = None  # as if PyTorch were not installed\n"
-        "from transformers.utils import is_torch_available\n"
-        "assert not is_torch_available()\n"
-        "import jaxind\n"
-        "from converters.convert import convert\n"
-        "tiny, out, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
-        "direct = jaxind.load_model(tiny).tokenizer(texts, add_special_tokens=False)['input_ids']\n"
-        "meta = convert(tiny, out, progress=False)\n"
-        "saved = jaxind.load_model(out).tokenizer(texts, add_special_tokens=False)['input_ids']\n"
-        "print(json.dumps({'direct': direct, 'saved': saved, 'meta_tokenizer': meta['tokenizer'],\n"
-        "                  'torch_loaded': sys.modules.get('torch') is not None}))\n"
-    )
     out = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-c", script, tiny_gguf, str(out), json.dumps(TEXTS)], capture_output=True,
-                       text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    r = subprocess.run([sys.executable, "-c", NO_TORCH + WITHOUT_TORCH_SCRIPT, tiny_gguf, str(out), json.dumps(TEXTS)],
+                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert not got["torch_loaded"] and got["meta_tokenizer"]["kind"] == "gguf"
     expected = smollm2.tokenizer(TEXTS, add_special_tokens=False)["input_ids"]  # AutoTokenizer(gguf_file=...), torch
     assert got["direct"] == expected and got["saved"] == expected
     assert os.path.isfile(out / "tokenizer" / "tokenizer.json")
+    assert got["data_kind"] == "text" and got["tokens_shape"] == [2, 16] and got["csu_log10_p"] < -10
 
 
 def test_the_torch_free_builder_equals_transformers_gguf_tokenizer(smollm2, smollm2_path):
