@@ -1,8 +1,8 @@
 """Tokenizers for model sources, through transformers (HF directories, GGUF files, converted checkpoints).
 
 A GGUF file's tokenizer is rebuilt from its ``tokenizer.ggml.*`` metadata by transformers' own GGUF
-tokenizer converter. transformers' GGUF *file reader* imports PyTorch, so without PyTorch the metadata is
-read with the ``gguf`` package instead and handed to the same converter: GGUF tokenizers need no PyTorch.
+tokenizer converter. transformers' GGUF *file reader* imports PyTorch, so the metadata is read with the
+``gguf`` package instead and handed to the same converter: GGUF tokenizers need no PyTorch.
 """
 
 from __future__ import annotations
@@ -43,16 +43,20 @@ def load_tokenizer(spec: dict[str, str]) -> Any:
 
 
 def gguf_tokenizer(path: str) -> Any:
-    """The tokenizer a GGUF file describes: transformers' ``AutoTokenizer(gguf_file=...)`` where PyTorch is
-    installed, else the same converter fed from metadata the ``gguf`` package reads
-    (:func:`gguf_tokenizer_without_torch`)."""
-    from transformers.utils import is_torch_available
+    """The tokenizer a GGUF file describes, built by :func:`gguf_tokenizer_without_torch` (transformers' GGUF
+    tokenizer converter on metadata the ``gguf`` package reads: no PyTorch import, which also keeps the
+    converter's memory peak down). Where that fails and PyTorch is installed, transformers'
+    ``AutoTokenizer(gguf_file=...)`` (the same converter behind a PyTorch-based file reader) is used instead."""
+    try:
+        return gguf_tokenizer_without_torch(path)
+    except Exception:
+        from transformers.utils import is_torch_available
 
-    if is_torch_available():
-        from transformers import AutoTokenizer
+        if not is_torch_available():
+            raise
+    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-    return gguf_tokenizer_without_torch(path)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
 
 
 # GGUF special-token ids -> the tokenizer attributes naming those tokens.
