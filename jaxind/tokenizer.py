@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from jaxind.errors import JaxindError
+from jaxind.errors import JaxindError, brief
 
 
 def load_tokenizer(spec: dict[str, str]) -> Any:
@@ -22,4 +22,5 @@ def load_tokenizer(spec: dict[str, str]) -> Any:
             return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise JaxindError(f"no usable tokenizer for {path} ({type(e).__name__}: {str(e)[:200]}); use --data=random or a source with a tokenizer") from None
+        raise JaxindError(f"no usable tokenizer for {path} ({brief(e)}); "
+                          "use --data=random or a source with a tokenizer") from None
