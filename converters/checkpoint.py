@@ -9,7 +9,8 @@ Layout of a checkpoint directory::
     DIR/tokenizer/                optional: the source's tokenizer (save_pretrained)
 
 Groups are written one at a time, so converting streams: only one layer is in memory.
-The directory appears atomically (written under a temporary name, then renamed).
+The directory appears atomically: written under a hidden temporary name, then renamed into
+place without replacing anything unless asked to (see :mod:`converters.publish`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 
+from converters import publish
+from jaxind import testhooks
 from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError, JaxindError
 
@@ -50,6 +52,20 @@ def groups_of(params: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
             yield key, {key: value}
 
 
+class CheckpointInterrupted(KeyboardInterrupt):
+    """Ctrl-C while writing a checkpoint; the message says what was cleaned up."""
+
+
+def check_replaceable(out_dir: str) -> None:
+    """Raises CheckpointError unless ``out_dir`` may be replaced by ``--overwrite``: only a jaxind
+    checkpoint or an empty directory is, never a file or a folder of other things."""
+    if os.path.isdir(out_dir) and (is_checkpoint(out_dir) or not os.listdir(out_dir)):
+        return
+    kind = "a directory that is not a jaxind checkpoint" if os.path.isdir(out_dir) else "not a directory"
+    raise CheckpointError(f"{out_dir} exists and is {kind}: --overwrite replaces only jaxind checkpoints; "
+                          "choose another --out")
+
+
 def save_checkpoint(
     out_dir: str,
     cfg: ModelConfig,
@@ -58,37 +74,56 @@ def save_checkpoint(
     overwrite: bool = False,
     write_tokenizer: Callable[[str], None] | None = None,
 ) -> None:
-    """Writes the groups (numpy or jax leaves) one at a time, then renames into place.
+    """Writes the groups (numpy or jax leaves) one at a time into a hidden directory beside
+    ``out_dir``, then publishes it atomically (:mod:`converters.publish`): ``out_dir`` is at every
+    instant absent, the old checkpoint, or the complete new one.
 
     ``write_tokenizer(dir)``, if given, saves a tokenizer into ``dir`` after the weights
     (so its memory peak does not add to the conversion's).
 
     Raises:
-      CheckpointError: ``out_dir`` exists and ``overwrite`` is False.
+      CheckpointError: ``out_dir`` exists (or appeared while writing) and ``overwrite`` is
+        False, or it is not a checkpoint that ``overwrite`` may replace.
+      CheckpointInterrupted: Ctrl-C; the partial directory was removed.
     """
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise CheckpointError(f"{out_dir} already exists: choose another --out or pass --overwrite")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out_dir) + "-", dir=parent)
+    publish.clean_stale(out_dir)
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise CheckpointError(f"{out_dir} already exists: choose another --out or pass --overwrite")
+        check_replaceable(out_dir)
+    tmp = publish.make_temp_dir(out_dir)
+    published = False
     try:
         checkpointer = _checkpointer()
         names = []
         for group, leaves in groups:
             checkpointer.save(os.path.join(tmp, "params", group), {k: np.asarray(v) for k, v in leaves.items()})
             names.append(group)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            f.write(cfg.to_json())
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({**meta, "groups": names}, f, indent=2, sort_keys=True)
+            if len(names) == 1:
+                testhooks.stop_at("first_group_written")
         if write_tokenizer is not None:
             write_tokenizer(os.path.join(tmp, "tokenizer"))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump({**meta, "groups": names}, f, indent=2, sort_keys=True)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:  # last: its presence marks a checkpoint
+            f.write(cfg.to_json())
+        testhooks.stop_at("written")
+        if overwrite and os.path.lexists(out_dir):
+            check_replaceable(out_dir)
+        try:
+            publish.publish(tmp, out_dir, overwrite)
+        except publish.DestinationExists:
+            raise CheckpointError(f"{out_dir} appeared while converting (another convert to the same --out?): "
+                                  "it was left as it is and this conversion discarded; pass --overwrite to "
+                                  "replace it, or choose another --out") from None
+        published = True
+    except KeyboardInterrupt:
+        if published:
+            raise CheckpointInterrupted(f"{out_dir} was written; removing the old copy was cut short") from None
+        raise CheckpointInterrupted("partial checkpoint removed") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):  # unpublished, or the old copy after a swap
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -5,6 +5,11 @@
 SRC is a Hugging Face model directory (config.json + safetensors or pytorch_model*.bin,
 sharded or not), a .gguf file (dequantised to float32), or the alias ``smollm2``. Tensors are
 streamed one at a time; the converter holds one float32 copy of the model at most.
+
+``--out`` is never replaced without ``--overwrite``, even by a second convert racing to it;
+with ``--overwrite`` it is swapped atomically (always the old or the new checkpoint). Hidden
+``.tmp-<name>@...`` directories left beside ``--out`` by a killed run are removed by the next run
+to the same ``--out`` (see converters/publish.py). Ctrl-C removes the partial checkpoint.
 """
 
 from __future__ import annotations
@@ -19,24 +24,51 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "Checkpoint to convert: HF model dir, .gguf file, or 'smollm2'.")
 flags.DEFINE_string("out", None, "Output directory for the jaxind (orbax) checkpoint.")
-flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.DEFINE_bool("overwrite", False,
+                  "Replace --out if it is a jaxind checkpoint (atomic swap: always the old or the new).")
 flags.DEFINE_bool("tokenizer", True, "Also save the source's tokenizer (GGUF tokenizers are rebuilt from the file's "
                   "metadata); a tokenizer the source has but that cannot be read is an error.")
 
 
+def preflight(src: str, out: str, overwrite: bool) -> str:
+    """Every check that needs no weights, made before the slow part (and, from the CLI, before
+    JAX is imported): the source exists, ``out`` can be written and is free (or ``overwrite``).
+    Repairs and removes what killed earlier conversions to ``out`` left. Returns the source path.
+
+    Raises:
+      JaxindError: one line saying what is wrong.
+    """
+    from converters import publish, sources
+    from jaxind import destinations
+    from jaxind.errors import CheckpointError
+
+    destinations.check_directory(out, "--out", in_place=False)
+    path = sources.resolve(src)
+    publish.clean_stale(out)
+    if os.path.lexists(out) and not overwrite:
+        raise CheckpointError(f"{os.path.abspath(out)} already exists: choose another --out or pass --overwrite")
+    return path
+
+
 def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = True, progress: bool = True) -> dict:
-    """Converts ``src`` and writes ``out``; returns the checkpoint's meta dict."""
+    """Converts ``src`` and writes ``out``; returns the checkpoint's meta dict.
+
+    Raises:
+      JaxindError: bad source, unwritable or occupied ``out`` (see :func:`preflight`), or
+        ``out`` appeared while converting.
+      converters.checkpoint.CheckpointInterrupted: Ctrl-C (the partial checkpoint is removed).
+    """
     from converters import build, checkpoint, sources
     from jaxind.errors import CheckpointError
 
     start = time.perf_counter()
-    path = sources.resolve(src)
+    path = preflight(src, out, overwrite)
     if checkpoint.is_checkpoint(path):
         raise CheckpointError(f"{src} is already a jaxind checkpoint: nothing to convert")
+    if overwrite and os.path.lexists(out):
+        checkpoint.check_replaceable(os.path.abspath(out))
     reader = sources.open_reader(path)
     meta = sources.source_meta(src, path, reader)
-    if os.path.exists(out) and not overwrite:  # fail before the slow part
-        raise CheckpointError(f"{os.path.abspath(out)} already exists: choose another --out or pass --overwrite")
 
     tokenizer = source_tokenizer(src, reader, meta) if with_tokenizer else None  # before the slow part: fail early
     if not with_tokenizer:
@@ -85,7 +117,9 @@ def main(argv):
     def body() -> int:
         if not FLAGS.src or not FLAGS.out:
             raise JaxindError("--src and --out are required (see --help)")
-        convert(FLAGS.src, FLAGS.out, overwrite=FLAGS.overwrite, with_tokenizer=FLAGS.tokenizer, progress=sys.stderr.isatty())
+        preflight(FLAGS.src, FLAGS.out, FLAGS.overwrite)  # before the heavy imports
+        convert(FLAGS.src, FLAGS.out, overwrite=FLAGS.overwrite, with_tokenizer=FLAGS.tokenizer,
+                progress=sys.stderr.isatty())
         print(f"wrote {FLAGS.out}")
         return 0
 
@@ -93,7 +127,9 @@ def main(argv):
 
 
 def entry_point():
-    app.run(main)
+    from jaxind.cli_utils import parse_flags
+
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

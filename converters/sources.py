@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
-
+from typing import TYPE_CHECKING, Any
 
 import jaxind
 from jaxind import assets
 from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError
-from converters import checkpoint
-from converters.build import build_params
-from converters.readers import GGUFFileReader, HFDirReader
+
+if TYPE_CHECKING:
+    from converters.readers import GGUFFileReader, HFDirReader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def open_reader(source: str) -> HFDirReader | GGUFFileReader:
     """A tensor reader for an HF directory or a GGUF file (hub ids are fetched first)."""
+    from converters.readers import GGUFFileReader, HFDirReader
+
     path = resolve(source)
     if os.path.isdir(path):
         return HFDirReader(path)
@@ -32,7 +34,12 @@ def open_reader(source: str) -> HFDirReader | GGUFFileReader:
 
 
 def resolve(source: str) -> str:
-    """Maps a source string to a local path, or raises a CheckpointError saying what is wrong."""
+    """Maps a source string to a local path, or raises a CheckpointError saying what is wrong.
+
+    Cheap (no JAX, no weights read): the CLIs call it before loading anything. A missing path
+    is fetched from the Hugging Face hub only when it looks like a hub id (``org/name``), its
+    first part is not a local folder, and the network is not switched off.
+    """
     if source in assets.BUILTIN_ALIASES:
         return assets.smollm2_gguf()
     path = os.path.expanduser(source)
@@ -42,32 +49,51 @@ def resolve(source: str) -> str:
         if path.endswith(".gguf"):
             return path
         raise CheckpointError(
-            f"{source} is a file but not a .gguf: pass a .gguf file, a Hugging Face model directory or a jaxind checkpoint directory"
+            f"{source} is a file but not a .gguf: pass a .gguf file, a Hugging Face model directory or a jaxind "
+            "checkpoint directory"
         )
-    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    if os.path.lexists(path):
+        raise CheckpointError(f"model source {source} is neither a file nor a directory: check the path")
+    if _looks_like_hub_id(source) and not _offline():
         return _fetch_from_hub(source)
-    raise CheckpointError(f"model source {source!r} does not exist: check the path")
+    raise CheckpointError(f"model source {source} does not exist{_missing_detail(path)}: check the path")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not os.path.lexists(source.split("/", 1)[0])
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS)
+
+
+def _missing_detail(path: str) -> str:
+    """Which part of ``path`` is missing: `` (no entry 'x' in folder/)`` or `` (folder/ is not a directory)``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.lexists(parent) and os.path.dirname(parent) != parent:
+        path, parent = parent, os.path.dirname(parent)
+    if os.path.isdir(parent):
+        return f" (no entry {os.path.basename(path)!r} in {os.path.join(parent, '')})"
+    return f" ({parent} is not a directory)"
 
 
 def _fetch_from_hub(repo_id: str) -> str:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise CheckpointError(
-            f"{repo_id!r} is not a local path and looks like a hub id, but HF_HUB_OFFLINE=1: "
-            "download the model elsewhere and pass its directory"
-        )
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
     except Exception as e:
         raise CheckpointError(
-            f"{repo_id!r} is not a local path, and fetching it from the Hugging Face hub failed ({type(e).__name__}); "
-            "without network access, download the model elsewhere and pass its directory"
+            f"model source {repo_id} does not exist as a local path, and fetching it as a Hugging Face hub id failed "
+            f"({type(e).__name__}): check the path, or download the model elsewhere and pass its directory"
         ) from None
 
 
 def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, dict[str, Any]]:
     """Loads any source into ``(config, params as float32 numpy leaves, meta)``."""
+    from converters import checkpoint
+    from converters.build import build_params
+
     path = resolve(source)
     if os.path.isdir(path) and checkpoint.is_checkpoint(path):
         cfg, params, meta = checkpoint.load_checkpoint(path)

@@ -1,4 +1,8 @@
-"""Shared plumbing of the command-line entry points."""
+"""Shared plumbing of the command-line entry points: one ``error:`` line for every problem a
+user causes (bad flags included), one line and exit status 130 for Ctrl-C.
+
+Imports nothing heavy: the CLIs parse and check their flags before JAX is loaded.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,24 @@ from typing import Callable
 
 from absl import flags, logging
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def one_line(message: str) -> str:
+    """``message`` with its line breaks and runs of blanks collapsed to single spaces."""
+    return " ".join(str(message).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl ``flags_parser`` for ``app.run``: a bad flag value, an unknown flag or an unreadable
+    flagfile ends in one ``error:`` line and exit status 1 (absl's default prints usage text)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        message = one_line(e).removeprefix("ERROR:: ")
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(1)
+
 
 def quiet_logging() -> None:
     """Hides library INFO chatter (orbax, jax) unless the user passed --verbosity."""
@@ -14,14 +36,22 @@ def quiet_logging() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def run_reporting_errors(body: Callable[[], int]) -> None:
-    """Runs ``body``; a :class:`JaxindError` becomes one ``error: ...`` line on stderr and exit 1."""
+def run_reporting_errors(body: Callable[[], int], interrupted: Callable[[], str] = lambda: "nothing written") -> None:
+    """Runs ``body`` and exits with its status.
+
+    A :class:`JaxindError` becomes one ``error: ...`` line on stderr and exit status 1. Ctrl-C
+    becomes one ``interrupted; ...`` line and exit status 130: the text is the interrupt's own
+    message if it carries one (e.g. ``partial checkpoint removed``), else ``interrupted()``.
+    """
     from jaxind.errors import JaxindError
 
     quiet_logging()
     try:
         code = body()
     except JaxindError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted; {one_line(e) or interrupted()}", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)

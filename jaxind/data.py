@@ -11,6 +11,7 @@ tokenised corpus.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Iterator
@@ -50,8 +51,10 @@ class DataSpec:
             raise JaxindError(f"--data={flag!r} not understood: use random, text:PATH or jsonl:PATH")
         if spec.num_sequences < 1 or spec.seq_len < 2:
             raise JaxindError("--num_sequences must be >= 1 and --seq_len >= 2")
+        if spec.path is not None and os.path.isdir(spec.path):
+            raise JaxindError(f"data file {spec.path} is a directory: pass a {kind} file (--data={kind}:FILE)")
         if spec.path is not None and not os.path.isfile(spec.path):
-            raise JaxindError(f"data file {spec.path} does not exist")
+            raise JaxindError(f"data file {spec.path} does not exist: check the path in --data={flag}")
         return spec
 
     def describe(self) -> dict[str, Any]:
@@ -59,19 +62,69 @@ class DataSpec:
 
 
 def read_texts(spec: DataSpec) -> list[str]:
-    """The documents of a text (whole file) or JSONL (one ``text`` field per line) source."""
-    with open(spec.path, encoding="utf-8") as f:
-        if spec.kind == "text":
-            return [f.read()]
-        texts = []
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise JaxindError(f"{spec.path} line {number}: expected a JSON object with a 'text' field") from None
-        return texts
+    """The documents of a text (whole file) or JSONL (one ``text`` field per line) source.
+
+    Raises:
+      JaxindError: the file is not UTF-8, has no text, or (JSONL) a line that is not an object
+        with a string ``text`` field; the message names the file and the line.
+    """
+    stat = os.stat(spec.path)
+    return list(_read_texts(os.path.abspath(spec.path), spec.kind, stat.st_mtime_ns, stat.st_size))
+
+
+def check_texts(spec: DataSpec) -> None:
+    """Reads the data file once, up front, so that a bad file fails before any model is loaded
+    (the documents are cached for :func:`make_tokens`)."""
+    read_texts(spec)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_texts(path: str, kind: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    del mtime_ns, size  # cache key only: a changed file is read again
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise JaxindError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+                          "pass a UTF-8 text file (convert it, e.g. with iconv -t UTF-8)") from None
+    if kind == "text":
+        if not text.strip():
+            raise JaxindError(f"{path} is empty or only whitespace: pass a file with text (--data=text:FILE)")
+        return (text,)
+    texts = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            document = _jsonl_text(path, number, line)
+            if document.strip():
+                texts.append(document)
+    if not texts:
+        raise JaxindError(f"{path} has no documents (empty, blank lines or empty texts): "
+                          'write one JSON object per line, e.g. {"text": "..."}')
+    return tuple(texts)
+
+
+def _jsonl_text(path: str, number: int, line: str) -> str:
+    """The ``text`` field of JSONL line ``number``, or a JaxindError naming the line and the fix."""
+    where, fix = f"{path} line {number}", 'each line must be a JSON object such as {"text": "..."}'
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise JaxindError(f"{where}: not valid JSON ({e.msg}, column {e.colno}): {fix}") from None
+    if not isinstance(record, dict):
+        raise JaxindError(f"{where}: a JSON {_json_type(record)}, not an object with a 'text' field: {fix}")
+    if "text" not in record:
+        fields = ", ".join(map(repr, list(record)[:5])) or "none"
+        raise JaxindError(f"{where}: no 'text' field (fields: {fields}): {fix}")
+    if not isinstance(record["text"], str):
+        raise JaxindError(f"{where}: 'text' is a JSON {_json_type(record['text'])}, not a string: {fix}")
+    return record["text"]
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def windows(ids: np.ndarray, spec: DataSpec) -> np.ndarray:

@@ -19,3 +19,13 @@ class UnsupportedModelError(JaxindError):
 
 class CheckpointError(JaxindError):
     """A checkpoint is missing, unreadable, corrupt, or disagrees with its config."""
+
+
+def brief(error: BaseException, limit: int = 160) -> str:
+    """``"Type: message"`` of a library exception on one line, shortened at a word boundary to
+    about ``limit`` characters (for quoting inside a one-line :class:`JaxindError`)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > limit // 2 else limit].rstrip(" ,;:") + " ..."

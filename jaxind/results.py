@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import jaxind
+from jaxind import destinations
 
 
 def _jsonable(value: Any) -> Any:
@@ -54,11 +55,16 @@ def make_results(model_a: dict, model_b: dict, data: dict, seed: int, tests: dic
 
 
 def write_json(path: str, document: dict) -> None:
-    """Writes ``document`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
+    """Writes ``document`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    The file gets the mode a plain ``open()`` would give it (``0o666`` less the umask), also when
+    it replaces an existing file.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
     try:
+        os.fchmod(fd, destinations.file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(_jsonable(document), f, indent=2)
             f.flush()
@@ -68,3 +74,33 @@ def write_json(path: str, document: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def rescue_path(path: str) -> str:
+    """Where results go when ``path`` cannot be written: the temp folder, named after ``path``."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"jaxind-{os.path.splitext(os.path.basename(path))[0] or 'results'}-{stamp}-{os.getpid()}.json"
+    return os.path.join(tempfile.gettempdir(), name)
+
+
+def write_json_or_rescue(path: str, document: dict) -> None:
+    """:func:`write_json`, never losing the results: if ``path`` cannot be written (disk full, the
+    folder removed meanwhile, ...), they are written to :func:`rescue_path`, or else printed on
+    stdout, and a JaxindError says where they are.
+
+    Raises:
+      JaxindError: ``path`` was not written (the message says where the results went).
+    """
+    try:
+        write_json(path, document)
+        return
+    except OSError as e:
+        problem = f"cannot write {path} ({e.strerror or type(e).__name__})"
+    fallback = rescue_path(path)
+    try:
+        write_json(fallback, document)
+    except OSError:
+        print(json.dumps(_jsonable(document), indent=2), flush=True)
+        raise jaxind.JaxindError(f"{problem}, nor {fallback}: the results JSON is printed on stdout instead; "
+                                 "free some space or choose another --output") from None
+    raise jaxind.JaxindError(f"{problem}: the results were saved to {fallback} instead; move them where they belong")

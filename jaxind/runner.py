@@ -19,9 +19,8 @@ from absl import logging
 from jaxind import constrained, data, match, permtest, results
 from jaxind.errors import JaxindError
 from jaxind.loading import Model
+from jaxind.testnames import ALL_TESTS, DEFAULT_TESTS  # noqa: F401  (re-exported)
 
-ALL_TESTS = ("csu", "csu_all", "csh", "l2", "mc", "jsd", "match", "generalized")
-DEFAULT_TESTS = ("csu", "l2", "jsd", "match")
 _ACTIVATION_TESTS = ("csh", "match")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxind.errors import JaxindError
+from jaxind.errors import JaxindError, brief
 
 # Files one of which a Hugging Face model directory has when it ships a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
@@ -35,11 +35,8 @@ def load_tokenizer(spec: dict[str, str]) -> Any:
     except JaxindError:
         raise
     except Exception as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        if len(reason) > 300:
-            reason = reason[:300].rsplit(" ", 1)[0] + " ..."
-        raise JaxindError(f"no usable tokenizer for {path} ({reason}); use --data=random or a source with a "
-                          "tokenizer") from None
+        raise JaxindError(f"no usable tokenizer for {path} ({brief(e, 300)}); use --data=random or a source "
+                          "with a tokenizer") from None
 
 
 def gguf_tokenizer(path: str) -> Any:

@@ -138,7 +138,7 @@ def bad_inputs(tmp_path_factory):
     corrupt_gguf = root / "broken.gguf"
     corrupt_gguf.write_bytes(b"GGUF" + os.urandom(64))
     cases["corrupt_gguf"] = (str(corrupt_gguf), "cannot read GGUF")
-    cases["hub_id_offline"] = ("meta-llama/Llama-2-7b-hf", "not a local path")
+    cases["hub_id_offline"] = ("meta-llama/Llama-2-7b-hf", "does not exist")
     return good, cases
 
 

@@ -1,0 +1,540 @@
+"""Bad input through the real CLIs (``python -m jaxind.main``, ``python -m converters.convert``).
+
+Every case of the matrix must end with exactly one ``error:`` line on stderr, no traceback, exit
+status 1; cases marked ``before_work`` must fail before a model is loaded (no ``model_a:`` line,
+nothing written). The matrix is a table of :class:`Case` rows, run two at a time; append rows
+to extend it. Further down: results never lost, Ctrl-C, converter races and kills, file modes.
+
+Tiny models (Llama, d=64, 2 layers, h=128, vocab 256): A, A_ft = A + noise, B independent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from cli_helpers import REPO, Frozen, cli_env, error_lines, run_cli
+from hf_models import build_torch_model, edit_config, save
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+SHORT = ["--num_sequences=4", "--seq_len=32", "--num_perms=19"]
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """Paths every case may use (built once per module)."""
+
+    root: Path
+    a: str  # HF dir, model A
+    a_ft: str  # A plus noise
+    b: str  # independent of A
+    ckpt_a: str  # A converted to a jaxind checkpoint
+    bad: dict[str, str]  # broken model sources by name
+
+    def pair(self, model_b: str | None = None) -> list[str]:
+        return [f"--model_a={self.a}", f"--model_b={model_b or self.a_ft}", *SHORT]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One bad input: ``argv(world, case_dir)`` for ``cli``; ``setup(world, case_dir)`` runs first
+    (case_dir is empty and private to the case); the error line must contain ``expected``."""
+
+    id: str
+    argv: Callable[[World, Path], list[str]]
+    expected: str
+    cli: str = "main"
+    setup: Callable[[World, Path], None] | None = None
+    before_work: bool = True  # fails before any model is loaded
+    cwd_is_case_dir: bool = False
+    check: Callable[[World, Path], None] | None = None  # more assertions after the run
+
+
+def _write(name: str, content: bytes | str) -> Callable[[World, Path], None]:
+    def setup(world: World, d: Path) -> None:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return setup
+
+
+def _mkdir(*names: str) -> Callable[[World, Path], None]:
+    def setup(world: World, d: Path) -> None:
+        for name in names:
+            (d / name).mkdir(parents=True)
+    return setup
+
+
+def _unchanged_folder(world: World, d: Path) -> None:
+    assert sorted(os.listdir(d / "occupied")) == ["keep.txt"] and (d / "occupied" / "keep.txt").read_text() == "mine"
+
+
+def _flag(flag: str, expected: str) -> Case:
+    """A bad numeric/list flag given with two good models: refused before either is loaded."""
+    return Case(f"flag{flag}", lambda w, d: [*w.pair(), flag], expected)
+
+
+CASES: list[Case] = [
+    # --- defects 6/7: numeric flags validated up front ------------------------------------------
+    _flag("--batch_size=0", "--batch_size=0"),
+    _flag("--batch_size=-2", "--batch_size=-2"),
+    _flag("--alpha=-1", "strictly between 0 and 1"),
+    _flag("--alpha=5", "strictly between 0 and 1"),
+    _flag("--alpha=1", "strictly between 0 and 1"),
+    _flag("--alpha=nan", "strictly between 0 and 1"),
+    _flag("--generalized_steps=0", "--generalized_steps=0"),
+    _flag("--generalized_steps=-3", "--generalized_steps=-3"),
+    _flag("--num_perms=0", "--num_perms=0"),
+    _flag("--num_sequences=0", "--num_sequences=0"),
+    _flag("--seq_len=1", "--seq_len=1"),
+    _flag("--seed=-1", "--seed=-1"),
+    _flag("--num_perms=many", "invalid literal"),
+    _flag("--tests=csu,bogus", "unknown test(s) bogus"),
+    _flag("--tests=", "no tests given"),
+    _flag("--dtype=float8", "--dtype"),
+    _flag("--no_such_flag=1", "Unknown command line flag 'no_such_flag'"),
+    _flag("--flagfile=/nonexistent/run.flags", "Unable to open flagfile"),
+    _flag("--data=csv:x.csv", "not understood"),
+    Case("only_model_a", lambda w, d: [f"--model_a={w.a}"], "pass both"),
+    Case("only_model_b", lambda w, d: [f"--model_b={w.a}"], "pass both"),
+    # --- defect 8 and 13: data files -------------------------------------------------------------
+    Case("jsonl_text_is_number", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'n.jsonl'}"],
+         "line 2: 'text' is a JSON number",
+         setup=_write("n.jsonl", '{"text": "fine"}\n{"text": 12345}\n')),
+    Case("jsonl_not_json", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"], "line 1: not valid JSON",
+         setup=_write("x.jsonl", "text: hello\n")),
+    Case("jsonl_array_line", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"], "line 1: a JSON array",
+         setup=_write("x.jsonl", "[1, 2]\n")),
+    Case("jsonl_no_text_field", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"],
+         "no 'text' field (fields: 'body')",
+         setup=_write("x.jsonl", '{"body": "hello"}\n')),
+    Case("jsonl_empty", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'e.jsonl'}"], "has no documents",
+         setup=_write("e.jsonl", "")),
+    Case("jsonl_blank", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'e.jsonl'}"], "has no documents",
+         setup=_write("e.jsonl", "\n   \n\t\n")),
+    Case("jsonl_binary", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'b.jsonl'}"], "line 2: not UTF-8 text",
+         setup=_write("b.jsonl", b'{"text": "ok"}\n\xff\xfe\x00\x81\n')),
+    Case("text_binary", lambda w, d: [*w.pair(), f"--data=text:{d / 'b.txt'}"], "not UTF-8 text",
+         setup=_write("b.txt", bytes(range(256)))),
+    Case("text_empty", lambda w, d: [*w.pair(), f"--data=text:{d / 'e.txt'}"], "is empty or only whitespace",
+         setup=_write("e.txt", "")),
+    Case("text_is_directory", lambda w, d: [*w.pair(), f"--data=text:{d}"], "is a directory"),
+    Case("text_missing", lambda w, d: [*w.pair(), f"--data=text:{d / 'nope.txt'}"], "does not exist"),
+    Case("missing_tokenizer", lambda w, d: [*w.pair(), f"--data=text:{d / 't.txt'}"],
+         "no usable tokenizer", setup=_write("t.txt", "plain English text " * 100), before_work=False),
+    # --- defect 5: unwritable results destinations (root ignores chmod: use paths no one can write) ---
+    Case("output_is_directory", lambda w, d: [*w.pair(), f"--output={d}"], "is a directory"),
+    Case("output_trailing_slash", lambda w, d: [*w.pair(), f"--output={d}/new/"], "is a directory"),
+    Case("output_under_a_file", lambda w, d: [*w.pair(), f"--output={d / 'f' / 'r.json'}"],
+         "is a file, not a directory",
+         setup=_write("f", "x")),
+    Case("output_in_proc", lambda w, d: [*w.pair(), "--output=/proc/jaxind/r.json"], "cannot be written"),
+    Case("output_device", lambda w, d: [*w.pair(), "--output=/dev/null"], "not a regular file"),
+    Case("heatmap_is_directory", lambda w, d: [*w.pair(), "--tests=match", "--localized", f"--output={d / 'r.json'}"],
+         "is a directory", setup=_mkdir("r_localized.png")),
+    Case("demo_output_is_a_file", lambda w, d: ["--demo_quick", f"--output={d / 'f'}"],
+         "is a file", setup=_write("f", "x")),
+    # --- defect 13 and classic model sources -----------------------------------------------------
+    Case("missing_model_b", lambda w, d: [*w.pair(str(d / "nope"))], "does not exist"),
+    Case("missing_relative_path", lambda w, d: [*w.pair("models/nope")], "models/nope does not exist (no entry 'nope'",
+         setup=_mkdir("models"), cwd_is_case_dir=True),
+    Case("missing_relative_hub_like", lambda w, d: [*w.pair("models/nope")], "models/nope does not exist",
+         cwd_is_case_dir=True),
+    Case("file_not_gguf", lambda w, d: [*w.pair(str(d / "weights.bin"))],
+         "not a .gguf", setup=_write("weights.bin", "x")),
+    Case("unsupported_architecture", lambda w, d: [*w.pair(w.bad["unsupported"])], "unsupported model_type 'mamba'",
+         before_work=False),
+    Case("truncated_safetensors", lambda w, d: [*w.pair(w.bad["truncated"])],
+         "truncated or corrupt", before_work=False),
+    Case("corrupt_gguf", lambda w, d: [*w.pair(w.bad["corrupt.gguf"])], "cannot read GGUF", before_work=False),
+    Case("nan_weights", lambda w, d: [*w.pair(w.bad["nan"])], "NaN", before_work=False),
+    Case("config_weights_mismatch", lambda w, d: [*w.pair(w.bad["mismatch"])], "config and the weights disagree",
+         before_work=False),
+    # --- the converter -----------------------------------------------------------------------------
+    Case("convert_no_flags", lambda w, d: [], "--src and --out are required", cli="convert"),
+    Case("convert_bad_flag", lambda w, d: ["--overwrite=maybe"], "--overwrite", cli="convert"),
+    Case("convert_missing_src", lambda w, d: [f"--src={d / 'nope'}", f"--out={d / 'o'}"],
+         "does not exist", cli="convert"),
+    Case("convert_out_exists", lambda w, d: [f"--src={w.a}", f"--out={w.ckpt_a}"], "already exists", cli="convert"),
+    Case("convert_out_is_a_file", lambda w, d: [f"--src={w.a}", f"--out={d / 'f'}", "--overwrite"], "is a file",
+         cli="convert", setup=_write("f", "x")),
+    Case("convert_out_under_a_file", lambda w, d: [f"--src={w.a}", f"--out={d / 'f' / 'ck'}"],
+         "is a file, not a directory",
+         cli="convert", setup=_write("f", "x")),
+    Case("convert_out_in_proc", lambda w, d: [f"--src={w.a}", "--out=/proc/jaxind_ck"],
+         "cannot be written", cli="convert"),
+    Case("convert_overwrite_other_folder", lambda w, d: [f"--src={w.a}", f"--out={d / 'occupied'}", "--overwrite"],
+         "not a jaxind checkpoint", cli="convert", before_work=False, setup=_write("occupied/keep.txt", "mine"),
+         check=_unchanged_folder),
+    Case("convert_src_is_checkpoint", lambda w, d: [f"--src={w.ckpt_a}", f"--out={d / 'o'}"],
+         "already a jaxind checkpoint",
+         cli="convert", before_work=False),
+    Case("convert_missing_relative", lambda w, d: ["--src=models/nope", f"--out={d / 'o'}"], "does not exist (no entry",
+         cli="convert", setup=_mkdir("models"), cwd_is_case_dir=True),
+    Case("convert_unsupported", lambda w, d: [f"--src={w.bad['unsupported']}", f"--out={d / 'o'}"],
+         "unsupported model_type",
+         cli="convert", before_work=False),
+    Case("convert_truncated", lambda w, d: [f"--src={w.bad['truncated']}", f"--out={d / 'o'}"], "truncated or corrupt",
+         cli="convert", before_work=False),
+    Case("convert_corrupt_gguf", lambda w, d: [f"--src={w.bad['corrupt.gguf']}", f"--out={d / 'o'}"],
+         "cannot read GGUF",
+         cli="convert", before_work=False),
+    Case("convert_nan", lambda w, d: [f"--src={w.bad['nan']}", f"--out={d / 'o'}", "--notokenizer"], "NaN",
+         cli="convert", before_work=False),
+    Case("convert_mismatch", lambda w, d: [f"--src={w.bad['mismatch']}", f"--out={d / 'o'}"], "disagree",
+         cli="convert", before_work=False),
+    Case("convert_unhandled_attribute", lambda w, d: [f"--src={w.bad['mlp_bias']}", f"--out={d / 'o'}"], "mlp_bias",
+         cli="convert", before_work=False),
+]
+
+
+def _copy(src: str, dst: Path, **config_changes) -> str:
+    shutil.copytree(src, dst)
+    if config_changes:
+        edit_config(str(dst), **config_changes)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from converters import sources
+    from converters.checkpoint import groups_of, save_checkpoint
+
+    root = tmp_path_factory.mktemp("bad_input")
+    model = build_torch_model("llama", seed=0, **TINY)
+    a = save(model, str(root / "A"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    a_ft = save(model, str(root / "A_ft"))
+    b = save(build_torch_model("llama", seed=1, **TINY), str(root / "B"))
+    cfg, params, meta = sources.read_model(a)
+    save_checkpoint(str(root / "ckpt_A"), cfg, groups_of(params), meta)
+    bad = {"unsupported": _copy(a, root / "unsupported", model_type="mamba"),
+           "mismatch": _copy(a, root / "mismatch", intermediate_size=64),
+           "mlp_bias": _copy(a, root / "mlp_bias", mlp_bias=True),
+           "truncated": _copy(a, root / "truncated"),
+           "nan": _copy(a, root / "nan")}
+    weights = os.path.join(bad["truncated"], "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    weights = os.path.join(bad["nan"], "model.safetensors")
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 3] = np.nan
+    save_file(tensors, weights, metadata={"format": "pt"})
+    bad["corrupt.gguf"] = str(root / "corrupt.gguf")
+    Path(bad["corrupt.gguf"]).write_bytes(b"GGUF" + os.urandom(64))
+    return World(root=root, a=a, a_ft=a_ft, b=b, ckpt_a=str(root / "ckpt_A"), bad=bad)
+
+
+def _run_case(world: World, case: Case) -> tuple[subprocess.CompletedProcess, Path]:
+    d = world.root / "cases" / case.id
+    d.mkdir(parents=True)
+    if case.setup:
+        case.setup(world, d)
+    cwd = str(d) if case.cwd_is_case_dir else REPO
+    return run_cli(case.cli, case.argv(world, d), cwd=cwd, timeout=600), d
+
+
+@pytest.fixture(scope="module")
+def matrix(world) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every case run once, two subprocesses at a time (the CI machine has two cores)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case.id: pool.submit(_run_case, world, case) for case in CASES}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def test_case_ids_are_unique():
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_one_error_line(matrix, world, case):
+    result, case_dir = matrix[case.id]
+    errors = error_lines(result.stderr)
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert case.expected in errors[0], errors[0]
+    if case.before_work:
+        assert "model_a:" not in result.stdout and "building a small model zoo" not in result.stdout
+        assert "converted" not in result.stderr
+    if case.cli == "convert":
+        leftovers = [n for n in os.listdir(case_dir) if n.startswith(".tmp-")]
+        assert not leftovers and not (case_dir / "o").exists()
+    if case.check:
+        case.check(world, case_dir)
+
+
+# --- defect 5: computed results are never lost ------------------------------------------------
+
+
+def test_results_are_rescued_when_the_output_folder_vanishes(world, tmp_path):
+    """--output passes the up-front check, then its folder is replaced by a file while the tests
+    run: the results go to the temp folder and the one error line says where."""
+    out_dir = tmp_path / "results"
+    out_dir.mkdir()
+    frozen = Frozen("main", [*world.pair(), "--tests=csu", f"--output={out_dir / 'r.json'}"], "models_loaded",
+                    str(tmp_path / "logs"))
+    try:
+        out_dir.rmdir()
+        out_dir.write_text("now a file")
+        code = frozen.resume()
+        errors = error_lines(frozen.stderr())
+        assert code == 1 and len(errors) == 1 and "Traceback" not in frozen.stderr(), frozen.stderr()[-3000:]
+        rescued = errors[0].split("saved to ")[1].split(" instead")[0]
+        doc = json.loads(Path(rescued).read_text())
+        assert doc["tests"]["csu"]["pvalue"] < 1e-3 and doc["model_b"]["source"] == world.a_ft
+        os.unlink(rescued)
+    finally:
+        frozen.close()
+
+
+def test_results_are_printed_when_no_file_can_be_written(world, tmp_path):
+    """A disk that takes no more bytes (RLIMIT_FSIZE): neither --output nor the fallback can be
+    written, so the results JSON is printed on stdout."""
+    limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'jaxind.main', *sys.argv[1:]])")
+    argv = [*world.pair(), "--tests=csu", f"--output={tmp_path / 'r.json'}"]
+    result = subprocess.run([sys.executable, "-c", limited, *argv],
+                            capture_output=True, text=True, cwd=REPO, env=cli_env())
+    errors = error_lines(result.stderr)
+    assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "printed on stdout" in errors[0] and not (tmp_path / "r.json").exists()
+    doc = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    assert doc["tests"]["csu"]["pvalue"] < 1e-3
+
+
+# --- defect 11: Ctrl-C --------------------------------------------------------------------------
+
+
+def _assert_interrupted(frozen: Frozen, code: int, message: str) -> None:
+    lines = [line for line in frozen.stderr().splitlines() if line.strip() and not line.startswith("stopped at")]
+    assert code == 130 and lines == [message], frozen.stderr()[-3000:]
+
+
+def test_ctrl_c_in_main_prints_one_line(world, tmp_path):
+    frozen = Frozen("main", [*world.pair(), f"--output={tmp_path / 'r.json'}"], "models_loaded", str(tmp_path / "logs"))
+    try:
+        _assert_interrupted(frozen, frozen.resume(signal.SIGINT), "interrupted; nothing written")
+        assert os.listdir(tmp_path) == ["logs"]
+    finally:
+        frozen.close()
+
+
+def test_ctrl_c_in_convert_removes_the_partial_checkpoint(world, tmp_path):
+    out = tmp_path / "ck"
+    frozen = Frozen("convert", [f"--src={world.a}", f"--out={out}"], "first_group_written", str(tmp_path / "logs"))
+    try:
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-ck@")]  # the partial checkpoint
+        _assert_interrupted(frozen, frozen.resume(signal.SIGINT), "interrupted; partial checkpoint removed")
+        assert os.listdir(tmp_path) == ["logs"]
+    finally:
+        frozen.close()
+
+
+# --- defects 3, 4, 14: converter races, kills and leftovers -----------------------------------
+
+
+def _params(path: str):
+    from converters import sources
+
+    return sources.read_model(path)[1]
+
+
+@pytest.fixture(scope="module")
+def reference_params(world):
+    return {"A": _params(world.a), "B": _params(world.b)}
+
+
+def _which(out: Path, reference_params) -> str:
+    """"A" or "B": which source ``out`` loads as, leaf for leaf (anything else fails)."""
+    import jax
+
+    loaded = jax.tree.leaves(_params(str(out)))
+    for name, params in reference_params.items():
+        ref = jax.tree.leaves(params)
+        if len(ref) == len(loaded) and all(np.array_equal(x, y) for x, y in zip(ref, loaded, strict=True)):
+            return name
+    raise AssertionError(f"{out} loads as neither A nor B")
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith(".tmp-"))
+
+
+def test_two_converts_to_one_out_exactly_one_wins(world, tmp_path, reference_params):
+    """Both pass the up-front check and write their checkpoint; the first to publish wins, the
+    second finds --out taken at its final rename and says so, leaving the winner intact."""
+    out = tmp_path / "ck"
+    first = Frozen("convert", [f"--src={world.a}", f"--out={out}"], "written", str(tmp_path / "logs_a"))
+    second = Frozen("convert", [f"--src={world.b}", f"--out={out}"], "written", str(tmp_path / "logs_b"))
+    try:
+        assert first.resume() == 0, first.stderr()[-3000:]
+        assert second.resume() == 1
+        errors = error_lines(second.stderr())
+        assert len(errors) == 1 and "appeared while converting" in errors[0] and "Traceback" not in second.stderr()
+        assert _which(out, reference_params) == "A" and _temps(tmp_path) == []
+        assert (os.stat(out).st_mode & 0o777) == 0o777 & ~_umask()  # not mkdtemp's 0700
+    finally:
+        first.close()
+        second.close()
+
+
+def test_two_converts_started_together(world, tmp_path, reference_params):
+    """No hooks: whatever the interleaving, one succeeds and the other reports the conflict."""
+    out = tmp_path / "ck"
+    procs = [subprocess.Popen([sys.executable, "-m", "converters.convert", f"--src={src}", f"--out={out}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
+             for src in (world.a, world.b)]
+    results = [(p.wait(300), p.communicate()[1]) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    loser = [err for code, err in results if code == 1][0]
+    assert len(error_lines(loser)) == 1 and ("already exists" in loser or "appeared while converting" in loser)
+    winner = "AB"[[code for code, _ in results].index(0)]
+    assert _which(out, reference_params) == winner and _temps(tmp_path) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "fallback"])
+def test_publish_never_replaces_an_empty_directory(tmp_path, monkeypatch, renameat2):
+    """os.rename would silently replace an empty directory that appeared at the destination."""
+    from converters import publish
+
+    if not renameat2:
+        monkeypatch.setenv(publish.NO_RENAMEAT2_ENV, "1")
+    dest = tmp_path / "ck"
+    tmp = publish.make_temp_dir(str(dest))
+    Path(tmp, "payload").write_text("new")
+    dest.mkdir()
+    with pytest.raises(publish.DestinationExists):
+        publish.publish(tmp, str(dest), overwrite=False)
+    assert os.listdir(dest) == [] and os.path.isfile(os.path.join(tmp, "payload"))
+    publish.publish(tmp, str(dest), overwrite=True)
+    assert os.listdir(dest) == ["payload"] and _temps(tmp_path) == []
+
+
+def test_stale_temps_are_removed_only_when_their_writer_is_gone(tmp_path):
+    import socket
+
+    from converters import publish
+
+    dest = tmp_path / "ck"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    ours = Path(publish.make_temp_dir(str(dest)))  # this process: alive
+    gone = tmp_path / f".tmp-ck@{socket.gethostname()}@{dead.pid}@new-x"
+    elsewhere = tmp_path / f".tmp-ck@some-other-host@{dead.pid}@new-x"
+    other_dests = [tmp_path / f".tmp-ck2@{socket.gethostname()}@{dead.pid}@new-x",
+                   tmp_path / f".tmp-ck@x@{socket.gethostname()}@{dead.pid}@new-x"]  # the temp of `ck@x`
+    for d in (gone, elsewhere, *other_dests):
+        d.mkdir()
+    assert publish.clean_stale(str(dest)) == [str(gone)]
+    assert ours.is_dir() and elsewhere.is_dir() and all(d.is_dir() for d in other_dests) and not gone.exists()
+
+
+def test_renameat2_is_available(tmp_path):
+    """The atomic path, not the fallback, is what the tests above exercise (Linux CI)."""
+    from converters import publish
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("")
+    (tmp_path / "b").mkdir()
+    assert publish._renameat2(str(tmp_path / "a"), str(tmp_path / "b"), publish._RENAME_EXCHANGE)
+    assert os.listdir(tmp_path / "b") == ["x"] and os.listdir(tmp_path / "a") == []
+
+
+# Kill points of `convert --overwrite`, in order, and which model --out must hold right after a
+# SIGKILL there: the old one until the swap, the new one after it. `moved_aside` exists only
+# on the fallback path (no renameat2), where --out is briefly absent and the next run restores it.
+KILL_POINTS = [("first_group_written", "old", False), ("written", "old", False), ("swapped", "new", False),
+               ("discarding_old", "new", False), ("moved_aside", None, True), ("swapped", "new", True),
+               ("discarding_old", "new", True)]
+
+
+def test_overwrite_survives_sigkill_anywhere(world, tmp_path, reference_params):
+    """Each run converts the model --out does not hold, with --overwrite, and is killed at the
+    next point. After each kill --out loads as exactly the old or exactly the new model; each
+    next run removes (or restores) what the killed one left; a last full run leaves nothing."""
+    out = tmp_path / "ck"
+    assert run_cli("convert", [f"--src={world.a}", f"--out={out}"]).returncode == 0
+    holds, previous_leftovers, restore_pending = "A", [], False
+    for i, (point, expected, fallback) in enumerate(KILL_POINTS):
+        new = "B" if holds == "A" else "A"
+        env = {"JAXIND_TEST_NO_RENAMEAT2": "1"} if fallback else {}
+        argv = [f"--src={getattr(world, new.lower())}", f"--out={out}", "--overwrite", "--notokenizer"]
+        frozen = Frozen("convert", argv, point, str(tmp_path / f"logs{i}"), **env)
+        try:
+            assert not set(previous_leftovers) & set(_temps(tmp_path)), "the last run's leftovers were not cleaned"
+            if restore_pending:
+                assert "restored" in frozen.stderr()
+            frozen.kill()
+        finally:
+            frozen.close()
+        previous_leftovers = _temps(tmp_path)
+        assert previous_leftovers, f"a kill at {point} leaves a temporary directory"
+        if expected is None:  # fallback, between its two renames: the next run restores the old model
+            assert not out.exists()
+            restore_pending = True
+            continue
+        restore_pending = False
+        holds = holds if expected == "old" else new
+        assert _which(out, reference_params) == holds, point
+    final = run_cli("convert", [f"--src={world.a}", f"--out={out}", "--overwrite", "--notokenizer"])
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert _which(out, reference_params) == "A" and _temps(tmp_path) == []
+
+
+def test_restore_after_a_kill_between_the_fallback_renames(world, tmp_path, reference_params):
+    """Fallback swap killed with --out absent: a later run to the same --out, even one that is then
+    refused, first renames the old checkpoint back."""
+    out = tmp_path / "ck"
+    assert run_cli("convert", [f"--src={world.a}", f"--out={out}"]).returncode == 0
+    frozen = Frozen("convert", [f"--src={world.b}", f"--out={out}", "--overwrite", "--notokenizer"], "moved_aside",
+                    str(tmp_path / "logs"), JAXIND_TEST_NO_RENAMEAT2="1")
+    frozen.kill()
+    frozen.close()
+    assert not out.exists()
+    again = run_cli("convert", [f"--src={world.b}", f"--out={out}"])
+    assert again.returncode == 1 and "already exists" in error_lines(again.stderr)[0] and "restored" in again.stderr
+    assert _which(out, reference_params) == "A" and _temps(tmp_path) == []
+
+
+# --- defect 12: file modes ------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_results_json_mode_follows_the_umask(tmp_path, mask):
+    from jaxind import results
+
+    path = tmp_path / "r.json"
+    path.write_text("{}")
+    os.chmod(path, 0o600)  # replaced files get the umask mode too, not the old one
+    old = os.umask(mask)
+    try:
+        results.write_json(str(path), {"x": 1})
+        fresh = tmp_path / "fresh.json"
+        results.write_json(str(fresh), {"x": 1})
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask == os.stat(fresh).st_mode & 0o777
+    assert json.loads(path.read_text()) == {"x": 1}
