@@ -246,9 +246,12 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
         raise CheckpointError("config.json: rope_parameters / rope_scaling must be objects or null")
     if any(isinstance(v, Mapping) for v in params.values()):
         raise UnsupportedModelError(f"per-layer-type RoPE parameters ({sorted(params)}) are not supported")
-    merged = {**scaling, **params}
+    # transformers lets a legacy `rope_scaling` override `rope_parameters` (its type wins too).
+    merged = {**params, **scaling}
     theta = float(merged.pop("rope_theta", hf.get("rope_theta") or 10000.0))
-    rope_type = merged.pop("rope_type", None) or merged.pop("type", None) or "default"
+    rope_type = (scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type")
+                 or "default")
+    merged.pop("rope_type", None)
     merged.pop("type", None)
     partial = merged.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):

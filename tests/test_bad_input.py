@@ -80,6 +80,41 @@ def _unchanged_folder(world: World, d: Path) -> None:
     assert sorted(os.listdir(d / "occupied")) == ["keep.txt"] and (d / "occupied" / "keep.txt").read_text() == "mine"
 
 
+def _edited_ckpt(text: str | None = None, remove: str | None = None, **config_changes) -> Callable[[World, Path], None]:
+    """Copies A's jaxind checkpoint to ``case_dir/ck`` and edits its config (or replaces it with ``text``, or
+    removes a stored group)."""
+    def setup(world: World, d: Path) -> None:
+        shutil.copytree(world.ckpt_a, d / "ck")
+        config = d / "ck" / "jaxind_config.json"
+        if text is not None:
+            config.write_text(text)
+        elif config_changes:
+            config.write_text(json.dumps({**json.loads(config.read_text()), **config_changes}))
+        if remove:
+            shutil.rmtree(d / "ck" / remove)
+    return setup
+
+
+def _edited_hf(text: str | None = None, **config_changes) -> Callable[[World, Path], None]:
+    """Copies A's HF directory to ``case_dir/hf`` and edits its config.json (or replaces it with ``text``)."""
+    def setup(world: World, d: Path) -> None:
+        shutil.copytree(world.a, d / "hf")
+        if text is not None:
+            (d / "hf" / "config.json").write_text(text)
+        else:
+            edit_config(str(d / "hf"), **config_changes)
+    return setup
+
+
+def _tiny_gguf(**kwargs) -> Callable[[World, Path], None]:
+    """Writes a tiny Llama GGUF (tests/gguf_models.py) to ``case_dir/m.gguf``."""
+    def setup(world: World, d: Path) -> None:
+        from gguf_models import write_tiny_llama_gguf
+
+        write_tiny_llama_gguf(str(d / "m.gguf"), **kwargs)
+    return setup
+
+
 def _flag(flag: str, expected: str) -> Case:
     """A bad numeric/list flag given with two good models: refused before either is loaded."""
     return Case(f"flag{flag}", lambda w, d: [*w.pair(), flag], expected)
@@ -161,6 +196,34 @@ CASES: list[Case] = [
     Case("nan_weights", lambda w, d: [*w.pair(w.bad["nan"])], "NaN", before_work=False),
     Case("config_weights_mismatch", lambda w, d: [*w.pair(w.bad["mismatch"])], "config and the weights disagree",
          before_work=False),
+    # --- defect 2 and 9: a checkpoint's config against its weights; configs that are not objects ---
+    Case("ckpt_widened_mlp", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+         "is stored with shape (64, 128) but the config implies (64, 256)", setup=_edited_ckpt(d_ff=256),
+         before_work=False),
+    Case("ckpt_fewer_layers", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+         "that the config (n_layers=1) does not have", setup=_edited_ckpt(n_layers=1), before_work=False),
+    Case("ckpt_more_layers", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"], "that are not stored",
+         setup=_edited_ckpt(n_layers=3), before_work=False),
+    Case("ckpt_group_deleted", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"], "missing from params/: layers.1",
+         setup=_edited_ckpt(remove="params/layers.1"), before_work=False),
+    Case("ckpt_config_not_object", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+         "a jaxind config must be a JSON object", setup=_edited_ckpt(text="[1,2,3]"), before_work=False),
+    Case("hf_config_not_object", lambda w, d: [*w.pair(str(d / "hf"))],
+         "holds an array, not an object of model settings", setup=_edited_hf(text="[1,2,3]"), before_work=False),
+    Case("hf_config_size_not_int", lambda w, d: [*w.pair(str(d / "hf"))],
+         "config.json has hidden_size='abc'; it must be an integer", setup=_edited_hf(hidden_size="abc"),
+         before_work=False),
+    Case("hf_config_yarn_rope", lambda w, d: [*w.pair(str(d / "hf"))], "RoPE scaling type 'yarn' is not supported",
+         setup=_edited_hf(rope_scaling={"type": "yarn", "factor": 4.0}), before_work=False),
+    Case("hf_config_quantised", lambda w, d: [*w.pair(str(d / "hf"))], "quantised checkpoints (quantization_config: fp8)",
+         setup=_edited_hf(quantization_config={"quant_method": "fp8"}), before_work=False),
+    Case("hf_config_gemma2", lambda w, d: [*w.pair(str(d / "hf"))], "unsupported model_type 'gemma2'",
+         setup=_edited_hf(model_type="gemma2"), before_work=False),
+    Case("gguf_mixture_of_experts", lambda w, d: [*w.pair(str(d / "m.gguf"))],
+         "mixture-of-experts models are not supported", setup=_tiny_gguf(metadata={"llama.expert_count": 8}),
+         before_work=False),
+    Case("convert_unreadable_gguf_tokenizer", lambda w, d: [f"--src={d / 'm.gguf'}", f"--out={d / 'o'}"],
+         "--notokenizer", cli="convert", setup=_tiny_gguf(tokenizer_model="no-such-tokenizer"), before_work=False),
     # --- the converter -----------------------------------------------------------------------------
     Case("convert_no_flags", lambda w, d: [], "--src and --out are required", cli="convert"),
     Case("convert_bad_flag", lambda w, d: ["--overwrite=maybe"], "--overwrite", cli="convert"),
@@ -338,7 +401,7 @@ def test_ctrl_c_in_main_prints_one_line(world, tmp_path):
 
 def test_ctrl_c_in_convert_removes_the_partial_checkpoint(world, tmp_path):
     out = tmp_path / "ck"
-    frozen = Frozen("convert", [f"--src={world.a}", f"--out={out}"], "first_group_written", str(tmp_path / "logs"))
+    frozen = Frozen("convert", [f"--src={world.a}", f"--out={out}", "--notokenizer"], "first_group_written", str(tmp_path / "logs"))
     try:
         assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-ck@")]  # the partial checkpoint
         _assert_interrupted(frozen, frozen.resume(signal.SIGINT), "interrupted; partial checkpoint removed")
