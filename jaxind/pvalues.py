@@ -139,10 +139,10 @@ def spearman_test(x, y) -> SpearmanResult:
         t = rho * math.sqrt(max(dof / ((rho + 1.0) * (1.0 - rho)), 0.0)) if abs(rho) < 1.0 else math.copysign(math.inf, rho)
     log10_p = _log10_t_two_sided(abs(t), dof)
     log10_p = float(min(0.0, max(log10_p, log10_min_spearman_pvalue(n))))
-    return SpearmanResult(rho, _pow10(log10_p), log10_p)
+    return SpearmanResult(rho, pow10(log10_p), log10_p)
 
 
-def _pow10(log10_p: float) -> float:
+def pow10(log10_p: float) -> float:
     """``10 ** log10_p`` without overflow warnings (0.0 where it underflows)."""
     if math.isnan(log10_p):
         return math.nan
@@ -200,7 +200,7 @@ def fisher_combine(pvalues=None, *, log10_pvalues=None) -> CombinedPValue:
     statistic = -2.0 * float(logs.sum())
     log_sf = _log_chi2_sf_even(statistic, k)
     log10_p = log_sf / _LN10
-    return CombinedPValue(_pow10(log10_p), log10_p)
+    return CombinedPValue(pow10(log10_p), log10_p)
 
 
 def permtest_pvalue(stat0, stats_draws) -> CombinedPValue | tuple[np.ndarray, np.ndarray]:

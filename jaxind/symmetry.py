@@ -32,15 +32,14 @@ first folds every norm weight into the linear maps that read the normalised stre
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-
-Params = dict[str, Any]
+from jaxind.types import Params
 
 # Axis name of one array axis: "resid", ("mlp", layer) after expansion, or None (untouched).
 AxisName = Union[str, tuple, None]
@@ -128,9 +127,15 @@ def get_leaf(params: Params, path: Path) -> jax.Array:
     return node
 
 
-def _check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName, ...]]) -> None:
-    """Refuses a param tree whose leaves differ from the spec (a silently unpermuted leaf
-    would break the group action)."""
+def check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName, ...]] | None = None) -> None:
+    """Refuses a param tree whose leaves differ from the permutation spec for ``cfg`` (a silently
+    unpermuted leaf would break the group action; a missing one would break any statistic).
+
+    Raises:
+      JaxindError: unknown top-level entries, a layer count other than the config's, or leaves
+        extra to or missing from the spec.
+    """
+    spec = permutation_spec(cfg) if spec is None else spec
     found = {(name,) for name in params if name != "layers"}
     unknown_top = set(params) - set(TOP_SPEC) - {"layers"}
     if unknown_top:
@@ -218,7 +223,7 @@ def apply_permutation(params: Params, cfg: ModelConfig, perm: Perm) -> Params:
       JaxindError: the tree's leaves do not match the spec for ``cfg``.
     """
     spec = permutation_spec(cfg)
-    _check_tree(params, cfg, spec)
+    check_tree(params, cfg, spec)
     new = {}
     for path, axes in spec.items():
         leaf = get_leaf(params, path)
@@ -296,7 +301,7 @@ def rotate_residual(params: Params, cfg: ModelConfig, rotation: jax.Array) -> tu
         raise JaxindError(f"rotation must have shape ({d}, {d}), got {rotation.shape}")
     folded, new_cfg = fold_norms(params, cfg)
     spec = permutation_spec(new_cfg)
-    _check_tree(folded, new_cfg, spec)
+    check_tree(folded, new_cfg, spec)
     rot = rotation.astype(jnp.float32)
     new = {}
     for path, axes in spec.items():

@@ -64,7 +64,7 @@ def test_cli_localized_writes_matrix_map_and_heatmap(tmp_path, pair):
     r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=match", "--localized", "--num_sequences=8",
                  "--seq_len=16", f"--output={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    loc = json.loads(out.read_text())["localized"]
+    loc = json.loads(out.read_text())["tests"]["localized"]
     assert loc["layer_map"] == {"0": 0, "1": 1}
     assert np.asarray(loc["log10_pvalue_matrix"]).shape == (2, 2)
     assert os.path.getsize(tmp_path / "loc_localized.png") > 1000

@@ -67,7 +67,7 @@ def test_match_detects_disguised_and_fine_tuned_smollm2(smollm2, smollm2_finetun
     for params_b, cfg_b in ((disguised, disguised_cfg), (smollm2_finetuned, cfg)):
         out = match.match_test(smollm2.params, cfg, params_b, cfg_b, [tokens[:2], tokens[2:]], key=jax.random.key(0),
                                layer_pairs=layers)
-        assert out["log10_pvalue"] < -10, out["log10_pvalue"]
+        assert out.log10_pvalue < -10, out.log10_pvalue
 
 
 def test_cli_on_the_real_model_with_text_data(tmp_path, smollm2_path):

@@ -143,12 +143,12 @@ def default_method(backend: str | None = None, shape: tuple[int, ...] | None = N
     """
     backend = backend or jax.default_backend()
     if backend == "cpu" or (shape is not None and shape[-1] != shape[-2]):
-        return "lapjv" if _have_lap() else "scipy"
+        return "lapjv" if have_lapjv() else "scipy"
     return "auction"
 
 
 @functools.lru_cache(maxsize=1)
-def _have_lap() -> bool:
+def have_lapjv() -> bool:
     try:
         import lap  # noqa: F401
     except ImportError:
@@ -186,6 +186,88 @@ def _top2(vals: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return v1, j1, v2
 
 
+def _start_phase(benefit: jax.Array, prices: jax.Array, person_obj: jax.Array, e: jax.Array) -> jax.Array:
+    """Keeps only the pairs that satisfy e-complementary slackness and frees the others.
+
+    ``person_obj (m,)`` is the column held by each of the ``m`` persons (``n`` real rows, then the
+    dummies), -1 when free.
+    """
+    n, m = benefit.shape
+    arange_m = jnp.arange(m, dtype=jnp.int32)
+    best = jnp.max(benefit - prices, axis=1)
+    obj = person_obj[:n]
+    cur = benefit[jnp.arange(n), jnp.maximum(obj, 0)] - prices[jnp.maximum(obj, 0)]
+    keep = jnp.concatenate([
+        (obj >= 0) & (cur >= best - e),
+        (person_obj[n:] >= 0)
+        & (-prices[jnp.maximum(person_obj[n:], 0)] >= -jnp.min(prices) - e)])
+    person_obj = jnp.where(keep, person_obj, -1)
+    # Repair double ownership from a stale warm start: later persons lose.
+    owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].min(
+        arange_m, mode="drop")
+    ok = (person_obj >= 0) & (owner[jnp.maximum(person_obj, 0)] == arange_m)
+    return jnp.where(ok, person_obj, -1)
+
+
+def _dummy_bids(prices: jax.Array, person_obj: jax.Array, n: int, e: jax.Array) -> tuple[
+        jax.Array, jax.Array, jax.Array]:
+    """Bids of the ``m - n`` dummy rows (benefit 0 everywhere): the unassigned ones take the
+    cheapest columns together. Returns ``(bidders, targets, bids)``; target ``m`` = no bid."""
+    m = prices.shape[0]
+    d_un = person_obj[n:] < 0
+    num_un = jnp.sum(d_un)
+    order = jnp.argsort(prices)
+    sorted_p = prices[order]
+    rank = jnp.cumsum(d_un) - 1
+    d_target = order[jnp.clip(rank, 0, m - 1)]
+    d_bid = sorted_p[jnp.minimum(num_un, m - 1)] + e
+    d_bid = jnp.maximum(d_bid, jnp.nextafter(prices[d_target], jnp.inf))
+    bidders = n + jnp.arange(m - n, dtype=jnp.int32)
+    return bidders, jnp.where(d_un, d_target, m), jnp.where(d_un, d_bid, -jnp.inf)
+
+
+def _bid_round(benefit: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array], e: jax.Array,
+               size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One bidding round: up to ``size`` unassigned rows (and every unassigned dummy) bid for
+    their best column; each column goes to its highest bidder. ``carry = (prices, person_obj, it)``."""
+    n, m = benefit.shape
+    prices, person_obj, it = carry
+    dtype = benefit.dtype
+    arange_m = jnp.arange(m, dtype=jnp.int32)
+    big = jnp.asarray(m, jnp.int32)  # "no target" sentinel, dropped by scatters
+    # Real bidders: up to `size` unassigned rows, each bids for its best column.
+    idx = jnp.nonzero(person_obj[:n] < 0, size=size, fill_value=n)[0]
+    valid = idx < n
+    rows = benefit[jnp.minimum(idx, n - 1)] - prices
+    v1, j1, v2 = _top2(rows)
+    v2 = jnp.where(jnp.isfinite(v2), v2, v1)  # m == 1
+    real_bid = prices[j1] + (v1 - v2) + e
+    real_bid = jnp.maximum(real_bid, jnp.nextafter(prices[j1], jnp.inf))
+    bidders = [idx]
+    targets = [jnp.where(valid, j1, big)]
+    bids = [jnp.where(valid, real_bid, -jnp.inf)]
+    if m > n:
+        d_bidders, d_targets, d_bids = _dummy_bids(prices, person_obj, n, e)
+        bidders.append(d_bidders)
+        targets.append(d_targets)
+        bids.append(d_bids)
+    all_bidders = jnp.concatenate(bidders).astype(jnp.int32)
+    all_targets = jnp.concatenate(targets).astype(jnp.int32)
+    all_bids = jnp.concatenate(bids)
+    # Each column goes to its highest bidder (lowest id among equal bids).
+    best_bid = jnp.full((m,), -jnp.inf, dtype).at[all_targets].max(all_bids, mode="drop")
+    is_win = (all_targets < m) & (all_bids == best_bid[jnp.minimum(all_targets, m - 1)])
+    winner = jnp.full((m,), m, jnp.int32).at[all_targets].min(
+        jnp.where(is_win, all_bidders, m), mode="drop")
+    sold = winner < m
+    owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].set(
+        arange_m, mode="drop")
+    person_obj = person_obj.at[jnp.where(sold, owner, m)].set(-1, mode="drop")
+    person_obj = person_obj.at[jnp.where(sold, winner, m)].set(arange_m, mode="drop")
+    prices = jnp.where(sold, best_bid, prices)
+    return prices, person_obj, it + 1
+
+
 @functools.partial(jax.jit, static_argnames=("block", "small_block", "max_iter"))
 def auction_lap(benefit: jax.Array, eps: jax.Array, init_prices: jax.Array | None = None,
                 init_col_of_row: jax.Array | None = None, *, block: int = 256,
@@ -209,97 +291,34 @@ def auction_lap(benefit: jax.Array, eps: jax.Array, init_prices: jax.Array | Non
     """
     n, m = benefit.shape
     dtype = benefit.dtype
-    n_dummy = m - n
     block = min(block, n)
     small = min(small_block, block)
-    big = jnp.asarray(m, jnp.int32)  # "no target" sentinel, dropped by scatters
     prices = jnp.zeros((m,), dtype) if init_prices is None else init_prices.astype(dtype)
     # person_obj: object held by each of the m persons (n real rows, then the dummies).
     person_obj = jnp.full((m,), -1, jnp.int32)
     if init_col_of_row is not None:
         person_obj = person_obj.at[:n].set(init_col_of_row.astype(jnp.int32))
-    eps = eps.astype(dtype)
-    arange_m = jnp.arange(m, dtype=jnp.int32)
-
-    def start_phase(prices, person_obj, e):
-        """Keep only pairs satisfying e-complementary slackness; free the others."""
-        best = jnp.max(benefit - prices, axis=1)
-        obj = person_obj[:n]
-        cur = benefit[jnp.arange(n), jnp.maximum(obj, 0)] - prices[jnp.maximum(obj, 0)]
-        keep = jnp.concatenate([
-            (obj >= 0) & (cur >= best - e),
-            (person_obj[n:] >= 0)
-            & (-prices[jnp.maximum(person_obj[n:], 0)] >= -jnp.min(prices) - e)])
-        person_obj = jnp.where(keep, person_obj, -1)
-        # Repair double ownership from a stale warm start: later persons lose.
-        owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].min(
-            arange_m, mode="drop")
-        ok = (person_obj >= 0) & (owner[jnp.maximum(person_obj, 0)] == arange_m)
-        return jnp.where(ok, person_obj, -1)
-
-    def bid_round(carry, e, size):
-        prices, person_obj, it = carry
-        unassigned = person_obj < 0
-        # Real bidders: up to `size` unassigned rows, each bids for its best column.
-        idx = jnp.nonzero(unassigned[:n], size=size, fill_value=n)[0]
-        valid = idx < n
-        rows = benefit[jnp.minimum(idx, n - 1)] - prices
-        v1, j1, v2 = _top2(rows)
-        v2 = jnp.where(jnp.isfinite(v2), v2, v1)  # m == 1
-        real_bid = prices[j1] + (v1 - v2) + e
-        real_bid = jnp.maximum(real_bid, jnp.nextafter(prices[j1], jnp.inf))
-        bidders = [idx]
-        targets = [jnp.where(valid, j1, big)]
-        bids = [jnp.where(valid, real_bid, -jnp.inf)]
-        if n_dummy:
-            # Unassigned dummies (benefit 0 everywhere) take the cheapest columns together.
-            d_un = unassigned[n:]
-            num_un = jnp.sum(d_un)
-            order = jnp.argsort(prices)
-            sorted_p = prices[order]
-            rank = jnp.cumsum(d_un) - 1
-            d_target = order[jnp.clip(rank, 0, m - 1)]
-            d_bid = sorted_p[jnp.minimum(num_un, m - 1)] + e
-            d_bid = jnp.maximum(d_bid, jnp.nextafter(prices[d_target], jnp.inf))
-            bidders.append(n + jnp.arange(n_dummy, dtype=jnp.int32))
-            targets.append(jnp.where(d_un, d_target, big))
-            bids.append(jnp.where(d_un, d_bid, -jnp.inf))
-        bidders = jnp.concatenate(bidders).astype(jnp.int32)
-        targets = jnp.concatenate(targets).astype(jnp.int32)
-        bids = jnp.concatenate(bids)
-        # Each column goes to its highest bidder (lowest id among equal bids).
-        best_bid = jnp.full((m,), -jnp.inf, dtype).at[targets].max(bids, mode="drop")
-        is_win = (targets < m) & (bids == best_bid[jnp.minimum(targets, m - 1)])
-        winner = jnp.full((m,), m, jnp.int32).at[targets].min(
-            jnp.where(is_win, bidders, m), mode="drop")
-        sold = winner < m
-        owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].set(
-            arange_m, mode="drop")
-        person_obj = person_obj.at[jnp.where(sold, owner, m)].set(-1, mode="drop")
-        person_obj = person_obj.at[jnp.where(sold, winner, m)].set(arange_m, mode="drop")
-        prices = jnp.where(sold, best_bid, prices)
-        return prices, person_obj, it + 1
 
     def phase(carry, e):
         prices, person_obj, it = carry
-        person_obj = start_phase(prices, person_obj, e)
+        person_obj = _start_phase(benefit, prices, person_obj, e)
 
         def cond(c):
             return jnp.any(c[1] < 0) & (c[2] < max_iter)
 
         def body(c):
             if small >= block:
-                return bid_round(c, e, block)
+                return _bid_round(benefit, c, e, block)
             # Few bidders left (the usual tail): a small block avoids wasted rows.
             return jax.lax.cond(jnp.sum(c[1][:n] < 0) > small,
-                                lambda c: bid_round(c, e, block),
-                                lambda c: bid_round(c, e, small), c)
+                                lambda c: _bid_round(benefit, c, e, block),
+                                lambda c: _bid_round(benefit, c, e, small), c)
 
         carry = jax.lax.while_loop(cond, body, (prices, person_obj, it))
         return carry, None
 
     (prices, person_obj, it), _ = jax.lax.scan(
-        phase, (prices, person_obj, jnp.asarray(0, jnp.int32)), eps)
+        phase, (prices, person_obj, jnp.asarray(0, jnp.int32)), eps.astype(dtype))
     converged = jnp.all(person_obj >= 0)
     return AuctionResult(person_obj[:n], prices, it, converged)
 
@@ -372,9 +391,15 @@ def _default_block(n: int) -> int:
     return min(n, 256 if jax.default_backend() == "cpu" else 2048)
 
 
-def _auction_oriented(cost, maximize: bool, rtol: float, block: int | None,
+def solve_auction(cost, maximize: bool, rtol: float, block: int | None,
                       max_iter: int) -> tuple[np.ndarray, dict]:
-    """Auction on an (n, m) cost with n <= m; returns col_of_row (n,) and diagnostics."""
+    """The certified auction on an ``(n, m)`` cost with ``n <= m`` (see the module doc).
+
+    Returns:
+      ``(col_of_row (n,), info)``: ``info`` has the bidding rounds (``iters32``, ``iters64``), the
+      duality gaps reached (``gap32``, ``gap64``), the tolerance ``tol``, and whether the float64
+      stage (``refined``) or the scipy fallback (``fallback``) ran.
+    """
     n, m = cost.shape
     block = block or _default_block(n)
     cost32 = jnp.asarray(cost, jnp.float32) if not isinstance(cost, jax.Array) else cost
@@ -449,7 +474,7 @@ def _solve_oriented(cost, maximize: bool, method: str, rtol: float, block: int |
         out = np.empty(cost.shape[0], np.int64)
         out[np.asarray(rows)] = np.asarray(cols)
         return out
-    cols, _ = _auction_oriented(cost, maximize, rtol, block, max_iter)
+    cols, _ = solve_auction(cost, maximize, rtol, block, max_iter)
     return cols
 
 

@@ -1,0 +1,222 @@
+"""Every test behind one calling convention, and the registry the CLI, the runner and the README
+are generated from (docs/DESIGN.md §5.3).
+
+    result = TESTS[name](a, b, *, key, data=None, layers=None, **options) -> TestResult
+
+``a`` and ``b`` are :class:`jaxind.loading.Model` objects; ``key`` a PRNG key; ``data`` token ids
+``(N, T)`` (or a :class:`jaxind.inputs.TokenData`, which lets CSH and MATCH share one pass) for the
+tests that run the models; ``layers`` a layer selection (:mod:`jaxind.layers`) for the layer-wise
+tests; ``options`` the test's own settings (``num_perms`` for the PERMTESTs, ``steps`` for the
+generalized test, ...). The array-level kernels underneath (:func:`jaxind.constrained.csu`,
+:func:`jaxind.permtest.permtest`, :func:`jaxind.match.match_test`, ...) stay public for code
+that holds raw param trees.
+
+:func:`key_for` derives each test's PRNG key from the seed and a CRC-32 of the test's name, so a
+test's randomness does not depend on which other tests run or on their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, get_args
+
+import jax
+import numpy as np
+
+from jaxind import constrained, divergence, generalized, localized, match, permtest
+from jaxind.errors import JaxindError
+from jaxind.inputs import TokenData
+from jaxind.layers import Layers, resolve_pairs, same_layer_pairs
+from jaxind.loading import Model
+from jaxind.results import TestResult, timed
+
+TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized"]
+Setting = Literal["constrained", "unconstrained", "none"]
+
+
+class TestFn(Protocol):
+    """The one calling convention."""
+
+    def __call__(self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
+                 **options: Any) -> TestResult: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSpec:
+    """A registered test: how to run it and how to describe it.
+
+    Attributes:
+      name: the test's name (``--tests`` value, key in the results JSON).
+      run: the test, called as ``run(a, b, key=..., data=..., layers=..., **options)``.
+      setting: "constrained" (the suspect did not permute/rotate weights), "unconstrained"
+        (robust to that), or "none" (not a test).
+      pvalue: what the p-value is (README table).
+      compares: what the test compares (README table).
+      meaning: a few words for the report table.
+      needs_data: the test runs the models on tokens (``data`` is required).
+      layerwise: the test takes ``layers``.
+      cli_options: ``{option: attribute of jaxind.runner.Settings}`` the runner passes.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    name: TestName
+    run: TestFn
+    setting: Setting
+    pvalue: str
+    compares: str
+    meaning: str
+    needs_data: bool
+    layerwise: bool
+    cli_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
+                 **options: Any) -> TestResult:
+        if layers is not None and not self.layerwise:
+            raise JaxindError(f"{self.name} compares whole models; it takes no layer selection")
+        return self.run(a, b, key=key, data=data, layers=layers, **options)
+
+
+def key_for(seed: int, name: str) -> jax.Array:
+    """The PRNG key of test ``name`` for ``seed``: ``fold_in(key(seed), crc32(name))``."""
+    return jax.random.fold_in(jax.random.key(seed), np.uint32(zlib.crc32(name.encode())))
+
+
+def _require_glu(a: Model, b: Model, test: str) -> None:
+    if not (a.config.glu and b.config.glu):
+        raise JaxindError(f"{test} reads gate/up activations and needs gated (GLU) MLPs in both models; "
+                          "use --tests=generalized for GPT-2-style MLPs")
+
+
+def _same_config(a: Model, b: Model, test: str) -> None:
+    if a.config != b.config:
+        raise JaxindError(f"{test} (PERMTEST on weights) needs two models of the same architecture and config; "
+                          "use csu/match for models that differ")
+
+
+@timed
+def _csu(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    return constrained.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+
+
+@timed
+def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    return constrained.csu_all(a.params, a.config, b.params, b.config, key)
+
+
+@timed
+def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    _require_glu(a, b, "csh")
+    tokens = TokenData.of(data, "csh")
+    pairs = resolve_pairs(layers, a.config, b.config, "CSH")
+    stats = tokens.pass_stats(a.params, a.config, b.params, b.config, pairs)
+    return constrained.csh_from_pass(stats, pairs, key)
+
+
+@timed
+def _match(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
+           return_units: bool = False) -> TestResult:
+    _require_glu(a, b, "match")
+    tokens = TokenData.of(data, "match")
+    pairs = resolve_pairs(layers, a.config, b.config, "MATCH")
+    stats = tokens.pass_stats(a.params, a.config, b.params, b.config, pairs)
+    return match.match_from_pass(stats, pairs, key, return_units)
+
+
+@timed
+def _l2(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
+        num_perms: int = 999) -> TestResult:
+    _same_config(a, b, "l2")
+    chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")
+    return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="l2", layers=chosen)
+
+
+@timed
+def _mc(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, num_perms: int = 999,
+        mc_sequences: int = 4) -> TestResult:
+    _same_config(a, b, "mc")
+    tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
+    return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="mc", tokens=tokens)
+
+
+@timed
+def _jsd(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    vocab = min(a.config.vocab_size, b.config.vocab_size)
+    return divergence.jsd(a.logits, b.logits, TokenData.of(data, "jsd").batches(), vocab)
+
+
+@timed
+def _localized(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
+               alpha: float = 0.01, heatmap_path: str | None = None,
+               memory_budget_bytes: int = 2 * 2**30) -> TestResult:
+    _require_glu(a, b, "localized testing")
+    batches = TokenData.of(data, "localized testing").batches()
+    layers_a = layers_b = None
+    if layers is not None:
+        pairs = resolve_pairs(layers, a.config, b.config, "localized testing")
+        layers_a, layers_b = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+    labels = (str(a.meta.get("source", "model A")), str(b.meta.get("source", "model B")))
+    return localized.localized_test(a.params, a.config, b.params, b.config, batches, key=key, alpha=alpha,
+                                    layers_a=layers_a, layers_b=layers_b, memory_budget_bytes=memory_budget_bytes,
+                                    heatmap_path=heatmap_path, labels=labels)
+
+
+@timed
+def _generalized(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
+                 **options: Any) -> TestResult:
+    return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layer_pairs=layers, **options)
+
+
+_SPEARMAN = "exact (Spearman of a uniformly random matching under H0; Fisher over layers)"
+_SPECS = (
+    TestSpec("csu", _csu, "constrained", _SPEARMAN, "up-projection weight rows, matched by cosine similarity",
+             "up-projection weights matched (exact p)", needs_data=False, layerwise=True),
+    TestSpec("csh", _csh, "constrained", "exact, same construction", "up-projection activations over the tokens",
+             "up-projection activations matched (exact p)", needs_data=True, layerwise=True),
+    TestSpec("csu_all", _csu_all, "constrained", "heuristic (`exact: false`): only MLP units are a symmetry",
+             "every equally shaped 2-D weight", "all 2-D weights matched (heuristic)", needs_data=False,
+             layerwise=False),
+    TestSpec("l2", _l2, "constrained",
+             "exact PERMTEST, `(1 + #{stat_t >= stat_0}) / (T + 1)`, per layer and total (or over `--layers`)",
+             "minus the weight distance", "weight distance, PERMTEST (exact p)", needs_data=False, layerwise=True,
+             cli_options={"num_perms": "num_perms"}),
+    TestSpec("mc", _mc, "constrained", "exact PERMTEST",
+             "minus the loss of the averaged model (needs trained models to have power)",
+             "mode connectivity, PERMTEST (exact p)", needs_data=True, layerwise=False,
+             cli_options={"num_perms": "num_perms", "mc_sequences": "mc_sequences"}),
+    TestSpec("jsd", _jsd, "none", "none: invariant under the symmetry group, reported as a number",
+             "next-token distributions", "output divergence (no p-value)", needs_data=True, layerwise=False),
+    TestSpec("match", _match, "unconstrained",
+             "Spearman of gate vs up matchings, Fisher over layers (approximate, as in the paper)",
+             "activations; robust to permutation, rotation, pruning (rectangular LAP)",
+             "gate vs up matchings agree (robust)", needs_data=True, layerwise=True),
+    TestSpec("localized", _localized, "unconstrained",
+             "MATCH per layer pair; Bonferroni over the matrix (approximate)",
+             "every layer of A with every layer of B: layer map, kept units, heatmap",
+             "MATCH on every layer pair (robust)", needs_data=True, layerwise=True,
+             cli_options={"heatmap_path": "heatmap_path"}),
+    TestSpec("generalized", _generalized, "unconstrained", "as `match`, on GLU students distilled on Gaussian inputs",
+             "any MLP block, GLU or not, or retrained", "distilled MLPs, MATCH (robust)", needs_data=False,
+             layerwise=True, cli_options={"steps": "generalized_steps"}),
+)
+TESTS: Mapping[str, TestSpec] = {spec.name: spec for spec in _SPECS}
+assert set(TESTS) == set(get_args(TestName)), "every TestName is registered, and only those"
+DEFAULT_TESTS: tuple[TestName, ...] = ("csu", "l2", "jsd", "match")
+
+
+def tests_help() -> str:
+    """The ``--tests`` flag's help: every registered test with a few words."""
+    return "Tests to run (comma-separated): " + "; ".join(f"{s.name}: {s.meaning}" for s in TESTS.values()) + "."
+
+
+def markdown_table() -> str:
+    """The README's table of tests (a test checks that the README holds exactly this)."""
+    rows = ["| test | setting | p-value | what it compares | data | `--layers` |", "|---|---|---|---|---|---|"]
+    for s in TESTS.values():
+        setting = "-" if s.setting == "none" else s.setting
+        rows.append(f"| `{s.name}` | {setting} | {s.pvalue} | {s.compares} | {'tokens' if s.needs_data else '-'} "
+                    f"| {'yes' if s.layerwise else '-'} |")
+    return "\n".join(rows)
+
