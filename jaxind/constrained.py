@@ -64,8 +64,9 @@ def _check_same_width(cfg_a: ModelConfig, cfg_b: ModelConfig, test: str) -> None
 
 
 @timed
-def csu(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array,
-        layers: Layers = None) -> TestResult:
+def csu(
+    params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array, layers: Layers = None
+) -> TestResult:
     """CSU: per layer pair, Spearman p-value of the cosine matching of up-projection units;
     Fisher-combined. ``layers``: a layer selection (:mod:`jaxind.layers`), default ``(l, l)`` for
     the shared depth."""
@@ -98,8 +99,11 @@ def csu_all(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: Model
 
 def _flat_2d(params: Params) -> dict[str, jax.Array]:
     """Every 2-D leaf by dotted path, except the vocabulary- and position-sized ones."""
-    return {name: leaf for name, leaf in model.flatten_paths(params).items()
-            if leaf.ndim == 2 and name.split(".")[0] not in _SKIP_ALL}
+    return {
+        name: leaf
+        for name, leaf in model.flatten_paths(params).items()
+        if leaf.ndim == 2 and name.split(".")[0] not in _SKIP_ALL
+    }
 
 
 @timed

@@ -31,8 +31,12 @@ def jsd_sum(logits_a: jax.Array, logits_b: jax.Array, mask: jax.Array) -> jax.Ar
 
 
 @timed
-def jsd(logits_fn_a: Callable[[np.ndarray], jax.Array], logits_fn_b: Callable[[np.ndarray], jax.Array],
-        batches: Iterable[tuple[np.ndarray, np.ndarray]], vocab: int) -> TestResult:
+def jsd(
+    logits_fn_a: Callable[[np.ndarray], jax.Array],
+    logits_fn_b: Callable[[np.ndarray], jax.Array],
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    vocab: int,
+) -> TestResult:
     """Mean Jensen-Shannon divergence (bits, in [0, 1]) of the next-token distributions over
     all positions; distributions are restricted to the shared vocabulary prefix ``[0, vocab)``.
 

@@ -92,8 +92,19 @@ def canonicalize_student(student: Params) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("block_fn", "steps", "batch_size", "learning_rate", "act", "d", "h"))
-def _train(block_fn: BlockFn, block_params: Any, key: jax.Array, input_scale: jax.Array, *, d: int, h: int,
-           steps: int, batch_size: int, learning_rate: float, act: Activation):
+def _train(
+    block_fn: BlockFn,
+    block_params: Any,
+    key: jax.Array,
+    input_scale: jax.Array,
+    *,
+    d: int,
+    h: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    act: Activation,
+):
     """Whole distillation as one jitted ``lax.scan`` over Adam steps (fixed shapes)."""
     k_init, k_scale, k_data, k_eval = jax.random.split(key, 4)
     x0 = input_scale * jax.random.normal(k_scale, (4096, d))
@@ -150,14 +161,25 @@ def distill_glu(
       the block divided by ``info["output_scale"]``) and ``info`` with ``r2`` (fit on 8192 fresh
       inputs), ``final_loss``, ``output_scale``.
     """
-    student, r2, losses, y_scale = _train(block_fn, block_params, key, jnp.float32(input_scale), d=d, h=h,
-                                          steps=steps, batch_size=batch_size, learning_rate=learning_rate, act=act)
+    student, r2, losses, y_scale = _train(
+        block_fn,
+        block_params,
+        key,
+        jnp.float32(input_scale),
+        d=d,
+        h=h,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        act=act,
+    )
     return student, {"r2": float(r2), "final_loss": float(losses[-20:].mean()), "output_scale": float(y_scale)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_block_fn(cfg: ModelConfig) -> BlockFn:
     """The MLP block of a model family as a ``(layer params, x) -> out`` function (cached per cfg)."""
+
     def fn(layer: Params, x: jax.Array) -> jax.Array:
         return model_lib.mlp_output(layer, cfg, x)
 
@@ -178,8 +200,14 @@ class _Students:
     """Distils each block at most once: block ``i`` of model ``which`` ("a"/"b") with width ``h``
     and key ``fold_in(key_which, i)``."""
 
-    def __init__(self, blocks: dict[str, Sequence[tuple[BlockFn, Any]]], keys: dict[str, jax.Array],
-                 widths: dict[str, int], d: int, settings: DistillSettings):
+    def __init__(
+        self,
+        blocks: dict[str, Sequence[tuple[BlockFn, Any]]],
+        keys: dict[str, jax.Array],
+        widths: dict[str, int],
+        d: int,
+        settings: DistillSettings,
+    ):
         self.blocks, self.keys, self.widths, self.d, self.settings = blocks, keys, widths, d, settings
         self.cache: dict[tuple[str, int], tuple[Params, dict[str, float]]] = {}
 
@@ -188,13 +216,29 @@ class _Students:
             fn, params = self.blocks[which][index]
             s = self.settings
             self.cache[(which, index)] = distill_glu(
-                fn, params, self.d, self.widths[which], key=jax.random.fold_in(self.keys[which], index), steps=s.steps,
-                batch_size=s.batch_size, learning_rate=s.learning_rate, input_scale=s.input_scale)
+                fn,
+                params,
+                self.d,
+                self.widths[which],
+                key=jax.random.fold_in(self.keys[which], index),
+                steps=s.steps,
+                batch_size=s.batch_size,
+                learning_rate=s.learning_rate,
+                input_scale=s.input_scale,
+            )
         return self.cache[(which, index)]
 
 
-def _block_pair(sa: Params, sb: Params, x: jax.Array, x1: jax.Array, x2: jax.Array, views: Views,
-                coupling_threshold: float, key: jax.Array) -> tuple[match_lib.UnitMatch, dict[str, Any]]:
+def _block_pair(
+    sa: Params,
+    sb: Params,
+    x: jax.Array,
+    x1: jax.Array,
+    x2: jax.Array,
+    views: Views,
+    coupling_threshold: float,
+    key: jax.Array,
+) -> tuple[match_lib.UnitMatch, dict[str, Any]]:
     """MATCH on two canonicalised students over Gaussian inputs ``x`` (or split views ``x1``/``x2``);
     returns the match and the record's extras (couplings, the views used)."""
     coupling_a, coupling_b = gate_up_coupling(sa), gate_up_coupling(sb)
@@ -205,8 +249,11 @@ def _block_pair(sa: Params, sb: Params, x: jax.Array, x1: jax.Array, x2: jax.Arr
         acts = (x @ sa["gate"], x @ sa["up"], x @ sb["gate"], x @ sb["up"])
     else:
         acts = (x1 @ sa["gate"], x2 @ sa["up"], x1 @ sb["gate"], x2 @ sb["up"])
-    return match_lib.match_from_activations(*acts, key=key), {"coupling_a": coupling_a, "coupling_b": coupling_b,
-                                                              "views": view}
+    return match_lib.match_from_activations(*acts, key=key), {
+        "coupling_a": coupling_a,
+        "coupling_b": coupling_b,
+        "views": view,
+    }
 
 
 @timed
@@ -250,22 +297,29 @@ def generalized_from_blocks(
     if views not in ("auto", "gate_up", "split"):
         raise JaxindError(f"views must be 'auto', 'gate_up' or 'split', got {views!r}")
     k_a, k_b, k_x, k_lap = jax.random.split(key, 4)
-    students = _Students({"a": blocks_a, "b": blocks_b}, {"a": k_a, "b": k_b}, {"a": h_a, "b": h_b}, d,
-                         DistillSettings(steps, batch_size, learning_rate, input_scale))
+    students = _Students(
+        {"a": blocks_a, "b": blocks_b},
+        {"a": k_a, "b": k_b},
+        {"a": h_a, "b": h_b},
+        d,
+        DistillSettings(steps, batch_size, learning_rate, input_scale),
+    )
     k_x, k_split = jax.random.split(k_x)
     x = input_scale * jax.random.normal(k_x, (num_inputs, d))
     q = np.asarray(jax.random.orthogonal(k_split, d))
-    v1, v2 = q[:, : d // 2], q[:, d // 2:]
+    v1, v2 = q[:, : d // 2], q[:, d // 2 :]
     x1, x2 = x @ (v1 @ v1.T), x @ (v2 @ v2.T)  # Gaussian inputs on V1 / on V2
     records: list[LayerResult] = []
     lap_keys = jax.random.split(k_lap, len(pairs))
     for p, (i, j) in enumerate(progress.bar(pairs, total=len(pairs), desc="generalized")):
         (sa, info_a), (sb, info_b) = students.get("a", i), students.get("b", j)
-        unit_match, extra = _block_pair(canonicalize_student(sa), canonicalize_student(sb), x, x1, x2, views,
-                                        coupling_threshold, lap_keys[p])
+        unit_match, extra = _block_pair(
+            canonicalize_student(sa), canonicalize_student(sb), x, x1, x2, views, coupling_threshold, lap_keys[p]
+        )
         records.append(unit_match.record(i, j, r2_a=info_a["r2"], r2_b=info_b["r2"], **extra))
-    return fisher_result("generalized", records, exact=False, note=NOTE, student_width=[h_a, h_b], steps=steps,
-                         num_inputs=num_inputs)
+    return fisher_result(
+        "generalized", records, exact=False, note=NOTE, student_width=[h_a, h_b], steps=steps, num_inputs=num_inputs
+    )
 
 
 def gate_up_coupling(student: Params) -> float:
@@ -310,6 +364,18 @@ def generalized_test(
     blocks_a = [(fa, layer) for layer in params_a["layers"]]
     blocks_b = [(fb, layer) for layer in params_b["layers"]]
     h = (width, width) if width is not None else (cfg_a.d_ff, cfg_b.d_ff)
-    return generalized_from_blocks(blocks_a, blocks_b, cfg_a.d_model, key=key, h=h, layer_pairs=pairs, steps=steps,
-                                   batch_size=batch_size, learning_rate=learning_rate, num_inputs=num_inputs,
-                                   input_scale=input_scale, views=views, coupling_threshold=coupling_threshold)
+    return generalized_from_blocks(
+        blocks_a,
+        blocks_b,
+        cfg_a.d_model,
+        key=key,
+        h=h,
+        layer_pairs=pairs,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        num_inputs=num_inputs,
+        input_scale=input_scale,
+        views=views,
+        coupling_threshold=coupling_threshold,
+    )

@@ -68,8 +68,11 @@ class PassStats:
             ia, ib = self.pair_index[pair]
             cross = self.cross[pair]
         c = _project(self.weights_a[ia][proj], self.weights_b[ib][proj], cross)
-        return (np.asarray(c, np.float64), self.sq_a[proj][ia].astype(np.float64),
-                self.sq_b[proj][ib].astype(np.float64))
+        return (
+            np.asarray(c, np.float64),
+            self.sq_a[proj][ia].astype(np.float64),
+            self.sq_b[proj][ib].astype(np.float64),
+        )
 
     def distances(self, pair: int | tuple[int, int], proj: str) -> np.ndarray:
         """Squared Euclidean distances ``(h_A, h_B)`` between hidden units' activation rows."""
@@ -83,12 +86,20 @@ def _project(w_a: jax.Array, w_b: jax.Array, cross: jax.Array) -> jax.Array:
     return jnp.matmul(jnp.matmul(w_a.astype(jnp.float32).T, cross, precision=hi), w_b.astype(jnp.float32), precision=hi)
 
 
-def init_state(d_a: int, d_b: int, h_a: int, h_b: int, n_a: int, n_b: int, pair_shape: tuple[int, ...]) -> dict[str, jax.Array]:
+def init_state(
+    d_a: int, d_b: int, h_a: int, h_b: int, n_a: int, n_b: int, pair_shape: tuple[int, ...]
+) -> dict[str, jax.Array]:
     """Zero accumulator: ``{"cross": (*pair_shape, d_a, d_b), "gate_a"/"up_a": (n_a, h_a),
     "gate_b"/"up_b": (n_b, h_b), "count": ()}`` float32."""
     z = functools.partial(jnp.zeros, dtype=jnp.float32)
-    return {"cross": z((*pair_shape, d_a, d_b)), "gate_a": z((n_a, h_a)), "up_a": z((n_a, h_a)),
-            "gate_b": z((n_b, h_b)), "up_b": z((n_b, h_b)), "count": z(())}
+    return {
+        "cross": z((*pair_shape, d_a, d_b)),
+        "gate_a": z((n_a, h_a)),
+        "up_a": z((n_a, h_a)),
+        "gate_b": z((n_b, h_b)),
+        "up_b": z((n_b, h_b)),
+        "count": z(()),
+    }
 
 
 def _stack(acts: dict, layers: tuple[int, ...], name: str, mask: jax.Array | None) -> jax.Array:
@@ -194,22 +205,39 @@ def accumulate(
     for both models together, accumulating the input Grams; see :class:`PassStats`."""
     for cfg in (cfg_a, cfg_b):
         if not cfg.glu:
-            raise JaxindError(f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "
-                              "none: use the generalized test (jaxind.generalized) for this pair")
+            raise JaxindError(
+                f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "
+                "none: use the generalized test (jaxind.generalized) for this pair"
+            )
     pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
     state = init_state(cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape)
     n_batches = 0
     for tokens, mask in progress.bar(normalize_batches(batches), desc="MATCH pass"):
-        state = accumulate_step(state, params_a, params_b, tokens, mask, cfg_a=cfg_a, cfg_b=cfg_b,
-                                layers_a=layers_a, layers_b=layers_b, pair_index=pair_index, outer=outer)
+        state = accumulate_step(
+            state,
+            params_a,
+            params_b,
+            tokens,
+            mask,
+            cfg_a=cfg_a,
+            cfg_b=cfg_b,
+            layers_a=layers_a,
+            layers_b=layers_b,
+            pair_index=pair_index,
+            outer=outer,
+        )
         n_batches += 1
     if n_batches == 0:
         raise JaxindError("MATCH got no token batches")
-    return PassStats(cross=state["cross"],  # stays on the device: the h x h Grams are derived there
-                     sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
-                     sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
-                     count=float(state["count"]), weights_a=_gate_up(params_a, layers_a),
-                     weights_b=_gate_up(params_b, layers_b), pair_index=tuple(pair_index))
+    return PassStats(
+        cross=state["cross"],  # stays on the device: the h x h Grams are derived there
+        sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
+        sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
+        count=float(state["count"]),
+        weights_a=_gate_up(params_a, layers_a),
+        weights_b=_gate_up(params_b, layers_b),
+        pair_index=tuple(pair_index),
+    )
 
 
 def _gate_up(params: Params, layers: tuple[int, ...]) -> tuple[dict[str, jax.Array], ...]:

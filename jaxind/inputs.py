@@ -34,12 +34,15 @@ class TokenData:
     tokens: np.ndarray
     batch_size: int = 8
     _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, grams.PassStats]] = dataclasses.field(
-        default_factory=dict, init=False, repr=False)
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.tokens = np.asarray(self.tokens)
         if self.tokens.ndim != 2 or not np.issubdtype(self.tokens.dtype, np.integer) or self.tokens.size == 0:
-            raise JaxindError(f"data must be integer token ids of shape (N, T), got {self.tokens.dtype} {self.tokens.shape}")
+            raise JaxindError(
+                f"data must be integer token ids of shape (N, T), got {self.tokens.dtype} {self.tokens.shape}"
+            )
         if self.batch_size < 1:
             raise JaxindError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -58,8 +61,9 @@ class TokenData:
         """``(tokens (B, T), mask (B, T))`` batches of equal shape (see :func:`jaxind.data.batches`)."""
         return list(data_lib.batches(self.tokens, self.batch_size))
 
-    def pass_stats(self, params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig,
-                   pairs: Sequence[LayerPair]) -> grams.PassStats:
+    def pass_stats(
+        self, params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, pairs: Sequence[LayerPair]
+    ) -> grams.PassStats:
         """The one-pass statistics of ``pairs`` for these two models, computed on first use."""
         pairs = tuple(pairs)
         key = (id(params_a), id(params_b), pairs)
@@ -68,8 +72,16 @@ class TokenData:
             layers_a = tuple(sorted({a for a, _ in pairs}))
             layers_b = tuple(sorted({b for _, b in pairs}))
             pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
-            stats = grams.accumulate(params_a, cfg_a, params_b, cfg_b, self.batches(), layers_a=layers_a,
-                                     layers_b=layers_b, pair_index=pair_index)
+            stats = grams.accumulate(
+                params_a,
+                cfg_a,
+                params_b,
+                cfg_b,
+                self.batches(),
+                layers_a=layers_a,
+                layers_b=layers_b,
+                pair_index=pair_index,
+            )
             cached = (params_a, params_b, stats)  # the param trees are held, so their ids stay unique
             self._passes[key] = cached
         return cached[2]

@@ -11,14 +11,13 @@ of explicit ``(layer_a, layer_b)`` pairs. The command line spells these ``--laye
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Union
 
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import LayerPair
 
 # What a test's ``layers=`` accepts.
-Layers = Union[Sequence[int], Sequence[LayerPair], None]
+Layers = Sequence[int] | Sequence[LayerPair] | None
 
 
 class LayerSelectionError(JaxindError, ValueError):
@@ -30,8 +29,9 @@ def default_pairs(cfg_a: ModelConfig, cfg_b: ModelConfig) -> tuple[LayerPair, ..
     return tuple((i, i) for i in range(min(cfg_a.n_layers, cfg_b.n_layers)))
 
 
-def check_pairs(pairs: Iterable[Sequence[int]], cfg_a: ModelConfig, cfg_b: ModelConfig,
-                test: str = "this test") -> tuple[LayerPair, ...]:
+def check_pairs(
+    pairs: Iterable[Sequence[int]], cfg_a: ModelConfig, cfg_b: ModelConfig, test: str = "this test"
+) -> tuple[LayerPair, ...]:
     """``pairs`` as a tuple of int pairs, each in range for its model.
 
     Raises:
@@ -43,11 +43,14 @@ def check_pairs(pairs: Iterable[Sequence[int]], cfg_a: ModelConfig, cfg_b: Model
     for a, b in out:
         if not (0 <= a < cfg_a.n_layers and 0 <= b < cfg_b.n_layers):
             raise LayerSelectionError(
-                f"layer pair ({a}, {b}) out of range for models with {cfg_a.n_layers} and {cfg_b.n_layers} layers")
+                f"layer pair ({a}, {b}) out of range for models with {cfg_a.n_layers} and {cfg_b.n_layers} layers"
+            )
     return out
 
 
-def resolve_pairs(layers: Layers, cfg_a: ModelConfig, cfg_b: ModelConfig, test: str = "this test") -> tuple[LayerPair, ...]:
+def resolve_pairs(
+    layers: Layers, cfg_a: ModelConfig, cfg_b: ModelConfig, test: str = "this test"
+) -> tuple[LayerPair, ...]:
     """A ``layers=`` argument (see the module doc) as checked ``(layer_a, layer_b)`` pairs."""
     if layers is None:
         return check_pairs(default_pairs(cfg_a, cfg_b), cfg_a, cfg_b, test)

@@ -58,6 +58,22 @@ def _iterate(batches: Batches) -> Iterable[Any]:
     return batches() if callable(batches) else batches
 
 
+def _chunks(
+    cfg_a: ModelConfig, cfg_b: ModelConfig, la: tuple[int, ...], lb: tuple[int, ...], budget: int, batches: Batches
+) -> list[tuple[int, ...]]:
+    """The B layers split into chunks whose accumulator fits ``budget`` bytes (one pass each).
+
+    Raises:
+      JaxindError: several passes are needed but ``batches`` can be iterated only once.
+    """
+    per_b_layer = pair_memory_bytes(cfg_a, cfg_b, len(la), 1)
+    chunk = max(1, min(len(lb), budget // max(per_b_layer, 1)))
+    chunks = [lb[i : i + chunk] for i in range(0, len(lb), chunk)]
+    if len(chunks) > 1 and not callable(batches) and iter(batches) is batches:
+        raise JaxindError("localized testing needs several passes here; pass batches as a list or a callable")
+    return chunks
+
+
 @dataclasses.dataclass
 class _Matrix:
     """Every layer pair's matchings and p-values (rows: layers of A, columns: layers of B)."""
@@ -70,20 +86,31 @@ class _Matrix:
     num_tokens: int = 0
 
 
-def _all_pairs(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, batches: Batches,
-               key: jax.Array, la: tuple[int, ...], lb: tuple[int, ...], chunks: list[tuple[int, ...]]) -> _Matrix:
+def _all_pairs(
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    batches: Batches,
+    key: jax.Array,
+    la: tuple[int, ...],
+    lb: tuple[int, ...],
+    chunks: list[tuple[int, ...]],
+) -> _Matrix:
     """MATCH on every pair of ``la x lb``, one pass over the data per chunk of B layers."""
     out = _Matrix(la, lb, {}, np.zeros((len(la), len(lb))), np.zeros((len(la), len(lb))))
     keys = jax.random.split(key, len(la) * len(lb)).reshape(len(la), len(lb))
     for sub_b in progress.bar(chunks, total=len(chunks), desc="localized passes"):
-        stats = grams.accumulate(params_a, cfg_a, params_b, cfg_b, _iterate(batches), layers_a=la, layers_b=sub_b,
-                                 outer=True)
+        stats = grams.accumulate(
+            params_a, cfg_a, params_b, cfg_b, _iterate(batches), layers_a=la, layers_b=sub_b, outer=True
+        )
         out.num_tokens = int(stats.count)
         for jb, b in enumerate(sub_b):
             col = lb.index(b)
             for ia, a in enumerate(la):
-                unit_match = match_units(stats.distances((ia, jb), "gate"), stats.distances((ia, jb), "up"),
-                                         keys[ia, col])
+                unit_match = match_units(
+                    stats.distances((ia, jb), "gate"), stats.distances((ia, jb), "up"), keys[ia, col]
+                )
                 out.matches[(a, b)] = unit_match
                 out.log10[ia, col] = unit_match.spearman.log10_pvalue
                 out.rho[ia, col] = unit_match.spearman.rho
@@ -105,8 +132,15 @@ def _layer_map(matrix: _Matrix, threshold: float) -> tuple[dict[str, int | None]
         m = matrix.matches[(a, b)]
         up_map = dict(zip(m.up_b.tolist(), m.up_a.tolist()))
         agree = float(np.mean([up_map.get(ub) == ua for ua, ub in zip(m.gate_a.tolist(), m.gate_b.tolist())]))
-        matched_units.append({"layer_a": a, "layer_b": b, "units_a": m.gate_a.tolist(),
-                              "units_b": m.gate_b.tolist(), "up_agreement": agree})
+        matched_units.append(
+            {
+                "layer_a": a,
+                "layer_b": b,
+                "units_a": m.gate_a.tolist(),
+                "units_b": m.gate_b.tolist(),
+                "up_agreement": agree,
+            }
+        )
     return layer_map, matched_units
 
 
@@ -157,30 +191,38 @@ def localized_test(
     check_pairs([(a, b) for a in la for b in lb], cfg_a, cfg_b, "localized testing")
     if not 0 < alpha < 1:
         raise JaxindError(f"alpha must lie in (0, 1), got {alpha}")
-    per_b_layer = pair_memory_bytes(cfg_a, cfg_b, len(la), 1)
-    chunk = max(1, min(len(lb), memory_budget_bytes // max(per_b_layer, 1)))
-    chunks = [lb[i:i + chunk] for i in range(0, len(lb), chunk)]
-    if len(chunks) > 1 and not callable(batches) and iter(batches) is batches:
-        raise JaxindError("localized testing needs several passes here; pass batches as a list or a callable")
-
+    chunks = _chunks(cfg_a, cfg_b, la, lb, memory_budget_bytes, batches)
     matrix = _all_pairs(params_a, cfg_a, params_b, cfg_b, batches, key, la, lb, chunks)
     n_pairs = len(la) * len(lb)
     threshold = math.log10(alpha) - math.log10(n_pairs)
     layer_map, matched_units = _layer_map(matrix, threshold)
     min_log10 = float(matrix.log10.min())
     log10_p = min(0.0, min_log10 + math.log10(n_pairs))
-    heatmap = None
-    if heatmap_path is not None:
-        heatmap = plot_heatmap(matrix.log10, la, lb, threshold, heatmap_path, labels=labels)
+    heatmap = None if heatmap_path is None else plot_heatmap(matrix.log10, la, lb, threshold, heatmap_path, labels)
     return TestResult(
-        test="localized", pvalue=pvalues.pow10(log10_p), log10_pvalue=log10_p, exact=False, statistic=min_log10,
-        layers=tuple(matrix.matches[(a, b)].record(a, b) for a in la for b in lb), combine="bonferroni_min",
-        note=NOTE, extra={
-            "layers_a": list(la), "layers_b": list(lb), "log10_pvalue_matrix": matrix.log10.tolist(),
-            "rho_matrix": matrix.rho.tolist(), "threshold_log10": threshold, "alpha": alpha, "layer_map": layer_map,
-            "matched_units": matched_units, "num_passes": len(chunks),
-            "memory_bytes": pair_memory_bytes(cfg_a, cfg_b, len(la), min(chunk, len(lb))),
-            "num_tokens": matrix.num_tokens, "heatmap": heatmap})
+        test="localized",
+        pvalue=pvalues.pow10(log10_p),
+        log10_pvalue=log10_p,
+        exact=False,
+        statistic=min_log10,
+        layers=tuple(matrix.matches[(a, b)].record(a, b) for a in la for b in lb),
+        combine="bonferroni_min",
+        note=NOTE,
+        extra={
+            "layers_a": list(la),
+            "layers_b": list(lb),
+            "log10_pvalue_matrix": matrix.log10.tolist(),
+            "rho_matrix": matrix.rho.tolist(),
+            "threshold_log10": threshold,
+            "alpha": alpha,
+            "layer_map": layer_map,
+            "matched_units": matched_units,
+            "num_passes": len(chunks),
+            "memory_bytes": pair_memory_bytes(cfg_a, cfg_b, len(la), len(chunks[0])),
+            "num_tokens": matrix.num_tokens,
+            "heatmap": heatmap,
+        },
+    )
 
 
 def heatmap_path_for(json_path: str | os.PathLike) -> str:
@@ -189,8 +231,14 @@ def heatmap_path_for(json_path: str | os.PathLike) -> str:
     return root + "_localized.png"
 
 
-def plot_heatmap(log10_matrix: Any, layers_a: Sequence[int], layers_b: Sequence[int], threshold_log10: float,
-                 path: str | os.PathLike, labels: tuple[str, str] = ("model A", "model B")) -> str:
+def plot_heatmap(
+    log10_matrix: Any,
+    layers_a: Sequence[int],
+    layers_b: Sequence[int],
+    threshold_log10: float,
+    path: str | os.PathLike,
+    labels: tuple[str, str] = ("model A", "model B"),
+) -> str:
     """Writes the ``-log10 p`` matrix ``(n_a, n_b)`` of localized testing as a PNG (Agg backend);
     pairs passing the threshold (log10 p below ``threshold_log10``) are outlined. Returns the path."""
     import matplotlib

@@ -115,16 +115,18 @@ def match_test(
     layers_a = tuple(sorted({a for a, _ in pairs}))
     layers_b = tuple(sorted({b for _, b in pairs}))
     pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
-    stats = grams.accumulate(params_a, cfg_a, params_b, cfg_b, batches, layers_a=layers_a, layers_b=layers_b,
-                             pair_index=pair_index)
+    stats = grams.accumulate(
+        params_a, cfg_a, params_b, cfg_b, batches, layers_a=layers_a, layers_b=layers_b, pair_index=pair_index
+    )
     seconds_pass = time.perf_counter() - start
     result = match_from_pass(stats, pairs, key, return_units)
     return result.replace(extra={**result.extra, "seconds_pass": seconds_pass, "seconds_lap": result.seconds})
 
 
 @timed
-def match_from_pass(stats: grams.PassStats, pairs: Sequence[LayerPair], key: jax.Array,
-                    return_units: bool = False) -> TestResult:
+def match_from_pass(
+    stats: grams.PassStats, pairs: Sequence[LayerPair], key: jax.Array, return_units: bool = False
+) -> TestResult:
     """MATCH from one pass's statistics (:func:`jaxind.grams.accumulate` with explicit pairs):
     per pair, the two LAPs and the Spearman test; Fisher over pairs. ``extra``: ``num_tokens``."""
     records = []
@@ -167,9 +169,10 @@ def match_test_slow(
     keys = jax.random.split(key, len(pairs))
     t_lap = 0.0
     for p, (a, b) in enumerate(pairs):
-        dists = {name: grams.row_distances(*_stored_activations(params_a, cfg_a, params_b, cfg_b, token_batches,
-                                                                 a, b, name))
-                 for name in ("gate", "up")}
+        dists = {
+            name: grams.row_distances(*_stored_activations(params_a, cfg_a, params_b, cfg_b, token_batches, a, b, name))
+            for name in ("gate", "up")
+        }
         t0 = time.perf_counter()
         records.append(match_units(dists["gate"], dists["up"], keys[p]).record(a, b))
         t_lap += time.perf_counter() - t0
@@ -177,9 +180,16 @@ def match_test_slow(
     return fisher_result("match", records, exact=False, note=NOTE, seconds_pass=seconds_pass, seconds_lap=t_lap)
 
 
-def _stored_activations(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig,
-                        token_batches: Sequence[grams.Batch], layer_a: int, layer_b: int,
-                        name: str) -> tuple[jax.Array, jax.Array]:
+def _stored_activations(
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    token_batches: Sequence[grams.Batch],
+    layer_a: int,
+    layer_b: int,
+    name: str,
+) -> tuple[jax.Array, jax.Array]:
     """Activations ``(N, h_A)``, ``(N, h_B)`` of projection ``name`` of one layer of each model over
     all batches (masked tokens dropped), each batch run again: the slow baseline's data pass."""
     xa, xb = [], []

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,9 @@ def norm(params: Params, name: str, cfg: ModelConfig, x: jax.Array) -> jax.Array
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse RoPE frequencies ``(head_dim // 2,)`` float32, with linear/llama3 scaling applied."""
     hd = cfg.head_dim
-    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
+        np.float32
+    )
     scaling = cfg.rope_scaling_dict
     if scaling is None:
         return inv
@@ -109,7 +112,7 @@ def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | No
     if cfg.qkv_bias:
         q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
     q, k = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd)
-    if cos is not None:
+    if cos is not None and sin is not None:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, t, nkv, hd)
     group = nh // nkv
@@ -234,8 +237,14 @@ def forward(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs"))
-def forward_jit(params: Params, cfg: ModelConfig, tokens: jax.Array, collect: tuple[int, ...] = (), return_logits: bool = True,
-                collect_inputs: bool = False):
+def forward_jit(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    collect: tuple[int, ...] = (),
+    return_logits: bool = True,
+    collect_inputs: bool = False,
+):
     """Jitted :func:`forward` (``cfg``, ``collect`` and the flags are static)."""
     return forward(params, cfg, tokens, collect, return_logits, collect_inputs)
 
@@ -249,8 +258,15 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     """Random parameters (normal(0, std) weights, unit norms) for a config: independent models
     are ``init_params(cfg, key)`` for different keys."""
     d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
-    shapes = {"q": (d, cfg.n_heads * hd), "k": (d, cfg.n_kv_heads * hd), "v": (d, cfg.n_kv_heads * hd),
-              "o": (cfg.n_heads * hd, d), "gate": (d, h), "up": (d, h), "down": (h, d)}
+    shapes = {
+        "q": (d, cfg.n_heads * hd),
+        "k": (d, cfg.n_kv_heads * hd),
+        "v": (d, cfg.n_kv_heads * hd),
+        "o": (cfg.n_heads * hd, d),
+        "gate": (d, h),
+        "up": (d, h),
+        "down": (h, d),
+    }
     if not cfg.glu:
         del shapes["gate"]
     keys = jax.random.split(key, cfg.n_layers + 2)
@@ -258,7 +274,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
     def layer(k):
         ks = jax.random.split(k, len(shapes))
-        out = {name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)}
+        out = {
+            name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)
+        }
         out["attn_norm"] = jnp.full((d,), norm_init, dtype)
         out["mlp_norm"] = jnp.full((d,), norm_init, dtype)
         if cfg.qkv_bias:
@@ -283,7 +301,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     if not cfg.tie_embeddings:
         params["lm_head"] = (std * jax.random.normal(keys[1], (d, cfg.vocab_size))).astype(dtype)
     if not cfg.rope:
-        params["pos_embed"] = (std * jax.random.normal(jax.random.fold_in(keys[1], 1), (cfg.max_positions, d))).astype(dtype)
+        params["pos_embed"] = (std * jax.random.normal(jax.random.fold_in(keys[1], 1), (cfg.max_positions, d))).astype(
+            dtype
+        )
     if cfg.norm_kind == "layer":
         params["final_norm_bias"] = jnp.zeros((d,), dtype)
     return params

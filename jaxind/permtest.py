@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from jaxind import progress, pvalues
 from jaxind.config import ModelConfig
@@ -174,8 +175,16 @@ def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
         if "resid" in axes:
             axis = axes.index("resid")
             others = [i for i in range(a.ndim) if i != axis]
-            gram = jnp.tensordot(jnp.moveaxis(a, axis, 0), jnp.moveaxis(b, axis, 0),
-                                 axes=(list(range(1, a.ndim)), list(range(1, b.ndim))), precision=_HIGHEST) if others else jnp.outer(a, b)
+            gram = (
+                jnp.tensordot(
+                    jnp.moveaxis(a, axis, 0),
+                    jnp.moveaxis(b, axis, 0),
+                    axes=(list(range(1, a.ndim)), list(range(1, b.ndim))),
+                    precision=_HIGHEST,
+                )
+                if others
+                else jnp.outer(a, b)
+            )
             if in_layer:
                 gram_layers[path[1]] += gram
             else:
@@ -260,6 +269,7 @@ def mc_stat(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: jax.Ar
     """Minus the mean next-token cross-entropy of ``0.5 (A + B)`` on ``tokens (N, T)``: scalar."""
     avg = jax.tree.map(lambda x, y: 0.5 * (x.astype(jnp.float32) + y.astype(jnp.float32)), params_a, params_b)
     logits, _ = forward(avg, cfg, tokens)
+    assert logits is not None
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return -jnp.mean(nll)
@@ -312,11 +322,12 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
     return jax.jit(mapped)
 
 
-def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: jax.Array | None) -> int:
+def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
     if statistic == "l2":
         return 2 * 3 * cfg.d_model * cfg.d_ff * 4  # the gathered layer stack and its product
-    n_tok = int(np.prod(tokens.shape))
+    assert tokens is not None  # checked by _check_args
+    n_tok = int(np.prod(np.shape(tokens)))
     acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * cfg.d_ff) * 4
     return 3 * cfg.num_params() * 4 + acts
 
@@ -340,8 +351,14 @@ def _check_args(statistic: str, num_perms: int, tokens: Any, layers: Sequence[in
         raise JaxindError("the mc statistic is the loss of the whole averaged model; it takes no layer selection")
 
 
-def _result(statistic: Statistic, stat0_layers: Any, stat0_total: Any, stats_layers: Any, stats_total: Any,
-            layers: Sequence[int] | None) -> PermTestResult:
+def _result(
+    statistic: Statistic,
+    stat0_layers: Any,
+    stat0_total: Any,
+    stats_layers: Any,
+    stats_total: Any,
+    layers: Sequence[int] | None,
+) -> PermTestResult:
     """Exact p-values from the observed and drawn statistics. With ``layers`` the overall statistic
     is minus the L2 distance over those layers only, ``-sqrt(sum_l stat_l^2)``, for the observed
     pair and for every draw alike (so still an exact PERMTEST)."""
@@ -352,20 +369,36 @@ def _result(statistic: Statistic, stat0_layers: Any, stat0_total: Any, stats_lay
     if statistic == "l2":
         s0l = np.asarray(stat0_layers, dtype=np.float64)
         stl = np.asarray(stats_layers, dtype=np.float64)
-        pl, lpl = pvalues.permtest_pvalue(s0l, stl)
+        pl, lpl = (np.asarray(x) for x in pvalues.permtest_pvalue(s0l, stl))
         chosen = range(s0l.shape[0]) if layers is None else layers
-        records = [LayerResult(layer_a=int(l), layer_b=int(l), pvalue=float(pl[l]), log10_pvalue=float(lpl[l]),
-                               statistic=float(s0l[l])) for l in chosen]
+        records = [
+            LayerResult(
+                layer_a=int(l), layer_b=int(l), pvalue=float(pl[l]), log10_pvalue=float(lpl[l]), statistic=float(s0l[l])
+            )
+            for l in chosen
+        ]
         if layers is not None:
             index = np.asarray(list(layers))
             stat0_total = float(-np.sqrt(np.sum(s0l[index] ** 2)))
             stats_total = -np.sqrt(np.sum(stl[:, index] ** 2, axis=1))
     p, lp = pvalues.permtest_pvalue(stat0_total, stats_total)
     return PermTestResult(
-        test=statistic, pvalue=float(p), log10_pvalue=float(lp), exact=True, statistic=stat0_total,
-        layers=tuple(records), combine="permtest", stats=stats_total, stats_layers=stl, stat0_layers=s0l,
-        extra={"num_perms": int(stats_total.shape[0]), "null_mean": float(np.mean(stats_total)),
-               "null_max": float(np.max(stats_total))})
+        test=statistic,
+        pvalue=float(p),
+        log10_pvalue=float(lp),
+        exact=True,
+        statistic=stat0_total,
+        layers=tuple(records),
+        combine="permtest",
+        stats=stats_total,
+        stats_layers=stl,
+        stat0_layers=s0l,
+        extra={
+            "num_perms": int(stats_total.shape[0]),
+            "null_mean": float(np.mean(stats_total)),
+            "null_max": float(np.max(stats_total)),
+        },
+    )
 
 
 def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
@@ -382,7 +415,7 @@ def permtest(
     key: jax.Array,
     num_perms: int = 999,
     statistic: Statistic = "l2",
-    tokens: jax.Array | None = None,
+    tokens: ArrayLike | None = None,
     devices: Sequence[jax.Device] | None = None,
     chunk_size: int | None = None,
     memory_budget_bytes: int = 512 * 2**20,
@@ -463,7 +496,7 @@ def permtest_loop(
     key: jax.Array,
     num_perms: int = 999,
     statistic: Statistic = "l2",
-    tokens: jax.Array | None = None,
+    tokens: ArrayLike | None = None,
 ) -> PermTestResult:
     """Reference PERMTEST: a Python loop over draws, each materialising ``p_t(B)`` with
     :func:`apply_permutation` and computing the statistic directly (one jitted step per draw).
@@ -481,5 +514,6 @@ def permtest_loop(
         layers.append(sl)
         totals.append(st)
     stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
-    return _result(statistic, stat0_layers, stat0_total, np.stack(jax.device_get(layers)),
-                   np.asarray(jax.device_get(totals)), None)
+    return _result(
+        statistic, stat0_layers, stat0_total, np.stack(jax.device_get(layers)), np.asarray(jax.device_get(totals)), None
+    )

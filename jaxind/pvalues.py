@@ -136,7 +136,11 @@ def spearman_test(x, y) -> SpearmanResult:
     rho = min(1.0, max(-1.0, rho))
     dof = n - 2.0
     with np.errstate(divide="ignore"):
-        t = rho * math.sqrt(max(dof / ((rho + 1.0) * (1.0 - rho)), 0.0)) if abs(rho) < 1.0 else math.copysign(math.inf, rho)
+        t = (
+            rho * math.sqrt(max(dof / ((rho + 1.0) * (1.0 - rho)), 0.0))
+            if abs(rho) < 1.0
+            else math.copysign(math.inf, rho)
+        )
     log10_p = _log10_t_two_sided(abs(t), dof)
     log10_p = float(min(0.0, max(log10_p, log10_min_spearman_pvalue(n))))
     return SpearmanResult(rho, pow10(log10_p), log10_p)
@@ -148,7 +152,7 @@ def pow10(log10_p: float) -> float:
         return math.nan
     if log10_p < -400:
         return 0.0
-    return float(10.0 ** log10_p)
+    return float(10.0**log10_p)
 
 
 def _log_chi2_sf_even(statistic: float, k: int) -> float:

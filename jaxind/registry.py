@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Mapping
-from typing import Any, Literal, Protocol, get_args
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, get_args
 
 import jax
 import numpy as np
@@ -36,11 +36,8 @@ TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localiz
 Setting = Literal["constrained", "unconstrained", "none"]
 
 
-class TestFn(Protocol):
-    """The one calling convention."""
-
-    def __call__(self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
-                 **options: Any) -> TestResult: ...
+# The one calling convention: (a: Model, b: Model, *, key, data=None, layers=None, **options) -> TestResult.
+TestFn = Callable[..., TestResult]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +69,9 @@ class TestSpec:
     layerwise: bool
     cli_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def __call__(self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
-                 **options: Any) -> TestResult:
+    def __call__(
+        self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
+    ) -> TestResult:
         if layers is not None and not self.layerwise:
             raise JaxindError(f"{self.name} compares whole models; it takes no layer selection")
         return self.run(a, b, key=key, data=data, layers=layers, **options)
@@ -86,14 +84,18 @@ def key_for(seed: int, name: str) -> jax.Array:
 
 def _require_glu(a: Model, b: Model, test: str) -> None:
     if not (a.config.glu and b.config.glu):
-        raise JaxindError(f"{test} reads gate/up activations and needs gated (GLU) MLPs in both models; "
-                          "use --tests=generalized for GPT-2-style MLPs")
+        raise JaxindError(
+            f"{test} reads gate/up activations and needs gated (GLU) MLPs in both models; "
+            "use --tests=generalized for GPT-2-style MLPs"
+        )
 
 
 def _same_config(a: Model, b: Model, test: str) -> None:
     if a.config != b.config:
-        raise JaxindError(f"{test} (PERMTEST on weights) needs two models of the same architecture and config; "
-                          "use csu/match for models that differ")
+        raise JaxindError(
+            f"{test} (PERMTEST on weights) needs two models of the same architecture and config; "
+            "use csu/match for models that differ"
+        )
 
 
 @timed
@@ -116,8 +118,9 @@ def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers
 
 
 @timed
-def _match(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
-           return_units: bool = False) -> TestResult:
+def _match(
+    a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, return_units: bool = False
+) -> TestResult:
     _require_glu(a, b, "match")
     tokens = TokenData.of(data, "match")
     pairs = resolve_pairs(layers, a.config, b.config, "MATCH")
@@ -126,16 +129,25 @@ def _match(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Laye
 
 
 @timed
-def _l2(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
-        num_perms: int = 999) -> TestResult:
+def _l2(
+    a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, num_perms: int = 999
+) -> TestResult:
     _same_config(a, b, "l2")
     chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")
     return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="l2", layers=chosen)
 
 
 @timed
-def _mc(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, num_perms: int = 999,
-        mc_sequences: int = 4) -> TestResult:
+def _mc(
+    a: Model,
+    b: Model,
+    *,
+    key: jax.Array,
+    data: Any = None,
+    layers: Layers = None,
+    num_perms: int = 999,
+    mc_sequences: int = 4,
+) -> TestResult:
     _same_config(a, b, "mc")
     tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
     return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="mc", tokens=tokens)
@@ -148,9 +160,17 @@ def _jsd(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers
 
 
 @timed
-def _localized(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
-               alpha: float = 0.01, heatmap_path: str | None = None,
-               memory_budget_bytes: int = 2 * 2**30) -> TestResult:
+def _localized(
+    a: Model,
+    b: Model,
+    *,
+    key: jax.Array,
+    data: Any = None,
+    layers: Layers = None,
+    alpha: float = 0.01,
+    heatmap_path: str | None = None,
+    memory_budget_bytes: int = 2 * 2**30,
+) -> TestResult:
     _require_glu(a, b, "localized testing")
     batches = TokenData.of(data, "localized testing").batches()
     layers_a = layers_b = None
@@ -158,48 +178,125 @@ def _localized(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: 
         pairs = resolve_pairs(layers, a.config, b.config, "localized testing")
         layers_a, layers_b = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
     labels = (str(a.meta.get("source", "model A")), str(b.meta.get("source", "model B")))
-    return localized.localized_test(a.params, a.config, b.params, b.config, batches, key=key, alpha=alpha,
-                                    layers_a=layers_a, layers_b=layers_b, memory_budget_bytes=memory_budget_bytes,
-                                    heatmap_path=heatmap_path, labels=labels)
+    return localized.localized_test(
+        a.params,
+        a.config,
+        b.params,
+        b.config,
+        batches,
+        key=key,
+        alpha=alpha,
+        layers_a=layers_a,
+        layers_b=layers_b,
+        memory_budget_bytes=memory_budget_bytes,
+        heatmap_path=heatmap_path,
+        labels=labels,
+    )
 
 
 @timed
-def _generalized(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None,
-                 **options: Any) -> TestResult:
+def _generalized(
+    a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
+) -> TestResult:
     return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layer_pairs=layers, **options)
 
 
 _SPEARMAN = "exact (Spearman of a uniformly random matching under H0; Fisher over layers)"
 _SPECS = (
-    TestSpec("csu", _csu, "constrained", _SPEARMAN, "up-projection weight rows, matched by cosine similarity",
-             "up-projection weights matched (exact p)", needs_data=False, layerwise=True),
-    TestSpec("csh", _csh, "constrained", "exact, same construction", "up-projection activations over the tokens",
-             "up-projection activations matched (exact p)", needs_data=True, layerwise=True),
-    TestSpec("csu_all", _csu_all, "constrained", "heuristic (`exact: false`): only MLP units are a symmetry",
-             "every equally shaped 2-D weight", "all 2-D weights matched (heuristic)", needs_data=False,
-             layerwise=False),
-    TestSpec("l2", _l2, "constrained",
-             "exact PERMTEST, `(1 + #{stat_t >= stat_0}) / (T + 1)`, per layer and total (or over `--layers`)",
-             "minus the weight distance", "weight distance, PERMTEST (exact p)", needs_data=False, layerwise=True,
-             cli_options={"num_perms": "num_perms"}),
-    TestSpec("mc", _mc, "constrained", "exact PERMTEST",
-             "minus the loss of the averaged model (needs trained models to have power)",
-             "mode connectivity, PERMTEST (exact p)", needs_data=True, layerwise=False,
-             cli_options={"num_perms": "num_perms", "mc_sequences": "mc_sequences"}),
-    TestSpec("jsd", _jsd, "none", "none: invariant under the symmetry group, reported as a number",
-             "next-token distributions", "output divergence (no p-value)", needs_data=True, layerwise=False),
-    TestSpec("match", _match, "unconstrained",
-             "Spearman of gate vs up matchings, Fisher over layers (approximate, as in the paper)",
-             "activations; robust to permutation, rotation, pruning (rectangular LAP)",
-             "gate vs up matchings agree (robust)", needs_data=True, layerwise=True),
-    TestSpec("localized", _localized, "unconstrained",
-             "MATCH per layer pair; Bonferroni over the matrix (approximate)",
-             "every layer of A with every layer of B: layer map, kept units, heatmap",
-             "MATCH on every layer pair (robust)", needs_data=True, layerwise=True,
-             cli_options={"heatmap_path": "heatmap_path"}),
-    TestSpec("generalized", _generalized, "unconstrained", "as `match`, on GLU students distilled on Gaussian inputs",
-             "any MLP block, GLU or not, or retrained", "distilled MLPs, MATCH (robust)", needs_data=False,
-             layerwise=True, cli_options={"steps": "generalized_steps"}),
+    TestSpec(
+        "csu",
+        _csu,
+        "constrained",
+        _SPEARMAN,
+        "up-projection weight rows, matched by cosine similarity",
+        "up-projection weights matched (exact p)",
+        needs_data=False,
+        layerwise=True,
+    ),
+    TestSpec(
+        "csh",
+        _csh,
+        "constrained",
+        "exact, same construction",
+        "up-projection activations over the tokens",
+        "up-projection activations matched (exact p)",
+        needs_data=True,
+        layerwise=True,
+    ),
+    TestSpec(
+        "csu_all",
+        _csu_all,
+        "constrained",
+        "heuristic (`exact: false`): only MLP units are a symmetry",
+        "every equally shaped 2-D weight",
+        "all 2-D weights matched (heuristic)",
+        needs_data=False,
+        layerwise=False,
+    ),
+    TestSpec(
+        "l2",
+        _l2,
+        "constrained",
+        "exact PERMTEST, `(1 + #{stat_t >= stat_0}) / (T + 1)`, per layer and total (or over `--layers`)",
+        "minus the weight distance",
+        "weight distance, PERMTEST (exact p)",
+        needs_data=False,
+        layerwise=True,
+        cli_options={"num_perms": "num_perms"},
+    ),
+    TestSpec(
+        "mc",
+        _mc,
+        "constrained",
+        "exact PERMTEST",
+        "minus the loss of the averaged model (needs trained models to have power)",
+        "mode connectivity, PERMTEST (exact p)",
+        needs_data=True,
+        layerwise=False,
+        cli_options={"num_perms": "num_perms", "mc_sequences": "mc_sequences"},
+    ),
+    TestSpec(
+        "jsd",
+        _jsd,
+        "none",
+        "none: invariant under the symmetry group, reported as a number",
+        "next-token distributions",
+        "output divergence (no p-value)",
+        needs_data=True,
+        layerwise=False,
+    ),
+    TestSpec(
+        "match",
+        _match,
+        "unconstrained",
+        "Spearman of gate vs up matchings, Fisher over layers (approximate, as in the paper)",
+        "activations; robust to permutation, rotation, pruning (rectangular LAP)",
+        "gate vs up matchings agree (robust)",
+        needs_data=True,
+        layerwise=True,
+    ),
+    TestSpec(
+        "localized",
+        _localized,
+        "unconstrained",
+        "MATCH per layer pair; Bonferroni over the matrix (approximate)",
+        "every layer of A with every layer of B: layer map, kept units, heatmap",
+        "MATCH on every layer pair (robust)",
+        needs_data=True,
+        layerwise=True,
+        cli_options={"heatmap_path": "heatmap_path"},
+    ),
+    TestSpec(
+        "generalized",
+        _generalized,
+        "unconstrained",
+        "as `match`, on GLU students distilled on Gaussian inputs",
+        "any MLP block, GLU or not, or retrained",
+        "distilled MLPs, MATCH (robust)",
+        needs_data=False,
+        layerwise=True,
+        cli_options={"steps": "generalized_steps"},
+    ),
 )
 TESTS: Mapping[str, TestSpec] = {spec.name: spec for spec in _SPECS}
 assert set(TESTS) == set(get_args(TestName)), "every TestName is registered, and only those"
@@ -216,7 +313,8 @@ def markdown_table() -> str:
     rows = ["| test | setting | p-value | what it compares | data | `--layers` |", "|---|---|---|---|---|---|"]
     for s in TESTS.values():
         setting = "-" if s.setting == "none" else s.setting
-        rows.append(f"| `{s.name}` | {setting} | {s.pvalue} | {s.compares} | {'tokens' if s.needs_data else '-'} "
-                    f"| {'yes' if s.layerwise else '-'} |")
+        rows.append(
+            f"| `{s.name}` | {setting} | {s.pvalue} | {s.compares} | {'tokens' if s.needs_data else '-'} "
+            f"| {'yes' if s.layerwise else '-'} |"
+        )
     return "\n".join(rows)
-

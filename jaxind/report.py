@@ -46,8 +46,10 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
 
 def format_localized(loc: dict[str, Any]) -> str:
     """The localized-testing summary: which layer of B comes from which layer of A."""
-    lines = [f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
-             f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"]
+    lines = [
+        f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
+        f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"
+    ]
     units = {u["layer_b"]: u for u in loc.get("matched_units", [])}
     matrix = loc["log10_pvalue_matrix"]
     for col, b in enumerate(loc["layers_b"]):

@@ -26,7 +26,8 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Callable, Literal, Mapping, ParamSpec, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -59,13 +60,24 @@ class LayerResult:
     @classmethod
     def from_spearman(cls, layer_a: int, layer_b: int, result: pvalues.SpearmanResult, **extra: Any) -> LayerResult:
         """A layer record from a Spearman test (the statistic is rho)."""
-        return cls(layer_a=int(layer_a), layer_b=int(layer_b), pvalue=float(result.pvalue),
-                   log10_pvalue=float(result.log10_pvalue), statistic=float(result.rho), extra=extra)
+        return cls(
+            layer_a=int(layer_a),
+            layer_b=int(layer_b),
+            pvalue=float(result.pvalue),
+            log10_pvalue=float(result.log10_pvalue),
+            statistic=float(result.rho),
+            extra=extra,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """``{"layer_a", "layer_b", "pvalue", "log10_pvalue", "statistic", **extra}``."""
-        core = {"layer_a": self.layer_a, "layer_b": self.layer_b, "pvalue": self.pvalue,
-                "log10_pvalue": self.log10_pvalue, "statistic": self.statistic}
+        core = {
+            "layer_a": self.layer_a,
+            "layer_b": self.layer_b,
+            "pvalue": self.pvalue,
+            "log10_pvalue": self.log10_pvalue,
+            "statistic": self.statistic,
+        }
         return _jsonable({**_no_clash(self.extra, core), **core})
 
 
@@ -114,9 +126,18 @@ class TestResult:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON record: the fields above (extras flattened in) with plain JSON types."""
-        core = {"test": self.test, "pvalue": self.pvalue, "log10_pvalue": self.log10_pvalue, "exact": self.exact,
-                "statistic": self.statistic, "combine": self.combine, "seconds": self.seconds, "note": self.note,
-                "error": self.error, "layers": [layer.to_json() for layer in self.layers]}
+        core = {
+            "test": self.test,
+            "pvalue": self.pvalue,
+            "log10_pvalue": self.log10_pvalue,
+            "exact": self.exact,
+            "statistic": self.statistic,
+            "combine": self.combine,
+            "seconds": self.seconds,
+            "note": self.note,
+            "error": self.error,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
         return _jsonable({**_no_clash(self.extra, core), **core})
 
 
@@ -127,8 +148,9 @@ def _no_clash(extra: Mapping[str, Any], core: Mapping[str, Any]) -> Mapping[str,
     return extra
 
 
-def fisher_result(test: str, layers: Sequence[LayerResult], *, exact: bool, note: str | None = None,
-                  **extra: Any) -> TestResult:
+def fisher_result(
+    test: str, layers: Sequence[LayerResult], *, exact: bool, note: str | None = None, **extra: Any
+) -> TestResult:
     """The result of a layer-wise test: the layers' p-values combined by Fisher's method
     (``X = -2 sum ln p_l ~ chi2(2L)`` under H0 with independent layers, in log space).
 
@@ -138,8 +160,17 @@ def fisher_result(test: str, layers: Sequence[LayerResult], *, exact: bool, note
     logs = np.asarray([layer.log10_pvalue for layer in layers], np.float64)
     combined = pvalues.fisher_combine(log10_pvalues=logs)
     statistic = float(-2.0 * math.log(10.0) * logs.sum())
-    return TestResult(test=test, pvalue=float(combined.pvalue), log10_pvalue=float(combined.log10_pvalue), exact=exact,
-                      statistic=statistic, layers=tuple(layers), combine="fisher", note=note, extra=extra)
+    return TestResult(
+        test=test,
+        pvalue=float(combined.pvalue),
+        log10_pvalue=float(combined.log10_pvalue),
+        exact=exact,
+        statistic=statistic,
+        layers=tuple(layers),
+        combine="fisher",
+        note=note,
+        extra=extra,
+    )
 
 
 P = ParamSpec("P")
@@ -175,21 +206,30 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def make_results(model_a: dict, model_b: dict, data: dict, seed: int, tests: Mapping[str, TestResult],
-                 alpha: float = 0.05, **extra: Any) -> dict:
+def make_results(
+    model_a: dict,
+    model_b: dict,
+    data: dict,
+    seed: int,
+    tests: Mapping[str, TestResult],
+    alpha: float = 0.05,
+    **extra: Any,
+) -> dict:
     """Assembles the results document (plain JSON types; NaN becomes null)."""
-    return _jsonable({
-        "schema_version": SCHEMA_VERSION,
-        "jaxind_version": jaxind.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seed": seed,
-        "alpha": alpha,
-        "model_a": model_a,
-        "model_b": model_b,
-        "data": data,
-        "tests": {name: result.to_json() for name, result in tests.items()},
-        **extra,
-    })
+    return _jsonable(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "jaxind_version": jaxind.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seed": seed,
+            "alpha": alpha,
+            "model_a": model_a,
+            "model_b": model_b,
+            "data": data,
+            "tests": {name: result.to_json() for name, result in tests.items()},
+            **extra,
+        }
+    )
 
 
 _NUMBER = {"type": ["number", "null"]}
@@ -198,13 +238,28 @@ _STATISTIC = {"anyOf": [{"type": ["number", "null"]}, {"enum": ["inf", "-inf"]}]
 _LAYER_SCHEMA = {
     "type": "object",
     "required": ["layer_a", "layer_b", "pvalue", "log10_pvalue", "statistic"],
-    "properties": {"layer_a": {"type": "integer", "minimum": -1}, "layer_b": {"type": "integer", "minimum": -1},
-                   "pvalue": {"type": "number", "minimum": 0, "maximum": 1}, "log10_pvalue": _LOG10,
-                   "statistic": _STATISTIC},
+    "properties": {
+        "layer_a": {"type": "integer", "minimum": -1},
+        "layer_b": {"type": "integer", "minimum": -1},
+        "pvalue": {"type": "number", "minimum": 0, "maximum": 1},
+        "log10_pvalue": _LOG10,
+        "statistic": _STATISTIC,
+    },
 }
 TEST_SCHEMA = {
     "type": "object",
-    "required": ["test", "pvalue", "log10_pvalue", "exact", "statistic", "combine", "seconds", "note", "error", "layers"],
+    "required": [
+        "test",
+        "pvalue",
+        "log10_pvalue",
+        "exact",
+        "statistic",
+        "combine",
+        "seconds",
+        "note",
+        "error",
+        "layers",
+    ],
     "properties": {
         "test": {"type": "string"},
         "pvalue": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
@@ -220,10 +275,25 @@ TEST_SCHEMA = {
 }
 _MODEL_SCHEMA = {
     "type": "object",
-    "required": ["source", "format", "family", "layers", "d_model", "d_ff", "heads", "kv_heads", "vocab", "params",
-                 "dtype"],
-    "properties": {"family": {"type": "string"}, "layers": {"type": "integer", "minimum": 1},
-                   "params": {"type": "integer", "minimum": 1}, "dtype": {"type": "string"}},
+    "required": [
+        "source",
+        "format",
+        "family",
+        "layers",
+        "d_model",
+        "d_ff",
+        "heads",
+        "kv_heads",
+        "vocab",
+        "params",
+        "dtype",
+    ],
+    "properties": {
+        "family": {"type": "string"},
+        "layers": {"type": "integer", "minimum": 1},
+        "params": {"type": "integer", "minimum": 1},
+        "dtype": {"type": "string"},
+    },
 }
 RESULTS_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -86,8 +86,9 @@ def run_test(spec: TestSpec, a: Model, b: Model, settings: Settings, tokens: Tok
         return TestResult.failed(spec.name, e, time.perf_counter() - start)
 
 
-def run_pair(a: Model, b: Model, settings: Settings, log: Callable[[str], None] = print,
-             tokens: np.ndarray | None = None) -> dict[str, Any]:
+def run_pair(
+    a: Model, b: Model, settings: Settings, log: Callable[[str], None] = print, tokens: np.ndarray | None = None
+) -> dict[str, Any]:
     """Runs ``settings.tests`` on models A and B; returns the results document. ``tokens (N, T)``
     overrides ``settings.data`` (the demo's byte-level corpus)."""
     if tokens is None:
@@ -99,5 +100,12 @@ def run_pair(a: Model, b: Model, settings: Settings, log: Callable[[str], None] 
         log(f"running {name} ...")
         tests[name] = run_test(TESTS[name], a, b, settings, token_data)
     data_info = {**settings.data.describe(), "tokens_shape": list(tokens.shape)}
-    return results.make_results(a.summary(), b.summary(), data_info, settings.data.seed, tests, alpha=settings.alpha,
-                                num_perms=settings.num_perms)
+    return results.make_results(
+        a.summary(),
+        b.summary(),
+        data_info,
+        settings.data.seed,
+        tests,
+        alpha=settings.alpha,
+        num_perms=settings.num_perms,
+    )

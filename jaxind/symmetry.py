@@ -32,7 +32,7 @@ first folds every norm weight into the linear maps that read the normalised stre
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ from jaxind.errors import JaxindError
 from jaxind.types import Params
 
 # Axis name of one array axis: "resid", ("mlp", layer) after expansion, or None (untouched).
-AxisName = Union[str, tuple, None]
+AxisName = str | tuple | None
 
 # The permutation spec: per-layer leaves and top-level leaves. "mlp" means this layer's MLP axis.
 LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
@@ -121,7 +121,7 @@ def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
 
 def get_leaf(params: Params, path: Path) -> jax.Array:
     """The leaf of ``params`` at ``path``."""
-    node = params
+    node: Any = params
     for part in path:
         node = node[part]
     return node
@@ -136,17 +136,21 @@ def check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName
         extra to or missing from the spec.
     """
     spec = permutation_spec(cfg) if spec is None else spec
-    found = {(name,) for name in params if name != "layers"}
+    found: set[Path] = {(name,) for name in params if name != "layers"}
     unknown_top = set(params) - set(TOP_SPEC) - {"layers"}
     if unknown_top:
-        raise JaxindError(f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}")
+        raise JaxindError(
+            f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}"
+        )
     if len(params["layers"]) != cfg.n_layers:
         raise JaxindError(f"param tree has {len(params['layers'])} layers, config says {cfg.n_layers}")
     for layer, entries in enumerate(params["layers"]):
         found |= {("layers", layer, name) for name in entries}
     if found != set(spec):
         extra, missing = sorted(map(str, found - set(spec))), sorted(map(str, set(spec) - found))
-        raise JaxindError(f"param tree does not match the permutation spec for this config: extra {extra}, missing {missing}")
+        raise JaxindError(
+            f"param tree does not match the permutation spec for this config: extra {extra}, missing {missing}"
+        )
 
 
 def _rebuild(params: Params, new_leaves: dict[Path, jax.Array]) -> Params:
@@ -165,6 +169,7 @@ def _rebuild(params: Params, new_leaves: dict[Path, jax.Array]) -> Params:
 def _perm_for(perm: Perm, name: AxisName) -> jax.Array:
     if name == "resid":
         return perm.resid
+    assert isinstance(name, tuple), name  # ("mlp", layer)
     return perm.mlp[name[1]]
 
 
@@ -312,7 +317,9 @@ def rotate_residual(params: Params, cfg: ModelConfig, rotation: jax.Array) -> tu
         for axis, name in enumerate(axes):
             if name == "resid":
                 # out'[.., i, ..] = sum_k R[k, i] out[.., k, ..]
-                out = jnp.moveaxis(jnp.tensordot(out, rot, axes=([axis], [0]), precision=jax.lax.Precision.HIGHEST), -1, axis)
+                out = jnp.moveaxis(
+                    jnp.tensordot(out, rot, axes=([axis], [0]), precision=jax.lax.Precision.HIGHEST), -1, axis
+                )
         new[path] = out.astype(leaf.dtype)
     return _rebuild(folded, new), new_cfg
 

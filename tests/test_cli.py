@@ -3,22 +3,18 @@ sources and their errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from jaxind import data
 from jaxind.errors import JaxindError
+from helpers import run_module, run_python
 from hf_models import build_torch_model, save
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxind.main", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+    return run_module("jaxind.main", *args)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +103,7 @@ def test_cli_flag_errors_are_one_line(args, expected):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_and_detects(tmp_path):
     r = main_cli("--demo_quick", f"--output={tmp_path / 'demo'}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -125,8 +122,7 @@ def test_demo_flagfile_matches_the_defaults():
         "names = [n for n in F if F[n].present and n != 'flagfile'];"
         "print(len(names), all(F[n].value == F[n].default for n in names), F.model_a)"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": REPO})
+    r = run_python("-c", script)
     count, same, model_a = r.stdout.split()
     assert int(count) >= 5 and same == "True" and model_a == "None"
 

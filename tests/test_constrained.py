@@ -12,6 +12,7 @@ from jaxind.config import ModelConfig
 TINY = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=48)
 
 
+@pytest.mark.slow
 def test_csu_calibrated_under_the_null():
     """200 independent random pairs: CSU p-values are uniform, false positives at 0.05 within
     the 99% binomial interval."""
@@ -26,6 +27,7 @@ def test_csu_calibrated_under_the_null():
     assert lo <= (pvals <= 0.05).sum() <= hi
 
 
+@pytest.mark.slow
 def test_csu_calibrated_when_the_group_acts_at_random():
     """A fixed model A against independent models each hit by a random group element: still uniform."""
     a = model.init_params(TINY, jax.random.key(0))
@@ -108,6 +110,7 @@ def test_jsd_is_zero_for_the_same_function_and_positive_otherwise(zoo):
     assert divergence.jsd(f(base, cfg), f(finetuned, cfg), batches(tokens, 4), 256).statistic > 1e-3
 
 
+@pytest.mark.slow
 def test_real_smollm2_fine_tune_is_detected(smollm2, smollm2_finetuned):
     """A few real optimisation steps on real text (the bundled corpus, SmolLM2's tokenizer)."""
     tuned = smollm2_finetuned

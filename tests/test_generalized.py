@@ -41,6 +41,7 @@ def model_a():
     return _trained_ish(jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_retrained_block_still_detected(model_a):
     """The adversary replaces block 1 by a fresh GLU (own init, own data) trained to imitate it."""
     fn = generalized.model_block_fn(CFG)
@@ -59,6 +60,7 @@ def test_retrained_block_still_detected(model_a):
     json.dumps(res.to_json())
 
 
+@pytest.mark.slow
 def test_independent_model_not_detected(model_a):
     c = _trained_ish(jax.random.key(5))
     res = generalized.generalized_test(model_a, CFG, c, CFG, key=jax.random.key(7), layer_pairs=[(1, 1)], steps=STEPS)
@@ -76,6 +78,7 @@ def _plain_params(key):
             "w2": jax.random.normal(k3, (H, D)) / np.sqrt(H), "b2": jnp.zeros((D,))}
 
 
+@pytest.mark.slow
 def test_non_glu_blocks_parent_vs_child_and_independent():
     """Plain (non-GLU) MLPs: a child of the parent (hidden units permuted, weights perturbed by
     10%) is detected; an independent MLP is not. Students of plain MLPs tie each unit's up to its
@@ -130,6 +133,7 @@ def _gpt2_checkpoint(tmp_path, name, seed, parent=None):
     return m, save(m, str(tmp_path / name))
 
 
+@pytest.mark.slow
 def test_gpt2_family_pair_from_one_parent(tmp_path):
     """Real GPT-2-architecture checkpoints through the converter: child detected, stranger not."""
     from converters.sources import load_model

@@ -113,6 +113,7 @@ def test_rectangular_pruned_widths(model_a, batches):
             assert np.mean(np.asarray(wide) == k[np.asarray(narrow)]) >= 0.95
 
 
+@pytest.mark.slow
 def test_calibration_independent_pairs_uniform():
     """120 independent pairs of tiny 2-layer models: Fisher-combined and per-layer p-values are
     uniform (KS test) and the 5% level is respected. Cheap: one compiled step, 32 x 32 LAPs."""
