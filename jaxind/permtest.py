@@ -1,4 +1,4 @@
-"""PERMTEST as a kernel: ``stat(A, p_t(B))`` for T random group elements at once.
+"""PERMTEST as a kernel: ``stat(A, p_t(B))`` for T random group elements at once (docs/DESIGN.md §5.2).
 
 Under H0 (independent initialisations, permutation-invariant init, equivariant training) the
 pair ``(A, p(B))`` is distributed as ``(A, B)`` for a uniform group element ``p`` (see

@@ -1,4 +1,4 @@
-"""P-value arithmetic, in log space, on the host (float64 numpy / scipy).
+"""P-value arithmetic, in log space, on the host (float64 numpy / scipy; docs/DESIGN.md §5.6).
 
 Strong dependence between two models gives p-values far below the smallest float64
 (``~1e-308``): a perfectly matched MLP of width 11,008 has a Spearman p-value near

@@ -25,12 +25,13 @@ from typing import Any, Literal, get_args
 import jax
 import numpy as np
 
-from jaxind import constrained, divergence, generalized, localized, match, permtest
+from jaxind import constrained, divergence, generalized, grams, localized, match, permtest
 from jaxind.errors import JaxindError
 from jaxind.inputs import TokenData
 from jaxind.layers import Layers, resolve_pairs, same_layer_pairs
 from jaxind.loading import Model
 from jaxind.results import TestResult, timed
+from jaxind.types import LayerPair
 
 TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized"]
 Setting = Literal["constrained", "unconstrained", "none"]
@@ -90,6 +91,15 @@ def _require_glu(a: Model, b: Model, test: str) -> None:
         )
 
 
+def _one_pass(
+    a: Model, b: Model, data: Any, layers: Layers, test: str
+) -> tuple[grams.PassStats, tuple[LayerPair, ...]]:
+    """The one-pass statistics of the selected layer pairs (shared through ``data``) and the pairs."""
+    _require_glu(a, b, test)
+    pairs = resolve_pairs(layers, a.config, b.config, test)
+    return TokenData.of(data, test).pass_stats(a.params, a.config, b.params, b.config, pairs), pairs
+
+
 def _same_config(a: Model, b: Model, test: str) -> None:
     if a.config != b.config:
         raise JaxindError(
@@ -110,10 +120,7 @@ def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: La
 
 @timed
 def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
-    _require_glu(a, b, "csh")
-    tokens = TokenData.of(data, "csh")
-    pairs = resolve_pairs(layers, a.config, b.config, "CSH")
-    stats = tokens.pass_stats(a.params, a.config, b.params, b.config, pairs)
+    stats, pairs = _one_pass(a, b, data, layers, "csh")
     return constrained.csh_from_pass(stats, pairs, key)
 
 
@@ -121,10 +128,7 @@ def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers
 def _match(
     a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, return_units: bool = False
 ) -> TestResult:
-    _require_glu(a, b, "match")
-    tokens = TokenData.of(data, "match")
-    pairs = resolve_pairs(layers, a.config, b.config, "MATCH")
-    stats = tokens.pass_stats(a.params, a.config, b.params, b.config, pairs)
+    stats, pairs = _one_pass(a, b, data, layers, "match")
     return match.match_from_pass(stats, pairs, key, return_units)
 
 

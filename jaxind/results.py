@@ -78,7 +78,7 @@ class LayerResult:
             "log10_pvalue": self.log10_pvalue,
             "statistic": self.statistic,
         }
-        return _jsonable({**_no_clash(self.extra, core), **core})
+        return _jsonable({**core, **_no_clash(self.extra, core)})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,7 +125,7 @@ class TestResult:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON record: the fields above (extras flattened in) with plain JSON types."""
+        """The JSON record: the fields above, the extras after them, ``layers`` last (plain JSON types)."""
         core = {
             "test": self.test,
             "pvalue": self.pvalue,
@@ -136,9 +136,9 @@ class TestResult:
             "seconds": self.seconds,
             "note": self.note,
             "error": self.error,
-            "layers": [layer.to_json() for layer in self.layers],
         }
-        return _jsonable({**_no_clash(self.extra, core), **core})
+        extra = _no_clash(self.extra, {**core, "layers": None})
+        return _jsonable({**core, **extra, "layers": [layer.to_json() for layer in self.layers]})
 
 
 def _no_clash(extra: Mapping[str, Any], core: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,4 +1,4 @@
-"""The symmetry group of a decoder-only transformer, as pure functions on param pytrees.
+"""The symmetry group of a decoder-only transformer, as pure functions on param pytrees (docs/DESIGN.md §1).
 
 Everything is driven by one declarative **permutation spec** (git-re-basin style): for every
 leaf of the param tree (layout in :mod:`jaxind.model`), which axis carries which permutation.

@@ -90,11 +90,33 @@ def test_cli_records_tests_that_do_not_apply(tmp_path, pair):
     assert doc["tests"]["match"]["pvalue"] is not None  # rectangular MATCH still runs
 
 
+def test_cli_layers_select_the_layers_of_every_layer_wise_test(tmp_path, pair):
+    a, b, _ = pair
+    out = tmp_path / "layers.json"
+    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,l2,match,jsd", "--layers=1", "--num_perms=19",
+                 "--num_sequences=4", "--seq_len=8", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tests = json.loads(out.read_text())["tests"]
+    for name in ("csu", "l2", "match"):
+        assert [(r["layer_a"], r["layer_b"]) for r in tests[name]["layers"]] == [(1, 1)], name
+    assert tests["jsd"]["error"] is None and tests["jsd"]["statistic"] > 0  # not layer-wise: unaffected
+    out = tmp_path / "pairs.json"
+    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,match,l2", "--layer_pairs=1:0", "--num_perms=19",
+                 "--num_sequences=4", "--seq_len=8", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tests = json.loads(out.read_text())["tests"]
+    assert [(r["layer_a"], r["layer_b"]) for r in tests["match"]["layers"]] == [(1, 0)]
+    assert "cannot compare pairs" in tests["l2"]["error"]  # L2 compares layer l with layer l only
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--tests=bogus"], "unknown test"),
     (["--data=csv:foo"], "not understood"),
     (["--data=text:/nonexistent.txt"], "does not exist"),
     (["--model_a=smollm2"], "pass both"),
+    (["--layers=1x"], "--layers"),
+    (["--layer_pairs=3"], "--layer_pairs"),
+    (["--layers=1", "--layer_pairs=1:1"], "not both"),
 ])
 def test_cli_flag_errors_are_one_line(args, expected):
     r = main_cli(*args)
