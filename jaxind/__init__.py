@@ -10,6 +10,17 @@ __version__ = "0.1.0"
 from jaxind.config import ModelConfig  # noqa: E402
 from jaxind.errors import JaxindError  # noqa: E402
 from jaxind.loading import Model, from_params  # noqa: E402
+from jaxind.registry import TESTS, key_for  # noqa: E402
 from jaxind.results import LayerResult, TestResult  # noqa: E402
 
-__all__ = ["JaxindError", "LayerResult", "Model", "ModelConfig", "TestResult", "from_params", "__version__"]
+__all__ = [
+    "TESTS",
+    "JaxindError",
+    "LayerResult",
+    "Model",
+    "ModelConfig",
+    "TestResult",
+    "__version__",
+    "from_params",
+    "key_for",
+]

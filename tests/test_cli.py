@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers import run_module, run_python
+from hf_models import build_torch_model, save
 
 from jaxind import data
 from jaxind.errors import JaxindError
-from helpers import run_module, run_python
-from hf_models import build_torch_model, save
 
 
 def main_cli(*args):

@@ -1,9 +1,9 @@
 """Constrained-setting tests: calibration under the null, power on trained and real models,
 and what the tests (correctly) cannot see."""
 
+import jax
 import numpy as np
 import pytest
-import jax
 from scipy import stats
 
 from jaxind import constrained, demo, divergence, model, permtest, symmetry

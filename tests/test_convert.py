@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-from converters import sources
 from helpers import run_module, run_python
 from hf_models import build_torch_model, edit_config, save
+
+from converters import sources
 
 
 def run_cli(*args, module="converters.convert"):

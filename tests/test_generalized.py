@@ -113,7 +113,6 @@ def test_canonicalize_keeps_function():
 def _gpt2_checkpoint(tmp_path, name, seed, parent=None):
     """A GPT-2 checkpoint converted like any other: random (trained-like scale) or a noisy child."""
     import torch
-
     from hf_models import build_torch_model, save
 
     m = build_torch_model("gpt2", seed=seed, n_layer=2, n_embd=D, n_head=4, n_inner=H)

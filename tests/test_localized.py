@@ -8,10 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from helpers import perturb
 
 from jaxind import localized, model
 from jaxind.config import ModelConfig
-from helpers import perturb
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from helpers import perturb
 
 from jaxind import grams, match, model, symmetry
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from helpers import perturb
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 

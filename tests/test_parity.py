@@ -4,10 +4,10 @@ of every supported family and checkpoint format."""
 import numpy as np
 import pytest
 import torch
+from hf_models import FAMILIES, build_torch_model, mlp_modules, save
 
 import jaxind
 from converters.sources import load_model
-from hf_models import FAMILIES, build_torch_model, mlp_modules, save
 
 TOL = 1e-4
 

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import near_copy, random_params
 from scipy import stats
 
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward_jit, init_params
 from jaxind.permtest import permtest, permtest_loop
-from helpers import near_copy, random_params
 
 CFG = ModelConfig("qwen2", vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16,
                   qkv_bias=True, o_bias=True)

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from test_parity import rel_err, torch_reference
 
 pytestmark = pytest.mark.slow  # the real model: loading, parity, MATCH, the CLI on it

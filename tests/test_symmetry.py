@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 
 from jaxind import symmetry as S
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from jaxind.model import forward_jit, init_params
-from helpers import random_params
+from jaxind.model import forward_jit
 
 V, D, L, H_HEADS, KV, HD, H = 64, 16, 2, 4, 2, 4, 24
 
