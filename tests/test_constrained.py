@@ -44,6 +44,7 @@ def zoo():
     return demo.build_zoo(seed=3, steps=60, finetune_steps=20, log=lambda *_: None)
 
 
+@pytest.mark.slow  # trains the model zoo (module fixture)
 def test_power_on_trained_models(zoo):
     cfg, base = zoo["base"]
     _, finetuned = zoo["finetuned"]
@@ -63,6 +64,7 @@ def test_power_on_trained_models(zoo):
     assert {r.extra["param"] for r in all_.layers} >= {"layers.0.up", "layers.1.q"}
 
 
+@pytest.mark.slow  # trains the model zoo (module fixture)
 def test_mode_connectivity_detects_the_fine_tune(zoo):
     cfg, base = zoo["base"]
     tokens = demo.corpus_bytes()[: 4 * 32].reshape(4, 32)
@@ -73,6 +75,7 @@ def test_mode_connectivity_detects_the_fine_tune(zoo):
     assert ind.pvalue > 0.05
 
 
+@pytest.mark.slow  # trains the model zoo (module fixture)
 def test_permuted_and_rotated_copy_escapes_the_weight_tests(zoo):
     """Expected and documented: the disguise scrambles the weight basis, so CSU (and L2) do not
     detect it; that is what MATCH is for."""
@@ -81,6 +84,7 @@ def test_permuted_and_rotated_copy_escapes_the_weight_tests(zoo):
     assert constrained.csu(base, cfg, disguised, dcfg, jax.random.key(0)).pvalue > 0.01
 
 
+@pytest.mark.slow  # trains the model zoo (module fixture)
 def test_csh_detects_fine_tune_from_activations(zoo):
     from jaxind import grams, layers
 
@@ -97,6 +101,7 @@ def test_csh_detects_fine_tune_from_activations(zoo):
     assert results["independent"].pvalue > 0.01
 
 
+@pytest.mark.slow  # trains the model zoo (module fixture)
 def test_jsd_is_zero_for_the_same_function_and_positive_otherwise(zoo):
     from jaxind.data import batches
 
@@ -121,6 +126,7 @@ def test_real_smollm2_fine_tune_is_detected(smollm2, smollm2_finetuned):
     assert l2.pvalue == pytest.approx(1 / (t + 1))
 
 
+@pytest.mark.slow  # trains the model zoo (module fixture)
 def test_match_on_the_trained_zoo(zoo):
     """MATCH sees through the disguise that defeats CSU, and stays quiet on the independent model."""
     from jaxind import match
