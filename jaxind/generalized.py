@@ -330,6 +330,7 @@ def gate_up_coupling(student: Params) -> float:
     return float(jnp.mean(jnp.abs(cos)))
 
 
+@timed
 def generalized_test(
     params_a: Params,
     cfg_a: ModelConfig,

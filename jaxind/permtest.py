@@ -489,6 +489,7 @@ def _loop_step(statistic: str, cfg: ModelConfig) -> Callable:
     return jax.jit(step)
 
 
+@timed
 def permtest_loop(
     params_a: Params,
     params_b: Params,

@@ -73,6 +73,7 @@ class TestSpec:
     def __call__(
         self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
     ) -> TestResult:
+        """Runs the test (see the module doc); a layer selection for a whole-model test is an error."""
         if layers is not None and not self.layerwise:
             raise JaxindError(f"{self.name} compares whole models; it takes no layer selection")
         return self.run(a, b, key=key, data=data, layers=layers, **options)
