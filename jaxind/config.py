@@ -12,12 +12,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from jaxind.errors import CheckpointError, UnsupportedModelError
 
 # Families and the HF `model_type` values they cover.
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+Family = Literal["llama", "mistral", "qwen2", "gemma", "gpt2"]
+FAMILIES: tuple[Family, ...] = get_args(Family)
+# MLP activations: SiLU (SwiGLU) and tanh-approximated GELU (GeGLU, GPT-2).
+Activation = Literal["silu", "gelu_tanh"]
+# Norms: RMSNorm, or LayerNorm with a bias (GPT-2).
+NormKind = Literal["rms", "layer"]
 
 # Keys of every config.json that only say where the file came from; neither used nor recorded.
 _PROVENANCE_KEYS = frozenset({"model_type", "architectures", "transformers_version", "_name_or_path"})
@@ -94,7 +99,7 @@ class ModelConfig:
       mlp_bias: biases on the MLP projections (GPT-2).
     """
 
-    family: str
+    family: Family
     vocab_size: int
     d_model: int
     n_layers: int
@@ -108,12 +113,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
-    mlp_act: str = "silu"
+    mlp_act: Activation = "silu"
     norm_offset: float = 0.0
     embed_scale: bool = False
     sliding_window: int | None = None
     glu: bool = True
-    norm_kind: str = "rms"
+    norm_kind: NormKind = "rms"
     max_positions: int = 0
     mlp_bias: bool = False
 
@@ -130,9 +135,9 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
             )
-        if self.mlp_act not in ("silu", "gelu_tanh"):
+        if self.mlp_act not in get_args(Activation):
             raise UnsupportedModelError(f"unsupported MLP activation {self.mlp_act!r}")
-        if self.norm_kind not in ("rms", "layer"):
+        if self.norm_kind not in get_args(NormKind):
             raise UnsupportedModelError(f"unsupported norm {self.norm_kind!r}")
 
     @property

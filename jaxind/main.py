@@ -18,12 +18,12 @@ import sys
 
 from absl import app, flags
 
-from jaxind.testnames import ALL_TESTS, DEFAULT_TESTS
+from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, or 'smollm2'.")
 flags.DEFINE_string("model_b", None, "Second model (same kinds of source as --model_a).")
-flags.DEFINE_list("tests", list(DEFAULT_TESTS), f"Tests to run, from: {', '.join(ALL_TESTS)}.")
+flags.DEFINE_list("tests", list(DEFAULT_TESTS), tests_help())
 flags.DEFINE_integer("num_perms", 999, "PERMTEST draws T for l2/mc (p-value resolution 1/(T+1)).", lower_bound=1)
 flags.DEFINE_string("data", "random", "Tokens: random | text:PATH | jsonl:PATH (field 'text').")
 flags.DEFINE_integer("num_sequences", 64, "Number of token sequences.", lower_bound=1)
@@ -32,7 +32,11 @@ flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.", lower_bound
 flags.DEFINE_integer("seed", 0, "Seed for data, permutations and matchings.", lower_bound=0, upper_bound=2**63 - 1)
 flags.DEFINE_string("output", None, "Write the results JSON here (atomically); localized testing adds a heatmap PNG "
                     "beside it. For the demo: a directory, one JSON per pair.")
-flags.DEFINE_bool("localized", False, "Also run MATCH on every layer pair: p-value matrix, layer map, matched units.")
+flags.DEFINE_bool("localized", False, "Also run MATCH on every layer pair: p-value matrix, layer map, matched units "
+                  "(the same as adding 'localized' to --tests).")
+flags.DEFINE_string("layers", None, "Layer-wise tests compare only these layers, each with the same layer of B: "
+                    "e.g. 0,5,14 or 10:20 (layers 10 to 19).")
+flags.DEFINE_string("layer_pairs", None, "Layer-wise tests compare these (layer of A):(layer of B) pairs, e.g. 14:14,3:5.")
 flags.DEFINE_integer("generalized_steps", 2000, "Distillation steps per MLP block for --tests=generalized.",
                      lower_bound=1)
 flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts, strictly between 0 and 1.")
@@ -87,34 +91,50 @@ def preflight():
         destinations.check_file(FLAGS.output, "--output")
     if heatmap_path():
         destinations.check_file(heatmap_path(), "--output (its heatmap)")
+    layer_selection()  # a malformed --layers / --layer_pairs is refused before any model loads
     for source in (FLAGS.model_a, FLAGS.model_b):
         if source:
             sources.resolve(source)
     return spec
 
 
+def selected_tests() -> tuple[str, ...]:
+    """``--tests``, plus ``localized`` with ``--localized``."""
+    return tuple(dict.fromkeys([*FLAGS.tests, *(["localized"] if FLAGS.localized else [])]))
+
+
 def heatmap_path() -> str | None:
     """Where localized testing writes its PNG (beside the results JSON), or None."""
-    if not (FLAGS.localized and FLAGS.output):
+    if not ("localized" in selected_tests() and FLAGS.output):
         return None
     from jaxind import localized
 
     return localized.heatmap_path_for(FLAGS.output)
 
 
+def layer_selection():
+    """``(layers, layer_pairs)`` parsed from the flags (None where not given)."""
+    from jaxind import layers
+
+    return (None if FLAGS.layers is None else layers.parse_layers(FLAGS.layers),
+            None if FLAGS.layer_pairs is None else layers.parse_layer_pairs(FLAGS.layer_pairs))
+
+
 def settings_from_flags(spec):
     """The runner's Settings from the flags and the checked DataSpec."""
     from jaxind import runner
 
-    return runner.Settings(tests=tuple(FLAGS.tests), data=spec, num_perms=FLAGS.num_perms, batch_size=FLAGS.batch_size,
-                           generalized_steps=FLAGS.generalized_steps, localized=FLAGS.localized,
-                           heatmap_path=heatmap_path(), alpha=FLAGS.alpha)
+    chosen_layers, chosen_pairs = layer_selection()
+    return runner.Settings(tests=selected_tests(), data=spec, num_perms=FLAGS.num_perms, batch_size=FLAGS.batch_size,
+                           generalized_steps=FLAGS.generalized_steps, heatmap_path=heatmap_path(), alpha=FLAGS.alpha,
+                           layers=chosen_layers, layer_pairs=chosen_pairs)
 
 
 def run(argv) -> int:
     del argv
     spec = preflight()
     import jaxind
+    from converters.sources import load_model
     from jaxind import report, results, runner, testhooks
 
     if not FLAGS.model_a:
@@ -124,7 +144,7 @@ def run(argv) -> int:
     settings = settings_from_flags(spec)
     models = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
-        models[name] = jaxind.load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty())
+        models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty())
         print(describe(name, models[name].summary()), flush=True)
     testhooks.stop_at("models_loaded")
     document = runner.run_pair(models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True))
@@ -132,9 +152,9 @@ def run(argv) -> int:
         _written.append(settings.heatmap_path)
     print()
     print(report.format_table(document))
-    if "localized" in document:
+    if document["tests"].get("localized", {}).get("pvalue") is not None:
         print()
-        print(report.format_localized(document["localized"]))
+        print(report.format_localized(document["tests"]["localized"]))
     if FLAGS.output:
         results.write_json_or_rescue(FLAGS.output, document)
         _written.append(FLAGS.output)

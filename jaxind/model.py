@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxind.config import ModelConfig
+from jaxind.config import Activation, ModelConfig
+from jaxind.types import Params
 
-Params = dict[str, Any]
 Activations = dict[int, dict[str, jax.Array]]
 
 
@@ -65,7 +66,9 @@ def norm(params: Params, name: str, cfg: ModelConfig, x: jax.Array) -> jax.Array
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     """Inverse RoPE frequencies ``(head_dim // 2,)`` float32, with linear/llama3 scaling applied."""
     hd = cfg.head_dim
-    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
+        np.float32
+    )
     scaling = cfg.rope_scaling_dict
     if scaling is None:
         return inv
@@ -109,7 +112,7 @@ def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | No
     if cfg.qkv_bias:
         q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
     q, k = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd)
-    if cos is not None:
+    if cos is not None and sin is not None:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, t, nkv, hd)
     group = nh // nkv
@@ -128,29 +131,40 @@ def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | No
     return out
 
 
-def _activation(cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    return jax.nn.silu(x) if cfg.mlp_act == "silu" else jax.nn.gelu(x, approximate=True)
+def activation(name: Activation) -> Callable[[jax.Array], jax.Array]:
+    """The MLP nonlinearity: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, GPT-2's gelu_new)."""
+    if name == "silu":
+        return jax.nn.silu
+    return functools.partial(jax.nn.gelu, approximate=True)
+
+
+def mlp_apply(
+    layer: Params, x: jax.Array, act: Activation = "silu", glu: bool = True, bias: bool = False
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    """An MLP ``{"gate"?, "up", "down"[, "up_bias", "down_bias"]}`` on ``x (..., d)``.
+
+    GLU: ``(act(x W_gate) * (x W_up)) W_down``; plain (``glu=False``): ``act(x W_up) W_down``.
+    Returns ``(out (..., d), gate (..., h) or None, up (..., h))``, ``gate``/``up`` before the
+    activation, i.e. what ``gate_proj`` / ``up_proj`` (GPT-2: ``c_fc``) return in transformers.
+    """
+    up = x @ layer["up"]
+    if bias:
+        up = up + layer["up_bias"]
+    fn = activation(act)
+    if glu:
+        gate = x @ layer["gate"]
+        hidden = fn(gate) * up
+    else:
+        gate, hidden = None, fn(up)
+    out = hidden @ layer["down"]
+    if bias:
+        out = out + layer["down_bias"]
+    return out, gate, up
 
 
 def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
-    """The MLP on ``x (..., d)``; returns ``(out (..., d), gate (..., h) or None, up (..., h))``.
-
-    ``gate`` and ``up`` are the projections' outputs before the activation, i.e. what
-    ``gate_proj`` / ``up_proj`` return in transformers. A plain (non-GLU, GPT-2) MLP has no
-    gate; its ``up`` is ``c_fc``'s output.
-    """
-    up = x @ layer["up"]
-    if cfg.mlp_bias:
-        up = up + layer["up_bias"]
-    if cfg.glu:
-        gate = x @ layer["gate"]
-        hidden = _activation(cfg, gate) * up
-    else:
-        gate, hidden = None, _activation(cfg, up)
-    out = hidden @ layer["down"]
-    if cfg.mlp_bias:
-        out = out + layer["down_bias"]
-    return out, gate, up
+    """The family's MLP (:func:`mlp_apply` with ``cfg``'s activation, gating and biases)."""
+    return mlp_apply(layer, x, cfg.mlp_act, cfg.glu, cfg.mlp_bias)
 
 
 def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -223,18 +237,36 @@ def forward(
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs"))
-def forward_jit(params: Params, cfg: ModelConfig, tokens: jax.Array, collect: tuple[int, ...] = (), return_logits: bool = True,
-                collect_inputs: bool = False):
+def forward_jit(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    collect: tuple[int, ...] = (),
+    return_logits: bool = True,
+    collect_inputs: bool = False,
+):
     """Jitted :func:`forward` (``cfg``, ``collect`` and the flags are static)."""
     return forward(params, cfg, tokens, collect, return_logits, collect_inputs)
+
+
+def forward_logits(params: Params, cfg: ModelConfig) -> Callable[[Any], jax.Array]:
+    """``tokens (B, T) -> logits (B, T, V)`` for a param tree (jitted)."""
+    return lambda tokens: forward_jit(params, cfg, jnp.asarray(tokens, jnp.int32))[0]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random parameters (normal(0, std) weights, unit norms) for a config: independent models
     are ``init_params(cfg, key)`` for different keys."""
     d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
-    shapes = {"q": (d, cfg.n_heads * hd), "k": (d, cfg.n_kv_heads * hd), "v": (d, cfg.n_kv_heads * hd),
-              "o": (cfg.n_heads * hd, d), "gate": (d, h), "up": (d, h), "down": (h, d)}
+    shapes = {
+        "q": (d, cfg.n_heads * hd),
+        "k": (d, cfg.n_kv_heads * hd),
+        "v": (d, cfg.n_kv_heads * hd),
+        "o": (cfg.n_heads * hd, d),
+        "gate": (d, h),
+        "up": (d, h),
+        "down": (h, d),
+    }
     if not cfg.glu:
         del shapes["gate"]
     keys = jax.random.split(key, cfg.n_layers + 2)
@@ -242,7 +274,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
     def layer(k):
         ks = jax.random.split(k, len(shapes))
-        out = {name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)}
+        out = {
+            name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)
+        }
         out["attn_norm"] = jnp.full((d,), norm_init, dtype)
         out["mlp_norm"] = jnp.full((d,), norm_init, dtype)
         if cfg.qkv_bias:
@@ -267,30 +301,21 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     if not cfg.tie_embeddings:
         params["lm_head"] = (std * jax.random.normal(keys[1], (d, cfg.vocab_size))).astype(dtype)
     if not cfg.rope:
-        params["pos_embed"] = (std * jax.random.normal(jax.random.fold_in(keys[1], 1), (cfg.max_positions, d))).astype(dtype)
+        params["pos_embed"] = (std * jax.random.normal(jax.random.fold_in(keys[1], 1), (cfg.max_positions, d))).astype(
+            dtype
+        )
     if cfg.norm_kind == "layer":
         params["final_norm_bias"] = jnp.zeros((d,), dtype)
     return params
 
 
+def flatten_paths(tree: Any) -> dict[str, Any]:
+    """``{"embed": leaf, "layers.0.q": leaf, ...}``: every leaf of a param tree by its dotted path."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in flat}
+
+
 def param_shapes_flat(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """``{"embed": (V, d), "layers.0.q": (d, H*hd), ...}``: every leaf's path and shape."""
     tree = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        flat[".".join(keys)] = tuple(leaf.shape)
-    return flat
-
-
-def collect_all(cfg: ModelConfig, layers: Iterable[int] | None) -> tuple[int, ...]:
-    """Normalises a layer selection (None = all layers; negative indices allowed) to a sorted tuple."""
-    if layers is None:
-        return tuple(range(cfg.n_layers))
-    out = []
-    for layer in layers:
-        index = layer + cfg.n_layers if layer < 0 else layer
-        if not 0 <= index < cfg.n_layers:
-            raise ValueError(f"layer {layer} out of range for a {cfg.n_layers}-layer model")
-        out.append(index)
-    return tuple(sorted(set(out)))
+    return {path: tuple(leaf.shape) for path, leaf in flatten_paths(tree).items()}

@@ -1,4 +1,4 @@
-"""PERMTEST as a kernel: ``stat(A, p_t(B))`` for T random group elements at once.
+"""PERMTEST as a kernel: ``stat(A, p_t(B))`` for T random group elements at once (docs/DESIGN.md §5.2).
 
 Under H0 (independent initialisations, permutation-invariant init, equivariant training) the
 pair ``(A, p(B))`` is distributed as ``(A, B)`` for a uniform group element ``p`` (see
@@ -34,52 +34,66 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
-from jaxind import pvalues
+from jaxind import progress, pvalues
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward
-from jaxind.symmetry import Perm, apply_permutation, draw_permutations, get_leaf, permutation_spec
+from jaxind.results import LayerResult, TestResult, timed
+from jaxind.symmetry import Perm, apply_permutation, check_tree, draw_permutations, get_leaf, permutation_spec
+from jaxind.types import Params
 
-Params = dict[str, Any]
-STATISTICS = ("l2", "mc")
+Statistic = Literal["l2", "mc"]
+STATISTICS: tuple[Statistic, ...] = get_args(Statistic)
 _AXIS = "perm"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@dataclasses.dataclass(frozen=True)
-class PermTestResult:
-    """Outcome of one PERMTEST.
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class PermTestResult(TestResult):
+    """Outcome of one PERMTEST: a :class:`TestResult` (``test`` is the statistic, "l2" or "mc";
+    ``statistic`` the observed total ``stat(A, B)``; ``combine="permtest"``; per-layer records
+    for "l2") that also keeps the draws.
 
     Attributes:
-      statistic: "l2" or "mc".
-      num_perms: T.
-      stat0: observed total statistic ``stat(A, B)``.
       stats: ``(T,)`` total statistic of each draw ``stat(A, p_t(B))``.
-      pvalue, log10_pvalue: exact p-value of the total statistic and its log10.
-      stat0_layers: ``(L,)`` per-layer observed statistic (None for "mc").
       stats_layers: ``(T, L)`` per-layer draws (None for "mc").
-      pvalue_layers, log10_pvalue_layers: ``(L,)`` per-layer exact p-values (None for "mc").
+      stat0_layers: ``(L,)`` per-layer observed statistic (None for "mc").
     """
 
-    statistic: str
-    num_perms: int
-    stat0: float
     stats: np.ndarray
-    pvalue: float
-    log10_pvalue: float
-    stat0_layers: np.ndarray | None = None
     stats_layers: np.ndarray | None = None
-    pvalue_layers: np.ndarray | None = None
-    log10_pvalue_layers: np.ndarray | None = None
+    stat0_layers: np.ndarray | None = None
+
+    @property
+    def num_perms(self) -> int:
+        """T, the number of random group elements drawn."""
+        return int(self.stats.shape[0])
+
+    @property
+    def stat0(self) -> float:
+        """The observed statistic (``statistic``)."""
+        assert self.statistic is not None
+        return self.statistic
+
+    @property
+    def pvalue_layers(self) -> np.ndarray | None:
+        """``(L,)`` per-layer exact p-values (None for "mc")."""
+        return np.asarray([r.pvalue for r in self.layers]) if self.layers else None
+
+    @property
+    def log10_pvalue_layers(self) -> np.ndarray | None:
+        """``(L,)`` their log10 (None for "mc")."""
+        return np.asarray([r.log10_pvalue for r in self.layers]) if self.layers else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,8 +175,16 @@ def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
         if "resid" in axes:
             axis = axes.index("resid")
             others = [i for i in range(a.ndim) if i != axis]
-            gram = jnp.tensordot(jnp.moveaxis(a, axis, 0), jnp.moveaxis(b, axis, 0),
-                                 axes=(list(range(1, a.ndim)), list(range(1, b.ndim))), precision=_HIGHEST) if others else jnp.outer(a, b)
+            gram = (
+                jnp.tensordot(
+                    jnp.moveaxis(a, axis, 0),
+                    jnp.moveaxis(b, axis, 0),
+                    axes=(list(range(1, a.ndim)), list(range(1, b.ndim))),
+                    precision=_HIGHEST,
+                )
+                if others
+                else jnp.outer(a, b)
+            )
             if in_layer:
                 gram_layers[path[1]] += gram
             else:
@@ -247,6 +269,7 @@ def mc_stat(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: jax.Ar
     """Minus the mean next-token cross-entropy of ``0.5 (A + B)`` on ``tokens (N, T)``: scalar."""
     avg = jax.tree.map(lambda x, y: 0.5 * (x.astype(jnp.float32) + y.astype(jnp.float32)), params_a, params_b)
     logits, _ = forward(avg, cfg, tokens)
+    assert logits is not None
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     return -jnp.mean(nll)
@@ -299,11 +322,12 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
     return jax.jit(mapped)
 
 
-def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: jax.Array | None) -> int:
+def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
     if statistic == "l2":
         return 2 * 3 * cfg.d_model * cfg.d_ff * 4  # the gathered layer stack and its product
-    n_tok = int(np.prod(tokens.shape))
+    assert tokens is not None  # checked by _check_args
+    n_tok = int(np.prod(np.shape(tokens)))
     acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * cfg.d_ff) * 4
     return 3 * cfg.num_params() * 4 + acts
 
@@ -313,33 +337,68 @@ def _check_pair(params_a: Params, params_b: Params, cfg: ModelConfig) -> None:
     sb = jax.tree.map(lambda x: tuple(x.shape), params_b)
     if sa != sb:
         raise JaxindError("PERMTEST needs two models of the same architecture and shapes")
-    for path in permutation_spec(cfg):
-        try:
-            get_leaf(params_a, path)
-        except (KeyError, IndexError) as err:
-            raise JaxindError(f"param tree lacks {path} expected for this config") from err
+    check_tree(params_a, cfg)
 
 
-def _check_args(statistic: str, num_perms: int, tokens) -> None:
+def _check_args(statistic: str, num_perms: int, tokens: Any, layers: Sequence[int] | None) -> None:
     if statistic not in STATISTICS:
         raise ValueError(f"unknown PERMTEST statistic {statistic!r}; choose from {STATISTICS}")
     if num_perms < 1:
         raise ValueError(f"num_perms must be >= 1, got {num_perms}")
     if statistic == "mc" and (tokens is None or np.ndim(tokens) != 2 or np.shape(tokens)[1] < 2):
         raise ValueError("the mc statistic needs tokens of shape (N, T) with T >= 2")
+    if statistic == "mc" and layers is not None:
+        raise JaxindError("the mc statistic is the loss of the whole averaged model; it takes no layer selection")
 
 
-def _result(statistic: str, stat0_layers, stat0_total, stats_layers, stats_total) -> PermTestResult:
-    stat0_total = float(stat0_total)
+def _result(
+    statistic: Statistic,
+    stat0_layers: Any,
+    stat0_total: Any,
+    stats_layers: Any,
+    stats_total: Any,
+    layers: Sequence[int] | None,
+) -> PermTestResult:
+    """Exact p-values from the observed and drawn statistics. With ``layers`` the overall statistic
+    is minus the L2 distance over those layers only, ``-sqrt(sum_l stat_l^2)``, for the observed
+    pair and for every draw alike (so still an exact PERMTEST)."""
     stats_total = np.asarray(stats_total, dtype=np.float64)
-    p, lp = pvalues.permtest_pvalue(stat0_total, stats_total)
-    kwargs = {}
+    stat0_total = float(stat0_total)
+    records: list[LayerResult] = []
+    s0l = stl = None
     if statistic == "l2":
         s0l = np.asarray(stat0_layers, dtype=np.float64)
         stl = np.asarray(stats_layers, dtype=np.float64)
-        pl, lpl = pvalues.permtest_pvalue(s0l, stl)
-        kwargs = dict(stat0_layers=s0l, stats_layers=stl, pvalue_layers=pl, log10_pvalue_layers=lpl)
-    return PermTestResult(statistic, int(stats_total.shape[0]), stat0_total, stats_total, p, lp, **kwargs)
+        pl, lpl = (np.asarray(x) for x in pvalues.permtest_pvalue(s0l, stl))
+        chosen = range(s0l.shape[0]) if layers is None else layers
+        records = [
+            LayerResult(
+                layer_a=int(l), layer_b=int(l), pvalue=float(pl[l]), log10_pvalue=float(lpl[l]), statistic=float(s0l[l])
+            )
+            for l in chosen
+        ]
+        if layers is not None:
+            index = np.asarray(list(layers))
+            stat0_total = float(-np.sqrt(np.sum(s0l[index] ** 2)))
+            stats_total = -np.sqrt(np.sum(stl[:, index] ** 2, axis=1))
+    p, lp = pvalues.permtest_pvalue(stat0_total, stats_total)
+    return PermTestResult(
+        test=statistic,
+        pvalue=float(p),
+        log10_pvalue=float(lp),
+        exact=True,
+        statistic=stat0_total,
+        layers=tuple(records),
+        combine="permtest",
+        stats=stats_total,
+        stats_layers=stl,
+        stat0_layers=s0l,
+        extra={
+            "num_perms": int(stats_total.shape[0]),
+            "null_mean": float(np.mean(stats_total)),
+            "null_max": float(np.max(stats_total)),
+        },
+    )
 
 
 def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
@@ -348,17 +407,19 @@ def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConf
     return None, _mc_stat_jit(params_a, params_b, cfg, jnp.asarray(tokens, dtype=jnp.int32))
 
 
+@timed
 def permtest(
     params_a: Params,
     params_b: Params,
     cfg: ModelConfig,
     key: jax.Array,
     num_perms: int = 999,
-    statistic: str = "l2",
-    tokens: jax.Array | None = None,
+    statistic: Statistic = "l2",
+    tokens: ArrayLike | None = None,
     devices: Sequence[jax.Device] | None = None,
     chunk_size: int | None = None,
     memory_budget_bytes: int = 512 * 2**20,
+    layers: Sequence[int] | None = None,
 ) -> PermTestResult:
     """PERMTEST(statistic, T) with the draws vmapped, chunked and sharded over devices.
 
@@ -371,12 +432,14 @@ def permtest(
       devices: devices to shard the draws over (default: all devices).
       chunk_size: draws per device per step (default: from ``memory_budget_bytes``).
       memory_budget_bytes: working memory per device for draws in flight.
+      layers: "l2" only: report these layers and test the distance over them alone (default:
+        every layer reported, the distance over every parameter tested).
 
     Returns:
       PermTestResult with the observed and drawn statistics and exact p-values (per layer and
       total for "l2"; total for "mc").
     """
-    _check_args(statistic, num_perms, tokens)
+    _check_args(statistic, num_perms, tokens, layers)
     _check_pair(params_a, params_b, cfg)
     mesh = make_mesh(devices)
     n_dev = mesh.size
@@ -399,19 +462,18 @@ def permtest(
     fn = _sharded_draws(statistic, cfg, mesh)
 
     layer_chunks, total_chunks = [], []
-    progress = tqdm(total=num_perms, desc=f"PERMTEST-{statistic}", unit="perm", leave=False,
-                    disable=not sys.stderr.isatty())
+    bar = progress.bar(total=num_perms, desc=f"PERMTEST-{statistic}", unit="perm")
     for start in range(0, num_perms, step):
         idx = jax.device_put(np.arange(start, start + step, dtype=np.int32), idx_sharding)
-        layers, total = fn(consts, key_rep, idx)
-        layer_chunks.append(layers)
-        total_chunks.append(total.block_until_ready() if not progress.disable else total)
-        progress.update(min(step, num_perms - start))
-    progress.close()
+        chunk_layers, total = fn(consts, key_rep, idx)
+        layer_chunks.append(chunk_layers)
+        total_chunks.append(total.block_until_ready() if not bar.disable else total)
+        bar.update(min(step, num_perms - start))
+    bar.close()
     stats_layers = np.concatenate([np.asarray(c) for c in layer_chunks])[:num_perms]
     stats_total = np.concatenate([np.asarray(c) for c in total_chunks])[:num_perms]
     stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
-    return _result(statistic, stat0_layers, stat0_total, stats_layers, stats_total)
+    return _result(statistic, stat0_layers, stat0_total, stats_layers, stats_total, layers)
 
 
 @functools.lru_cache(maxsize=16)
@@ -427,14 +489,15 @@ def _loop_step(statistic: str, cfg: ModelConfig) -> Callable:
     return jax.jit(step)
 
 
+@timed
 def permtest_loop(
     params_a: Params,
     params_b: Params,
     cfg: ModelConfig,
     key: jax.Array,
     num_perms: int = 999,
-    statistic: str = "l2",
-    tokens: jax.Array | None = None,
+    statistic: Statistic = "l2",
+    tokens: ArrayLike | None = None,
 ) -> PermTestResult:
     """Reference PERMTEST: a Python loop over draws, each materialising ``p_t(B)`` with
     :func:`apply_permutation` and computing the statistic directly (one jitted step per draw).
@@ -442,7 +505,7 @@ def permtest_loop(
     Same draws as :func:`permtest` for the same ``key`` (``fold_in(key, t)``), so the results
     agree up to float rounding.
     """
-    _check_args(statistic, num_perms, tokens)
+    _check_args(statistic, num_perms, tokens, None)
     _check_pair(params_a, params_b, cfg)
     step = _loop_step(statistic, cfg)
     toks = None if tokens is None else jnp.asarray(tokens, dtype=jnp.int32)
@@ -452,4 +515,6 @@ def permtest_loop(
         layers.append(sl)
         totals.append(st)
     stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
-    return _result(statistic, stat0_layers, stat0_total, np.stack(jax.device_get(layers)), np.asarray(jax.device_get(totals)))
+    return _result(
+        statistic, stat0_layers, stat0_total, np.stack(jax.device_get(layers)), np.asarray(jax.device_get(totals)), None
+    )

@@ -1,4 +1,4 @@
-"""P-value arithmetic, in log space, on the host (float64 numpy / scipy).
+"""P-value arithmetic, in log space, on the host (float64 numpy / scipy; docs/DESIGN.md §5.6).
 
 Strong dependence between two models gives p-values far below the smallest float64
 (``~1e-308``): a perfectly matched MLP of width 11,008 has a Spearman p-value near
@@ -136,19 +136,23 @@ def spearman_test(x, y) -> SpearmanResult:
     rho = min(1.0, max(-1.0, rho))
     dof = n - 2.0
     with np.errstate(divide="ignore"):
-        t = rho * math.sqrt(max(dof / ((rho + 1.0) * (1.0 - rho)), 0.0)) if abs(rho) < 1.0 else math.copysign(math.inf, rho)
+        t = (
+            rho * math.sqrt(max(dof / ((rho + 1.0) * (1.0 - rho)), 0.0))
+            if abs(rho) < 1.0
+            else math.copysign(math.inf, rho)
+        )
     log10_p = _log10_t_two_sided(abs(t), dof)
     log10_p = float(min(0.0, max(log10_p, log10_min_spearman_pvalue(n))))
-    return SpearmanResult(rho, _pow10(log10_p), log10_p)
+    return SpearmanResult(rho, pow10(log10_p), log10_p)
 
 
-def _pow10(log10_p: float) -> float:
+def pow10(log10_p: float) -> float:
     """``10 ** log10_p`` without overflow warnings (0.0 where it underflows)."""
     if math.isnan(log10_p):
         return math.nan
     if log10_p < -400:
         return 0.0
-    return float(10.0 ** log10_p)
+    return float(10.0**log10_p)
 
 
 def _log_chi2_sf_even(statistic: float, k: int) -> float:
@@ -200,7 +204,7 @@ def fisher_combine(pvalues=None, *, log10_pvalues=None) -> CombinedPValue:
     statistic = -2.0 * float(logs.sum())
     log_sf = _log_chi2_sf_even(statistic, k)
     log10_p = log_sf / _LN10
-    return CombinedPValue(_pow10(log10_p), log10_p)
+    return CombinedPValue(pow10(log10_p), log10_p)
 
 
 def permtest_pvalue(stat0, stats_draws) -> CombinedPValue | tuple[np.ndarray, np.ndarray]:

@@ -5,24 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-_MEANING = {
-    "csu": "up-projection weights matched (exact p)",
-    "csu_all": "all 2-D weights matched (heuristic)",
-    "csh": "up-projection activations matched (exact p)",
-    "l2": "weight distance, PERMTEST (exact p)",
-    "mc": "mode connectivity, PERMTEST (exact p)",
-    "jsd": "output divergence (no p-value)",
-    "match": "gate vs up matchings agree (robust)",
-    "generalized": "distilled MLPs, MATCH (robust)",
-}
+from jaxind.registry import TESTS
 
 
 def verdict(test: dict[str, Any], alpha: float) -> str:
     """What the p-value means at level ``alpha``."""
-    if test.get("pvalue") is None:
-        return "n/a (not a test)"
     if test.get("error"):
         return "error"
+    if test.get("pvalue") is None:
+        return "n/a (not a test)"
     return "dependent (reject H0)" if test["log10_pvalue"] <= math.log10(alpha) else "no evidence of dependence"
 
 
@@ -42,7 +33,7 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     alpha = results.get("alpha", 0.05)
     rows = [("test", "p-value", f"at alpha={alpha}", "seconds", "what it measures")]
     for name, test in results["tests"].items():
-        meaning = test.get("error") or _MEANING.get(name, "")
+        meaning = test.get("error") or (TESTS[name].meaning if name in TESTS else "")
         rows.append((name, _p(test), verdict(test, alpha), f"{test.get('seconds', 0.0):.1f}", meaning))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title] if title else []
@@ -55,8 +46,10 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
 
 def format_localized(loc: dict[str, Any]) -> str:
     """The localized-testing summary: which layer of B comes from which layer of A."""
-    lines = [f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
-             f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"]
+    lines = [
+        f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
+        f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"
+    ]
     units = {u["layer_b"]: u for u in loc.get("matched_units", [])}
     matrix = loc["log10_pvalue_matrix"]
     for col, b in enumerate(loc["layers_b"]):

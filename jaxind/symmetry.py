@@ -1,4 +1,4 @@
-"""The symmetry group of a decoder-only transformer, as pure functions on param pytrees.
+"""The symmetry group of a decoder-only transformer, as pure functions on param pytrees (docs/DESIGN.md §1).
 
 Everything is driven by one declarative **permutation spec** (git-re-basin style): for every
 leaf of the param tree (layout in :mod:`jaxind.model`), which axis carries which permutation.
@@ -32,18 +32,17 @@ first folds every norm weight into the linear maps that read the normalised stre
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-
-Params = dict[str, Any]
+from jaxind.types import Params
 
 # Axis name of one array axis: "resid", ("mlp", layer) after expansion, or None (untouched).
-AxisName = Union[str, tuple, None]
+AxisName = str | tuple | None
 
 # The permutation spec: per-layer leaves and top-level leaves. "mlp" means this layer's MLP axis.
 LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
@@ -122,26 +121,36 @@ def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
 
 def get_leaf(params: Params, path: Path) -> jax.Array:
     """The leaf of ``params`` at ``path``."""
-    node = params
+    node: Any = params
     for part in path:
         node = node[part]
     return node
 
 
-def _check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName, ...]]) -> None:
-    """Refuses a param tree whose leaves differ from the spec (a silently unpermuted leaf
-    would break the group action)."""
-    found = {(name,) for name in params if name != "layers"}
+def check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName, ...]] | None = None) -> None:
+    """Refuses a param tree whose leaves differ from the permutation spec for ``cfg`` (a silently
+    unpermuted leaf would break the group action; a missing one would break any statistic).
+
+    Raises:
+      JaxindError: unknown top-level entries, a layer count other than the config's, or leaves
+        extra to or missing from the spec.
+    """
+    spec = permutation_spec(cfg) if spec is None else spec
+    found: set[Path] = {(name,) for name in params if name != "layers"}
     unknown_top = set(params) - set(TOP_SPEC) - {"layers"}
     if unknown_top:
-        raise JaxindError(f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}")
+        raise JaxindError(
+            f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}"
+        )
     if len(params["layers"]) != cfg.n_layers:
         raise JaxindError(f"param tree has {len(params['layers'])} layers, config says {cfg.n_layers}")
     for layer, entries in enumerate(params["layers"]):
         found |= {("layers", layer, name) for name in entries}
     if found != set(spec):
         extra, missing = sorted(map(str, found - set(spec))), sorted(map(str, set(spec) - found))
-        raise JaxindError(f"param tree does not match the permutation spec for this config: extra {extra}, missing {missing}")
+        raise JaxindError(
+            f"param tree does not match the permutation spec for this config: extra {extra}, missing {missing}"
+        )
 
 
 def _rebuild(params: Params, new_leaves: dict[Path, jax.Array]) -> Params:
@@ -160,6 +169,7 @@ def _rebuild(params: Params, new_leaves: dict[Path, jax.Array]) -> Params:
 def _perm_for(perm: Perm, name: AxisName) -> jax.Array:
     if name == "resid":
         return perm.resid
+    assert isinstance(name, tuple), name  # ("mlp", layer)
     return perm.mlp[name[1]]
 
 
@@ -218,7 +228,7 @@ def apply_permutation(params: Params, cfg: ModelConfig, perm: Perm) -> Params:
       JaxindError: the tree's leaves do not match the spec for ``cfg``.
     """
     spec = permutation_spec(cfg)
-    _check_tree(params, cfg, spec)
+    check_tree(params, cfg, spec)
     new = {}
     for path, axes in spec.items():
         leaf = get_leaf(params, path)
@@ -296,7 +306,7 @@ def rotate_residual(params: Params, cfg: ModelConfig, rotation: jax.Array) -> tu
         raise JaxindError(f"rotation must have shape ({d}, {d}), got {rotation.shape}")
     folded, new_cfg = fold_norms(params, cfg)
     spec = permutation_spec(new_cfg)
-    _check_tree(folded, new_cfg, spec)
+    check_tree(folded, new_cfg, spec)
     rot = rotation.astype(jnp.float32)
     new = {}
     for path, axes in spec.items():
@@ -307,7 +317,9 @@ def rotate_residual(params: Params, cfg: ModelConfig, rotation: jax.Array) -> tu
         for axis, name in enumerate(axes):
             if name == "resid":
                 # out'[.., i, ..] = sum_k R[k, i] out[.., k, ..]
-                out = jnp.moveaxis(jnp.tensordot(out, rot, axes=([axis], [0]), precision=jax.lax.Precision.HIGHEST), -1, axis)
+                out = jnp.moveaxis(
+                    jnp.tensordot(out, rot, axes=([axis], [0]), precision=jax.lax.Precision.HIGHEST), -1, axis
+                )
         new[path] = out.astype(leaf.dtype)
     return _rebuild(folded, new), new_cfg
 

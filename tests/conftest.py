@@ -22,9 +22,9 @@ def smollm2_path() -> str:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """The real model loaded once per session."""
-    import jaxind
+    from converters.sources import load_model
 
-    return jaxind.load_model(smollm2_path)
+    return load_model(smollm2_path)
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,18 @@ sources and their errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import run_module, run_python
+from hf_models import build_torch_model, save
 
 from jaxind import data
 from jaxind.errors import JaxindError
-from hf_models import build_torch_model, save
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main_cli(*args):
-    return subprocess.run([sys.executable, "-m", "jaxind.main", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+    return run_module("jaxind.main", *args)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +60,7 @@ def test_cli_localized_writes_matrix_map_and_heatmap(tmp_path, pair):
     r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=match", "--localized", "--num_sequences=8",
                  "--seq_len=16", f"--output={out}")
     assert r.returncode == 0, r.stderr[-3000:]
-    loc = json.loads(out.read_text())["localized"]
+    loc = json.loads(out.read_text())["tests"]["localized"]
     assert loc["layer_map"] == {"0": 0, "1": 1}
     assert np.asarray(loc["log10_pvalue_matrix"]).shape == (2, 2)
     assert os.path.getsize(tmp_path / "loc_localized.png") > 1000
@@ -94,11 +90,33 @@ def test_cli_records_tests_that_do_not_apply(tmp_path, pair):
     assert doc["tests"]["match"]["pvalue"] is not None  # rectangular MATCH still runs
 
 
+def test_cli_layers_select_the_layers_of_every_layer_wise_test(tmp_path, pair):
+    a, b, _ = pair
+    out = tmp_path / "layers.json"
+    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,l2,match,jsd", "--layers=1", "--num_perms=19",
+                 "--num_sequences=4", "--seq_len=8", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tests = json.loads(out.read_text())["tests"]
+    for name in ("csu", "l2", "match"):
+        assert [(r["layer_a"], r["layer_b"]) for r in tests[name]["layers"]] == [(1, 1)], name
+    assert tests["jsd"]["error"] is None and tests["jsd"]["statistic"] > 0  # not layer-wise: unaffected
+    out = tmp_path / "pairs.json"
+    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,match,l2", "--layer_pairs=1:0", "--num_perms=19",
+                 "--num_sequences=4", "--seq_len=8", f"--output={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tests = json.loads(out.read_text())["tests"]
+    assert [(r["layer_a"], r["layer_b"]) for r in tests["match"]["layers"]] == [(1, 0)]
+    assert "cannot compare pairs" in tests["l2"]["error"]  # L2 compares layer l with layer l only
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--tests=bogus"], "unknown test"),
     (["--data=csv:foo"], "not understood"),
     (["--data=text:/nonexistent.txt"], "does not exist"),
     (["--model_a=smollm2"], "pass both"),
+    (["--layers=1x"], "--layers"),
+    (["--layer_pairs=3"], "--layer_pairs"),
+    (["--layers=1", "--layer_pairs=1:1"], "not both"),
 ])
 def test_cli_flag_errors_are_one_line(args, expected):
     r = main_cli(*args)
@@ -107,6 +125,7 @@ def test_cli_flag_errors_are_one_line(args, expected):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_and_detects(tmp_path):
     r = main_cli("--demo_quick", f"--output={tmp_path / 'demo'}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -125,8 +144,7 @@ def test_demo_flagfile_matches_the_defaults():
         "names = [n for n in F if F[n].present and n != 'flagfile'];"
         "print(len(names), all(F[n].value == F[n].default for n in names), F.model_a)"
     )
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": REPO})
+    r = run_python("-c", script)
     count, same, model_a = r.stdout.split()
     assert int(count) >= 5 and same == "True" and model_a == "None"
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -10,16 +9,14 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-from converters import sources
+from helpers import run_module, run_python
 from hf_models import build_torch_model, edit_config, save
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from converters import sources
 
 
 def run_cli(*args, module="converters.convert"):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    return run_module(module, *args)
 
 
 def peak_rss_mb(*args) -> tuple[subprocess.CompletedProcess, float]:
@@ -31,8 +28,7 @@ def peak_rss_mb(*args) -> tuple[subprocess.CompletedProcess, float]:
         "sys.stderr.write(r.stderr); sys.stdout.write(r.stdout);"
         "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
     )
-    result = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+    result = run_python("-c", wrapper, *args)
     peak = [line for line in result.stdout.splitlines() if line.startswith("PEAK")]
     return result, int(peak[-1].split()[1]) / 1024
 
@@ -58,6 +54,7 @@ def test_round_trip_is_bit_identical(tmp_path, family):
     assert again.returncode != 0 and "already exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_round_trip_and_peak_memory(tmp_path, smollm2_path, smollm2):
     out = tmp_path / "smol"
     result, peak = peak_rss_mb(sys.executable, "-m", "converters.convert", f"--src={smollm2_path}", f"--out={out}")
@@ -69,6 +66,7 @@ def test_smollm2_gguf_round_trip_and_peak_memory(tmp_path, smollm2_path, smollm2
     assert_identical(jax.tree.map(np.asarray, smollm2.params), params)
 
 
+@pytest.mark.slow
 def test_sharded_safetensors_peak_memory(tmp_path):
     """A 100M-parameter (400 MB float32) sharded checkpoint converts in < 2x its size."""
     from safetensors.torch import save_file

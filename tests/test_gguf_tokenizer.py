@@ -12,6 +12,7 @@ import pytest
 
 import jaxind
 from converters.convert import convert
+from converters.sources import load_model
 from converters.readers import GGUFFileReader
 from gguf_models import write_tiny_llama_gguf
 from jaxind.errors import CheckpointError, JaxindError, UnsupportedModelError
@@ -39,14 +40,15 @@ WITHOUT_TORCH_SCRIPT = """
 import json
 import jaxind
 from converters.convert import convert
+from converters.sources import load_model
 from jaxind import data, runner
 from transformers.utils import is_torch_available
 assert not is_torch_available()
 tiny, out, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-model = jaxind.load_model(tiny)
+model = load_model(tiny)
 direct = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
 meta = convert(tiny, out, progress=False)
-saved = jaxind.load_model(out).tokenizer(texts, add_special_tokens=False)["input_ids"]
+saved = load_model(out).tokenizer(texts, add_special_tokens=False)["input_ids"]
 settings = runner.Settings(tests=("csu",), data=data.DataSpec(kind="text", path="README.md", num_sequences=2, seq_len=16))
 doc = runner.run_pair(model, model, settings, log=lambda _: None)
 print(json.dumps({"direct": direct, "saved": saved, "meta_tokenizer": meta["tokenizer"],
@@ -105,7 +107,7 @@ def test_a_source_without_tokenizer_is_converted_with_a_recorded_reason(tmp_path
     with open(tmp_path / "out" / "jaxind_meta.json") as f:
         assert json.load(f)["tokenizer_missing"] == meta["tokenizer_missing"]
     with pytest.raises(JaxindError, match="has no tokenizer"):
-        jaxind.load_model(str(tmp_path / "out")).tokenizer
+        load_model(str(tmp_path / "out")).tokenizer
 
 
 def test_an_unreadable_tokenizer_stops_the_conversion_before_any_work(tmp_path):
@@ -116,7 +118,7 @@ def test_an_unreadable_tokenizer_stops_the_conversion_before_any_work(tmp_path):
     meta = convert(src, str(tmp_path / "out"), with_tokenizer=False, progress=False)
     assert meta["tokenizer_missing"] == "converted with --notokenizer"
     with pytest.raises(JaxindError, match="--notokenizer"):
-        jaxind.load_model(str(tmp_path / "out")).tokenizer
+        load_model(str(tmp_path / "out")).tokenizer
 
 
 def test_unknown_gguf_metadata_never_blocks_and_is_recorded(tmp_path):
@@ -125,7 +127,7 @@ def test_unknown_gguf_metadata_never_blocks_and_is_recorded(tmp_path):
     assert reader.config.n_layers == 2
     assert reader.ignored_config_keys == {"llama.context_length": "GGUF metadata jaxind does not use",
                                           "llama.some_future_key": "GGUF metadata jaxind does not use"}
-    assert jaxind.load_model(src).summary()["ignored_config_keys"] == reader.ignored_config_keys
+    assert load_model(src).summary()["ignored_config_keys"] == reader.ignored_config_keys
 
 
 @pytest.mark.parametrize("metadata, named", [

@@ -8,10 +8,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from helpers import perturb
 
 from jaxind import localized, model
 from jaxind.config import ModelConfig
-from tree_helpers import perturb
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 
@@ -40,18 +40,18 @@ def test_pruned_model_layer_map_and_units(model_a, batches, tmp_path):
     cfg_b = CFG.replace(n_layers=3, d_ff=48)
     png = localized.heatmap_path_for(tmp_path / "pair.json")
     res = localized.localized_test(model_a, CFG, b, cfg_b, batches, key=jax.random.key(3), heatmap_path=png)
-    assert res["layer_map"] == {"0": 0, "1": 2, "2": 3}
-    assert np.asarray(res["log10_pvalue_matrix"]).shape == (4, 3)
-    assert res["log10_pvalue"] < -10
-    for entry in res["matched_units"]:
+    assert res.extra["layer_map"] == {"0": 0, "1": 2, "2": 3}
+    assert np.asarray(res.extra["log10_pvalue_matrix"]).shape == (4, 3)
+    assert res.log10_pvalue < -10
+    for entry in res.extra["matched_units"]:
         k = kept[entry["layer_a"]]
         right = np.asarray(entry["units_a"]) == k[np.asarray(entry["units_b"])]
         assert right.mean() >= 0.95
         assert len(entry["units_a"]) == 48
-    assert res["heatmap"] == png and os.path.getsize(png) > 1000
+    assert res.extra["heatmap"] == png and os.path.getsize(png) > 1000
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    json.dumps(res)
+    json.dumps(res.to_json())
 
 
 def test_partly_shared_model_flagged_on_exactly_those_layers(model_a, batches):
@@ -62,8 +62,9 @@ def test_partly_shared_model_flagged_on_exactly_those_layers(model_a, batches):
     b = dict(model_a, layers=[model_a["layers"][l] if l in shared else other["layers"][l] for l in range(4)])
     b = perturb(b, jax.random.key(4), rel=0.3)
     res = localized.localized_test(model_a, CFG, b, CFG, batches, key=jax.random.key(5))
-    assert res["layer_map"] == {"0": None, "1": 1, "2": None, "3": 3}
-    hits = {tuple(ij) for ij in np.argwhere(np.asarray(res["log10_pvalue_matrix"]) < res["threshold_log10"]).tolist()}
+    assert res.extra["layer_map"] == {"0": None, "1": 1, "2": None, "3": 3}
+    matrix = np.asarray(res.extra["log10_pvalue_matrix"])
+    hits = {tuple(ij) for ij in np.argwhere(matrix < res.extra["threshold_log10"]).tolist()}
     assert hits == {(1, 1), (3, 3)}
 
 
@@ -73,14 +74,15 @@ def test_chunked_passes_match_single_pass(model_a, batches):
     budget = localized.pair_memory_bytes(CFG, CFG, CFG.n_layers, 1)  # one B layer per pass
     many = localized.localized_test(model_a, CFG, b, CFG, lambda: iter(batches), key=jax.random.key(7),
                                     memory_budget_bytes=budget)
-    assert one["num_passes"] == 1 and many["num_passes"] == 4
-    np.testing.assert_allclose(many["log10_pvalue_matrix"], one["log10_pvalue_matrix"], rtol=1e-6, atol=1e-9)
+    assert one.extra["num_passes"] == 1 and many.extra["num_passes"] == 4
+    np.testing.assert_allclose(many.extra["log10_pvalue_matrix"], one.extra["log10_pvalue_matrix"], rtol=1e-6,
+                               atol=1e-9)
 
 
 def test_independent_models_empty_layer_map(model_a, batches):
     b = model.init_params(CFG, jax.random.key(99))
     res = localized.localized_test(model_a, CFG, b, CFG, batches, key=jax.random.key(8), layers_b=[0, 2])
-    assert res["layers_b"] == [0, 2]
-    assert res["layer_map"] == {"0": None, "2": None}
-    assert res["matched_units"] == []
-    assert res["pvalue"] > 0.01
+    assert res.extra["layers_b"] == [0, 2]
+    assert res.extra["layer_map"] == {"0": None, "2": None}
+    assert res.extra["matched_units"] == []
+    assert res.pvalue > 0.01

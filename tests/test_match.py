@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from helpers import perturb
 
-from jaxind import match, model, symmetry
+from jaxind import grams, match, model, symmetry
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from tree_helpers import perturb
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 
@@ -35,9 +35,9 @@ def batches():
 def test_finetuned_copy_detected(model_a, batches):
     b = perturb(model_a, jax.random.key(1))
     res = match.match_test(model_a, CFG, b, CFG, batches, key=jax.random.key(2))
-    assert res["log10_pvalue"] < -10
-    assert all(rec["log10_pvalue"] < -10 for rec in res["layers"])
-    json.dumps(res)  # JSON-ready
+    assert res.log10_pvalue < -10
+    assert all(rec.log10_pvalue < -10 for rec in res.layers)
+    json.dumps(res.to_json())  # JSON-ready
 
 
 def test_permuted_rotated_copy_detected(model_a, batches):
@@ -49,11 +49,11 @@ def test_permuted_rotated_copy_detected(model_a, batches):
     lb, _ = model.forward_jit(b, cfg_b, batches[0])
     np.testing.assert_allclose(np.asarray(la), np.asarray(lb), atol=1e-4)
     res = match.match_test(model_a, CFG, b, cfg_b, batches, key=jax.random.key(5), return_units=True)
-    assert res["log10_pvalue"] < -10
+    assert res.log10_pvalue < -10
     # ... and MATCH recovers the hidden permutation itself: B's unit perm.mlp[l][k] is A's unit k... inverted.
-    for rec in res["layers"]:
-        l = rec["layer_a"]
-        units = rec["matched_units"]
+    for rec in res.layers:
+        l = rec.layer_a
+        units = rec.extra["matched_units"]
         inv = np.argsort(np.asarray(perm.mlp[l]))
         np.testing.assert_array_equal(np.asarray(units["gate_b"]), inv[np.asarray(units["gate_a"])])
         np.testing.assert_array_equal(np.asarray(units["up_b"]), inv[np.asarray(units["up_a"])])
@@ -62,8 +62,8 @@ def test_permuted_rotated_copy_detected(model_a, batches):
 def test_independent_models_not_detected(model_a, batches):
     b = model.init_params(CFG, jax.random.key(123))
     res = match.match_test(model_a, CFG, b, CFG, batches, key=jax.random.key(6))
-    assert res["pvalue"] > 0.01
-    assert all(abs(rec["rho"]) < 0.5 for rec in res["layers"])
+    assert res.pvalue > 0.01
+    assert all(abs(rec.statistic) < 0.5 for rec in res.layers)
 
 
 def test_one_pass_agrees_with_slow_baseline(model_a, batches):
@@ -71,23 +71,23 @@ def test_one_pass_agrees_with_slow_baseline(model_a, batches):
     pairs = [(0, 0), (2, 1)]
     fast = match.match_test(model_a, CFG, b, CFG, batches, key=jax.random.key(8), layer_pairs=pairs)
     slow = match.match_test_slow(model_a, CFG, b, CFG, batches, key=jax.random.key(8), layer_pairs=pairs)
-    assert [(r["layer_a"], r["layer_b"]) for r in fast["layers"]] == pairs
-    for f, s in zip(fast["layers"], slow["layers"]):
-        assert f["rho"] == pytest.approx(s["rho"], abs=1e-12)
-    assert fast["num_tokens"] == 4 * 4 * 32
+    assert [(r.layer_a, r.layer_b) for r in fast.layers] == pairs
+    for f, s in zip(fast.layers, slow.layers):
+        assert f.statistic == pytest.approx(s.statistic, abs=1e-12)
+    assert fast.extra["num_tokens"] == 4 * 4 * 32
 
 
 def test_mask_excludes_tokens(model_a, batches):
     b = perturb(model_a, jax.random.key(9), rel=3.0)
     ones = [(t, jnp.ones(t.shape, bool)) for t in batches]
     half = [(t, jnp.arange(t.shape[1])[None, :].repeat(t.shape[0], 0) < 16) for t in batches]
-    full = match.accumulate(model_a, CFG, b, CFG, batches, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
-    masked1 = match.accumulate(model_a, CFG, b, CFG, ones, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
+    full = grams.accumulate(model_a, CFG, b, CFG, batches, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
+    masked1 = grams.accumulate(model_a, CFG, b, CFG, ones, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
     np.testing.assert_allclose(full.grams(0, "gate")[0], masked1.grams(0, "gate")[0], rtol=1e-6)
     # Causal model: the first 16 positions of each sequence alone give the same activations.
     short = [t[:, :16] for t in batches]
-    cut = match.accumulate(model_a, CFG, b, CFG, short, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
-    masked = match.accumulate(model_a, CFG, b, CFG, half, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
+    cut = grams.accumulate(model_a, CFG, b, CFG, short, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
+    masked = grams.accumulate(model_a, CFG, b, CFG, half, layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
     assert masked.count == cut.count == 4 * 4 * 16
     np.testing.assert_allclose(masked.grams(0, "up")[0], cut.grams(0, "up")[0], rtol=1e-4, atol=1e-6)
 
@@ -105,14 +105,15 @@ def test_rectangular_pruned_widths(model_a, batches):
     for swap in (False, True):
         args = (b, cfg_b, model_a, CFG) if swap else (model_a, CFG, b, cfg_b)
         res = match.match_test(*args, batches, key=jax.random.key(11), return_units=True)
-        assert res["log10_pvalue"] < -10
-        for rec, k in zip(res["layers"], kept):
-            units = rec["matched_units"]
+        assert res.log10_pvalue < -10
+        for rec, k in zip(res.layers, kept):
+            units = rec.extra["matched_units"]
             wide, narrow = (units["gate_b"], units["gate_a"]) if swap else (units["gate_a"], units["gate_b"])
             assert len(wide) == 40
             assert np.mean(np.asarray(wide) == k[np.asarray(narrow)]) >= 0.95
 
 
+@pytest.mark.slow
 def test_calibration_independent_pairs_uniform():
     """120 independent pairs of tiny 2-layer models: Fisher-combined and per-layer p-values are
     uniform (KS test) and the 5% level is respected. Cheap: one compiled step, 32 x 32 LAPs."""
@@ -124,8 +125,8 @@ def test_calibration_independent_pairs_uniform():
         a = init(jax.random.key(1000 + 2 * s))
         b = init(jax.random.key(1001 + 2 * s))
         res = match.match_test(a, cfg, b, cfg, tokens, key=jax.random.key(s))
-        combined.append(res["pvalue"])
-        per_layer += [r["pvalue"] for r in res["layers"]]
+        combined.append(res.pvalue)
+        per_layer += [r.pvalue for r in res.layers]
     assert scipy.stats.kstest(combined, "uniform").pvalue > 0.01
     assert scipy.stats.kstest(per_layer, "uniform").pvalue > 0.01
     assert np.mean(np.asarray(per_layer) < 0.05) < 0.1
@@ -144,7 +145,7 @@ def test_input_grams_give_the_activation_grams_exactly(model_a):
     b = perturb(model_a, jax.random.key(11), rel=3.0)
     tokens = jax.random.randint(jax.random.key(12), (3, 16), 0, CFG.vocab_size)
     mask = jnp.ones((3, 16)).at[2, 5:].set(0.0)
-    stats = match.accumulate(model_a, CFG, b, CFG, [(tokens, mask)], layers_a=(0, 1), layers_b=(1,),
+    stats = grams.accumulate(model_a, CFG, b, CFG, [(tokens, mask)], layers_a=(0, 1), layers_b=(1,),
                              pair_index=((0, 0), (1, 0)))
     keep = np.asarray(mask).reshape(-1) > 0
     _, acts_a = model.forward(model_a, CFG, tokens, collect=(0, 1), return_logits=False)

@@ -4,9 +4,10 @@ of every supported family and checkpoint format."""
 import numpy as np
 import pytest
 import torch
+from hf_models import FAMILIES, build_torch_model, mlp_modules, save
 
 import jaxind
-from hf_models import FAMILIES, build_torch_model, mlp_modules, save
+from converters.sources import load_model
 
 TOL = 1e-4
 
@@ -36,7 +37,7 @@ def torch_reference(model, tokens):
 def test_logits_and_activations_match_transformers(tmp_path, family, fmt):
     ref_model = build_torch_model(family, seed=1)
     path = save(ref_model, str(tmp_path / family), fmt)
-    ours = jaxind.load_model(path)
+    ours = load_model(path)
     assert ours.config.family == ref_model.config.model_type
     tokens = np.random.default_rng(0).integers(0, ours.config.vocab_size, (2, 12))  # 12 > mistral window 5
     ref_logits, ref_acts = torch_reference(ref_model, tokens)
@@ -53,7 +54,7 @@ def test_logits_and_activations_match_transformers(tmp_path, family, fmt):
 def test_parity_would_catch_a_wrong_rope_scaling(tmp_path):
     """The llama3 RoPE scaling is exercised: dropping it changes the logits beyond tolerance."""
     ref_model = build_torch_model("llama", seed=2)
-    ours = jaxind.load_model(save(ref_model, str(tmp_path / "m")))
+    ours = load_model(save(ref_model, str(tmp_path / "m")))
     wrong = jaxind.from_params(ours.config.replace(rope_scaling=None), ours.params)
     tokens = np.random.default_rng(1).integers(0, ours.config.vocab_size, (1, 40))
     ref_logits, _ = torch_reference(ref_model, tokens)
@@ -62,7 +63,7 @@ def test_parity_would_catch_a_wrong_rope_scaling(tmp_path):
 
 
 def test_selected_layers_only(tmp_path):
-    ours = jaxind.load_model(save(build_torch_model("qwen2"), str(tmp_path / "m")))
+    ours = load_model(save(build_torch_model("qwen2"), str(tmp_path / "m")))
     tokens = np.zeros((1, 4), np.int64)
     acts = ours.mlp_activations(tokens, layers=[-1, 0])
     assert sorted(acts) == [0, ours.config.n_layers - 1]

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import near_copy, random_params
 from scipy import stats
 
 from jaxind.config import ModelConfig
@@ -25,16 +26,7 @@ T_SMALL = 31  # draws for the equality tests (one compiled shape on 1 and 8 devi
 
 def model(cfg, seed):
     """Independent random model; norms and biases randomised too (iid, so the null holds)."""
-    params = init_params(cfg, jax.random.key(seed), std=0.5)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 10_000), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
-
-def near_copy(params, seed, scale=1e-2):
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return random_params(cfg, seed, std=0.5, noise=0.1, noise_offset=10_000)
 
 
 @pytest.mark.parametrize("cfg", [CFG, TIED, GPT2], ids=["qwen2_biases", "llama_tied", "gpt2"])
@@ -128,6 +120,7 @@ def test_independent_pair_is_not_extreme():
     assert res.stats.min() < res.stat0 < res.stats.max()
 
 
+@pytest.mark.slow
 def test_calibration_under_null():
     """200 independent pairs: L2-PERMTEST p-values are uniform on {1/100, ..., 1} and the false
     positive rate at alpha = 0.05 lies in its 99% binomial interval."""

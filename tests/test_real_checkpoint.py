@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxind
+from converters.sources import load_model
 from test_parity import rel_err, torch_reference
 
 
@@ -52,7 +53,7 @@ def test_saved_config_has_keys_that_used_to_be_refused(smollm2_hf_dir):
 @pytest.fixture(scope="module")
 def ours(smollm2_hf_dir):
     start = time.perf_counter()
-    model = jaxind.load_model(smollm2_hf_dir)
+    model = load_model(smollm2_hf_dir)
     print(f"jaxind.load_model of the saved directory: {time.perf_counter() - start:.1f}s")
     return model
 

@@ -8,6 +8,8 @@ import pytest
 
 from test_parity import rel_err, torch_reference
 
+pytestmark = pytest.mark.slow  # the real model: loading, parity, MATCH, the CLI on it
+
 
 @pytest.fixture(scope="module")
 def reference(smollm2_torch):
@@ -61,22 +63,19 @@ def test_match_detects_disguised_and_fine_tuned_smollm2(smollm2, smollm2_finetun
     for params_b, cfg_b in ((disguised, disguised_cfg), (smollm2_finetuned, cfg)):
         out = match.match_test(smollm2.params, cfg, params_b, cfg_b, [tokens[:2], tokens[2:]], key=jax.random.key(0),
                                layer_pairs=layers)
-        assert out["log10_pvalue"] < -10, out["log10_pvalue"]
+        assert out.log10_pvalue < -10, out.log10_pvalue
 
 
 def test_cli_on_the_real_model_with_text_data(tmp_path, smollm2_path):
     """End to end on the real GGUF: its own tokenizer reads a text file; a model against itself
     is as dependent as it gets, and the JSON says which data was used."""
     import json
-    import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from helpers import run_module
+
     out = tmp_path / "self.json"
-    r = subprocess.run([sys.executable, "-m", "jaxind.main", f"--model_a={smollm2_path}", "--model_b=smollm2",
-                        "--tests=csu,match", "--data=text:jaxind/data/demo_corpus.txt", "--num_sequences=4",
-                        "--seq_len=32", f"--output={out}"], capture_output=True, text=True, cwd=repo,
-                       env={**os.environ, "PYTHONPATH": repo})
+    r = run_module("jaxind.main", f"--model_a={smollm2_path}", "--model_b=smollm2", "--tests=csu,match",
+                   "--data=text:jaxind/data/demo_corpus.txt", "--num_sequences=4", "--seq_len=32", f"--output={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["data"]["kind"] == "text" and doc["data"]["tokens_shape"] == [4, 32]

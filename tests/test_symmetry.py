@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 
 from jaxind import symmetry as S
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from jaxind.model import forward_jit, init_params
+from jaxind.model import forward_jit
 
 V, D, L, H_HEADS, KV, HD, H = 64, 16, 2, 4, 2, 4, 24
 
@@ -36,14 +37,6 @@ def refuses_rotation(cfg) -> bool:
         S.fold_norms(random_params(cfg), cfg)
     return True
 TOKENS = jax.random.randint(jax.random.key(99), (2, 9), 0, V)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0):
-    """Random weights with non-trivial norm weights and biases, so folding is really tested."""
-    params = init_params(cfg, jax.random.key(seed), std=0.3)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
-    return jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
 def logits(params, cfg):

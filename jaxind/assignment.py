@@ -1,6 +1,6 @@
 """Linear assignment (LAP) solvers: a jitted auction for accelerators, exact host solvers.
 
-The LAP is the hot spot of CSU/CSH/MATCH (DESIGN.md §1, §4): match ``n`` hidden units of model
+The LAP is the hot spot of CSU/CSH/MATCH (docs/DESIGN.md §1, §5.5): match ``n`` hidden units of model
 A to ``m`` of model B (``n, m`` up to 14,336) minimising a sum of squared distances or
 maximising a sum of cosine similarities.
 
@@ -65,7 +65,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +111,7 @@ def _check_cost(cost, ndim: int, name: str = "cost"):
     if cost.ndim != ndim:
         what = "a 2-D (n, m) matrix" if ndim == 2 else "a 3-D (batch, n, m) array"
         raise CostMatrixError(f"{name} must be {what}, got shape {tuple(cost.shape)}")
-    if not (jnp.issubdtype(cost.dtype, jnp.floating) or jnp.issubdtype(cost.dtype, jnp.integer)
-            or cost.dtype == bool):
+    if not (jnp.issubdtype(cost.dtype, jnp.floating) or jnp.issubdtype(cost.dtype, jnp.integer) or cost.dtype == bool):
         raise CostMatrixError(f"{name} must be real numeric, got dtype {cost.dtype}")
     if cost.size and jnp.issubdtype(cost.dtype, jnp.floating):
         xp = np if isinstance(cost, np.ndarray) else jnp
@@ -120,7 +119,8 @@ def _check_cost(cost, ndim: int, name: str = "cost"):
         if not finite:
             raise CostMatrixError(
                 f"{name} contains NaN or inf entries; the assignment is undefined "
-                "(replace them by large finite costs or drop those rows/columns)")
+                "(replace them by large finite costs or drop those rows/columns)"
+            )
     return cost
 
 
@@ -143,12 +143,12 @@ def default_method(backend: str | None = None, shape: tuple[int, ...] | None = N
     """
     backend = backend or jax.default_backend()
     if backend == "cpu" or (shape is not None and shape[-1] != shape[-2]):
-        return "lapjv" if _have_lap() else "scipy"
+        return "lapjv" if have_lapjv() else "scipy"
     return "auction"
 
 
 @functools.lru_cache(maxsize=1)
-def _have_lap() -> bool:
+def have_lapjv() -> bool:
     try:
         import lap  # noqa: F401
     except ImportError:
@@ -161,8 +161,7 @@ def _have_lap() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def eps_schedule(rel_start: float = 0.05, rel_final: float = 2.0**-20,
-                 factor: float = 0.125) -> np.ndarray:
+def eps_schedule(rel_start: float = 0.05, rel_final: float = 2.0**-20, factor: float = 0.125) -> np.ndarray:
     """Geometric epsilon-scaling schedule, relative to the cost range.
 
     Returns a float64 numpy array ``[rel_start, rel_start*factor, ..., rel_final]`` (the last
@@ -186,10 +185,100 @@ def _top2(vals: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return v1, j1, v2
 
 
+def _start_phase(benefit: jax.Array, prices: jax.Array, person_obj: jax.Array, e: jax.Array) -> jax.Array:
+    """Keeps only the pairs that satisfy e-complementary slackness and frees the others.
+
+    ``person_obj (m,)`` is the column held by each of the ``m`` persons (``n`` real rows, then the
+    dummies), -1 when free.
+    """
+    n, m = benefit.shape
+    arange_m = jnp.arange(m, dtype=jnp.int32)
+    best = jnp.max(benefit - prices, axis=1)
+    obj = person_obj[:n]
+    cur = benefit[jnp.arange(n), jnp.maximum(obj, 0)] - prices[jnp.maximum(obj, 0)]
+    keep = jnp.concatenate(
+        [
+            (obj >= 0) & (cur >= best - e),
+            (person_obj[n:] >= 0) & (-prices[jnp.maximum(person_obj[n:], 0)] >= -jnp.min(prices) - e),
+        ]
+    )
+    person_obj = jnp.where(keep, person_obj, -1)
+    # Repair double ownership from a stale warm start: later persons lose.
+    owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].min(arange_m, mode="drop")
+    ok = (person_obj >= 0) & (owner[jnp.maximum(person_obj, 0)] == arange_m)
+    return jnp.where(ok, person_obj, -1)
+
+
+def _dummy_bids(
+    prices: jax.Array, person_obj: jax.Array, n: int, e: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Bids of the ``m - n`` dummy rows (benefit 0 everywhere): the unassigned ones take the
+    cheapest columns together. Returns ``(bidders, targets, bids)``; target ``m`` = no bid."""
+    m = prices.shape[0]
+    d_un = person_obj[n:] < 0
+    num_un = jnp.sum(d_un)
+    order = jnp.argsort(prices)
+    sorted_p = prices[order]
+    rank = jnp.cumsum(d_un) - 1
+    d_target = order[jnp.clip(rank, 0, m - 1)]
+    d_bid = sorted_p[jnp.minimum(num_un, m - 1)] + e
+    d_bid = jnp.maximum(d_bid, jnp.nextafter(prices[d_target], jnp.inf))
+    bidders = n + jnp.arange(m - n, dtype=jnp.int32)
+    return bidders, jnp.where(d_un, d_target, m), jnp.where(d_un, d_bid, -jnp.inf)
+
+
+def _bid_round(
+    benefit: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array], e: jax.Array, size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One bidding round: up to ``size`` unassigned rows (and every unassigned dummy) bid for
+    their best column; each column goes to its highest bidder. ``carry = (prices, person_obj, it)``."""
+    n, m = benefit.shape
+    prices, person_obj, it = carry
+    dtype = benefit.dtype
+    arange_m = jnp.arange(m, dtype=jnp.int32)
+    big = jnp.asarray(m, jnp.int32)  # "no target" sentinel, dropped by scatters
+    # Real bidders: up to `size` unassigned rows, each bids for its best column.
+    idx = jnp.nonzero(person_obj[:n] < 0, size=size, fill_value=n)[0]
+    valid = idx < n
+    rows = benefit[jnp.minimum(idx, n - 1)] - prices
+    v1, j1, v2 = _top2(rows)
+    v2 = jnp.where(jnp.isfinite(v2), v2, v1)  # m == 1
+    real_bid = prices[j1] + (v1 - v2) + e
+    real_bid = jnp.maximum(real_bid, jnp.nextafter(prices[j1], jnp.inf))
+    bidders = [idx]
+    targets = [jnp.where(valid, j1, big)]
+    bids = [jnp.where(valid, real_bid, -jnp.inf)]
+    if m > n:
+        d_bidders, d_targets, d_bids = _dummy_bids(prices, person_obj, n, e)
+        bidders.append(d_bidders)
+        targets.append(d_targets)
+        bids.append(d_bids)
+    all_bidders = jnp.concatenate(bidders).astype(jnp.int32)
+    all_targets = jnp.concatenate(targets).astype(jnp.int32)
+    all_bids = jnp.concatenate(bids)
+    # Each column goes to its highest bidder (lowest id among equal bids).
+    best_bid = jnp.full((m,), -jnp.inf, dtype).at[all_targets].max(all_bids, mode="drop")
+    is_win = (all_targets < m) & (all_bids == best_bid[jnp.minimum(all_targets, m - 1)])
+    winner = jnp.full((m,), m, jnp.int32).at[all_targets].min(jnp.where(is_win, all_bidders, m), mode="drop")
+    sold = winner < m
+    owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].set(arange_m, mode="drop")
+    person_obj = person_obj.at[jnp.where(sold, owner, m)].set(-1, mode="drop")
+    person_obj = person_obj.at[jnp.where(sold, winner, m)].set(arange_m, mode="drop")
+    prices = jnp.where(sold, best_bid, prices)
+    return prices, person_obj, it + 1
+
+
 @functools.partial(jax.jit, static_argnames=("block", "small_block", "max_iter"))
-def auction_lap(benefit: jax.Array, eps: jax.Array, init_prices: jax.Array | None = None,
-                init_col_of_row: jax.Array | None = None, *, block: int = 256,
-                small_block: int = 16, max_iter: int = 200_000) -> AuctionResult:
+def auction_lap(
+    benefit: jax.Array,
+    eps: jax.Array,
+    init_prices: jax.Array | None = None,
+    init_col_of_row: jax.Array | None = None,
+    *,
+    block: int = 256,
+    small_block: int = 16,
+    max_iter: int = 200_000,
+) -> AuctionResult:
     """Forward auction with epsilon-scaling: maximise ``sum_i benefit[i, col[i]]``.
 
     Args:
@@ -209,103 +298,43 @@ def auction_lap(benefit: jax.Array, eps: jax.Array, init_prices: jax.Array | Non
     """
     n, m = benefit.shape
     dtype = benefit.dtype
-    n_dummy = m - n
     block = min(block, n)
     small = min(small_block, block)
-    big = jnp.asarray(m, jnp.int32)  # "no target" sentinel, dropped by scatters
     prices = jnp.zeros((m,), dtype) if init_prices is None else init_prices.astype(dtype)
     # person_obj: object held by each of the m persons (n real rows, then the dummies).
     person_obj = jnp.full((m,), -1, jnp.int32)
     if init_col_of_row is not None:
         person_obj = person_obj.at[:n].set(init_col_of_row.astype(jnp.int32))
-    eps = eps.astype(dtype)
-    arange_m = jnp.arange(m, dtype=jnp.int32)
-
-    def start_phase(prices, person_obj, e):
-        """Keep only pairs satisfying e-complementary slackness; free the others."""
-        best = jnp.max(benefit - prices, axis=1)
-        obj = person_obj[:n]
-        cur = benefit[jnp.arange(n), jnp.maximum(obj, 0)] - prices[jnp.maximum(obj, 0)]
-        keep = jnp.concatenate([
-            (obj >= 0) & (cur >= best - e),
-            (person_obj[n:] >= 0)
-            & (-prices[jnp.maximum(person_obj[n:], 0)] >= -jnp.min(prices) - e)])
-        person_obj = jnp.where(keep, person_obj, -1)
-        # Repair double ownership from a stale warm start: later persons lose.
-        owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].min(
-            arange_m, mode="drop")
-        ok = (person_obj >= 0) & (owner[jnp.maximum(person_obj, 0)] == arange_m)
-        return jnp.where(ok, person_obj, -1)
-
-    def bid_round(carry, e, size):
-        prices, person_obj, it = carry
-        unassigned = person_obj < 0
-        # Real bidders: up to `size` unassigned rows, each bids for its best column.
-        idx = jnp.nonzero(unassigned[:n], size=size, fill_value=n)[0]
-        valid = idx < n
-        rows = benefit[jnp.minimum(idx, n - 1)] - prices
-        v1, j1, v2 = _top2(rows)
-        v2 = jnp.where(jnp.isfinite(v2), v2, v1)  # m == 1
-        real_bid = prices[j1] + (v1 - v2) + e
-        real_bid = jnp.maximum(real_bid, jnp.nextafter(prices[j1], jnp.inf))
-        bidders = [idx]
-        targets = [jnp.where(valid, j1, big)]
-        bids = [jnp.where(valid, real_bid, -jnp.inf)]
-        if n_dummy:
-            # Unassigned dummies (benefit 0 everywhere) take the cheapest columns together.
-            d_un = unassigned[n:]
-            num_un = jnp.sum(d_un)
-            order = jnp.argsort(prices)
-            sorted_p = prices[order]
-            rank = jnp.cumsum(d_un) - 1
-            d_target = order[jnp.clip(rank, 0, m - 1)]
-            d_bid = sorted_p[jnp.minimum(num_un, m - 1)] + e
-            d_bid = jnp.maximum(d_bid, jnp.nextafter(prices[d_target], jnp.inf))
-            bidders.append(n + jnp.arange(n_dummy, dtype=jnp.int32))
-            targets.append(jnp.where(d_un, d_target, big))
-            bids.append(jnp.where(d_un, d_bid, -jnp.inf))
-        bidders = jnp.concatenate(bidders).astype(jnp.int32)
-        targets = jnp.concatenate(targets).astype(jnp.int32)
-        bids = jnp.concatenate(bids)
-        # Each column goes to its highest bidder (lowest id among equal bids).
-        best_bid = jnp.full((m,), -jnp.inf, dtype).at[targets].max(bids, mode="drop")
-        is_win = (targets < m) & (bids == best_bid[jnp.minimum(targets, m - 1)])
-        winner = jnp.full((m,), m, jnp.int32).at[targets].min(
-            jnp.where(is_win, bidders, m), mode="drop")
-        sold = winner < m
-        owner = jnp.full((m,), m, jnp.int32).at[jnp.where(person_obj >= 0, person_obj, m)].set(
-            arange_m, mode="drop")
-        person_obj = person_obj.at[jnp.where(sold, owner, m)].set(-1, mode="drop")
-        person_obj = person_obj.at[jnp.where(sold, winner, m)].set(arange_m, mode="drop")
-        prices = jnp.where(sold, best_bid, prices)
-        return prices, person_obj, it + 1
 
     def phase(carry, e):
         prices, person_obj, it = carry
-        person_obj = start_phase(prices, person_obj, e)
+        person_obj = _start_phase(benefit, prices, person_obj, e)
 
         def cond(c):
             return jnp.any(c[1] < 0) & (c[2] < max_iter)
 
         def body(c):
             if small >= block:
-                return bid_round(c, e, block)
+                return _bid_round(benefit, c, e, block)
             # Few bidders left (the usual tail): a small block avoids wasted rows.
-            return jax.lax.cond(jnp.sum(c[1][:n] < 0) > small,
-                                lambda c: bid_round(c, e, block),
-                                lambda c: bid_round(c, e, small), c)
+            return jax.lax.cond(
+                jnp.sum(c[1][:n] < 0) > small,
+                lambda c: _bid_round(benefit, c, e, block),
+                lambda c: _bid_round(benefit, c, e, small),
+                c,
+            )
 
         carry = jax.lax.while_loop(cond, body, (prices, person_obj, it))
         return carry, None
 
     (prices, person_obj, it), _ = jax.lax.scan(
-        phase, (prices, person_obj, jnp.asarray(0, jnp.int32)), eps)
+        phase, (prices, person_obj, jnp.asarray(0, jnp.int32)), eps.astype(dtype)
+    )
     converged = jnp.all(person_obj >= 0)
     return AuctionResult(person_obj[:n], prices, it, converged)
 
 
-def duality_gap(benefit: jax.Array, col_of_row: jax.Array, prices: jax.Array) -> tuple[
-        jax.Array, jax.Array]:
+def duality_gap(benefit: jax.Array, col_of_row: jax.Array, prices: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Primal value and LP duality gap of an assignment, from auction prices.
 
     Args:
@@ -353,8 +382,7 @@ def _auction_stage(cost, eps_rel, init_prices, init_cols, sign, *, block, max_it
     a, scale = _benefit(cost, sign, dtype)
     if init_prices is not None:
         init_prices = init_prices.astype(dtype)
-    res = auction_lap(a, eps_rel.astype(dtype) * scale, init_prices, init_cols, block=block,
-                      max_iter=max_iter)
+    res = auction_lap(a, eps_rel.astype(dtype) * scale, init_prices, init_cols, block=block, max_iter=max_iter)
     return res, scale
 
 
@@ -372,26 +400,28 @@ def _default_block(n: int) -> int:
     return min(n, 256 if jax.default_backend() == "cpu" else 2048)
 
 
-def _auction_oriented(cost, maximize: bool, rtol: float, block: int | None,
-                      max_iter: int) -> tuple[np.ndarray, dict]:
-    """Auction on an (n, m) cost with n <= m; returns col_of_row (n,) and diagnostics."""
+def solve_auction(cost, maximize: bool, rtol: float, block: int | None, max_iter: int) -> tuple[np.ndarray, dict]:
+    """The certified auction on an ``(n, m)`` cost with ``n <= m`` (see the module doc).
+
+    Returns:
+      ``(col_of_row (n,), info)``: ``info`` has the bidding rounds (``iters32``, ``iters64``), the
+      duality gaps reached (``gap32``, ``gap64``), the tolerance ``tol``, and whether the float64
+      stage (``refined``) or the scipy fallback (``fallback``) ran.
+    """
     n, m = cost.shape
     block = block or _default_block(n)
     cost32 = jnp.asarray(cost, jnp.float32) if not isinstance(cost, jax.Array) else cost
     sched32 = jnp.asarray(eps_schedule(rel_final=_REL_EPS32), jnp.float32)
     sign = 1.0 if maximize else -1.0
-    res, scale = _auction_stage(cost32, sched32, None, None, sign, block=block,
-                                max_iter=max_iter, dtype=jnp.float32)
-    info = {"iters32": int(res.num_iters), "refined": False, "fallback": False}
+    res, scale = _auction_stage(cost32, sched32, None, None, sign, block=block, max_iter=max_iter, dtype=jnp.float32)
+    info: dict[str, Any] = {"iters32": int(res.num_iters), "refined": False, "fallback": False}
     with jax.enable_x64(True):
         # float64 copy of the user's cost, on the device that holds it.
-        cost64 = (cost.astype(jnp.float64) if isinstance(cost, jax.Array)
-                  else jnp.asarray(cost, jnp.float64))
+        cost64 = cost.astype(jnp.float64) if isinstance(cost, jax.Array) else jnp.asarray(cost, jnp.float64)
         cols, prices = res.col_of_row, res.prices
         ok = bool(res.converged)
         if ok:
-            primal, gap = (float(x) for x in _certificate64(
-                cost64, cols, prices.astype(jnp.float64), sign))
+            primal, gap = (float(x) for x in _certificate64(cost64, cols, prices.astype(jnp.float64), sign))
             tol = rtol * abs(primal) + 1e-12 * float(scale) * m
             ok = gap <= tol
             info.update(gap32=gap, tol=tol)
@@ -401,42 +431,44 @@ def _auction_oriented(cost, maximize: bool, rtol: float, block: int | None,
             # <= m * eps = tol: the certificate then holds by construction.
             info["refined"] = True
             rel_final = max(tol / m / float(scale), 1e-15)
-            sched64 = jnp.asarray(eps_schedule(rel_start=_REL_EPS32, rel_final=rel_final),
-                                  jnp.float64)
+            sched64 = jnp.asarray(eps_schedule(rel_start=_REL_EPS32, rel_final=rel_final), jnp.float64)
             res64, scale64 = _auction_stage(
-                cost64, sched64, prices.astype(jnp.float64), cols, sign,
-                block=block, max_iter=max_iter, dtype=jnp.float64)
+                cost64,
+                sched64,
+                prices.astype(jnp.float64),
+                cols,
+                sign,
+                block=block,
+                max_iter=max_iter,
+                dtype=jnp.float64,
+            )
             info["iters64"] = int(res64.num_iters)
             cols = res64.col_of_row
             ok = bool(res64.converged)
             if ok:
-                primal, gap = (float(x) for x in _certificate64(
-                    cost64, cols, res64.prices, sign))
+                primal, gap = (float(x) for x in _certificate64(cost64, cols, res64.prices, sign))
                 tol = rtol * abs(primal) + 1e-12 * float(scale64) * m
                 info.update(gap64=gap, tol=tol)
                 ok = gap <= tol
     if not ok:
-        warnings.warn("auction did not reach the certified tolerance; falling back to scipy",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "auction did not reach the certified tolerance; falling back to scipy", RuntimeWarning, stacklevel=3
+        )
         info["fallback"] = True
-        _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64),
-                                                       maximize=maximize)
+        _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64), maximize=maximize)
     return np.asarray(cols), info
 
 
-def _solve_oriented(cost, maximize: bool, method: str, rtol: float, block: int | None,
-                    max_iter: int) -> np.ndarray:
+def _solve_oriented(cost, maximize: bool, method: str, rtol: float, block: int | None, max_iter: int) -> np.ndarray:
     """Dispatch on an (n, m) cost with n <= m; returns col_of_row (n,)."""
     if method == "scipy":
-        _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64),
-                                                       maximize=maximize)
+        _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64), maximize=maximize)
         return cols
     if method == "lapjv":
         try:
             import lap
         except ImportError as e:
-            raise ValueError("method='lapjv' needs the optional package `lap` "
-                             "(pip install lap)") from e
+            raise ValueError("method='lapjv' needs the optional package `lap` (pip install lap)") from e
         c = np.asarray(cost, np.float64)
         c = -c if maximize else c
         _, cols, _ = lap.lapjv(c, extend_cost=c.shape[0] != c.shape[1])
@@ -444,18 +476,25 @@ def _solve_oriented(cost, maximize: bool, method: str, rtol: float, block: int |
     if method == "hungarian":
         from optax import assignment  # local: optional dependency path
 
-        c = jnp.asarray(cost)
-        rows, cols = jax.jit(assignment.hungarian_algorithm)(-c if maximize else c)
+        c_dev = jnp.asarray(cost)
+        rows, cols = jax.jit(assignment.hungarian_algorithm)(-c_dev if maximize else c_dev)
         out = np.empty(cost.shape[0], np.int64)
         out[np.asarray(rows)] = np.asarray(cols)
         return out
-    cols, _ = _auction_oriented(cost, maximize, rtol, block, max_iter)
+    cols, _ = solve_auction(cost, maximize, rtol, block, max_iter)
     return cols
 
 
-def solve_lap(cost, *, maximize: bool = False, method: str = "auto", key: jax.Array | None = None,
-              rtol: float = DEFAULT_RTOL, block: int | None = None,
-              max_iter: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+def solve_lap(
+    cost,
+    *,
+    maximize: bool = False,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    rtol: float = DEFAULT_RTOL,
+    block: int | None = None,
+    max_iter: int = 200_000,
+) -> tuple[np.ndarray, np.ndarray]:
     """Solve the linear assignment problem, like :func:`scipy.optimize.linear_sum_assignment`.
 
     Args:
@@ -495,9 +534,15 @@ def solve_lap(cost, *, maximize: bool = False, method: str = "auto", key: jax.Ar
     return rows[order], cols[order]
 
 
-def solve_lap_batched(costs, *, maximize: bool = False, method: str = "auto",
-                      key: jax.Array | None = None, rtol: float = DEFAULT_RTOL,
-                      block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def solve_lap_batched(
+    costs,
+    *,
+    maximize: bool = False,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    rtol: float = DEFAULT_RTOL,
+    block: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Solve a batch of LAPs of one shape.
 
     Args:
@@ -527,8 +572,7 @@ def solve_lap_batched(costs, *, maximize: bool = False, method: str = "auto",
     # Items are solved one by one: the auction is already parallel inside one problem, and the
     # host certificate/fallback is per item.
     for i in range(b):
-        rows[i], cols[i] = solve_lap(costs[i], maximize=maximize, method=method, key=keys[i],
-                                     rtol=rtol, block=block)
+        rows[i], cols[i] = solve_lap(costs[i], maximize=maximize, method=method, key=keys[i], rtol=rtol, block=block)
     return rows, cols
 
 

@@ -1,4 +1,4 @@
-"""Tests for jaxind.matching: optimality against scipy, exactness on near-permutations,
+"""Tests for jaxind.assignment: optimality against scipy, exactness on near-permutations,
 equivariance, batching, jit, input errors."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from jaxind import matching
-from jaxind.matching import assignment_cost, solve_lap, solve_lap_batched
+from jaxind import assignment
+from jaxind.assignment import assignment_cost, solve_lap, solve_lap_batched
 
 RTOL = 1e-6
 # A scipy fallback inside the auction would make these tests vacuous: make it an error.
@@ -164,11 +164,11 @@ def test_auction_kernel_jit_and_vmap():
     """The raw kernel composes with jit and vmap; converged results are eps-optimal."""
     rng = np.random.default_rng(31)
     costs = rng.random((4, 37, 37)).astype(np.float32)
-    eps = jnp.asarray(matching.eps_schedule(rel_final=1e-7), jnp.float32)
+    eps = jnp.asarray(assignment.eps_schedule(rel_final=1e-7), jnp.float32)
 
     @jax.jit
     def solve(c):
-        return jax.vmap(lambda x: matching.auction_lap(-x, eps))(c)
+        return jax.vmap(lambda x: assignment.auction_lap(-x, eps))(c)
 
     res = solve(jnp.asarray(costs))
     assert bool(jnp.all(res.converged))
@@ -177,7 +177,7 @@ def test_auction_kernel_jit_and_vmap():
         assert sorted(cols) == list(range(37))
         got = assignment_cost(costs[i], np.arange(37), cols)
         assert got <= scipy_objective(costs[i]) + 37 * 1e-7 + 1e-6
-        primal, gap = matching.duality_gap(-jnp.asarray(costs[i]), res.col_of_row[i],
+        primal, gap = assignment.duality_gap(-jnp.asarray(costs[i]), res.col_of_row[i],
                                            res.prices[i])
         assert float(gap) >= -1e-4
 
@@ -188,16 +188,16 @@ def test_duality_gap_detects_suboptimal():
     _, opt = scipy.optimize.linear_sum_assignment(cost)
     with jax.enable_x64(True):
         bad = np.roll(opt, 1)
-        _, gap = matching.duality_gap(-jnp.asarray(cost), jnp.asarray(bad), jnp.zeros(30))
+        _, gap = assignment.duality_gap(-jnp.asarray(cost), jnp.asarray(bad), jnp.zeros(30))
         excess = assignment_cost(cost, np.arange(30), bad) - scipy_objective(cost)
         assert excess > 0 and float(gap) >= excess - 1e-9
 
 
 def test_auto_is_optimal_and_documented_default():
-    host = "lapjv" if matching._have_lap() else "scipy"
-    assert matching.default_method("cpu") == host
-    assert matching.default_method("gpu") == "auction"
-    assert matching.default_method("gpu", (30, 40)) == host
+    host = "lapjv" if assignment.have_lapjv() else "scipy"
+    assert assignment.default_method("cpu") == host
+    assert assignment.default_method("gpu") == "auction"
+    assert assignment.default_method("gpu", (30, 40)) == host
     rng = np.random.default_rng(51)
     cost = rng.random((300, 300)).astype(np.float32)
     rows, cols = solve_lap(cost)

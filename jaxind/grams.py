@@ -1,0 +1,245 @@
+"""One pass over the data for both models: the Gram statistics CSH, MATCH and localized testing need.
+
+Gate and up activations are linear in the MLP's normed input ``x (B*T, d)``: ``G = x W_gate``,
+``U = x W_up``. So every Gram statistic the activation tests need follows from Grams of the inputs::
+
+    G_A^T G_B = W_gate_A^T (x_A^T x_B) W_gate_B,    ||G_A[:, i]||^2 = diag(W_A^T (x_A^T x_A) W_A)_i.
+
+The pass therefore accumulates one ``d_A x d_B`` input cross-Gram per layer pair, plus each unit's
+sum of squared outputs (``h``-vectors; gate and up are computed by the forward pass anyway),
+instead of two ``h_A x h_B`` output Grams: for Llama-2-7B (``d = 4,096``, ``h = 11,008``) 14x less
+memory and 14x fewer multiply-adds per token. Each batch runs both forwards (activation-only, no
+LM head) and one jitted, donated step adds its Grams to the running state; no token's activations
+are stored. The ``h x h`` Grams are formed one layer pair at a time, on the device, when the LAPs
+need them (:meth:`PassStats.grams`). Why this design: docs/DESIGN.md §5.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxind import model as model_lib
+from jaxind import progress
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+from jaxind.types import Params
+
+Batch = tuple[jax.Array, jax.Array | None]  # tokens (B, T), mask (B, T) or None
+
+
+@dataclasses.dataclass
+class PassStats:
+    """What one pass over the data accumulated, and how to turn it into hidden-unit Grams.
+
+    Attributes:
+      cross: ``(*pair_shape, d_A, d_B)`` sums over tokens of ``x_A x_B^T`` per layer pair
+        (pair_shape ``(P,)`` for explicit pairs, ``(n_a, n_b)`` for all pairs).
+      sq_a, sq_b: ``{"gate": (n_a, h_A), "up": (n_a, h_A)}`` (and ``n_b, h_B``): each unit's sum
+        of squared outputs per collected layer.
+      count: number of tokens counted.
+      weights_a, weights_b: per collected layer ``{"gate": (d, h), "up": (d, h)}`` (references
+        into the param trees, not copies).
+      pair_index: for explicit pairs, ``(ia, ib)`` positions of each pair in the collected layers.
+    """
+
+    cross: jax.Array
+    sq_a: dict[str, np.ndarray]
+    sq_b: dict[str, np.ndarray]
+    count: float
+    weights_a: tuple[dict[str, jax.Array], ...]
+    weights_b: tuple[dict[str, jax.Array], ...]
+    pair_index: tuple[tuple[int, int], ...] = ()
+
+    def grams(self, pair: int | tuple[int, int], proj: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(cross (h_A, h_B), sq_norm_a (h_A,), sq_norm_b (h_B,))`` of projection ``proj``
+        ("gate" or "up") for a pair: an index into the explicit pairs, or ``(ia, ib)`` for all-pairs
+        statistics. Sums over the counted tokens, as float64 numpy."""
+        if isinstance(pair, tuple):
+            ia, ib = pair
+            cross = self.cross[ia, ib]
+        else:
+            ia, ib = self.pair_index[pair]
+            cross = self.cross[pair]
+        c = _project(self.weights_a[ia][proj], self.weights_b[ib][proj], cross)
+        return (
+            np.asarray(c, np.float64),
+            self.sq_a[proj][ia].astype(np.float64),
+            self.sq_b[proj][ib].astype(np.float64),
+        )
+
+    def distances(self, pair: int | tuple[int, int], proj: str) -> np.ndarray:
+        """Squared Euclidean distances ``(h_A, h_B)`` between hidden units' activation rows."""
+        return sq_distances(*self.grams(pair, proj))
+
+
+@jax.jit
+def _project(w_a: jax.Array, w_b: jax.Array, cross: jax.Array) -> jax.Array:
+    """Input cross-Gram ``C (d_A, d_B)`` -> output cross-Gram ``W_a^T C W_b (h_A, h_B)``."""
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.matmul(jnp.matmul(w_a.astype(jnp.float32).T, cross, precision=hi), w_b.astype(jnp.float32), precision=hi)
+
+
+def init_state(
+    d_a: int, d_b: int, h_a: int, h_b: int, n_a: int, n_b: int, pair_shape: tuple[int, ...]
+) -> dict[str, jax.Array]:
+    """Zero accumulator: ``{"cross": (*pair_shape, d_a, d_b), "gate_a"/"up_a": (n_a, h_a),
+    "gate_b"/"up_b": (n_b, h_b), "count": ()}`` float32."""
+    z = functools.partial(jnp.zeros, dtype=jnp.float32)
+    return {
+        "cross": z((*pair_shape, d_a, d_b)),
+        "gate_a": z((n_a, h_a)),
+        "up_a": z((n_a, h_a)),
+        "gate_b": z((n_b, h_b)),
+        "up_b": z((n_b, h_b)),
+        "count": z(()),
+    }
+
+
+def _stack(acts: dict, layers: tuple[int, ...], name: str, mask: jax.Array | None) -> jax.Array:
+    """``(n_layers, N, width)`` float32 ``acts[l][name]`` of the collected layers, masked tokens zeroed."""
+    out = jnp.stack([acts[l][name].reshape(-1, acts[l][name].shape[-1]) for l in layers]).astype(jnp.float32)
+    if mask is not None:
+        out = out * mask.reshape(1, -1, 1).astype(jnp.float32)
+    return out
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index", "outer"),
+    donate_argnames=("state",),
+)
+def accumulate_step(
+    state: dict[str, jax.Array],
+    params_a: Params,
+    params_b: Params,
+    tokens: jax.Array,
+    mask: jax.Array | None,
+    *,
+    cfg_a: ModelConfig,
+    cfg_b: ModelConfig,
+    layers_a: tuple[int, ...],
+    layers_b: tuple[int, ...],
+    pair_index: tuple[tuple[int, int], ...] = (),
+    outer: bool = False,
+) -> dict[str, jax.Array]:
+    """Adds one token batch to the accumulator (jitted; ``state`` is donated).
+
+    Args:
+      state: from :func:`init_state`.
+      tokens: ``(B, T)`` int token ids, fed to both models.
+      mask: ``(B, T)`` bool/0-1 weights of the tokens to count, or None for all.
+      layers_a / layers_b: the collected layers of A / B (sorted tuples).
+      pair_index: for ``outer=False``, pairs ``(ia, ib)`` of positions into ``layers_a`` /
+        ``layers_b``; the cross Gram of pair p is ``state["cross"][p]``.
+      outer: accumulate all ``len(layers_a) x len(layers_b)`` pairs instead.
+
+    Returns:
+      The updated state.
+    """
+    hi = jax.lax.Precision.HIGHEST
+    _, acts_a = model_lib.forward(params_a, cfg_a, tokens, collect=layers_a, return_logits=False, collect_inputs=True)
+    _, acts_b = model_lib.forward(params_b, cfg_b, tokens, collect=layers_b, return_logits=False, collect_inputs=True)
+    xa = _stack(acts_a, layers_a, "x", mask)  # (n_a, N, d_a)
+    xb = _stack(acts_b, layers_b, "x", mask)  # (n_b, N, d_b)
+    if outer:
+        cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)
+    else:
+        ia = jnp.asarray([p[0] for p in pair_index], dtype=jnp.int32)
+        ib = jnp.asarray([p[1] for p in pair_index], dtype=jnp.int32)
+        cross = jnp.einsum("pnd,pne->pde", xa[ia], xb[ib], precision=hi)
+    new = {"cross": state["cross"] + cross}
+    for name in ("gate", "up"):
+        new[name + "_a"] = state[name + "_a"] + jnp.sum(jnp.square(_stack(acts_a, layers_a, name, mask)), axis=1)
+        new[name + "_b"] = state[name + "_b"] + jnp.sum(jnp.square(_stack(acts_b, layers_b, name, mask)), axis=1)
+    count = tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32))
+    new["count"] = state["count"] + count
+    return new
+
+
+def sq_distances(cross: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ``(h_A, h_B)`` float64 from a cross Gram ``(h_A, h_B)`` and row
+    norms ``(h_A,)``, ``(h_B,)``; clipped at 0 (rounding can make the expansion slightly negative)."""
+    d = norm_a.astype(np.float64)[:, None] + norm_b.astype(np.float64)[None, :] - 2.0 * cross.astype(np.float64)
+    return np.maximum(d, 0.0)
+
+
+def row_distances(xa: Any, xb: Any) -> np.ndarray:
+    """Squared Euclidean distances ``(h_A, h_B)`` float64 between the columns (units) of
+    activations ``xa (N, h_A)`` and ``xb (N, h_B)`` over the same N inputs."""
+    xa, xb = jnp.asarray(xa, jnp.float32), jnp.asarray(xb, jnp.float32)
+    cross = jnp.matmul(xa.T, xb, precision=jax.lax.Precision.HIGHEST)
+    return sq_distances(np.asarray(cross), np.asarray(jnp.sum(xa * xa, 0)), np.asarray(jnp.sum(xb * xb, 0)))
+
+
+def normalize_batches(batches: Iterable[Any]) -> Iterator[Batch]:
+    """Normalises batches to ``(tokens (B, T), mask (B, T) | None)``."""
+    for batch in batches:
+        if isinstance(batch, dict):
+            yield jnp.asarray(batch["tokens"]), (None if batch.get("mask") is None else jnp.asarray(batch["mask"]))
+        elif isinstance(batch, tuple):
+            yield jnp.asarray(batch[0]), (None if batch[1] is None else jnp.asarray(batch[1]))
+        else:
+            yield jnp.asarray(batch), None
+
+
+def accumulate(
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    batches: Iterable,
+    *,
+    layers_a: tuple[int, ...],
+    layers_b: tuple[int, ...],
+    pair_index: tuple[tuple[int, int], ...] = (),
+    outer: bool = False,
+) -> PassStats:
+    """One pass over ``batches`` (each ``(B, T)`` tokens, ``(tokens, mask)`` or ``{"tokens", "mask"}``)
+    for both models together, accumulating the input Grams; see :class:`PassStats`."""
+    for cfg in (cfg_a, cfg_b):
+        if not cfg.glu:
+            raise JaxindError(
+                f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "
+                "none: use the generalized test (jaxind.generalized) for this pair"
+            )
+    pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
+    state = init_state(cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape)
+    n_batches = 0
+    for tokens, mask in progress.bar(normalize_batches(batches), desc="MATCH pass"):
+        state = accumulate_step(
+            state,
+            params_a,
+            params_b,
+            tokens,
+            mask,
+            cfg_a=cfg_a,
+            cfg_b=cfg_b,
+            layers_a=layers_a,
+            layers_b=layers_b,
+            pair_index=pair_index,
+            outer=outer,
+        )
+        n_batches += 1
+    if n_batches == 0:
+        raise JaxindError("MATCH got no token batches")
+    return PassStats(
+        cross=state["cross"],  # stays on the device: the h x h Grams are derived there
+        sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
+        sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
+        count=float(state["count"]),
+        weights_a=_gate_up(params_a, layers_a),
+        weights_b=_gate_up(params_b, layers_b),
+        pair_index=tuple(pair_index),
+    )
+
+
+def _gate_up(params: Params, layers: tuple[int, ...]) -> tuple[dict[str, jax.Array], ...]:
+    """Per layer, references to the gate and up kernels (no copies)."""
+    return tuple({k: params["layers"][layer][k] for k in ("gate", "up")} for layer in layers)

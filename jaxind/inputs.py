@@ -1,0 +1,87 @@
+"""What the data-driven tests read: :class:`TokenData`, token ids plus the one-pass statistics
+computed on them, cached per model pair.
+
+CSH and MATCH on the same layer pairs need the same pass over the data (:mod:`jaxind.grams`);
+the registry's tests receive one ``TokenData`` per model pair (docs/DESIGN.md §5.3), so whichever
+runs first pays for the pass and the other reuses it. Every test also accepts a plain token array
+``(N, T)`` as ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxind import data as data_lib
+from jaxind import grams
+from jaxind.config import ModelConfig
+from jaxind.errors import JaxindError
+from jaxind.types import LayerPair, Params
+
+
+@dataclasses.dataclass(eq=False)
+class TokenData:
+    """Token ids both models see, in batches, and the pass statistics already computed on them.
+
+    Attributes:
+      tokens: ``(N, T)`` int token ids (in both models' shared vocabulary).
+      batch_size: sequences per forward pass.
+    """
+
+    tokens: np.ndarray
+    batch_size: int = 8
+    _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, grams.PassStats]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        self.tokens = np.asarray(self.tokens)
+        if self.tokens.ndim != 2 or not np.issubdtype(self.tokens.dtype, np.integer) or self.tokens.size == 0:
+            raise JaxindError(
+                f"data must be integer token ids of shape (N, T), got {self.tokens.dtype} {self.tokens.shape}"
+            )
+        if self.batch_size < 1:
+            raise JaxindError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @classmethod
+    def of(cls, data: TokenData | Any, test: str) -> TokenData:
+        """``data`` as TokenData (a token array is wrapped).
+
+        Raises:
+          JaxindError: no data, or not a 2-D integer array.
+        """
+        if data is None:
+            raise JaxindError(f"{test} runs the models on tokens: pass data= token ids of shape (N, T)")
+        return data if isinstance(data, TokenData) else cls(np.asarray(data))
+
+    def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(tokens (B, T), mask (B, T))`` batches of equal shape (see :func:`jaxind.data.batches`)."""
+        return list(data_lib.batches(self.tokens, self.batch_size))
+
+    def pass_stats(
+        self, params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, pairs: Sequence[LayerPair]
+    ) -> grams.PassStats:
+        """The one-pass statistics of ``pairs`` for these two models, computed on first use."""
+        pairs = tuple(pairs)
+        key = (id(params_a), id(params_b), pairs)
+        cached = self._passes.get(key)
+        if cached is None or cached[0] is not params_a or cached[1] is not params_b:
+            layers_a = tuple(sorted({a for a, _ in pairs}))
+            layers_b = tuple(sorted({b for _, b in pairs}))
+            pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
+            stats = grams.accumulate(
+                params_a,
+                cfg_a,
+                params_b,
+                cfg_b,
+                self.batches(),
+                layers_a=layers_a,
+                layers_b=layers_b,
+                pair_index=pair_index,
+            )
+            cached = (params_a, params_b, stats)  # the param trees are held, so their ids stay unique
+            self._passes[key] = cached
+        return cached[2]
