@@ -175,7 +175,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        """The inverse of :meth:`to_json`'s dict.
+        """The inverse of :meth:`ModelConfig.to_json`'s dict.
 
         Raises:
           CheckpointError: not a JSON object, unknown or missing fields.
