@@ -54,15 +54,16 @@ def timed(fn, *args, **kw):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1536,4096,11008")
     p.add_argument("--kinds", default="random,nearperm")
     p.add_argument("--solvers", default="scipy,lapjv,auction,hungarian")
-    p.add_argument("--max_seconds", type=float, default=120.0,
-                   help="skip a solver whose extrapolated time exceeds this")
-    p.add_argument("--hungarian_max_n", type=int, default=4096,
-                   help="optax Hungarian only up to this n (sequential loops)")
+    p.add_argument(
+        "--max_seconds", type=float, default=120.0, help="skip a solver whose extrapolated time exceeds this"
+    )
+    p.add_argument(
+        "--hungarian_max_n", type=int, default=4096, help="optax Hungarian only up to this n (sequential loops)"
+    )
     p.add_argument("--block", type=int, default=0, help="auction block (0: backend default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="bench_lap.json", help="where to write the results")
@@ -73,12 +74,15 @@ def main(argv=None) -> int:
     solvers = [s for s in args.solvers.split(",") if s]
     try:
         import lap  # noqa: F401
+
         have_lapjv = True
     except ImportError:
         have_lapjv = False
     device = str(jax.devices()[0])
-    print(f"backend={jax.default_backend()} device={device} jax={jax.__version__} "
-          f"lapjv={'yes' if have_lapjv else 'not installed'}")
+    print(
+        f"backend={jax.default_backend()} device={device} jax={jax.__version__} "
+        f"lapjv={'yes' if have_lapjv else 'not installed'}"
+    )
     results = []
     last_time: dict[tuple[str, str], tuple[int, float]] = {}
 
@@ -108,8 +112,7 @@ def main(argv=None) -> int:
                     row[solver] = {"skipped": f"n > {args.hungarian_max_n}"}
                     continue
                 if too_slow(solver, kind, n):
-                    print(f"  note: {solver} skipped at n={n} {kind} (extrapolated > "
-                          f"{args.max_seconds}s)")
+                    print(f"  note: {solver} skipped at n={n} {kind} (extrapolated > {args.max_seconds}s)")
                     row[solver] = {"skipped": "extrapolated time > max_seconds"}
                     continue
                 entry = {}
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
 
                     dev = jnp.asarray(cost)
                     fn = jax.jit(optax_assignment.hungarian_algorithm).lower(dev).compile()
-                    (r, x), t = timed(lambda c: jax.block_until_ready(fn(c)), dev)
+                    (r, x), t = timed(lambda c, fn=fn: jax.block_until_ready(fn(c)), dev)
                     cols = np.empty(n, np.int64)
                     cols[np.asarray(r)] = np.asarray(x)
                 else:  # auction: compile on the same shape first, then time
@@ -131,14 +134,17 @@ def main(argv=None) -> int:
                     dev.block_until_ready()
                     block = args.block or None
                     _, tc = timed(assignment.solve_auction, dev, False, 1e-6, block, 200_000)
-                    (cols, info), t = timed(assignment.solve_auction, dev, False, 1e-6, block,
-                                            200_000)
+                    (cols, info), t = timed(assignment.solve_auction, dev, False, 1e-6, block, 200_000)
                     entry.update(first_call_seconds=tc, info=info)
                 cols = np.asarray(cols)
                 obj = float(c64[np.arange(n), cols].sum())
-                entry.update(seconds=t, objective=obj, ratio_vs_scipy=t / t_ref,
-                             rel_err=abs(obj - obj_ref) / max(abs(obj_ref), 1e-300),
-                             same_assignment=bool(np.array_equal(cols, c_ref)))
+                entry.update(
+                    seconds=t,
+                    objective=obj,
+                    ratio_vs_scipy=t / t_ref,
+                    rel_err=abs(obj - obj_ref) / max(abs(obj_ref), 1e-300),
+                    same_assignment=bool(np.array_equal(cols, c_ref)),
+                )
                 last_time[(solver, kind)] = (n, t)
                 row[solver] = entry
             last_time[("scipy", kind)] = (n, t_ref)
@@ -151,8 +157,10 @@ def main(argv=None) -> int:
                 if "skipped" in e:
                     line += f" | {solver} skipped"
                 else:
-                    line += (f" | {solver} {e['seconds']:8.3f}s x{e['ratio_vs_scipy']:.2f}"
-                             f" relerr={e['rel_err']:.1e} same={e['same_assignment']}")
+                    line += (
+                        f" | {solver} {e['seconds']:8.3f}s x{e['ratio_vs_scipy']:.2f}"
+                        f" relerr={e['rel_err']:.1e} same={e['same_assignment']}"
+                    )
             print(line, flush=True)
             with open(args.json, "w") as f:  # rewrite after each size: partial runs survive
                 json.dump({"device": device, "results": results}, f, indent=1)

@@ -27,8 +27,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxind import match, model  # noqa: E402
 from jaxind.config import ModelConfig  # noqa: E402
 
-SMOLLM2 = ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                      head_dim=64, d_ff=1536, norm_eps=1e-5, rope_theta=100000.0, tie_embeddings=True)
+SMOLLM2 = ModelConfig(
+    family="llama",
+    vocab_size=49152,
+    d_model=576,
+    n_layers=30,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    d_ff=1536,
+    norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_embeddings=True,
+)
 
 
 def main(argv=None) -> dict:
@@ -47,12 +58,15 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     params_a = jax.jit(lambda k: model.init_params(cfg, k))(k_a)
     leaves, tree = jax.tree.flatten(params_a)
-    params_b = jax.tree.unflatten(tree, [w + 0.01 * jax.random.normal(k, w.shape)
-                                         for w, k in zip(leaves, jax.random.split(k_noise, len(leaves)))])
+    params_b = jax.tree.unflatten(
+        tree, [w + 0.01 * jax.random.normal(k, w.shape) for w, k in zip(leaves, jax.random.split(k_noise, len(leaves)))]
+    )
     jax.block_until_ready(params_b)
     t_init = time.perf_counter() - t0
-    batches = [jax.random.randint(k, (args.batch_size, args.seq_len), 0, cfg.vocab_size)
-               for k in jax.random.split(k_tok, args.num_batches)]
+    batches = [
+        jax.random.randint(k, (args.batch_size, args.seq_len), 0, cfg.vocab_size)
+        for k in jax.random.split(k_tok, args.num_batches)
+    ]
 
     fast = match.match_test(params_a, cfg, params_b, cfg, batches, key=k_lap)
     slow = match.match_test_slow(params_a, cfg, params_b, cfg, batches, key=k_lap)
@@ -61,8 +75,13 @@ def main(argv=None) -> dict:
 
     result = {
         "benchmark": "match_one_pass_vs_per_layer",
-        "model": {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff, "vocab_size": cfg.vocab_size,
-                  "num_params": cfg.num_params()},
+        "model": {
+            "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
+            "d_ff": cfg.d_ff,
+            "vocab_size": cfg.vocab_size,
+            "num_params": cfg.num_params(),
+        },
         "tokens": args.num_batches * args.batch_size * args.seq_len,
         "batches": [args.num_batches, args.batch_size, args.seq_len],
         "one_pass": {k: fast[k] for k in ("seconds", "seconds_pass", "seconds_lap", "log10_pvalue")},
@@ -72,8 +91,11 @@ def main(argv=None) -> dict:
         "same_statistics": same,
         "model_forwards": {"one_pass": 2 * args.num_batches, "baseline": 2 * 2 * cfg.n_layers * args.num_batches},
         "seconds_init": t_init,
-        "device": str(jax.devices()[0]), "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-        "jax": jax.__version__, "python": platform.python_version(),
+        "device": str(jax.devices()[0]),
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
     }
     tmp = args.output + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -42,7 +42,9 @@ def _parse() -> argparse.Namespace:
 def main() -> None:
     args = _parse()
     if args.host_devices > 0:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.host_devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.host_devices}"
+        ).strip()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     import jax
@@ -52,8 +54,17 @@ def main() -> None:
     from jaxind.model import init_params
     from jaxind.permtest import l2_consts, permtest, permtest_loop
 
-    cfg = ModelConfig(family="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                      head_dim=64, d_ff=1536, tie_embeddings=True)
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        d_ff=1536,
+        tie_embeddings=True,
+    )
     params_a = init_params(cfg, jax.random.key(0))
     params_b = init_params(cfg, jax.random.key(1))
     key = jax.random.key(42)
@@ -88,31 +99,49 @@ def main() -> None:
     precompute_s = time.perf_counter() - start
     loop_s, loop_res = timed(run_loop, args.loop_perms)
     n_common = min(args.kernel_perms, args.loop_perms)
-    agree = float(np.max(np.abs(kernel_res.stats[:n_common] - loop_res.stats[:n_common]) / np.abs(loop_res.stats[:n_common])))
+    agree = float(
+        np.max(np.abs(kernel_res.stats[:n_common] - loop_res.stats[:n_common]) / np.abs(loop_res.stats[:n_common]))
+    )
 
     kernel_rate = args.kernel_perms / kernel_s
     loop_rate = args.loop_perms / loop_s
     out = {
         "benchmark": "permtest_l2_throughput",
-        "model": {"d_model": cfg.d_model, "d_ff": cfg.d_ff, "n_layers": cfg.n_layers, "vocab_size": cfg.vocab_size,
-                  "num_params": cfg.num_params()},
+        "model": {
+            "d_model": cfg.d_model,
+            "d_ff": cfg.d_ff,
+            "n_layers": cfg.n_layers,
+            "vocab_size": cfg.vocab_size,
+            "num_params": cfg.num_params(),
+        },
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
         "num_devices": jax.device_count(),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
-        "kernel": {"perms": args.kernel_perms, "seconds": kernel_s, "perms_per_second": kernel_rate,
-                   "first_call_seconds_incl_compile": kernel_compile, "precompute_seconds": precompute_s},
-        "loop": {"perms": args.loop_perms, "seconds": loop_s, "perms_per_second": loop_rate,
-                 "first_call_seconds_incl_compile": loop_compile},
+        "kernel": {
+            "perms": args.kernel_perms,
+            "seconds": kernel_s,
+            "perms_per_second": kernel_rate,
+            "first_call_seconds_incl_compile": kernel_compile,
+            "precompute_seconds": precompute_s,
+        },
+        "loop": {
+            "perms": args.loop_perms,
+            "seconds": loop_s,
+            "perms_per_second": loop_rate,
+            "first_call_seconds_incl_compile": loop_compile,
+        },
         "speedup": kernel_rate / loop_rate,
         "max_rel_stat_diff_kernel_vs_loop": agree,
         "memory_budget_mb_per_device": args.memory_budget_mb,
         "repeats": args.repeats,
     }
     print(f"PERMTEST-L2 on {cfg.num_params() / 1e6:.0f}M params, {jax.device_count()} x {jax.devices()[0].device_kind}")
-    print(f"  kernel: {kernel_rate:10.2f} perms/s ({args.kernel_perms} draws in {kernel_s:.2f} s, "
-          f"of which {precompute_s:.2f} s one-off precompute)")
+    print(
+        f"  kernel: {kernel_rate:10.2f} perms/s ({args.kernel_perms} draws in {kernel_s:.2f} s, "
+        f"of which {precompute_s:.2f} s one-off precompute)"
+    )
     print(f"  loop:   {loop_rate:10.2f} perms/s ({args.loop_perms} draws in {loop_s:.2f} s)")
     print(f"  speedup: {kernel_rate / loop_rate:.1f}x   (max rel. stat diff kernel vs loop {agree:.1e})")
     tmp = args.output + ".tmp"

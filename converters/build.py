@@ -10,21 +10,29 @@ Every problem becomes a :class:`CheckpointError` naming the tensor and the fix.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from converters.mappings import Rule
 from jaxind import model
 from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError
-from converters.mappings import Rule
 
 
 class Reader(Protocol):
-    config: ModelConfig
-    table: tuple[Rule, ...]
-    ignored: tuple[str, ...]
+    """What the conversion loop needs of a checkpoint reader (read-only, so any reader's own tables fit)."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def table(self) -> tuple[Rule, ...]: ...
+
+    @property
+    def ignored(self) -> tuple[str, ...]: ...
 
     def names(self) -> list[str]: ...
 
@@ -51,13 +59,16 @@ def plan(reader: Reader, source: str, expected: dict[str, tuple[int, ...]]) -> d
         if not matches:
             if any(re.fullmatch(pattern, name) for pattern in reader.ignored):
                 continue
-            raise CheckpointError(f"{source}: unexpected tensor {name!r}: it is not part of a {cfg.family} model as jaxind defines it")
+            raise CheckpointError(
+                f"{source}: unexpected tensor {name!r}: it is not part of a {cfg.family} model as jaxind defines it"
+            )
         for rule, path in matches:
             if path == "lm_head" and cfg.tie_embeddings:
                 continue  # a tied head stored explicitly: the embedding is the head
             if path not in expected:
                 raise CheckpointError(
-                    f"{source}: tensor {name!r} maps to {path}, which a {cfg.family} model with this config does not have "
+                    f"{source}: tensor {name!r} maps to {path}, which a {cfg.family} model with this config "
+                    "does not have "
                     "(layer count or bias settings in the config disagree with the weights)"
                 )
             groups.setdefault(group_of(path), []).append((name, rule, path))
@@ -65,7 +76,9 @@ def plan(reader: Reader, source: str, expected: dict[str, tuple[int, ...]]) -> d
     missing = sorted(set(expected) - found, key=_path_order)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise CheckpointError(f"{source}: {len(missing)} tensors the config needs are missing: {shown} (incomplete checkpoint?)")
+        raise CheckpointError(
+            f"{source}: {len(missing)} tensors the config needs are missing: {shown} (incomplete checkpoint?)"
+        )
     return dict(sorted(groups.items(), key=lambda kv: _path_order(kv[0])))
 
 
@@ -74,22 +87,29 @@ def _path_order(path: str) -> tuple:
     return (1, int(parts[1]), path) if parts[0] == "layers" else (0 if parts[0] == "embed" else 2, 0, path)
 
 
-def iter_groups(reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+def iter_groups(
+    reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Yields ``(group, {leaf_name: array})`` in order: embed, layers.0 .. layers.L-1, the rest."""
     cfg = reader.config
     expected = model.param_shapes_flat(cfg)
     groups = plan(reader, source, expected)
-    for group, entries in tqdm(groups.items(), desc=f"converting {source}", unit="group", disable=not progress, leave=False):
+    for group, entries in tqdm(
+        groups.items(), desc=f"converting {source}", unit="group", disable=not progress, leave=False
+    ):
         out = {}
         for name, rule, path in entries:
             value = rule.transform(reader.load(name), cfg)
             if value.shape != expected[path]:
                 raise CheckpointError(
-                    f"{source}: tensor {name!r} has shape {tuple(value.shape)} (as {path}) but the config implies {expected[path]}: "
+                    f"{source}: tensor {name!r} has shape {tuple(value.shape)} (as {path}) but the config implies "
+                    f"{expected[path]}: "
                     "the config and the weights disagree; fix config.json or use the matching checkpoint"
                 )
             if not np.isfinite(value).all():
-                raise CheckpointError(f"{source}: tensor {name!r} contains NaN or Inf values: the checkpoint is corrupt or diverged")
+                raise CheckpointError(
+                    f"{source}: tensor {name!r} contains NaN or Inf values: the checkpoint is corrupt or diverged"
+                )
             out[path.split(".")[-1]] = value.astype(dtype, copy=False)
         yield group, out
 
@@ -105,6 +125,8 @@ def assemble(groups: Iterator[tuple[str, dict[str, Any]]], cfg: ModelConfig) -> 
     return tree
 
 
-def build_params(reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False) -> dict[str, Any]:
+def build_params(
+    reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False
+) -> dict[str, Any]:
     """The whole param tree of ``reader.config`` as numpy leaves."""
     return assemble(iter_groups(reader, dtype, source, progress), reader.config)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -62,8 +63,9 @@ def check_replaceable(out_dir: str) -> None:
     if os.path.isdir(out_dir) and (is_checkpoint(out_dir) or not os.listdir(out_dir)):
         return
     kind = "a directory that is not a jaxind checkpoint" if os.path.isdir(out_dir) else "not a directory"
-    raise CheckpointError(f"{out_dir} exists and is {kind}: --overwrite replaces only jaxind checkpoints; "
-                          "choose another --out")
+    raise CheckpointError(
+        f"{out_dir} exists and is {kind}: --overwrite replaces only jaxind checkpoints; choose another --out"
+    )
 
 
 def save_checkpoint(
@@ -114,9 +116,11 @@ def save_checkpoint(
         try:
             publish.publish(tmp, out_dir, overwrite)
         except publish.DestinationExists:
-            raise CheckpointError(f"{out_dir} appeared while converting (another convert to the same --out?): "
-                                  "it was left as it is and this conversion discarded; pass --overwrite to "
-                                  "replace it, or choose another --out") from None
+            raise CheckpointError(
+                f"{out_dir} appeared while converting (another convert to the same --out?): "
+                "it was left as it is and this conversion discarded; pass --overwrite to "
+                "replace it, or choose another --out"
+            ) from None
         published = True
     except KeyboardInterrupt:
         if published:
@@ -165,15 +169,23 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
 
         location = os.path.abspath(os.path.join(path, "params", group))
         try:
-            restored = checkpointer.restore(location, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
+            restored = checkpointer.restore(
+                location,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+                ),
+            )
         except Exception as e:
-            raise CheckpointError(f"cannot restore {location}: {type(e).__name__}: {str(e)[:200]} "
-                                  "(incomplete or corrupt checkpoint? convert again)") from None
+            raise CheckpointError(
+                f"cannot restore {location}: {type(e).__name__}: {str(e)[:200]} "
+                "(incomplete or corrupt checkpoint? convert again)"
+            ) from None
         for name, value in restored.items():  # the restore must give what was checked; never a silent reshape
             if tuple(np.shape(value)) != tuple(target[name].shape):
-                raise CheckpointError(f"{location}: restored {name} has shape {tuple(np.shape(value))}, expected "
-                                      f"{tuple(target[name].shape)} (corrupt checkpoint? convert again)")
+                raise CheckpointError(
+                    f"{location}: restored {name} has shape {tuple(np.shape(value))}, expected "
+                    f"{tuple(target[name].shape)} (corrupt checkpoint? convert again)"
+                )
         return group, restored
 
     return cfg, assemble((restore(g, t) for g, t in targets.items()), cfg), meta
@@ -184,8 +196,10 @@ def _stored_shapes(checkpointer: Any, location: str) -> dict[str, tuple[int, ...
     try:
         metadata = checkpointer.metadata(location)
     except Exception as e:
-        raise CheckpointError(f"cannot read {location}: {type(e).__name__}: {str(e)[:200]} "
-                              "(incomplete or corrupt checkpoint? convert again)") from None
+        raise CheckpointError(
+            f"cannot read {location}: {type(e).__name__}: {str(e)[:200]} "
+            "(incomplete or corrupt checkpoint? convert again)"
+        ) from None
     tree = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11.x wraps the tree in StepMetadata
     tree = getattr(tree, "tree", tree)
     if not isinstance(tree, dict):
@@ -226,24 +240,33 @@ def check_stored(path: str, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str,
         raise CheckpointError(f"{path} is incomplete or mixed (param groups {'; '.join(problems)}); convert again")
     missing = [g for g in targets if g not in stored]
     if missing:
-        raise CheckpointError(f"{path}: the config needs param groups {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''} that are not stored (n_layers={cfg.n_layers} "
-                              f"in {CONFIG_FILE}, or an incomplete checkpoint); {fix}")
+        raise CheckpointError(
+            f"{path}: the config needs param groups {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} that are not stored (n_layers={cfg.n_layers} "
+            f"in {CONFIG_FILE}, or an incomplete checkpoint); {fix}"
+        )
     unused = [g for g in stored if g not in targets]
     if unused:
-        raise CheckpointError(f"{path} stores param groups {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} "
-                              f"that the config (n_layers={cfg.n_layers}) does not have; they would be dropped "
-                              f"silently; {fix}")
+        raise CheckpointError(
+            f"{path} stores param groups {', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''} "
+            f"that the config (n_layers={cfg.n_layers}) does not have; they would be dropped "
+            f"silently; {fix}"
+        )
     checkpointer = _checkpointer()
     for group, target in targets.items():
         shapes = _stored_shapes(checkpointer, os.path.abspath(os.path.join(params_dir, group)))
         prefix = f"{group}." if group.startswith("layers.") else ""
         if set(shapes) != set(target):
             gone, extra = sorted(set(target) - set(shapes)), sorted(set(shapes) - set(target))
-            raise CheckpointError(f"{path}: param group {group} stores arrays {sorted(shapes)}; the config needs "
-                                  f"{sorted(target)} (missing: {gone or 'none'}, unexpected: {extra or 'none'}); {fix}")
-        wrong = [f"{prefix}{name} is stored with shape {shapes[name]} but the config implies {tuple(struct.shape)}"
-                 for name, struct in sorted(target.items()) if shapes[name] != tuple(struct.shape)]
+            raise CheckpointError(
+                f"{path}: param group {group} stores arrays {sorted(shapes)}; the config needs "
+                f"{sorted(target)} (missing: {gone or 'none'}, unexpected: {extra or 'none'}); {fix}"
+            )
+        wrong = [
+            f"{prefix}{name} is stored with shape {shapes[name]} but the config implies {tuple(struct.shape)}"
+            for name, struct in sorted(target.items())
+            if shapes[name] != tuple(struct.shape)
+        ]
         if wrong:
             more = "; ..." if len(wrong) > 4 else ""
             raise CheckpointError(f"{path}: array {'; array '.join(wrong[:4])}{more}; {fix}")

@@ -24,10 +24,15 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 flags.DEFINE_string("src", None, "Checkpoint to convert: HF model dir, .gguf file, or 'smollm2'.")
 flags.DEFINE_string("out", None, "Output directory for the jaxind (orbax) checkpoint.")
-flags.DEFINE_bool("overwrite", False,
-                  "Replace --out if it is a jaxind checkpoint (atomic swap: always the old or the new).")
-flags.DEFINE_bool("tokenizer", True, "Also save the source's tokenizer (GGUF tokenizers are rebuilt from the file's "
-                  "metadata); a tokenizer the source has but that cannot be read is an error.")
+flags.DEFINE_bool(
+    "overwrite", False, "Replace --out if it is a jaxind checkpoint (atomic swap: always the old or the new)."
+)
+flags.DEFINE_bool(
+    "tokenizer",
+    True,
+    "Also save the source's tokenizer (GGUF tokenizers are rebuilt from the file's "
+    "metadata); a tokenizer the source has but that cannot be read is an error.",
+)
 
 
 def preflight(src: str, out: str, overwrite: bool) -> str:
@@ -75,11 +80,18 @@ def convert(src: str, out: str, overwrite: bool = False, with_tokenizer: bool = 
         meta.update(tokenizer=None, tokenizer_missing="converted with --notokenizer")
 
     def write_tokenizer(directory: str) -> None:
+        assert tokenizer is not None  # only passed on when there is one
         tokenizer.save_pretrained(directory)
 
     groups = build.iter_groups(reader, source=path, progress=progress)
-    checkpoint.save_checkpoint(out, reader.config, groups, meta, overwrite=overwrite,
-                               write_tokenizer=write_tokenizer if tokenizer is not None else None)
+    checkpoint.save_checkpoint(
+        out,
+        reader.config,
+        groups,
+        meta,
+        overwrite=overwrite,
+        write_tokenizer=write_tokenizer if tokenizer is not None else None,
+    )
     logging.info("converted %s -> %s in %.1fs", src, out, time.perf_counter() - start)
     return meta
 
@@ -105,8 +117,9 @@ def source_tokenizer(src: str, reader: Any, meta: dict) -> Any:
     try:
         return tok.load_tokenizer(meta["tokenizer"])
     except JaxindError as e:
-        raise CheckpointError(f"cannot save the tokenizer of {src}: {e}; pass --notokenizer to convert the weights "
-                              "without it") from None
+        raise CheckpointError(
+            f"cannot save the tokenizer of {src}: {e}; pass --notokenizer to convert the weights without it"
+        ) from None
 
 
 def main(argv):
@@ -118,8 +131,13 @@ def main(argv):
         if not FLAGS.src or not FLAGS.out:
             raise JaxindError("--src and --out are required (see --help)")
         preflight(FLAGS.src, FLAGS.out, FLAGS.overwrite)  # before the heavy imports
-        convert(FLAGS.src, FLAGS.out, overwrite=FLAGS.overwrite, with_tokenizer=FLAGS.tokenizer,
-                progress=sys.stderr.isatty())
+        convert(
+            FLAGS.src,
+            FLAGS.out,
+            overwrite=FLAGS.overwrite,
+            with_tokenizer=FLAGS.tokenizer,
+            progress=sys.stderr.isatty(),
+        )
         print(f"wrote {FLAGS.out}")
         return 0
 

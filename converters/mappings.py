@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -113,8 +113,14 @@ HF_GPT2 = (
     Rule(r"transformer\.wpe\.weight", "pos_embed"),
     Rule(rf"transformer\.h\.{_L}\.ln_1\.weight", "layers.{}.attn_norm"),
     Rule(rf"transformer\.h\.{_L}\.ln_1\.bias", "layers.{}.attn_norm_bias"),
-    *(Rule(rf"transformer\.h\.{_L}\.attn\.c_attn\.weight", f"layers.{{}}.{n}", split_qkv(i)) for i, n in enumerate("qkv")),
-    *(Rule(rf"transformer\.h\.{_L}\.attn\.c_attn\.bias", f"layers.{{}}.{n}_bias", split_qkv(i, True)) for i, n in enumerate("qkv")),
+    *(
+        Rule(rf"transformer\.h\.{_L}\.attn\.c_attn\.weight", f"layers.{{}}.{n}", split_qkv(i))
+        for i, n in enumerate("qkv")
+    ),
+    *(
+        Rule(rf"transformer\.h\.{_L}\.attn\.c_attn\.bias", f"layers.{{}}.{n}_bias", split_qkv(i, True))
+        for i, n in enumerate("qkv")
+    ),
     Rule(rf"transformer\.h\.{_L}\.attn\.c_proj\.weight", "layers.{}.o"),
     Rule(rf"transformer\.h\.{_L}\.attn\.c_proj\.bias", "layers.{}.o_bias"),
     Rule(rf"transformer\.h\.{_L}\.ln_2\.weight", "layers.{}.mlp_norm"),

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from absl import logging
 
@@ -141,7 +141,7 @@ def _stale_temps(dest: str) -> list[tuple[str, str]]:
     for name in names:
         if not name.startswith(prefix):
             continue
-        parts = name[len(prefix):].rsplit("@", 2)  # host, pid[.start], role-random
+        parts = name[len(prefix) :].rsplit("@", 2)  # host, pid[.start], role-random
         if len(parts) == 3 and _writer_gone(parts[0], parts[1]):
             found.append((os.path.join(parent, name), parts[2].split("-", 1)[0]))
     return found

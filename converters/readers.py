@@ -15,23 +15,25 @@ import functools
 import glob
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-
 from absl import logging
 
-from jaxind.config import ModelConfig, parse_hf_config
-from jaxind.errors import CheckpointError, UnsupportedModelError
 from converters import mappings
+from jaxind.config import Family, ModelConfig, parse_hf_config
+from jaxind.errors import CheckpointError, UnsupportedModelError
 
 
 def _log_ignored(where: str, ignored: dict[str, str]) -> None:
     """One info log line naming the config keys that were ignored (they cannot change the function, so this is
     no warning; the results JSON lists them with the reason under ``ignored_config_keys``)."""
     if ignored:
-        logging.info("%s: ignoring config keys that cannot change the model's function: %s", where,
-                     ", ".join(f"{key} ({why})" for key, why in ignored.items()))
+        logging.info(
+            "%s: ignoring config keys that cannot change the model's function: %s",
+            where,
+            ", ".join(f"{key} ({why})" for key, why in ignored.items()),
+        )
 
 
 class HFDirReader:
@@ -43,7 +45,10 @@ class HFDirReader:
         self.path = path
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
-            raise CheckpointError(f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or a jaxind (orbax) checkpoint")
+            raise CheckpointError(
+                f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or a jaxind (orbax) "
+                "checkpoint"
+            )
         try:
             with open(config_path) as f:
                 self.hf_config: dict[str, Any] = json.load(f)
@@ -51,9 +56,12 @@ class HFDirReader:
             raise CheckpointError(f"cannot parse {config_path}: {e}") from None
         if not isinstance(self.hf_config, dict):
             kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
-                type(self.hf_config), "null")
-            raise CheckpointError(f"{config_path} holds {kind}, not an object of model settings: restore the "
-                                  "checkpoint's original config.json")
+                type(self.hf_config), "null"
+            )
+            raise CheckpointError(
+                f"{config_path} holds {kind}, not an object of model settings: restore the "
+                "checkpoint's original config.json"
+            )
         self.config: ModelConfig
         self.config, self.ignored_config_keys = parse_hf_config(self.hf_config)
         _log_ignored(config_path, self.ignored_config_keys)
@@ -61,11 +69,17 @@ class HFDirReader:
         self.ignored = mappings.HF_IGNORED
         self.files, self.kind = self._weight_files()
         # tensor name -> the file holding it (read from the headers only)
-        self._where = {name: file for file in self.files
-                       for name in (_safetensors_names(file) if self.kind == "safetensors" else _torch_bin(file))}
+        self._where = {
+            name: file
+            for file in self.files
+            for name in (_safetensors_names(file) if self.kind == "safetensors" else _torch_bin(file))
+        }
 
     def _weight_files(self) -> tuple[list[str], str]:
-        for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        for index_name, kind in (
+            ("model.safetensors.index.json", "safetensors"),
+            ("pytorch_model.bin.index.json", "bin"),
+        ):
             index_path = os.path.join(self.path, index_name)
             if os.path.isfile(index_path):
                 try:
@@ -76,7 +90,9 @@ class HFDirReader:
                 files = [os.path.join(self.path, s) for s in shards]
                 missing = [s for s, f in zip(shards, files) if not os.path.isfile(f)]
                 if missing:
-                    raise CheckpointError(f"{index_path} lists shards that are missing: {missing}; re-download the checkpoint")
+                    raise CheckpointError(
+                        f"{index_path} lists shards that are missing: {missing}; re-download the checkpoint"
+                    )
                 return files, kind
         files = sorted(glob.glob(os.path.join(self.path, "*.safetensors")))
         if files:
@@ -84,7 +100,9 @@ class HFDirReader:
         files = sorted(glob.glob(os.path.join(self.path, "pytorch_model*.bin")))
         if files:
             return files, "bin"
-        raise CheckpointError(f"no weights in {self.path}: expected *.safetensors or pytorch_model*.bin next to config.json")
+        raise CheckpointError(
+            f"no weights in {self.path}: expected *.safetensors or pytorch_model*.bin next to config.json"
+        )
 
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint (headers only; no tensor data is read)."""
@@ -114,7 +132,9 @@ def _safetensors_names(file: str) -> list[str]:
         with safe_open(file, framework="numpy") as handle:
             return list(handle.keys())
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt file? re-download or re-save it)") from None
+        raise CheckpointError(
+            f"cannot read {file}: {e} (truncated or corrupt file? re-download or re-save it)"
+        ) from None
 
 
 def _safetensors_load(file: str, name: str) -> np.ndarray:
@@ -129,14 +149,18 @@ def _safetensors_load(file: str, name: str) -> np.ndarray:
         with safe_open(file, framework="flax") as handle:  # numpy has no bfloat16: go through JAX
             return np.asarray(handle.get_tensor(name), dtype=np.float32)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read tensor {name} from {file}: {e} (truncated or corrupt file? re-download it)") from None
+        raise CheckpointError(
+            f"cannot read tensor {name} from {file}: {e} (truncated or corrupt file? re-download it)"
+        ) from None
 
 
 def _torch():
     try:
         import torch
     except ImportError:
-        raise CheckpointError("reading pytorch_model*.bin needs PyTorch (pip install torch), or convert the checkpoint to safetensors") from None
+        raise CheckpointError(
+            "reading pytorch_model*.bin needs PyTorch (pip install torch), or convert the checkpoint to safetensors"
+        ) from None
     return torch
 
 
@@ -157,9 +181,20 @@ def _field(reader, key: str, default=None):
 
 # The `{arch}.*` GGUF metadata keys GGUFFileReader reads or checks.
 _GGUF_READ = (
-    "attention.head_count", "attention.head_count_kv", "attention.key_length", "attention.value_length",
-    "attention.layer_norm_rms_epsilon", "embedding_length", "block_count", "feed_forward_length", "vocab_size",
-    "rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor", "expert_count",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.layer_norm_rms_epsilon",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "vocab_size",
+    "rope.freq_base",
+    "rope.dimension_count",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "expert_count",
 )
 
 
@@ -187,8 +222,10 @@ class GGUFFileReader:
         try:
             self.config = self._config(arch, family)
         except (TypeError, ValueError, ZeroDivisionError, StopIteration):  # a missing (None) or malformed value
-            raise CheckpointError(f"GGUF file {path} lacks required {arch}.* metadata (block_count, embedding_length, "
-                                  "head_count, feed_forward_length) or has malformed values: re-download it") from None
+            raise CheckpointError(
+                f"GGUF file {path} lacks required {arch}.* metadata (block_count, embedding_length, "
+                "head_count, feed_forward_length) or has malformed values: re-download it"
+            ) from None
         self.hf_config = None
         _log_ignored(path, self.ignored_config_keys)
 
@@ -203,17 +240,20 @@ class GGUFFileReader:
             vocab = next(int(t.shape[-1]) for t in r.tensors if t.name == "token_embd.weight")
         head_dim = int(_field(r, f"{arch}.attention.key_length", d // n_heads))
         self._refuse_unsupported_metadata(arch, head_dim)
-        scaling = None
+        scaling: tuple | None = None
         if "rope_freqs.weight" in names:  # Llama 3.1-style scaling stored as per-frequency divisors
             tensor = next(t for t in r.tensors if t.name == "rope_freqs.weight")
-            scaling = (("factors", tuple(float(v) for v in np.asarray(tensor.data, np.float32))), ("rope_type", "factors"))
+            scaling = (
+                ("factors", tuple(float(v) for v in np.asarray(tensor.data, np.float32))),
+                ("rope_type", "factors"),
+            )
         elif _field(r, f"{arch}.rope.scaling.type") not in (None, "none"):
             kind = _field(r, f"{arch}.rope.scaling.type")
             if kind != "linear":
                 raise UnsupportedModelError(f"GGUF RoPE scaling {kind!r} is not supported")
             scaling = (("factor", float(_field(r, f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
         return ModelConfig(
-            family=family,
+            family=cast(Family, family),
             vocab_size=int(vocab),
             d_model=d,
             n_layers=int(_field(r, f"{arch}.block_count")),
@@ -236,18 +276,23 @@ class GGUFFileReader:
         experts = _field(r, f"{arch}.expert_count")
         if experts:
             raise UnsupportedModelError(
-                f"GGUF {arch}.expert_count={experts}: mixture-of-experts models are not supported")
+                f"GGUF {arch}.expert_count={experts}: mixture-of-experts models are not supported"
+            )
         rope_dims = _field(r, f"{arch}.rope.dimension_count")
         if rope_dims not in (None, head_dim):
-            raise UnsupportedModelError(f"GGUF {arch}.rope.dimension_count={rope_dims} with head size {head_dim}: "
-                                        "RoPE on part of each head is not supported")
+            raise UnsupportedModelError(
+                f"GGUF {arch}.rope.dimension_count={rope_dims} with head size {head_dim}: "
+                "RoPE on part of each head is not supported"
+            )
         value_dim = _field(r, f"{arch}.attention.value_length")
         if value_dim not in (None, head_dim):
             raise UnsupportedModelError(
-                f"GGUF {arch}.attention.value_length={value_dim} differs from key_length={head_dim}: not supported")
+                f"GGUF {arch}.attention.value_length={value_dim} differs from key_length={head_dim}: not supported"
+            )
         read = {f"{arch}.{k}" for k in _GGUF_READ}
-        self.ignored_config_keys = {k: "GGUF metadata jaxind does not use" for k in r.fields
-                                    if k.startswith(f"{arch}.") and k not in read}
+        self.ignored_config_keys = {
+            k: "GGUF metadata jaxind does not use" for k in r.fields if k.startswith(f"{arch}.") and k not in read
+        }
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -268,7 +313,9 @@ class GGUFFileReader:
                 out[i : i + step] = quants.dequantize(data[i : i + step], tensor.tensor_type)
             return out
         except Exception as e:
-            raise CheckpointError(f"cannot dequantise {name} ({tensor.tensor_type.name}) from {self.path}: {e}") from None
+            raise CheckpointError(
+                f"cannot dequantise {name} ({tensor.tensor_type.name}) from {self.path}: {e}"
+            ) from None
 
     def tokenizer_source(self) -> dict[str, str]:
         return {"kind": "gguf", "path": self.path}

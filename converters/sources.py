@@ -17,8 +17,8 @@ from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError, JaxindError
 
 if TYPE_CHECKING:
-    from jaxind.loading import Model
     from converters.readers import GGUFFileReader, HFDirReader
+    from jaxind.loading import Model
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")

@@ -25,8 +25,14 @@ __all__ = [
 ]
 
 # Imported on first use (they import JAX), so that the CLIs can reject bad flags and paths fast.
-_LAZY = {"Model": "jaxind.loading", "from_params": "jaxind.loading", "TESTS": "jaxind.registry",
-         "key_for": "jaxind.registry", "LayerResult": "jaxind.results", "TestResult": "jaxind.results"}
+_LAZY = {
+    "Model": "jaxind.loading",
+    "from_params": "jaxind.loading",
+    "TESTS": "jaxind.registry",
+    "key_for": "jaxind.registry",
+    "LayerResult": "jaxind.results",
+    "TestResult": "jaxind.results",
+}
 
 
 def __getattr__(name: str) -> Any:

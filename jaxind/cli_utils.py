@@ -7,15 +7,15 @@ Imports nothing heavy: the CLIs parse and check their flags before JAX is loaded
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import flags, logging
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 
-def one_line(message: str) -> str:
-    """``message`` with its line breaks and runs of blanks collapsed to single spaces."""
+def one_line(message: object) -> str:
+    """``str(message)`` with its line breaks and runs of blanks collapsed to single spaces."""
     return " ".join(str(message).split())
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any, Literal, Mapping, get_args
+from collections.abc import Mapping
+from typing import Any, Literal, cast, get_args
 
 from jaxind.errors import CheckpointError, UnsupportedModelError
 
@@ -32,10 +33,25 @@ _PROVENANCE_KEYS = frozenset({"model_type", "architectures", "transformers_versi
 # (`head_dim`, `partial_rotary_factor`, `original_max_position_embeddings`, ...).
 _DECODER_KEYS = frozenset(
     {
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
-        "rope_parameters", "partial_rotary_factor", "original_max_position_embeddings", "attention_bias",
-        "mlp_bias", "tie_word_embeddings", "quantization_config", "pruned_heads",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "partial_rotary_factor",
+        "original_max_position_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "tie_word_embeddings",
+        "quantization_config",
+        "pruned_heads",
     }
 )
 _READ_KEYS = {
@@ -45,9 +61,20 @@ _READ_KEYS = {
     "gemma": _DECODER_KEYS | {"hidden_activation", "use_bidirectional_attention"},
     "gpt2": frozenset(
         {
-            "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "activation_function",
-            "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention",
-            "tie_word_embeddings", "quantization_config", "pruned_heads",
+            "vocab_size",
+            "n_embd",
+            "n_layer",
+            "n_head",
+            "n_inner",
+            "n_positions",
+            "activation_function",
+            "layer_norm_epsilon",
+            "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx",
+            "add_cross_attention",
+            "tie_word_embeddings",
+            "quantization_config",
+            "pruned_heads",
         }
     ),
 }
@@ -56,20 +83,78 @@ _READ_KEYS = {
 # that the usual config.json needs no look-up in transformers (whose import also loads PyTorch where installed).
 _INERT_KEYS = frozenset(
     {
-        "attention_dropout", "initializer_range", "use_cache", "pretraining_tp", "max_position_embeddings",
-        "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id",
-        "torch_dtype", "dtype", "use_bfloat16", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_activation",
-        "summary_first_dropout", "summary_last_dropout", "summary_proj_to_labels", "summary_type", "summary_use_proj",
-        "hidden_dropout", "classifier_dropout", "reorder_and_upcast_attn", "n_ctx", "chunk_size_feed_forward",
-        "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "task_specific_params", "prefix",
-        "is_encoder_decoder", "is_decoder", "tie_encoder_decoder", "cross_attention_hidden_size", "output_attentions",
-        "output_hidden_states", "return_dict", "torchscript", "tf_legacy_loss", "tokenizer_class",
-        "_attn_implementation_autoset", "transformers.js_config", "bad_words_ids", "begin_suppress_tokens",
-        "diversity_penalty", "do_sample", "early_stopping", "encoder_no_repeat_ngram_size",
-        "exponential_decay_length_penalty", "forced_bos_token_id", "forced_eos_token_id", "length_penalty",
-        "max_length", "min_length", "no_repeat_ngram_size", "num_beam_groups", "num_beams", "num_return_sequences",
-        "output_scores", "remove_invalid_values", "repetition_penalty", "return_dict_in_generate", "suppress_tokens",
-        "temperature", "top_k", "top_p", "typical_p",
+        "attention_dropout",
+        "initializer_range",
+        "use_cache",
+        "pretraining_tp",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "unk_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "torch_dtype",
+        "dtype",
+        "use_bfloat16",
+        "embd_pdrop",
+        "attn_pdrop",
+        "resid_pdrop",
+        "summary_activation",
+        "summary_first_dropout",
+        "summary_last_dropout",
+        "summary_proj_to_labels",
+        "summary_type",
+        "summary_use_proj",
+        "hidden_dropout",
+        "classifier_dropout",
+        "reorder_and_upcast_attn",
+        "n_ctx",
+        "chunk_size_feed_forward",
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "finetuning_task",
+        "task_specific_params",
+        "prefix",
+        "is_encoder_decoder",
+        "is_decoder",
+        "tie_encoder_decoder",
+        "cross_attention_hidden_size",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "torchscript",
+        "tf_legacy_loss",
+        "tokenizer_class",
+        "_attn_implementation_autoset",
+        "transformers.js_config",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "diversity_penalty",
+        "do_sample",
+        "early_stopping",
+        "encoder_no_repeat_ngram_size",
+        "exponential_decay_length_penalty",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "length_penalty",
+        "max_length",
+        "min_length",
+        "no_repeat_ngram_size",
+        "num_beam_groups",
+        "num_beams",
+        "num_return_sequences",
+        "output_scores",
+        "remove_invalid_values",
+        "repetition_penalty",
+        "return_dict_in_generate",
+        "suppress_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "typical_p",
     }
 )
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -169,12 +254,12 @@ class ModelConfig:
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         data = json.loads(text)
         return cls.from_dict(data)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """The inverse of :meth:`ModelConfig.to_json`'s dict.
 
         Raises:
@@ -192,12 +277,13 @@ class ModelConfig:
         data = dict(data)
         if data.get("rope_scaling") is not None:
             if not isinstance(data["rope_scaling"], Mapping):
-                raise CheckpointError("jaxind config field rope_scaling must be an object or null, "
-                                      f"got {data['rope_scaling']!r}")
+                raise CheckpointError(
+                    f"jaxind config field rope_scaling must be an object or null, got {data['rope_scaling']!r}"
+                )
             data["rope_scaling"] = _freeze(data["rope_scaling"])
         return cls(**data)
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -207,7 +293,7 @@ def _freeze(mapping: Mapping[str, Any] | None) -> tuple | None:
     return tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in mapping.items()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_keys() -> frozenset[str]:
     """Attributes every transformers config has (output flags, label maps, generation defaults in 4.x)."""
     from transformers import PretrainedConfig
@@ -215,7 +301,7 @@ def _base_keys() -> frozenset[str]:
     return frozenset(PretrainedConfig().to_dict())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(model_type: str) -> tuple[str, dict[str, Any]]:
     """``(class name, default attributes)`` of transformers' config class for ``model_type``."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -254,8 +340,9 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
     # transformers lets a legacy `rope_scaling` override `rope_parameters` (its type wins too).
     merged = {**params, **scaling}
     theta = float(merged.pop("rope_theta", hf.get("rope_theta") or 10000.0))
-    rope_type = (scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type")
-                 or "default")
+    rope_type = (
+        scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type") or "default"
+    )
     merged.pop("rope_type", None)
     merged.pop("type", None)
     partial = merged.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
@@ -271,8 +358,10 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
             raise UnsupportedModelError(f"unhandled parameters {sorted(merged)} for the default RoPE")
         return theta, None
     if rope_type == "llama3":
-        merged.setdefault("original_max_position_embeddings",
-                          hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+        merged.setdefault(
+            "original_max_position_embeddings",
+            hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"),
+        )
         needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     else:
         needed = {"factor"}
@@ -296,7 +385,8 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
         act, allowed = hf.get("hidden_act", "silu"), ("silu",)
     if act not in allowed:
         raise UnsupportedModelError(
-            f"{model_type} with hidden activation {act!r} is not supported (supported: {allowed[0]})")
+            f"{model_type} with hidden activation {act!r} is not supported (supported: {allowed[0]})"
+        )
     if hf.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=True is not supported (GLU MLPs without biases only)")
     if hf.get("use_bidirectional_attention"):
@@ -309,11 +399,12 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
     layer_types = hf.get("layer_types")
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise UnsupportedModelError(
-            f"{model_type} with per-layer attention types {sorted(set(layer_types))} is not supported")
+            f"{model_type} with per-layer attention types {sorted(set(layer_types))} is not supported"
+        )
     theta, scaling = _rope(hf)
     attention_bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
-        family=model_type,
+        family=cast(Family, model_type),
         vocab_size=_int(hf, "vocab_size"),
         d_model=d,
         n_layers=_int(hf, "num_hidden_layers"),
@@ -337,18 +428,35 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
 def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UnsupportedModelError(
-            f"gpt2 with activation_function={hf.get('activation_function')!r} is not supported (gelu_new only)")
-    if (hf.get("scale_attn_by_inverse_layer_idx") or hf.get("add_cross_attention")
-            or hf.get("scale_attn_weights", True) is False):
-        raise UnsupportedModelError("gpt2 attention variants (scale_attn_by_inverse_layer_idx, cross attention, "
-                                    "unscaled) are not supported")
+            f"gpt2 with activation_function={hf.get('activation_function')!r} is not supported (gelu_new only)"
+        )
+    if (
+        hf.get("scale_attn_by_inverse_layer_idx")
+        or hf.get("add_cross_attention")
+        or hf.get("scale_attn_weights", True) is False
+    ):
+        raise UnsupportedModelError(
+            "gpt2 attention variants (scale_attn_by_inverse_layer_idx, cross attention, unscaled) are not supported"
+        )
     d, n_heads = _int(hf, "n_embd"), _int(hf, "n_head")
     return ModelConfig(
-        family="gpt2", vocab_size=_int(hf, "vocab_size"), d_model=d, n_layers=_int(hf, "n_layer"),
-        n_heads=n_heads, n_kv_heads=n_heads, head_dim=d // n_heads, d_ff=_int(hf, "n_inner", 4 * d),
-        norm_eps=_float(hf, "layer_norm_epsilon", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        qkv_bias=True, o_bias=True, mlp_act="gelu_tanh", glu=False, norm_kind="layer",
-        max_positions=_int(hf, "n_positions", 1024), mlp_bias=True,
+        family="gpt2",
+        vocab_size=_int(hf, "vocab_size"),
+        d_model=d,
+        n_layers=_int(hf, "n_layer"),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=d // n_heads,
+        d_ff=_int(hf, "n_inner", 4 * d),
+        norm_eps=_float(hf, "layer_norm_epsilon", 1e-5),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_act="gelu_tanh",
+        glu=False,
+        norm_kind="layer",
+        max_positions=_int(hf, "n_positions", 1024),
+        mlp_bias=True,
     )
 
 
@@ -379,14 +487,20 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
             "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2)"
         )
     if model_type == "gpt2":  # GPT2Config's attribute_map: the generic names of its n_* attributes
-        aliases = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
-                   "num_hidden_layers": "n_layer"}
+        aliases = {
+            "hidden_size": "n_embd",
+            "max_position_embeddings": "n_positions",
+            "num_attention_heads": "n_head",
+            "num_hidden_layers": "n_layer",
+        }
         hf = {aliases.get(k, k): v for k, v in hf.items()}
     if hf.get("quantization_config"):
         quant = hf["quantization_config"]
         method = quant.get("quant_method") if isinstance(quant, Mapping) else None
-        raise UnsupportedModelError(f"quantised checkpoints (quantization_config: {method or '?'}) are not supported: "
-                                    "use the unquantised (float16/bfloat16/float32) checkpoint or its GGUF file")
+        raise UnsupportedModelError(
+            f"quantised checkpoints (quantization_config: {method or '?'}) are not supported: "
+            "use the unquantised (float16/bfloat16/float32) checkpoint or its GGUF file"
+        )
     if hf.get("pruned_heads"):
         raise UnsupportedModelError(f"pruned_heads={hf['pruned_heads']} (heads removed per layer) is not supported")
     cfg = _gpt2_config(hf) if model_type == "gpt2" else _decoder_config(hf, model_type)

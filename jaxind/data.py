@@ -14,7 +14,8 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class DataSpec:
     seed: int = 0
 
     @classmethod
-    def parse(cls, flag: str, **kwargs) -> "DataSpec":
+    def parse(cls, flag: str, **kwargs) -> DataSpec:
         """``random`` | ``text:PATH`` | ``jsonl:PATH`` -> DataSpec."""
         kind, _, path = flag.partition(":")
         if kind == "random" and not path:
@@ -68,6 +69,8 @@ def read_texts(spec: DataSpec) -> list[str]:
       JaxindError: the file is not UTF-8, has no text, or (JSONL) a line that is not an object
         with a string ``text`` field; the message names the file and the line.
     """
+    if spec.path is None:
+        raise JaxindError(f"--data={spec.kind} has no file to read")
     stat = os.stat(spec.path)
     return list(_read_texts(os.path.abspath(spec.path), spec.kind, stat.st_mtime_ns, stat.st_size))
 
@@ -86,9 +89,11 @@ def _read_texts(path: str, kind: str, mtime_ns: int, size: int) -> tuple[str, ..
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise JaxindError(f"{path} line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
-                          "pass a UTF-8 text file (convert it, e.g. with iconv -t UTF-8)") from None
+        line_number = raw.count(b"\n", 0, e.start) + 1
+        raise JaxindError(
+            f"{path} line {line_number}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): "
+            "pass a UTF-8 text file (convert it, e.g. with iconv -t UTF-8)"
+        ) from None
     if kind == "text":
         if not text.strip():
             raise JaxindError(f"{path} is empty or only whitespace: pass a file with text (--data=text:FILE)")
@@ -100,8 +105,10 @@ def _read_texts(path: str, kind: str, mtime_ns: int, size: int) -> tuple[str, ..
             if document.strip():
                 texts.append(document)
     if not texts:
-        raise JaxindError(f"{path} has no documents (empty, blank lines or empty texts): "
-                          'write one JSON object per line, e.g. {"text": "..."}')
+        raise JaxindError(
+            f"{path} has no documents (empty, blank lines or empty texts): "
+            'write one JSON object per line, e.g. {"text": "..."}'
+        )
     return tuple(texts)
 
 
@@ -140,7 +147,9 @@ def windows(ids: np.ndarray, spec: DataSpec) -> np.ndarray:
     return np.stack([ids[s : s + spec.seq_len] for s in starts]).astype(np.int32)
 
 
-def make_tokens(spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = None, tokenizer_b: Any = None) -> np.ndarray:
+def make_tokens(
+    spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = None, tokenizer_b: Any = None
+) -> np.ndarray:
     """The ``(num_sequences, seq_len)`` int32 token array both models are run on.
 
     Raises:
@@ -164,10 +173,12 @@ def make_tokens(spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = N
         pieces.append(np.asarray(ids, np.int64))
         if separate:
             pieces.append(np.asarray([eos], np.int64))
-    ids = np.concatenate(pieces)
-    if ids.max(initial=0) >= shared:
-        raise JaxindError(f"the tokenised data uses ids up to {ids.max()}, outside the shared vocabulary of {shared}")
-    return windows(ids, spec)
+    stream = np.concatenate(pieces)
+    if stream.max(initial=0) >= shared:
+        raise JaxindError(
+            f"the tokenised data uses ids up to {stream.max()}, outside the shared vocabulary of {shared}"
+        )
+    return windows(stream, spec)
 
 
 def batches(tokens: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -27,8 +27,17 @@ from jaxind import model, symmetry
 from jaxind.config import ModelConfig
 from jaxind.train import train
 
-DEMO_CONFIG = ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2,
-                          head_dim=16, d_ff=192, rope_theta=10000.0)
+DEMO_CONFIG = ModelConfig(
+    family="llama",
+    vocab_size=256,
+    d_model=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    head_dim=16,
+    d_ff=192,
+    rope_theta=10000.0,
+)
 PAIRS = (("base", "finetuned"), ("base", "independent"), ("base", "permuted+rotated"))
 
 
@@ -38,7 +47,9 @@ def corpus_bytes() -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
 
-def build_zoo(seed: int = 0, steps: int = 200, finetune_steps: int = 60, log=print) -> dict[str, tuple[ModelConfig, Any]]:
+def build_zoo(
+    seed: int = 0, steps: int = 200, finetune_steps: int = 60, log=print
+) -> dict[str, tuple[ModelConfig, Any]]:
     """Builds the zoo; returns ``{name: (config, params)}``. Deterministic for a seed."""
     corpus = corpus_bytes()
     half = corpus[corpus.shape[0] // 2 :]
@@ -48,14 +59,23 @@ def build_zoo(seed: int = 0, steps: int = 200, finetune_steps: int = 60, log=pri
     log(f"  base: trained {steps} steps, loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     finetuned, losses = train(base, cfg, half, steps=finetune_steps, learning_rate=1e-3, seed=seed + 1)
     log(f"  finetuned: +{finetune_steps} steps on the second half, loss {losses[-1]:.2f}")
-    independent, losses = train(model.init_params(cfg, jax.random.key(seed + 1000)), cfg, corpus, steps=steps, seed=seed + 2)
+    independent, losses = train(
+        model.init_params(cfg, jax.random.key(seed + 1000)), cfg, corpus, steps=steps, seed=seed + 2
+    )
     log(f"  independent: trained {steps} steps from another seed, loss {losses[-1]:.2f}")
     k_perm, k_rot = jax.random.split(jax.random.key(seed + 2000))
     disguised = symmetry.apply_permutation(finetuned, cfg, symmetry.draw_permutations(k_perm, cfg))
     disguised, disguised_cfg = symmetry.rotate_residual(disguised, cfg, symmetry.random_orthogonal(k_rot, cfg.d_model))
-    log(f"  permuted+rotated: finetuned with hidden units permuted and residual rotated ({time.perf_counter() - start:.0f}s so far)")
-    return {"base": (cfg, base), "finetuned": (cfg, finetuned), "independent": (cfg, independent),
-            "permuted+rotated": (disguised_cfg, disguised)}
+    log(
+        "  permuted+rotated: finetuned with hidden units permuted and residual rotated "
+        f"({time.perf_counter() - start:.0f}s so far)"
+    )
+    return {
+        "base": (cfg, base),
+        "finetuned": (cfg, finetuned),
+        "independent": (cfg, independent),
+        "permuted+rotated": (disguised_cfg, disguised),
+    }
 
 
 def run_demo(settings, output: str | None = None, quick: bool = False, log=print) -> int:
@@ -84,9 +104,11 @@ def run_demo(settings, output: str | None = None, quick: bool = False, log=print
         if output:
             os.makedirs(output, exist_ok=True)
             results.write_json(os.path.join(output, f"{name_a}__{name_b}.json".replace("+", "_")), document)
-    log(f"\nExpected: the fine-tune is detected by every test with a p-value; the independent model by none;"
+    log(
+        f"\nExpected: the fine-tune is detected by every test with a p-value; the independent model by none;"
         f"\nthe permuted+rotated copy only by MATCH, which looks at activations (CSU and L2 compare weights"
-        f"\nin a fixed basis, which the disguise scrambles). Total {time.perf_counter() - start:.0f}s.")
+        f"\nin a fixed basis, which the disguise scrambles). Total {time.perf_counter() - start:.0f}s."
+    )
     if output:
         log(f"results written to {os.path.abspath(output)}/")
     return 0

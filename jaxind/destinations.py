@@ -56,16 +56,19 @@ def _probe(folder: str, flag: str, value: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise JaxindError(f"{flag}={value} cannot be written: creating a file in {folder} failed "
-                          f"({e.strerror or type(e).__name__}): choose a writable location") from None
+        raise JaxindError(
+            f"{flag}={value} cannot be written: creating a file in {folder} failed "
+            f"({e.strerror or type(e).__name__}): choose a writable location"
+        ) from None
 
 
 def _check_folder(folder: str, flag: str, value: str) -> None:
     """``folder`` exists as a writable directory, or can be created under one."""
     existing = _nearest_existing(folder)
     if not os.path.isdir(existing):
-        raise JaxindError(f"{flag}={value} cannot be created: {existing} is a file, not a directory; "
-                          "choose a path under a directory")
+        raise JaxindError(
+            f"{flag}={value} cannot be created: {existing} is a file, not a directory; choose a path under a directory"
+        )
     _probe(existing, flag, value)
 
 
@@ -76,8 +79,7 @@ def check_file(path: str, flag: str = "--output") -> None:
     (a device, a FIFO), a path under a regular file, a folder where files cannot be created.
     """
     if path.endswith(("/", os.sep)) or os.path.isdir(path):
-        raise JaxindError(f"{flag}={path} is a directory: pass a file name, e.g. "
-                          f"{os.path.join(path, 'results.json')}")
+        raise JaxindError(f"{flag}={path} is a directory: pass a file name, e.g. {os.path.join(path, 'results.json')}")
     if os.path.lexists(path) and not os.path.isfile(path):
         raise JaxindError(f"{flag}={path} exists and is not a regular file: pass a file name")
     _check_folder(os.path.dirname(os.path.abspath(path)), flag, path)

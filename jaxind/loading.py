@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,13 @@ class Model:
     def _check_tokens(self, tokens: Any) -> jax.Array:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise JaxindError(f"tokens must be an integer array of shape (batch, seq), got {tokens.dtype} {tokens.shape}")
+            raise JaxindError(
+                f"tokens must be an integer array of shape (batch, seq), got {tokens.dtype} {tokens.shape}"
+            )
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise JaxindError(f"token ids must lie in [0, {self.config.vocab_size}), got range [{tokens.min()}, {tokens.max()}]")
+            raise JaxindError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got range [{tokens.min()}, {tokens.max()}]"
+            )
         return jnp.asarray(tokens, jnp.int32)
 
     def logits(self, tokens: Any) -> jax.Array:
@@ -62,8 +67,9 @@ class Model:
         spec = self.meta.get("tokenizer")
         if not spec:
             why = self.meta.get("tokenizer_missing")
-            raise JaxindError(f"model {self.meta.get('source', '?')} has no tokenizer{f' ({why})' if why else ''}; "
-                              "use --data=random")
+            raise JaxindError(
+                f"model {self.meta.get('source', '?')} has no tokenizer{f' ({why})' if why else ''}; use --data=random"
+            )
         return load_tokenizer(spec)
 
     def summary(self) -> dict[str, Any]:

@@ -30,21 +30,39 @@ flags.DEFINE_integer("num_sequences", 64, "Number of token sequences.", lower_bo
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.", lower_bound=2)
 flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for data, permutations and matchings.", lower_bound=0, upper_bound=2**63 - 1)
-flags.DEFINE_string("output", None, "Write the results JSON here (atomically); localized testing adds a heatmap PNG "
-                    "beside it. For the demo: a directory, one JSON per pair.")
-flags.DEFINE_bool("localized", False, "Also run MATCH on every layer pair: p-value matrix, layer map, matched units "
-                  "(the same as adding 'localized' to --tests).")
-flags.DEFINE_string("layers", None, "Layer-wise tests compare only these layers, each with the same layer of B: "
-                    "e.g. 0,5,14 or 10:20 (layers 10 to 19).")
-flags.DEFINE_string("layer_pairs", None, "Layer-wise tests compare these (layer of A):(layer of B) pairs, e.g. 14:14,3:5.")
-flags.DEFINE_integer("generalized_steps", 2000, "Distillation steps per MLP block for --tests=generalized.",
-                     lower_bound=1)
+flags.DEFINE_string(
+    "output",
+    None,
+    "Write the results JSON here (atomically); localized testing adds a heatmap PNG "
+    "beside it. For the demo: a directory, one JSON per pair.",
+)
+flags.DEFINE_bool(
+    "localized",
+    False,
+    "Also run MATCH on every layer pair: p-value matrix, layer map, matched units "
+    "(the same as adding 'localized' to --tests).",
+)
+flags.DEFINE_string(
+    "layers",
+    None,
+    "Layer-wise tests compare only these layers, each with the same layer of B: "
+    "e.g. 0,5,14 or 10:20 (layers 10 to 19).",
+)
+flags.DEFINE_string(
+    "layer_pairs", None, "Layer-wise tests compare these (layer of A):(layer of B) pairs, e.g. 14:14,3:5."
+)
+flags.DEFINE_integer(
+    "generalized_steps", 2000, "Distillation steps per MLP block for --tests=generalized.", lower_bound=1
+)
 flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts, strictly between 0 and 1.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype on the device.")
 flags.DEFINE_bool("demo_quick", False, "Demo only: fewer training steps and permutations (for smoke tests).")
 
-flags.register_validator("alpha", lambda a: math.isfinite(a) and 0.0 < a < 1.0,
-                         message="must lie strictly between 0 and 1, e.g. --alpha=0.05")
+flags.register_validator(
+    "alpha",
+    lambda a: math.isfinite(a) and 0.0 < a < 1.0,
+    message="must lie strictly between 0 and 1, e.g. --alpha=0.05",
+)
 
 
 def _check_tests(tests: list[str]) -> bool:
@@ -89,8 +107,9 @@ def preflight():
         destinations.check_directory(FLAGS.output, "--output")  # the demo writes one JSON per pair into it
     elif FLAGS.output:
         destinations.check_file(FLAGS.output, "--output")
-    if heatmap_path():
-        destinations.check_file(heatmap_path(), "--output (its heatmap)")
+    heatmap = heatmap_path()
+    if heatmap:
+        destinations.check_file(heatmap, "--output (its heatmap)")
     layer_selection()  # a malformed --layers / --layer_pairs is refused before any model loads
     for source in (FLAGS.model_a, FLAGS.model_b):
         if source:
@@ -116,8 +135,10 @@ def layer_selection():
     """``(layers, layer_pairs)`` parsed from the flags (None where not given)."""
     from jaxind import layers
 
-    return (None if FLAGS.layers is None else layers.parse_layers(FLAGS.layers),
-            None if FLAGS.layer_pairs is None else layers.parse_layer_pairs(FLAGS.layer_pairs))
+    return (
+        None if FLAGS.layers is None else layers.parse_layers(FLAGS.layers),
+        None if FLAGS.layer_pairs is None else layers.parse_layer_pairs(FLAGS.layer_pairs),
+    )
 
 
 def settings_from_flags(spec):
@@ -125,15 +146,22 @@ def settings_from_flags(spec):
     from jaxind import runner
 
     chosen_layers, chosen_pairs = layer_selection()
-    return runner.Settings(tests=selected_tests(), data=spec, num_perms=FLAGS.num_perms, batch_size=FLAGS.batch_size,
-                           generalized_steps=FLAGS.generalized_steps, heatmap_path=heatmap_path(), alpha=FLAGS.alpha,
-                           layers=chosen_layers, layer_pairs=chosen_pairs)
+    return runner.Settings(
+        tests=selected_tests(),
+        data=spec,
+        num_perms=FLAGS.num_perms,
+        batch_size=FLAGS.batch_size,
+        generalized_steps=FLAGS.generalized_steps,
+        heatmap_path=heatmap_path(),
+        alpha=FLAGS.alpha,
+        layers=chosen_layers,
+        layer_pairs=chosen_pairs,
+    )
 
 
 def run(argv) -> int:
     del argv
     spec = preflight()
-    import jaxind
     from converters.sources import load_model
     from jaxind import report, results, runner, testhooks
 
@@ -165,8 +193,9 @@ def run(argv) -> int:
 def main(argv):
     from jaxind.cli_utils import run_reporting_errors
 
-    run_reporting_errors(lambda: run(argv),
-                         interrupted=lambda: f"wrote {', '.join(_written)}" if _written else "nothing written")
+    run_reporting_errors(
+        lambda: run(argv), interrupted=lambda: f"wrote {', '.join(_written)}" if _written else "nothing written"
+    )
 
 
 def entry_point():

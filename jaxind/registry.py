@@ -49,7 +49,7 @@ class TestSpec(TestInfo):
 
     __test__ = False  # not a pytest test class
 
-    run: TestFn = dataclasses.field(default=None)  # type: ignore[assignment]  (always given)
+    run: TestFn
     cli_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __call__(

@@ -362,6 +362,8 @@ def write_json_or_rescue(path: str, document: dict) -> None:
         write_json(fallback, document)
     except OSError:
         print(json.dumps(_jsonable(document), indent=2), flush=True)
-        raise jaxind.JaxindError(f"{problem}, nor {fallback}: the results JSON is printed on stdout instead; "
-                                 "free some space or choose another --output") from None
+        raise jaxind.JaxindError(
+            f"{problem}, nor {fallback}: the results JSON is printed on stdout instead; "
+            "free some space or choose another --output"
+        ) from None
     raise jaxind.JaxindError(f"{problem}: the results were saved to {fallback} instead; move them where they belong")

@@ -18,11 +18,11 @@ import numpy as np
 from absl import logging
 
 from jaxind import data, results
+from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS  # noqa: F401  (re-exported)
 from jaxind.errors import JaxindError
 from jaxind.inputs import TokenData
 from jaxind.layers import LayerSelectionError
 from jaxind.loading import Model
-from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS  # noqa: F401  (re-exported)
 from jaxind.registry import TESTS, TestSpec, key_for
 from jaxind.results import TestResult
 from jaxind.types import LayerPair

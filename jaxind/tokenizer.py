@@ -8,15 +8,23 @@ tokenizer converter. transformers' GGUF *file reader* imports PyTorch, so the me
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxind.errors import JaxindError, brief
 
 # Files one of which a Hugging Face model directory has when it ships a tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "tekken.json", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "tekken.json",
+    "vocab.txt",
+)
 
 
 def load_tokenizer(spec: dict[str, str]) -> Any:
@@ -25,7 +33,7 @@ def load_tokenizer(spec: dict[str, str]) -> Any:
     Raises:
       JaxindError: the source has no usable tokenizer (one line: the reason and the fix).
     """
-    kind, path = spec.get("kind"), spec.get("path")
+    kind, path = spec.get("kind"), spec.get("path", "")
     try:
         if kind == "gguf":
             return gguf_tokenizer(path)
@@ -35,8 +43,9 @@ def load_tokenizer(spec: dict[str, str]) -> Any:
     except JaxindError:
         raise
     except Exception as e:
-        raise JaxindError(f"no usable tokenizer for {path} ({brief(e, 300)}); use --data=random or a source "
-                          "with a tokenizer") from None
+        raise JaxindError(
+            f"no usable tokenizer for {path} ({brief(e, 300)}); use --data=random or a source with a tokenizer"
+        ) from None
 
 
 def gguf_tokenizer(path: str) -> Any:
@@ -57,8 +66,12 @@ def gguf_tokenizer(path: str) -> Any:
 
 
 # GGUF special-token ids -> the tokenizer attributes naming those tokens.
-_GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-                        "pad_token": "padding_token_id"}
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 def gguf_tokenizer_without_torch(path: str) -> Any:
@@ -75,7 +88,8 @@ def gguf_tokenizer_without_torch(path: str) -> Any:
         raise JaxindError(
             f"reading the tokenizer of {path} without PyTorch needs transformers' GGUF tokenizer converter "
             "(transformers.integrations.gguf, transformers 5.x); install PyTorch (pip install 'jaxind[torch]') "
-            "or a newer transformers, or use --data=random") from None
+            "or a newer transformers, or use --data=random"
+        ) from None
     from gguf import GGUFReader
     from transformers import PreTrainedTokenizerFast
 
@@ -84,9 +98,10 @@ def gguf_tokenizer_without_torch(path: str) -> Any:
     if "tokenizer.ggml.tokens" not in metadata:
         raise JaxindError(f"{path} holds no tokenizer (no tokenizer.ggml.* metadata); use --data=random")
     architecture = reader.fields["general.architecture"].contents()
-    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
-                       if f"tokenizer.{key}" in metadata}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     tokenizer_dict, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if tokenizer_dict.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies by default
         tokenizer_config.setdefault("add_bos_token", True)
@@ -102,8 +117,9 @@ def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
 
 
-def check_same_tokens(texts: Sequence[str], ids_a: Sequence[Sequence[int]], tokenizer_a: Any, tokenizer_b: Any,
-                      separator: bool = False) -> None:
+def check_same_tokens(
+    texts: Sequence[str], ids_a: Sequence[Sequence[int]], tokenizer_a: Any, tokenizer_b: Any, separator: bool = False
+) -> None:
     """Refuses data that model B's tokenizer turns into other ids than model A's (``ids_a``): every text is
     tokenised with B and compared id by id, and so is the end-of-text separator placed between documents.
 
@@ -111,24 +127,29 @@ def check_same_tokens(texts: Sequence[str], ids_a: Sequence[Sequence[int]], toke
       JaxindError: naming the first differing position (document, token index) with both ids and their strings.
     """
     ids_b = encode(tokenizer_b, texts)
-    fix = "models A and B have different tokenizers, so B would not see the tokens A sees: use --data=random " \
-          "(token ids both vocabularies share) or models with the same tokenizer"
+    fix = (
+        "models A and B have different tokenizers, so B would not see the tokens A sees: use --data=random "
+        "(token ids both vocabularies share) or models with the same tokenizer"
+    )
     offset = 0
-    for doc, (a, b) in enumerate(zip(ids_a, ids_b)):
-        a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    for doc, (doc_a, doc_b) in enumerate(zip(ids_a, ids_b)):
+        a, b = np.asarray(doc_a, np.int64), np.asarray(doc_b, np.int64)
         n = min(a.size, b.size)
         differ = np.flatnonzero(a[:n] != b[:n])
         if differ.size or a.size != b.size:
             i = int(differ[0]) if differ.size else n
             where = f"token {offset + i:,}" + (f" (document {doc + 1}, token {i:,})" if len(texts) > 1 else "")
-            raise JaxindError(f"models A and B tokenise the data differently from {where} on: "
-                              f"A gives {_describe(tokenizer_a, a, i)}, B gives {_describe(tokenizer_b, b, i)}; {fix}")
+            raise JaxindError(
+                f"models A and B tokenise the data differently from {where} on: "
+                f"A gives {_describe(tokenizer_a, a, i)}, B gives {_describe(tokenizer_b, b, i)}; {fix}"
+            )
         offset += a.size + int(separator)
     if separator:
         eos_a, eos_b = getattr(tokenizer_a, "eos_token_id", None), getattr(tokenizer_b, "eos_token_id", None)
         if eos_a != eos_b:
-            raise JaxindError(f"models A and B end documents with different tokens (A: id {eos_a}, B: id {eos_b}); "
-                              f"{fix}")
+            raise JaxindError(
+                f"models A and B end documents with different tokens (A: id {eos_a}, B: id {eos_b}); {fix}"
+            )
 
 
 def _describe(tokenizer: Any, ids: np.ndarray, i: int) -> str:

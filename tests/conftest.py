@@ -43,8 +43,9 @@ def smollm2_finetuned(smollm2, corpus_ids):
     """SmolLM2 after two real AdamW steps on real text (a fine-tuned copy)."""
     from jaxind import train
 
-    params, losses = train.train(smollm2.params, smollm2.config, corpus_ids, steps=2, batch_size=2, seq_len=32,
-                                 learning_rate=1e-5)
+    params, losses = train.train(
+        smollm2.params, smollm2.config, corpus_ids, steps=2, batch_size=2, seq_len=32, learning_rate=1e-5
+    )
     assert all(l == l for l in losses)  # finite
     return params
 
@@ -57,6 +58,7 @@ def smollm2_torch(smollm2_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32)
+        os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path), dtype=torch.float32
+    )
     model.config._attn_implementation = "eager"
     return model.eval()

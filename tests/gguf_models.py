@@ -10,8 +10,13 @@ import numpy as np
 D, H, KV, HD, FF, LAYERS = 16, 2, 1, 8, 24, 2
 
 
-def write_tiny_llama_gguf(path: str, tokenizer_from: str | None = None, vocab: int = 64,
-                          metadata: dict[str, Any] | None = None, tokenizer_model: str | None = None) -> str:
+def write_tiny_llama_gguf(
+    path: str,
+    tokenizer_from: str | None = None,
+    vocab: int = 64,
+    metadata: dict[str, Any] | None = None,
+    tokenizer_model: str | None = None,
+) -> str:
     """Writes ``path``; the vocabulary size is that of ``tokenizer_from``'s tokenizer when given.
 
     ``metadata``: extra ``{key: int | float | str}`` entries; ``tokenizer_model``: instead of a copied tokenizer,

@@ -11,14 +11,31 @@ import os
 
 import torch
 
-TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128)
+TINY = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 # name -> (transformers config class name, extra config kwargs)
 FAMILIES = {
-    "llama": ("LlamaConfig", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-                                  rope_theta=500000.0)),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            rope_theta=500000.0,
+        ),
+    ),
     "llama_tied": ("LlamaConfig", dict(tie_word_embeddings=True, attention_bias=True)),
     "llama_linear_rope": ("LlamaConfig", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "mistral": ("MistralConfig", dict(sliding_window=5)),
@@ -26,8 +43,13 @@ FAMILIES = {
     "gemma": ("GemmaConfig", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh")),
     "gpt2": ("GPT2Config", dict(n_embd=48, n_layer=3, n_head=6, n_inner=80, n_positions=64)),
 }
-CAUSAL_LM = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
-             "Qwen2Config": "Qwen2ForCausalLM", "GemmaConfig": "GemmaForCausalLM", "GPT2Config": "GPT2LMHeadModel"}
+CAUSAL_LM = {
+    "LlamaConfig": "LlamaForCausalLM",
+    "MistralConfig": "MistralForCausalLM",
+    "Qwen2Config": "Qwen2ForCausalLM",
+    "GemmaConfig": "GemmaForCausalLM",
+    "GPT2Config": "GPT2LMHeadModel",
+}
 
 
 def build_torch_model(name: str, seed: int = 0, **overrides):

@@ -55,16 +55,19 @@ def test_small_random_optimal(method, shape, maximize):
     assert assignment_cost(cost, rows, cols) == pytest.approx(ref, rel=RTOL)
 
 
-@pytest.mark.parametrize("n,m,maximize,dist", [
-    (512, 512, False, "uniform"),
-    (2048, 2048, False, "uniform"),
-    (512, 512, True, "normal"),
-    (90, 60, False, "uniform"),
-    (60, 90, True, "uniform"),
-])
+@pytest.mark.parametrize(
+    "n,m,maximize,dist",
+    [
+        (512, 512, False, "uniform"),
+        (2048, 2048, False, "uniform"),
+        (512, 512, True, "normal"),
+        (90, 60, False, "uniform"),
+        (60, 90, True, "uniform"),
+    ],
+)
 def test_auction_random_matches_scipy(n, m, maximize, dist):
     rng = np.random.default_rng(n * 7 + m)
-    cost = (rng.random((n, m)) if dist == "uniform" else rng.standard_normal((n, m)))
+    cost = rng.random((n, m)) if dist == "uniform" else rng.standard_normal((n, m))
     cost = cost.astype(np.float32)
     rows, cols = solve_lap(cost, maximize=maximize, method="auction")
     assert_valid((n, m), rows, cols)
@@ -133,8 +136,7 @@ def test_auction_degenerate_costs(fill):
     for maximize in (False, True):
         rows, cols = solve_lap(cost, method="auction", maximize=maximize)
         assert_valid(cost.shape, rows, cols)
-        assert assignment_cost(cost, rows, cols) == pytest.approx(
-            scipy_objective(cost, maximize), rel=RTOL, abs=1e-9)
+        assert assignment_cost(cost, rows, cols) == pytest.approx(scipy_objective(cost, maximize), rel=RTOL, abs=1e-9)
 
 
 def test_key_relabelling_randomises_ties():
@@ -177,8 +179,7 @@ def test_auction_kernel_jit_and_vmap():
         assert sorted(cols) == list(range(37))
         got = assignment_cost(costs[i], np.arange(37), cols)
         assert got <= scipy_objective(costs[i]) + 37 * 1e-7 + 1e-6
-        primal, gap = assignment.duality_gap(-jnp.asarray(costs[i]), res.col_of_row[i],
-                                           res.prices[i])
+        primal, gap = assignment.duality_gap(-jnp.asarray(costs[i]), res.col_of_row[i], res.prices[i])
         assert float(gap) >= -1e-4
 
 
@@ -211,8 +212,7 @@ def test_lapjv(shape):
     for maximize in (False, True):
         rows, cols = solve_lap(cost, method="lapjv", maximize=maximize)
         assert_valid(shape, rows, cols)
-        assert assignment_cost(cost, rows, cols) == pytest.approx(
-            scipy_objective(cost, maximize), rel=RTOL)
+        assert assignment_cost(cost, rows, cols) == pytest.approx(scipy_objective(cost, maximize), rel=RTOL)
 
 
 def test_empty_and_jax_input():
@@ -223,13 +223,16 @@ def test_empty_and_jax_input():
     assert isinstance(r, np.ndarray) and isinstance(c, np.ndarray)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (np.array([[0.0, np.nan], [1.0, 2.0]]), "NaN or inf"),
-    (np.array([[0.0, np.inf], [1.0, 2.0]]), "NaN or inf"),
-    (np.zeros(5), "2-D"),
-    (np.zeros((2, 2, 2)), "2-D"),
-    (np.array([["a", "b"]]), "numeric"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.array([[0.0, np.nan], [1.0, 2.0]]), "NaN or inf"),
+        (np.array([[0.0, np.inf], [1.0, 2.0]]), "NaN or inf"),
+        (np.zeros(5), "2-D"),
+        (np.zeros((2, 2, 2)), "2-D"),
+        (np.array([["a", "b"]]), "numeric"),
+    ],
+)
 def test_bad_input_raises(bad, match):
     with pytest.raises(ValueError, match=match):
         solve_lap(bad)

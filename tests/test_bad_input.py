@@ -18,17 +18,22 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-
-from cli_helpers import REPO, Frozen, cli_env, error_lines, run_cli
+from helpers import REPO, Frozen, cli_env, error_lines, run_cli
 from hf_models import build_torch_model, edit_config, save
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 SHORT = ["--num_sequences=4", "--seq_len=32", "--num_perms=19"]
 
 
@@ -66,6 +71,7 @@ def _write(name: str, content: bytes | str) -> Callable[[World, Path], None]:
     def setup(world: World, d: Path) -> None:
         (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+
     return setup
 
 
@@ -73,6 +79,7 @@ def _mkdir(*names: str) -> Callable[[World, Path], None]:
     def setup(world: World, d: Path) -> None:
         for name in names:
             (d / name).mkdir(parents=True)
+
     return setup
 
 
@@ -83,6 +90,7 @@ def _unchanged_folder(world: World, d: Path) -> None:
 def _edited_ckpt(text: str | None = None, remove: str | None = None, **config_changes) -> Callable[[World, Path], None]:
     """Copies A's jaxind checkpoint to ``case_dir/ck`` and edits its config (or replaces it with ``text``, or
     removes a stored group)."""
+
     def setup(world: World, d: Path) -> None:
         shutil.copytree(world.ckpt_a, d / "ck")
         config = d / "ck" / "jaxind_config.json"
@@ -92,26 +100,31 @@ def _edited_ckpt(text: str | None = None, remove: str | None = None, **config_ch
             config.write_text(json.dumps({**json.loads(config.read_text()), **config_changes}))
         if remove:
             shutil.rmtree(d / "ck" / remove)
+
     return setup
 
 
 def _edited_hf(text: str | None = None, **config_changes) -> Callable[[World, Path], None]:
     """Copies A's HF directory to ``case_dir/hf`` and edits its config.json (or replaces it with ``text``)."""
+
     def setup(world: World, d: Path) -> None:
         shutil.copytree(world.a, d / "hf")
         if text is not None:
             (d / "hf" / "config.json").write_text(text)
         else:
             edit_config(str(d / "hf"), **config_changes)
+
     return setup
 
 
 def _tiny_gguf(**kwargs) -> Callable[[World, Path], None]:
     """Writes a tiny Llama GGUF (tests/gguf_models.py) to ``case_dir/m.gguf``."""
+
     def setup(world: World, d: Path) -> None:
         from gguf_models import write_tiny_llama_gguf
 
         write_tiny_llama_gguf(str(d / "m.gguf"), **kwargs)
+
     return setup
 
 
@@ -144,121 +157,306 @@ CASES: list[Case] = [
     Case("only_model_a", lambda w, d: [f"--model_a={w.a}"], "pass both"),
     Case("only_model_b", lambda w, d: [f"--model_b={w.a}"], "pass both"),
     # --- defect 8 and 13: data files -------------------------------------------------------------
-    Case("jsonl_text_is_number", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'n.jsonl'}"],
-         "line 2: 'text' is a JSON number",
-         setup=_write("n.jsonl", '{"text": "fine"}\n{"text": 12345}\n')),
-    Case("jsonl_not_json", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"], "line 1: not valid JSON",
-         setup=_write("x.jsonl", "text: hello\n")),
-    Case("jsonl_array_line", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"], "line 1: a JSON array",
-         setup=_write("x.jsonl", "[1, 2]\n")),
-    Case("jsonl_no_text_field", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"],
-         "no 'text' field (fields: 'body')",
-         setup=_write("x.jsonl", '{"body": "hello"}\n')),
-    Case("jsonl_empty", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'e.jsonl'}"], "has no documents",
-         setup=_write("e.jsonl", "")),
-    Case("jsonl_blank", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'e.jsonl'}"], "has no documents",
-         setup=_write("e.jsonl", "\n   \n\t\n")),
-    Case("jsonl_binary", lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'b.jsonl'}"], "line 2: not UTF-8 text",
-         setup=_write("b.jsonl", b'{"text": "ok"}\n\xff\xfe\x00\x81\n')),
-    Case("text_binary", lambda w, d: [*w.pair(), f"--data=text:{d / 'b.txt'}"], "not UTF-8 text",
-         setup=_write("b.txt", bytes(range(256)))),
-    Case("text_empty", lambda w, d: [*w.pair(), f"--data=text:{d / 'e.txt'}"], "is empty or only whitespace",
-         setup=_write("e.txt", "")),
+    Case(
+        "jsonl_text_is_number",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'n.jsonl'}"],
+        "line 2: 'text' is a JSON number",
+        setup=_write("n.jsonl", '{"text": "fine"}\n{"text": 12345}\n'),
+    ),
+    Case(
+        "jsonl_not_json",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"],
+        "line 1: not valid JSON",
+        setup=_write("x.jsonl", "text: hello\n"),
+    ),
+    Case(
+        "jsonl_array_line",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"],
+        "line 1: a JSON array",
+        setup=_write("x.jsonl", "[1, 2]\n"),
+    ),
+    Case(
+        "jsonl_no_text_field",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'x.jsonl'}"],
+        "no 'text' field (fields: 'body')",
+        setup=_write("x.jsonl", '{"body": "hello"}\n'),
+    ),
+    Case(
+        "jsonl_empty",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'e.jsonl'}"],
+        "has no documents",
+        setup=_write("e.jsonl", ""),
+    ),
+    Case(
+        "jsonl_blank",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'e.jsonl'}"],
+        "has no documents",
+        setup=_write("e.jsonl", "\n   \n\t\n"),
+    ),
+    Case(
+        "jsonl_binary",
+        lambda w, d: [*w.pair(), f"--data=jsonl:{d / 'b.jsonl'}"],
+        "line 2: not UTF-8 text",
+        setup=_write("b.jsonl", b'{"text": "ok"}\n\xff\xfe\x00\x81\n'),
+    ),
+    Case(
+        "text_binary",
+        lambda w, d: [*w.pair(), f"--data=text:{d / 'b.txt'}"],
+        "not UTF-8 text",
+        setup=_write("b.txt", bytes(range(256))),
+    ),
+    Case(
+        "text_empty",
+        lambda w, d: [*w.pair(), f"--data=text:{d / 'e.txt'}"],
+        "is empty or only whitespace",
+        setup=_write("e.txt", ""),
+    ),
     Case("text_is_directory", lambda w, d: [*w.pair(), f"--data=text:{d}"], "is a directory"),
     Case("text_missing", lambda w, d: [*w.pair(), f"--data=text:{d / 'nope.txt'}"], "does not exist"),
-    Case("missing_tokenizer", lambda w, d: [*w.pair(), f"--data=text:{d / 't.txt'}"],
-         "no usable tokenizer", setup=_write("t.txt", "plain English text " * 100), before_work=False),
+    Case(
+        "missing_tokenizer",
+        lambda w, d: [*w.pair(), f"--data=text:{d / 't.txt'}"],
+        "no usable tokenizer",
+        setup=_write("t.txt", "plain English text " * 100),
+        before_work=False,
+    ),
     # --- defect 5: unwritable results destinations (root ignores chmod: use paths no one can write) ---
     Case("output_is_directory", lambda w, d: [*w.pair(), f"--output={d}"], "is a directory"),
     Case("output_trailing_slash", lambda w, d: [*w.pair(), f"--output={d}/new/"], "is a directory"),
-    Case("output_under_a_file", lambda w, d: [*w.pair(), f"--output={d / 'f' / 'r.json'}"],
-         "is a file, not a directory",
-         setup=_write("f", "x")),
+    Case(
+        "output_under_a_file",
+        lambda w, d: [*w.pair(), f"--output={d / 'f' / 'r.json'}"],
+        "is a file, not a directory",
+        setup=_write("f", "x"),
+    ),
     Case("output_in_proc", lambda w, d: [*w.pair(), "--output=/proc/jaxind/r.json"], "cannot be written"),
     Case("output_device", lambda w, d: [*w.pair(), "--output=/dev/null"], "not a regular file"),
-    Case("heatmap_is_directory", lambda w, d: [*w.pair(), "--tests=match", "--localized", f"--output={d / 'r.json'}"],
-         "is a directory", setup=_mkdir("r_localized.png")),
-    Case("demo_output_is_a_file", lambda w, d: ["--demo_quick", f"--output={d / 'f'}"],
-         "is a file", setup=_write("f", "x")),
+    Case(
+        "heatmap_is_directory",
+        lambda w, d: [*w.pair(), "--tests=match", "--localized", f"--output={d / 'r.json'}"],
+        "is a directory",
+        setup=_mkdir("r_localized.png"),
+    ),
+    Case(
+        "demo_output_is_a_file",
+        lambda w, d: ["--demo_quick", f"--output={d / 'f'}"],
+        "is a file",
+        setup=_write("f", "x"),
+    ),
     # --- defect 13 and classic model sources -----------------------------------------------------
     Case("missing_model_b", lambda w, d: [*w.pair(str(d / "nope"))], "does not exist"),
-    Case("missing_relative_path", lambda w, d: [*w.pair("models/nope")], "models/nope does not exist (no entry 'nope'",
-         setup=_mkdir("models"), cwd_is_case_dir=True),
-    Case("missing_relative_hub_like", lambda w, d: [*w.pair("models/nope")], "models/nope does not exist",
-         cwd_is_case_dir=True),
-    Case("file_not_gguf", lambda w, d: [*w.pair(str(d / "weights.bin"))],
-         "not a .gguf", setup=_write("weights.bin", "x")),
-    Case("unsupported_architecture", lambda w, d: [*w.pair(w.bad["unsupported"])], "unsupported model_type 'mamba'",
-         before_work=False),
-    Case("truncated_safetensors", lambda w, d: [*w.pair(w.bad["truncated"])],
-         "truncated or corrupt", before_work=False),
+    Case(
+        "missing_relative_path",
+        lambda w, d: [*w.pair("models/nope")],
+        "models/nope does not exist (no entry 'nope'",
+        setup=_mkdir("models"),
+        cwd_is_case_dir=True,
+    ),
+    Case(
+        "missing_relative_hub_like",
+        lambda w, d: [*w.pair("models/nope")],
+        "models/nope does not exist",
+        cwd_is_case_dir=True,
+    ),
+    Case(
+        "file_not_gguf", lambda w, d: [*w.pair(str(d / "weights.bin"))], "not a .gguf", setup=_write("weights.bin", "x")
+    ),
+    Case(
+        "unsupported_architecture",
+        lambda w, d: [*w.pair(w.bad["unsupported"])],
+        "unsupported model_type 'mamba'",
+        before_work=False,
+    ),
+    Case(
+        "truncated_safetensors", lambda w, d: [*w.pair(w.bad["truncated"])], "truncated or corrupt", before_work=False
+    ),
     Case("corrupt_gguf", lambda w, d: [*w.pair(w.bad["corrupt.gguf"])], "cannot read GGUF", before_work=False),
     Case("nan_weights", lambda w, d: [*w.pair(w.bad["nan"])], "NaN", before_work=False),
-    Case("config_weights_mismatch", lambda w, d: [*w.pair(w.bad["mismatch"])], "config and the weights disagree",
-         before_work=False),
+    Case(
+        "config_weights_mismatch",
+        lambda w, d: [*w.pair(w.bad["mismatch"])],
+        "config and the weights disagree",
+        before_work=False,
+    ),
     # --- defect 2 and 9: a checkpoint's config against its weights; configs that are not objects ---
-    Case("ckpt_widened_mlp", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
-         "is stored with shape (64, 128) but the config implies (64, 256)", setup=_edited_ckpt(d_ff=256),
-         before_work=False),
-    Case("ckpt_fewer_layers", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
-         "that the config (n_layers=1) does not have", setup=_edited_ckpt(n_layers=1), before_work=False),
-    Case("ckpt_more_layers", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"], "that are not stored",
-         setup=_edited_ckpt(n_layers=3), before_work=False),
-    Case("ckpt_group_deleted", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"], "missing from params/: layers.1",
-         setup=_edited_ckpt(remove="params/layers.1"), before_work=False),
-    Case("ckpt_config_not_object", lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
-         "a jaxind config must be a JSON object", setup=_edited_ckpt(text="[1,2,3]"), before_work=False),
-    Case("hf_config_not_object", lambda w, d: [*w.pair(str(d / "hf"))],
-         "holds an array, not an object of model settings", setup=_edited_hf(text="[1,2,3]"), before_work=False),
-    Case("hf_config_size_not_int", lambda w, d: [*w.pair(str(d / "hf"))],
-         "config.json has hidden_size='abc'; it must be an integer", setup=_edited_hf(hidden_size="abc"),
-         before_work=False),
-    Case("hf_config_yarn_rope", lambda w, d: [*w.pair(str(d / "hf"))], "RoPE scaling type 'yarn' is not supported",
-         setup=_edited_hf(rope_scaling={"type": "yarn", "factor": 4.0}), before_work=False),
-    Case("hf_config_quantised", lambda w, d: [*w.pair(str(d / "hf"))], "quantised checkpoints (quantization_config: fp8)",
-         setup=_edited_hf(quantization_config={"quant_method": "fp8"}), before_work=False),
-    Case("hf_config_gemma2", lambda w, d: [*w.pair(str(d / "hf"))], "unsupported model_type 'gemma2'",
-         setup=_edited_hf(model_type="gemma2"), before_work=False),
-    Case("gguf_mixture_of_experts", lambda w, d: [*w.pair(str(d / "m.gguf"))],
-         "mixture-of-experts models are not supported", setup=_tiny_gguf(metadata={"llama.expert_count": 8}),
-         before_work=False),
-    Case("convert_unreadable_gguf_tokenizer", lambda w, d: [f"--src={d / 'm.gguf'}", f"--out={d / 'o'}"],
-         "--notokenizer", cli="convert", setup=_tiny_gguf(tokenizer_model="no-such-tokenizer"), before_work=False),
+    Case(
+        "ckpt_widened_mlp",
+        lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+        "is stored with shape (64, 128) but the config implies (64, 256)",
+        setup=_edited_ckpt(d_ff=256),
+        before_work=False,
+    ),
+    Case(
+        "ckpt_fewer_layers",
+        lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+        "that the config (n_layers=1) does not have",
+        setup=_edited_ckpt(n_layers=1),
+        before_work=False,
+    ),
+    Case(
+        "ckpt_more_layers",
+        lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+        "that are not stored",
+        setup=_edited_ckpt(n_layers=3),
+        before_work=False,
+    ),
+    Case(
+        "ckpt_group_deleted",
+        lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+        "missing from params/: layers.1",
+        setup=_edited_ckpt(remove="params/layers.1"),
+        before_work=False,
+    ),
+    Case(
+        "ckpt_config_not_object",
+        lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+        "a jaxind config must be a JSON object",
+        setup=_edited_ckpt(text="[1,2,3]"),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_not_object",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "holds an array, not an object of model settings",
+        setup=_edited_hf(text="[1,2,3]"),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_size_not_int",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "config.json has hidden_size='abc'; it must be an integer",
+        setup=_edited_hf(hidden_size="abc"),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_yarn_rope",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "RoPE scaling type 'yarn' is not supported",
+        setup=_edited_hf(rope_scaling={"type": "yarn", "factor": 4.0}),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_quantised",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "quantised checkpoints (quantization_config: fp8)",
+        setup=_edited_hf(quantization_config={"quant_method": "fp8"}),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_gemma2",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "unsupported model_type 'gemma2'",
+        setup=_edited_hf(model_type="gemma2"),
+        before_work=False,
+    ),
+    Case(
+        "gguf_mixture_of_experts",
+        lambda w, d: [*w.pair(str(d / "m.gguf"))],
+        "mixture-of-experts models are not supported",
+        setup=_tiny_gguf(metadata={"llama.expert_count": 8}),
+        before_work=False,
+    ),
+    Case(
+        "convert_unreadable_gguf_tokenizer",
+        lambda w, d: [f"--src={d / 'm.gguf'}", f"--out={d / 'o'}"],
+        "--notokenizer",
+        cli="convert",
+        setup=_tiny_gguf(tokenizer_model="no-such-tokenizer"),
+        before_work=False,
+    ),
     # --- the converter -----------------------------------------------------------------------------
     Case("convert_no_flags", lambda w, d: [], "--src and --out are required", cli="convert"),
     Case("convert_bad_flag", lambda w, d: ["--overwrite=maybe"], "--overwrite", cli="convert"),
-    Case("convert_missing_src", lambda w, d: [f"--src={d / 'nope'}", f"--out={d / 'o'}"],
-         "does not exist", cli="convert"),
+    Case(
+        "convert_missing_src", lambda w, d: [f"--src={d / 'nope'}", f"--out={d / 'o'}"], "does not exist", cli="convert"
+    ),
     Case("convert_out_exists", lambda w, d: [f"--src={w.a}", f"--out={w.ckpt_a}"], "already exists", cli="convert"),
-    Case("convert_out_is_a_file", lambda w, d: [f"--src={w.a}", f"--out={d / 'f'}", "--overwrite"], "is a file",
-         cli="convert", setup=_write("f", "x")),
-    Case("convert_out_under_a_file", lambda w, d: [f"--src={w.a}", f"--out={d / 'f' / 'ck'}"],
-         "is a file, not a directory",
-         cli="convert", setup=_write("f", "x")),
-    Case("convert_out_in_proc", lambda w, d: [f"--src={w.a}", "--out=/proc/jaxind_ck"],
-         "cannot be written", cli="convert"),
-    Case("convert_overwrite_other_folder", lambda w, d: [f"--src={w.a}", f"--out={d / 'occupied'}", "--overwrite"],
-         "not a jaxind checkpoint", cli="convert", before_work=False, setup=_write("occupied/keep.txt", "mine"),
-         check=_unchanged_folder),
-    Case("convert_src_is_checkpoint", lambda w, d: [f"--src={w.ckpt_a}", f"--out={d / 'o'}"],
-         "already a jaxind checkpoint",
-         cli="convert", before_work=False),
-    Case("convert_missing_relative", lambda w, d: ["--src=models/nope", f"--out={d / 'o'}"], "does not exist (no entry",
-         cli="convert", setup=_mkdir("models"), cwd_is_case_dir=True),
-    Case("convert_unsupported", lambda w, d: [f"--src={w.bad['unsupported']}", f"--out={d / 'o'}"],
-         "unsupported model_type",
-         cli="convert", before_work=False),
-    Case("convert_truncated", lambda w, d: [f"--src={w.bad['truncated']}", f"--out={d / 'o'}"], "truncated or corrupt",
-         cli="convert", before_work=False),
-    Case("convert_corrupt_gguf", lambda w, d: [f"--src={w.bad['corrupt.gguf']}", f"--out={d / 'o'}"],
-         "cannot read GGUF",
-         cli="convert", before_work=False),
-    Case("convert_nan", lambda w, d: [f"--src={w.bad['nan']}", f"--out={d / 'o'}", "--notokenizer"], "NaN",
-         cli="convert", before_work=False),
-    Case("convert_mismatch", lambda w, d: [f"--src={w.bad['mismatch']}", f"--out={d / 'o'}"], "disagree",
-         cli="convert", before_work=False),
-    Case("convert_unhandled_attribute", lambda w, d: [f"--src={w.bad['mlp_bias']}", f"--out={d / 'o'}"], "mlp_bias",
-         cli="convert", before_work=False),
+    Case(
+        "convert_out_is_a_file",
+        lambda w, d: [f"--src={w.a}", f"--out={d / 'f'}", "--overwrite"],
+        "is a file",
+        cli="convert",
+        setup=_write("f", "x"),
+    ),
+    Case(
+        "convert_out_under_a_file",
+        lambda w, d: [f"--src={w.a}", f"--out={d / 'f' / 'ck'}"],
+        "is a file, not a directory",
+        cli="convert",
+        setup=_write("f", "x"),
+    ),
+    Case(
+        "convert_out_in_proc",
+        lambda w, d: [f"--src={w.a}", "--out=/proc/jaxind_ck"],
+        "cannot be written",
+        cli="convert",
+    ),
+    Case(
+        "convert_overwrite_other_folder",
+        lambda w, d: [f"--src={w.a}", f"--out={d / 'occupied'}", "--overwrite"],
+        "not a jaxind checkpoint",
+        cli="convert",
+        before_work=False,
+        setup=_write("occupied/keep.txt", "mine"),
+        check=_unchanged_folder,
+    ),
+    Case(
+        "convert_src_is_checkpoint",
+        lambda w, d: [f"--src={w.ckpt_a}", f"--out={d / 'o'}"],
+        "already a jaxind checkpoint",
+        cli="convert",
+        before_work=False,
+    ),
+    Case(
+        "convert_missing_relative",
+        lambda w, d: ["--src=models/nope", f"--out={d / 'o'}"],
+        "does not exist (no entry",
+        cli="convert",
+        setup=_mkdir("models"),
+        cwd_is_case_dir=True,
+    ),
+    Case(
+        "convert_unsupported",
+        lambda w, d: [f"--src={w.bad['unsupported']}", f"--out={d / 'o'}"],
+        "unsupported model_type",
+        cli="convert",
+        before_work=False,
+    ),
+    Case(
+        "convert_truncated",
+        lambda w, d: [f"--src={w.bad['truncated']}", f"--out={d / 'o'}"],
+        "truncated or corrupt",
+        cli="convert",
+        before_work=False,
+    ),
+    Case(
+        "convert_corrupt_gguf",
+        lambda w, d: [f"--src={w.bad['corrupt.gguf']}", f"--out={d / 'o'}"],
+        "cannot read GGUF",
+        cli="convert",
+        before_work=False,
+    ),
+    Case(
+        "convert_nan",
+        lambda w, d: [f"--src={w.bad['nan']}", f"--out={d / 'o'}", "--notokenizer"],
+        "NaN",
+        cli="convert",
+        before_work=False,
+    ),
+    Case(
+        "convert_mismatch",
+        lambda w, d: [f"--src={w.bad['mismatch']}", f"--out={d / 'o'}"],
+        "disagree",
+        cli="convert",
+        before_work=False,
+    ),
+    Case(
+        "convert_unhandled_attribute",
+        lambda w, d: [f"--src={w.bad['mlp_bias']}", f"--out={d / 'o'}"],
+        "mlp_bias",
+        cli="convert",
+        before_work=False,
+    ),
 ]
 
 
@@ -287,11 +485,13 @@ def world(tmp_path_factory) -> World:
     b = save(build_torch_model("llama", seed=1, **TINY), str(root / "B"))
     cfg, params, meta = sources.read_model(a)
     save_checkpoint(str(root / "ckpt_A"), cfg, groups_of(params), meta)
-    bad = {"unsupported": _copy(a, root / "unsupported", model_type="mamba"),
-           "mismatch": _copy(a, root / "mismatch", intermediate_size=64),
-           "mlp_bias": _copy(a, root / "mlp_bias", mlp_bias=True),
-           "truncated": _copy(a, root / "truncated"),
-           "nan": _copy(a, root / "nan")}
+    bad = {
+        "unsupported": _copy(a, root / "unsupported", model_type="mamba"),
+        "mismatch": _copy(a, root / "mismatch", intermediate_size=64),
+        "mlp_bias": _copy(a, root / "mlp_bias", mlp_bias=True),
+        "truncated": _copy(a, root / "truncated"),
+        "nan": _copy(a, root / "nan"),
+    }
     weights = os.path.join(bad["truncated"], "model.safetensors")
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
@@ -351,8 +551,12 @@ def test_results_are_rescued_when_the_output_folder_vanishes(world, tmp_path):
     run: the results go to the temp folder and the one error line says where."""
     out_dir = tmp_path / "results"
     out_dir.mkdir()
-    frozen = Frozen("main", [*world.pair(), "--tests=csu", f"--output={out_dir / 'r.json'}"], "models_loaded",
-                    str(tmp_path / "logs"))
+    frozen = Frozen(
+        "main",
+        [*world.pair(), "--tests=csu", f"--output={out_dir / 'r.json'}"],
+        "models_loaded",
+        str(tmp_path / "logs"),
+    )
     try:
         out_dir.rmdir()
         out_dir.write_text("now a file")
@@ -370,15 +574,18 @@ def test_results_are_rescued_when_the_output_folder_vanishes(world, tmp_path):
 def test_results_are_printed_when_no_file_can_be_written(world, tmp_path):
     """A disk that takes no more bytes (RLIMIT_FSIZE): neither --output nor the fallback can be
     written, so the results JSON is printed on stdout."""
-    limited = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)); "
-               "os.execv(sys.executable, [sys.executable, '-m', 'jaxind.main', *sys.argv[1:]])")
+    limited = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64)); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'jaxind.main', *sys.argv[1:]])"
+    )
     argv = [*world.pair(), "--tests=csu", f"--output={tmp_path / 'r.json'}"]
-    result = subprocess.run([sys.executable, "-c", limited, *argv],
-                            capture_output=True, text=True, cwd=REPO, env=cli_env())
+    result = subprocess.run(
+        [sys.executable, "-c", limited, *argv], capture_output=True, text=True, cwd=REPO, env=cli_env()
+    )
     errors = error_lines(result.stderr)
     assert result.returncode == 1 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "printed on stdout" in errors[0] and not (tmp_path / "r.json").exists()
-    doc = json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+    doc = json.loads(result.stdout[result.stdout.index("\n{") + 1 :])
     assert doc["tests"]["csu"]["pvalue"] < 1e-3
 
 
@@ -401,7 +608,9 @@ def test_ctrl_c_in_main_prints_one_line(world, tmp_path):
 
 def test_ctrl_c_in_convert_removes_the_partial_checkpoint(world, tmp_path):
     out = tmp_path / "ck"
-    frozen = Frozen("convert", [f"--src={world.a}", f"--out={out}", "--notokenizer"], "first_group_written", str(tmp_path / "logs"))
+    frozen = Frozen(
+        "convert", [f"--src={world.a}", f"--out={out}", "--notokenizer"], "first_group_written", str(tmp_path / "logs")
+    )
     try:
         assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-ck@")]  # the partial checkpoint
         _assert_interrupted(frozen, frozen.resume(signal.SIGINT), "interrupted; partial checkpoint removed")
@@ -425,7 +634,7 @@ def reference_params(world):
 
 
 def _which(out: Path, reference_params) -> str:
-    """"A" or "B": which source ``out`` loads as, leaf for leaf (anything else fails)."""
+    """ "A" or "B": which source ``out`` loads as, leaf for leaf (anything else fails)."""
     import jax
 
     loaded = jax.tree.leaves(_params(str(out)))
@@ -461,9 +670,17 @@ def test_two_converts_to_one_out_exactly_one_wins(world, tmp_path, reference_par
 def test_two_converts_started_together(world, tmp_path, reference_params):
     """No hooks: whatever the interleaving, one succeeds and the other reports the conflict."""
     out = tmp_path / "ck"
-    procs = [subprocess.Popen([sys.executable, "-m", "converters.convert", f"--src={src}", f"--out={out}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=cli_env())
-             for src in (world.a, world.b)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "converters.convert", f"--src={src}", f"--out={out}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=cli_env(),
+        )
+        for src in (world.a, world.b)
+    ]
     results = [(p.wait(300), p.communicate()[1]) for p in procs]
     assert sorted(code for code, _ in results) == [0, 1], results
     loser = [err for code, err in results if code == 1][0]
@@ -501,8 +718,10 @@ def test_stale_temps_are_removed_only_when_their_writer_is_gone(tmp_path):
     ours = Path(publish.make_temp_dir(str(dest)))  # this process: alive
     gone = tmp_path / f".tmp-ck@{socket.gethostname()}@{dead.pid}@new-x"
     elsewhere = tmp_path / f".tmp-ck@some-other-host@{dead.pid}@new-x"
-    other_dests = [tmp_path / f".tmp-ck2@{socket.gethostname()}@{dead.pid}@new-x",
-                   tmp_path / f".tmp-ck@x@{socket.gethostname()}@{dead.pid}@new-x"]  # the temp of `ck@x`
+    other_dests = [
+        tmp_path / f".tmp-ck2@{socket.gethostname()}@{dead.pid}@new-x",
+        tmp_path / f".tmp-ck@x@{socket.gethostname()}@{dead.pid}@new-x",
+    ]  # the temp of `ck@x`
     for d in (gone, elsewhere, *other_dests):
         d.mkdir()
     assert publish.clean_stale(str(dest)) == [str(gone)]
@@ -523,9 +742,15 @@ def test_renameat2_is_available(tmp_path):
 # Kill points of `convert --overwrite`, in order, and which model --out must hold right after a
 # SIGKILL there: the old one until the swap, the new one after it. `moved_aside` exists only
 # on the fallback path (no renameat2), where --out is briefly absent and the next run restores it.
-KILL_POINTS = [("first_group_written", "old", False), ("written", "old", False), ("swapped", "new", False),
-               ("discarding_old", "new", False), ("moved_aside", None, True), ("swapped", "new", True),
-               ("discarding_old", "new", True)]
+KILL_POINTS = [
+    ("first_group_written", "old", False),
+    ("written", "old", False),
+    ("swapped", "new", False),
+    ("discarding_old", "new", False),
+    ("moved_aside", None, True),
+    ("swapped", "new", True),
+    ("discarding_old", "new", True),
+]
 
 
 def test_overwrite_survives_sigkill_anywhere(world, tmp_path, reference_params):
@@ -566,8 +791,13 @@ def test_restore_after_a_kill_between_the_fallback_renames(world, tmp_path, refe
     refused, first renames the old checkpoint back."""
     out = tmp_path / "ck"
     assert run_cli("convert", [f"--src={world.a}", f"--out={out}"]).returncode == 0
-    frozen = Frozen("convert", [f"--src={world.b}", f"--out={out}", "--overwrite", "--notokenizer"], "moved_aside",
-                    str(tmp_path / "logs"), JAXIND_TEST_NO_RENAMEAT2="1")
+    frozen = Frozen(
+        "convert",
+        [f"--src={world.b}", f"--out={out}", "--overwrite", "--notokenizer"],
+        "moved_aside",
+        str(tmp_path / "logs"),
+        JAXIND_TEST_NO_RENAMEAT2="1",
+    )
     frozen.kill()
     frozen.close()
     assert not out.exists()

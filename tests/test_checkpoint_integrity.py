@@ -17,8 +17,9 @@ from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                  d_ff=128)
+CFG = ModelConfig(
+    family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,15 @@ def test_a_higher_layer_count_is_refused(saved, tmp_path):
         checkpoint.load_checkpoint(_copy(saved, tmp_path, n_layers=3))
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"n_heads": 2, "n_kv_heads": 1}, "layers.0.q"),  # fewer heads: q is narrower than stored
-    ({"vocab_size": 300}, "embed"),
-    ({"tie_embeddings": True}, "lm_head"),  # the stored head would be dropped
-    ({"qkv_bias": True}, "q_bias"),  # the config needs arrays that are not stored
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"n_heads": 2, "n_kv_heads": 1}, "layers.0.q"),  # fewer heads: q is narrower than stored
+        ({"vocab_size": 300}, "embed"),
+        ({"tie_embeddings": True}, "lm_head"),  # the stored head would be dropped
+        ({"qkv_bias": True}, "q_bias"),  # the config needs arrays that are not stored
+    ],
+)
 def test_other_edits_are_refused_by_array_name(saved, tmp_path, changes, named):
     with pytest.raises(CheckpointError, match=named):
         checkpoint.load_checkpoint(_copy(saved, tmp_path, **changes))
@@ -95,9 +99,13 @@ def test_a_malformed_config_is_a_clean_error(saved, tmp_path, text):
 
 def test_the_cli_reports_an_edited_checkpoint_on_one_line(saved, tmp_path):
     edited = _copy(saved, tmp_path, d_ff=256)
-    r = subprocess.run([sys.executable, "-m", "jaxind.main", f"--model_a={saved[0]}", f"--model_b={edited}",
-                        "--tests=csu"],
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxind.main", f"--model_a={saved[0]}", f"--model_b={edited}", "--tests=csu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines[0].startswith("error: ") and "layers.0.gate" in lines[0] and "(64, 128)" in lines[0]

@@ -36,8 +36,15 @@ def pair(tmp_path_factory):
 def test_cli_prints_models_and_writes_results_json(tmp_path, pair):
     a, b, _ = pair
     out = tmp_path / "res.json"
-    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,l2,jsd,match,csh,mc", "--num_perms=49",
-                 "--num_sequences=8", "--seq_len=16", f"--output={out}")
+    r = main_cli(
+        f"--model_a={a}",
+        f"--model_b={b}",
+        "--tests=csu,l2,jsd,match,csh,mc",
+        "--num_perms=49",
+        "--num_sequences=8",
+        "--seq_len=16",
+        f"--output={out}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "model_a:" in r.stdout and "family=llama layers=2 d=48 h=80 heads=6/2kv" in r.stdout
     doc = json.loads(out.read_text())
@@ -49,7 +56,9 @@ def test_cli_prints_models_and_writes_results_json(tmp_path, pair):
         assert t["log10_pvalue"] <= np.log10(0.05) and t["seconds"] >= 0, name
         assert name in r.stdout
     assert doc["tests"]["l2"]["pvalue"] == pytest.approx(1 / 50)
-    assert len(doc["tests"]["csu"]["layers"]) == 2 and {"layer_a", "layer_b", "pvalue", "log10_pvalue"} <= set(doc["tests"]["csu"]["layers"][0])
+    assert len(doc["tests"]["csu"]["layers"]) == 2 and {"layer_a", "layer_b", "pvalue", "log10_pvalue"} <= set(
+        doc["tests"]["csu"]["layers"][0]
+    )
     assert doc["tests"]["jsd"]["pvalue"] is None and doc["tests"]["jsd"]["statistic"] > 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic write left nothing behind
 
@@ -57,8 +66,15 @@ def test_cli_prints_models_and_writes_results_json(tmp_path, pair):
 def test_cli_localized_writes_matrix_map_and_heatmap(tmp_path, pair):
     a, b, _ = pair
     out = tmp_path / "loc.json"
-    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=match", "--localized", "--num_sequences=8",
-                 "--seq_len=16", f"--output={out}")
+    r = main_cli(
+        f"--model_a={a}",
+        f"--model_b={b}",
+        "--tests=match",
+        "--localized",
+        "--num_sequences=8",
+        "--seq_len=16",
+        f"--output={out}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     loc = json.loads(out.read_text())["tests"]["localized"]
     assert loc["layer_map"] == {"0": 0, "1": 1}
@@ -70,8 +86,10 @@ def test_cli_localized_writes_matrix_map_and_heatmap(tmp_path, pair):
 def test_cli_independent_pair_and_flagfile(tmp_path, pair):
     a, _, c = pair
     flagfile = tmp_path / "run.flags"
-    flagfile.write_text(f"--model_a={a}\n--model_b={c}\n--tests=csu,match\n--num_sequences=8\n--seq_len=16\n"
-                        f"--output={tmp_path / 'ind.json'}\n")
+    flagfile.write_text(
+        f"--model_a={a}\n--model_b={c}\n--tests=csu,match\n--num_sequences=8\n--seq_len=16\n"
+        f"--output={tmp_path / 'ind.json'}\n"
+    )
     r = main_cli(f"--flagfile={flagfile}")
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "ind.json").read_text())
@@ -81,9 +99,17 @@ def test_cli_independent_pair_and_flagfile(tmp_path, pair):
 def test_cli_records_tests_that_do_not_apply(tmp_path, pair):
     """L2 needs identical configs; a width mismatch is reported in the table, not a crash."""
     a, _, _ = pair
-    other = save(build_torch_model("llama_tied", seed=1, num_hidden_layers=2, intermediate_size=64), str(tmp_path / "w"))
-    r = main_cli(f"--model_a={a}", f"--model_b={other}", "--tests=l2,match", "--num_sequences=4", "--seq_len=8",
-                 f"--output={tmp_path / 'r.json'}")
+    other = save(
+        build_torch_model("llama_tied", seed=1, num_hidden_layers=2, intermediate_size=64), str(tmp_path / "w")
+    )
+    r = main_cli(
+        f"--model_a={a}",
+        f"--model_b={other}",
+        "--tests=l2,match",
+        "--num_sequences=4",
+        "--seq_len=8",
+        f"--output={tmp_path / 'r.json'}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "r.json").read_text())
     assert "same architecture" in doc["tests"]["l2"]["error"]
@@ -93,31 +119,50 @@ def test_cli_records_tests_that_do_not_apply(tmp_path, pair):
 def test_cli_layers_select_the_layers_of_every_layer_wise_test(tmp_path, pair):
     a, b, _ = pair
     out = tmp_path / "layers.json"
-    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,l2,match,jsd", "--layers=1", "--num_perms=19",
-                 "--num_sequences=4", "--seq_len=8", f"--output={out}")
+    r = main_cli(
+        f"--model_a={a}",
+        f"--model_b={b}",
+        "--tests=csu,l2,match,jsd",
+        "--layers=1",
+        "--num_perms=19",
+        "--num_sequences=4",
+        "--seq_len=8",
+        f"--output={out}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     tests = json.loads(out.read_text())["tests"]
     for name in ("csu", "l2", "match"):
         assert [(r["layer_a"], r["layer_b"]) for r in tests[name]["layers"]] == [(1, 1)], name
     assert tests["jsd"]["error"] is None and tests["jsd"]["statistic"] > 0  # not layer-wise: unaffected
     out = tmp_path / "pairs.json"
-    r = main_cli(f"--model_a={a}", f"--model_b={b}", "--tests=csu,match,l2", "--layer_pairs=1:0", "--num_perms=19",
-                 "--num_sequences=4", "--seq_len=8", f"--output={out}")
+    r = main_cli(
+        f"--model_a={a}",
+        f"--model_b={b}",
+        "--tests=csu,match,l2",
+        "--layer_pairs=1:0",
+        "--num_perms=19",
+        "--num_sequences=4",
+        "--seq_len=8",
+        f"--output={out}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     tests = json.loads(out.read_text())["tests"]
     assert [(r["layer_a"], r["layer_b"]) for r in tests["match"]["layers"]] == [(1, 0)]
     assert "cannot compare pairs" in tests["l2"]["error"]  # L2 compares layer l with layer l only
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--tests=bogus"], "unknown test"),
-    (["--data=csv:foo"], "not understood"),
-    (["--data=text:/nonexistent.txt"], "does not exist"),
-    (["--model_a=smollm2"], "pass both"),
-    (["--layers=1x"], "--layers"),
-    (["--layer_pairs=3"], "--layer_pairs"),
-    (["--layers=1", "--layer_pairs=1:1"], "not both"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--tests=bogus"], "unknown test"),
+        (["--data=csv:foo"], "not understood"),
+        (["--data=text:/nonexistent.txt"], "does not exist"),
+        (["--model_a=smollm2"], "pass both"),
+        (["--layers=1x"], "--layers"),
+        (["--layer_pairs=3"], "--layer_pairs"),
+        (["--layers=1", "--layer_pairs=1:1"], "not both"),
+    ],
+)
 def test_cli_flag_errors_are_one_line(args, expected):
     r = main_cli(*args)
     assert r.returncode == 1
@@ -191,7 +236,9 @@ def test_different_tokenizers_are_refused(tmp_path):
 
     (tmp_path / "t.txt").write_text("some text " * 20)
     with pytest.raises(JaxindError, match="different tokenizers"):
-        data.make_tokens(data.DataSpec.parse(f"text:{tmp_path / 't.txt'}", seq_len=8), 300, 300, ByteTokenizer(), Shifted())
+        data.make_tokens(
+            data.DataSpec.parse(f"text:{tmp_path / 't.txt'}", seq_len=8), 300, 300, ByteTokenizer(), Shifted()
+        )
 
 
 def test_batches_cover_every_sequence_once():

@@ -69,9 +69,13 @@ def test_mode_connectivity_detects_the_fine_tune(zoo):
     cfg, base = zoo["base"]
     tokens = demo.corpus_bytes()[: 4 * 32].reshape(4, 32)
     t = 19
-    dep = permtest.permtest(base, zoo["finetuned"][1], cfg, jax.random.key(3), num_perms=t, statistic="mc", tokens=tokens)
+    dep = permtest.permtest(
+        base, zoo["finetuned"][1], cfg, jax.random.key(3), num_perms=t, statistic="mc", tokens=tokens
+    )
     assert dep.pvalue == pytest.approx(1 / (t + 1))
-    ind = permtest.permtest(base, zoo["independent"][1], cfg, jax.random.key(3), num_perms=t, statistic="mc", tokens=tokens)
+    ind = permtest.permtest(
+        base, zoo["independent"][1], cfg, jax.random.key(3), num_perms=t, statistic="mc", tokens=tokens
+    )
     assert ind.pvalue > 0.05
 
 
@@ -94,8 +98,16 @@ def test_csh_detects_fine_tune_from_activations(zoo):
     for name in ("finetuned", "independent"):
         _, other = zoo[name]
         pairs = layers.default_pairs(cfg, cfg)
-        stats = grams.accumulate(base, cfg, other, cfg, [tokens], layers_a=(0, 1, 2, 3), layers_b=(0, 1, 2, 3),
-                                 pair_index=tuple((i, i) for i in range(4)))
+        stats = grams.accumulate(
+            base,
+            cfg,
+            other,
+            cfg,
+            [tokens],
+            layers_a=(0, 1, 2, 3),
+            layers_b=(0, 1, 2, 3),
+            pair_index=tuple((i, i) for i in range(4)),
+        )
         results[name] = constrained.csh_from_pass(stats, list(pairs), jax.random.key(0))
     assert results["finetuned"].log10_pvalue < -10
     assert results["independent"].pvalue > 0.01
@@ -133,8 +145,10 @@ def test_match_on_the_trained_zoo(zoo):
 
     cfg, base = zoo["base"]
     tokens = demo.corpus_bytes()[: 16 * 32].reshape(16, 32)
-    out = {name: match.match_test(base, cfg, zoo[name][1], zoo[name][0], [tokens], key=jax.random.key(4))
-           for name in ("finetuned", "independent", "permuted+rotated")}
+    out = {
+        name: match.match_test(base, cfg, zoo[name][1], zoo[name][0], [tokens], key=jax.random.key(4))
+        for name in ("finetuned", "independent", "permuted+rotated")
+    }
     assert out["finetuned"].log10_pvalue < -10
     assert out["permuted+rotated"].log10_pvalue < -10
     assert out["independent"].pvalue > 0.01
@@ -145,5 +159,10 @@ def test_csu_refuses_models_of_different_width():
     from jaxind.errors import JaxindError
 
     with pytest.raises(JaxindError, match="match"):
-        constrained.csu(model.init_params(TINY, jax.random.key(0)), TINY, model.init_params(other, jax.random.key(1)), other,
-                        jax.random.key(2))
+        constrained.csu(
+            model.init_params(TINY, jax.random.key(0)),
+            TINY,
+            model.init_params(other, jax.random.key(1)),
+            other,
+            jax.random.key(2),
+        )

@@ -48,7 +48,10 @@ def test_round_trip_is_bit_identical(tmp_path, family):
     cfg2, p2, meta = sources.read_model(str(tmp_path / "ckpt"))
     assert cfg1 == cfg2 and meta["format"] == "jaxind"
     assert_identical(p1, p2)
-    assert os.path.isfile(tmp_path / "ckpt" / "tokenizer" / "tokenizer_config.json") or "tokenizer not saved" in result.stderr
+    assert (
+        os.path.isfile(tmp_path / "ckpt" / "tokenizer" / "tokenizer_config.json")
+        or "tokenizer not saved" in result.stderr
+    )
     # A second conversion to the same place is refused unless --overwrite.
     again = run_cli(f"--src={src}", f"--out={tmp_path / 'ckpt'}")
     assert again.returncode != 0 and "already exists" in again.stderr
@@ -72,8 +75,15 @@ def test_sharded_safetensors_peak_memory(tmp_path):
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                      num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     src = tmp_path / "big"
     src.mkdir()
     cfg.save_pretrained(src)
@@ -81,11 +91,19 @@ def test_sharded_safetensors_peak_memory(tmp_path):
     shapes = {"model.embed_tokens.weight": (32000, 768), "lm_head.weight": (32000, 768), "model.norm.weight": (768,)}
     for i in range(8):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (768,), p + "post_attention_layernorm.weight": (768,),
-                       p + "self_attn.q_proj.weight": (768, 768), p + "self_attn.k_proj.weight": (256, 768),
-                       p + "self_attn.v_proj.weight": (256, 768), p + "self_attn.o_proj.weight": (768, 768),
-                       p + "mlp.gate_proj.weight": (2048, 768), p + "mlp.up_proj.weight": (2048, 768),
-                       p + "mlp.down_proj.weight": (768, 2048)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (768,),
+                p + "post_attention_layernorm.weight": (768,),
+                p + "self_attn.q_proj.weight": (768, 768),
+                p + "self_attn.k_proj.weight": (256, 768),
+                p + "self_attn.v_proj.weight": (256, 768),
+                p + "self_attn.o_proj.weight": (768, 768),
+                p + "mlp.gate_proj.weight": (2048, 768),
+                p + "mlp.up_proj.weight": (2048, 768),
+                p + "mlp.down_proj.weight": (768, 2048),
+            }
+        )
     names = sorted(shapes)
     shards = [names[i::4] for i in range(4)]
     weight_map = {}
@@ -95,9 +113,14 @@ def test_sharded_safetensors_peak_memory(tmp_path):
         weight_map.update({n: fname for n in shard})
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     model_mb = sum(int(np.prod(s)) for s in shapes.values()) * 4 / 2**20
-    result, peak = peak_rss_mb(sys.executable, "-m", "converters.convert", f"--src={src}", f"--out={tmp_path / 'ckpt'}", "--notokenizer")
+    result, peak = peak_rss_mb(
+        sys.executable, "-m", "converters.convert", f"--src={src}", f"--out={tmp_path / 'ckpt'}", "--notokenizer"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    print(f"sharded safetensors conversion: peak RSS {peak:.0f} MB, model float32 {model_mb:.0f} MB ({peak / model_mb:.2f}x)")
+    print(
+        f"sharded safetensors conversion: peak RSS {peak:.0f} MB, model float32 {model_mb:.0f} MB "
+        f"({peak / model_mb:.2f}x)"
+    )
     assert peak < 2 * model_mb
 
 
@@ -140,8 +163,10 @@ def bad_inputs(tmp_path_factory):
     return good, cases
 
 
-@pytest.mark.parametrize("case", ["missing", "unsupported", "truncated", "mismatch", "nan", "unhandled_attribute",
-                                  "corrupt_gguf", "hub_id_offline"])
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "unsupported", "truncated", "mismatch", "nan", "unhandled_attribute", "corrupt_gguf", "hub_id_offline"],
+)
 def test_bad_input_gives_one_clear_error_line(tmp_path, bad_inputs, case):
     _, cases = bad_inputs
     src, expected = cases[case]

@@ -31,8 +31,14 @@ def _trained_ish(key):
     layers = []
     for layer, k in zip(params["layers"], jax.random.split(k_mlp, CFG.n_layers)):
         kg, ku, kd = jax.random.split(k, 3)
-        layers.append(dict(layer, gate=2.5 * jax.random.normal(kg, (D, H)) / np.sqrt(D),
-                           up=jax.random.normal(ku, (D, H)) / np.sqrt(D), down=jax.random.normal(kd, (H, D)) / np.sqrt(H)))
+        layers.append(
+            dict(
+                layer,
+                gate=2.5 * jax.random.normal(kg, (D, H)) / np.sqrt(D),
+                up=jax.random.normal(ku, (D, H)) / np.sqrt(D),
+                down=jax.random.normal(kd, (H, D)) / np.sqrt(H),
+            )
+        )
     return dict(params, layers=layers)
 
 
@@ -74,8 +80,12 @@ def _plain_mlp(p, x):
 
 def _plain_params(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    return {"w1": 2.0 * jax.random.normal(k1, (D, H)) / np.sqrt(D), "b1": 0.5 * jax.random.normal(k2, (H,)),
-            "w2": jax.random.normal(k3, (H, D)) / np.sqrt(H), "b2": jnp.zeros((D,))}
+    return {
+        "w1": 2.0 * jax.random.normal(k1, (D, H)) / np.sqrt(D),
+        "b1": 0.5 * jax.random.normal(k2, (H,)),
+        "w2": jax.random.normal(k3, (H, D)) / np.sqrt(H),
+        "b2": jnp.zeros((D,)),
+    }
 
 
 @pytest.mark.slow
@@ -85,13 +95,27 @@ def test_non_glu_blocks_parent_vs_child_and_independent():
     gate (coupling ~1), so "auto" must use the split views (gate/up would flag the stranger too)."""
     parent = _plain_params(jax.random.key(1))
     perm = jax.random.permutation(jax.random.key(2), H)
-    noise = jax.tree.map(lambda w, k: 0.1 * jnp.std(w) * jax.random.normal(k, w.shape), parent,
-                         dict(zip(parent, jax.random.split(jax.random.key(3), 4))))
-    child = {"w1": parent["w1"][:, perm] + noise["w1"], "b1": parent["b1"][perm] + noise["b1"],
-             "w2": parent["w2"][perm] + noise["w2"], "b2": parent["b2"]}
+    noise = jax.tree.map(
+        lambda w, k: 0.1 * jnp.std(w) * jax.random.normal(k, w.shape),
+        parent,
+        dict(zip(parent, jax.random.split(jax.random.key(3), 4))),
+    )
+    child = {
+        "w1": parent["w1"][:, perm] + noise["w1"],
+        "b1": parent["b1"][perm] + noise["b1"],
+        "w2": parent["w2"][perm] + noise["w2"],
+        "b2": parent["b2"],
+    }
     stranger = _plain_params(jax.random.key(4))
-    res = generalized.generalized_from_blocks([(_plain_mlp, parent)], [(_plain_mlp, child), (_plain_mlp, stranger)], D,
-                                              key=jax.random.key(8), h=H, layer_pairs=[(0, 0), (0, 1)], steps=STEPS)
+    res = generalized.generalized_from_blocks(
+        [(_plain_mlp, parent)],
+        [(_plain_mlp, child), (_plain_mlp, stranger)],
+        D,
+        key=jax.random.key(8),
+        h=H,
+        layer_pairs=[(0, 0), (0, 1)],
+        steps=STEPS,
+    )
     child_rec, stranger_rec = res.layers
     child, stranger = child_rec.extra, stranger_rec.extra
     assert child["r2_a"] > 0.8 and child["r2_b"] > 0.8  # a bias-free GLU fits gelu(xW + b) only roughly
@@ -142,7 +166,11 @@ def test_gpt2_family_pair_from_one_parent(tmp_path):
     _, other_dir = _gpt2_checkpoint(tmp_path, "other", seed=2)
     a, child, other = (load_model(p) for p in (parent_dir, child_dir, other_dir))
     assert a.config.family == "gpt2" and not a.config.glu
-    dep = generalized.generalized_test(a.params, a.config, child.params, child.config, key=jax.random.key(0), steps=STEPS)
-    ind = generalized.generalized_test(a.params, a.config, other.params, other.config, key=jax.random.key(0), steps=STEPS)
+    dep = generalized.generalized_test(
+        a.params, a.config, child.params, child.config, key=jax.random.key(0), steps=STEPS
+    )
+    ind = generalized.generalized_test(
+        a.params, a.config, other.params, other.config, key=jax.random.key(0), steps=STEPS
+    )
     assert dep.log10_pvalue < -6, dep.log10_pvalue
     assert ind.pvalue > 0.01, ind.pvalue

@@ -9,18 +9,21 @@ import subprocess
 import sys
 
 import pytest
-
-import jaxind
-from converters.convert import convert
-from converters.sources import load_model
-from converters.readers import GGUFFileReader
 from gguf_models import write_tiny_llama_gguf
+
+from converters.convert import convert
+from converters.readers import GGUFFileReader
+from converters.sources import load_model
 from jaxind.errors import CheckpointError, JaxindError, UnsupportedModelError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(REPO, "README.md"), encoding="utf-8") as _f:
-    TEXTS = ["The quick brown fox jumps over the lazy dog.", "  two  spaces,\ttabs\nand newlines\n\n",
-             "<|im_start|>user\nünïcødé 日本語 🙂 1234567<|im_end|>", _f.read()[:3000]]
+    TEXTS = [
+        "The quick brown fox jumps over the lazy dog.",
+        "  two  spaces,\ttabs\nand newlines\n\n",
+        "<|im_start|>user\nünïcødé 日本語 🙂 1234567<|im_end|>",
+        _f.read()[:3000],
+    ]
 
 
 # Makes PyTorch unfindable, as in a plain install: `import torch` fails and importlib.util.find_spec("torch") (what
@@ -49,7 +52,8 @@ model = load_model(tiny)
 direct = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
 meta = convert(tiny, out, progress=False)
 saved = load_model(out).tokenizer(texts, add_special_tokens=False)["input_ids"]
-settings = runner.Settings(tests=("csu",), data=data.DataSpec(kind="text", path="README.md", num_sequences=2, seq_len=16))
+spec = data.DataSpec(kind="text", path="README.md", num_sequences=2, seq_len=16)
+settings = runner.Settings(tests=("csu",), data=spec)
 doc = runner.run_pair(model, model, settings, log=lambda _: None)
 print(json.dumps({"direct": direct, "saved": saved, "meta_tokenizer": meta["tokenizer"],
                   "torch_loaded": "torch" in sys.modules, "data_kind": doc["data"]["kind"],
@@ -75,8 +79,13 @@ def test_without_torch_the_tokenizer_is_read_and_saved(tiny_gguf, reference_toke
     """In a process where `import torch` fails: the GGUF's tokenizer loads (what --data=text uses) and the converter
     saves it; both give exactly the ids of transformers' own (PyTorch-based) GGUF tokenizer."""
     out = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-c", NO_TORCH + WITHOUT_TORCH_SCRIPT, tiny_gguf, str(out), json.dumps(TEXTS)],
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    r = subprocess.run(
+        [sys.executable, "-c", NO_TORCH + WITHOUT_TORCH_SCRIPT, tiny_gguf, str(out), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert not got["torch_loaded"] and got["meta_tokenizer"]["kind"] == "gguf"
@@ -91,11 +100,16 @@ def test_the_torch_free_builder_equals_transformers_gguf_tokenizer(smollm2_path,
 
     ours, ref = gguf_tokenizer_without_torch(smollm2_path), reference_tokenizer
     assert ours.get_vocab() == ref.get_vocab()
-    assert (ours.bos_token, ours.eos_token, ours.unk_token, ours.pad_token) == (ref.bos_token, ref.eos_token,
-                                                                                 ref.unk_token, ref.pad_token)
+    assert (ours.bos_token, ours.eos_token, ours.unk_token, ours.pad_token) == (
+        ref.bos_token,
+        ref.eos_token,
+        ref.unk_token,
+        ref.pad_token,
+    )
     for special in (True, False):
-        assert ours(TEXTS, add_special_tokens=special)["input_ids"] == \
-            ref(TEXTS, add_special_tokens=special)["input_ids"]
+        assert (
+            ours(TEXTS, add_special_tokens=special)["input_ids"] == ref(TEXTS, add_special_tokens=special)["input_ids"]
+        )
 
 
 def test_a_source_without_tokenizer_is_converted_with_a_recorded_reason(tmp_path, caplog):
@@ -107,7 +121,7 @@ def test_a_source_without_tokenizer_is_converted_with_a_recorded_reason(tmp_path
     with open(tmp_path / "out" / "jaxind_meta.json") as f:
         assert json.load(f)["tokenizer_missing"] == meta["tokenizer_missing"]
     with pytest.raises(JaxindError, match="has no tokenizer"):
-        load_model(str(tmp_path / "out")).tokenizer
+        _ = load_model(str(tmp_path / "out")).tokenizer
 
 
 def test_an_unreadable_tokenizer_stops_the_conversion_before_any_work(tmp_path):
@@ -118,23 +132,28 @@ def test_an_unreadable_tokenizer_stops_the_conversion_before_any_work(tmp_path):
     meta = convert(src, str(tmp_path / "out"), with_tokenizer=False, progress=False)
     assert meta["tokenizer_missing"] == "converted with --notokenizer"
     with pytest.raises(JaxindError, match="--notokenizer"):
-        load_model(str(tmp_path / "out")).tokenizer
+        _ = load_model(str(tmp_path / "out")).tokenizer
 
 
 def test_unknown_gguf_metadata_never_blocks_and_is_recorded(tmp_path):
     src = write_tiny_llama_gguf(str(tmp_path / "m.gguf"), metadata={"llama.some_future_key": 7, "general.note": "x"})
     reader = GGUFFileReader(src)
     assert reader.config.n_layers == 2
-    assert reader.ignored_config_keys == {"llama.context_length": "GGUF metadata jaxind does not use",
-                                          "llama.some_future_key": "GGUF metadata jaxind does not use"}
+    assert reader.ignored_config_keys == {
+        "llama.context_length": "GGUF metadata jaxind does not use",
+        "llama.some_future_key": "GGUF metadata jaxind does not use",
+    }
     assert load_model(src).summary()["ignored_config_keys"] == reader.ignored_config_keys
 
 
-@pytest.mark.parametrize("metadata, named", [
-    ({"llama.expert_count": 8}, "expert_count"),
-    ({"llama.rope.dimension_count": 4}, "rope.dimension_count"),
-    ({"llama.rope.scaling.type": "yarn"}, "yarn"),
-])
+@pytest.mark.parametrize(
+    "metadata, named",
+    [
+        ({"llama.expert_count": 8}, "expert_count"),
+        ({"llama.rope.dimension_count": 4}, "rope.dimension_count"),
+        ({"llama.rope.scaling.type": "yarn"}, "yarn"),
+    ],
+)
 def test_gguf_metadata_that_changes_the_function_is_refused(tmp_path, metadata, named):
     src = write_tiny_llama_gguf(str(tmp_path / "m.gguf"), metadata=metadata)
     with pytest.raises(UnsupportedModelError, match=named):

@@ -29,8 +29,20 @@ PUBLISHED = {
     "Qwen__Qwen2-7B": ("qwen2", 152064, 3584, 28, 28, 4, 128, 18944, False, 1e6, None, None),
     "Qwen__Qwen2.5-0.5B": ("qwen2", 151936, 896, 24, 14, 2, 64, 4864, True, 1e6, None, None),
     "Qwen__Qwen2.5-1.5B": ("qwen2", 151936, 1536, 28, 12, 2, 128, 8960, True, 1e6, None, None),
-    "Qwen__Qwen2.5-1.5B-Instruct__saved-by-transformers-5":
-        ("qwen2", 151936, 1536, 28, 12, 2, 128, 8960, True, 1e6, None, None),
+    "Qwen__Qwen2.5-1.5B-Instruct__saved-by-transformers-5": (
+        "qwen2",
+        151936,
+        1536,
+        28,
+        12,
+        2,
+        128,
+        8960,
+        True,
+        1e6,
+        None,
+        None,
+    ),
     "Qwen__Qwen2.5-7B-Instruct": ("qwen2", 152064, 3584, 28, 28, 4, 128, 18944, False, 1e6, None, None),
     "HuggingFaceTB__SmolLM2-135M": ("llama", 49152, 576, 30, 9, 3, 64, 1536, True, 1e5, None, None),
     "HuggingFaceTB__SmolLM2-1.7B": ("llama", 49152, 2048, 24, 32, 32, 64, 8192, True, 1.3e5, None, None),
@@ -63,8 +75,18 @@ def test_published_config_parses_to_the_published_shapes(name):
     hf = _load(name)
     cfg, ignored = parse_hf_config(hf)
     family, vocab, d, layers, heads, kv, head_dim, d_ff, tied, theta, rope_type, window = PUBLISHED[name]
-    got = (cfg.family, cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff,
-           cfg.tie_embeddings, cfg.sliding_window)
+    got = (
+        cfg.family,
+        cfg.vocab_size,
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.d_ff,
+        cfg.tie_embeddings,
+        cfg.sliding_window,
+    )
     assert got == (family, vocab, d, layers, heads, kv, head_dim, d_ff, tied, window)
     if family == "gpt2":
         assert not cfg.rope and cfg.max_positions == 1024 and not cfg.glu
@@ -85,7 +107,11 @@ def test_jaxind_reads_what_transformers_reads(name):
     cfg, _ = parse_hf_config(hf)
     ref = AutoConfig.for_model(**hf)
     assert (ref.vocab_size, ref.hidden_size, ref.num_hidden_layers, ref.num_attention_heads) == (
-        cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads)
+        cfg.vocab_size,
+        cfg.d_model,
+        cfg.n_layers,
+        cfg.n_heads,
+    )
     if cfg.family == "gpt2":
         return
     assert ref.intermediate_size == cfg.d_ff and ref.num_key_value_heads == cfg.n_kv_heads
@@ -123,15 +149,18 @@ def _llama(**changes) -> dict:
     return {**_load("meta-llama__Llama-3.2-1B"), **changes}
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "'gelu'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
-    ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-    ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),
-    ({"num_hidden_layers": "sixteen"}, "num_hidden_layers"),
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "'gelu'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+        ({"rope_scaling": None, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "'yarn'"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "fp8"),
+        ({"num_hidden_layers": "sixteen"}, "num_hidden_layers"),
+    ],
+)
 def test_keys_that_change_the_function_are_refused_by_name(changes, named):
     with pytest.raises((UnsupportedModelError, CheckpointError)) as info:
         parse_hf_config(_llama(**changes))

@@ -72,11 +72,13 @@ def test_chunked_passes_match_single_pass(model_a, batches):
     b = perturb(model_a, jax.random.key(6), rel=3.0)
     one = localized.localized_test(model_a, CFG, b, CFG, batches, key=jax.random.key(7))
     budget = localized.pair_memory_bytes(CFG, CFG, CFG.n_layers, 1)  # one B layer per pass
-    many = localized.localized_test(model_a, CFG, b, CFG, lambda: iter(batches), key=jax.random.key(7),
-                                    memory_budget_bytes=budget)
+    many = localized.localized_test(
+        model_a, CFG, b, CFG, lambda: iter(batches), key=jax.random.key(7), memory_budget_bytes=budget
+    )
     assert one.extra["num_passes"] == 1 and many.extra["num_passes"] == 4
-    np.testing.assert_allclose(many.extra["log10_pvalue_matrix"], one.extra["log10_pvalue_matrix"], rtol=1e-6,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        many.extra["log10_pvalue_matrix"], one.extra["log10_pvalue_matrix"], rtol=1e-6, atol=1e-9
+    )
 
 
 def test_independent_models_empty_layer_map(model_a, batches):

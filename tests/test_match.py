@@ -117,7 +117,9 @@ def test_rectangular_pruned_widths(model_a, batches):
 def test_calibration_independent_pairs_uniform():
     """120 independent pairs of tiny 2-layer models: Fisher-combined and per-layer p-values are
     uniform (KS test) and the 5% level is respected. Cheap: one compiled step, 32 x 32 LAPs."""
-    cfg = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
+    cfg = ModelConfig(
+        family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32
+    )
     tokens = [jax.random.randint(jax.random.key(2), (8, 16), 0, 64)]
     init = jax.jit(lambda k: model.init_params(cfg, k))
     combined, per_layer = [], []
@@ -145,8 +147,9 @@ def test_input_grams_give_the_activation_grams_exactly(model_a):
     b = perturb(model_a, jax.random.key(11), rel=3.0)
     tokens = jax.random.randint(jax.random.key(12), (3, 16), 0, CFG.vocab_size)
     mask = jnp.ones((3, 16)).at[2, 5:].set(0.0)
-    stats = grams.accumulate(model_a, CFG, b, CFG, [(tokens, mask)], layers_a=(0, 1), layers_b=(1,),
-                             pair_index=((0, 0), (1, 0)))
+    stats = grams.accumulate(
+        model_a, CFG, b, CFG, [(tokens, mask)], layers_a=(0, 1), layers_b=(1,), pair_index=((0, 0), (1, 0))
+    )
     keep = np.asarray(mask).reshape(-1) > 0
     _, acts_a = model.forward(model_a, CFG, tokens, collect=(0, 1), return_logits=False)
     _, acts_b = model.forward(b, CFG, tokens, collect=(1,), return_logits=False)
@@ -156,6 +159,6 @@ def test_input_grams_give_the_activation_grams_exactly(model_a):
             xb = np.asarray(acts_b[lb][proj], np.float64).reshape(-1, CFG.d_ff)[keep]
             cross, sq_a, sq_b = stats.grams(p, proj)
             np.testing.assert_allclose(cross, xa.T @ xb, rtol=1e-4, atol=1e-4 * np.abs(xa.T @ xb).max())
-            np.testing.assert_allclose(sq_a, (xa ** 2).sum(0), rtol=1e-4)
-            np.testing.assert_allclose(sq_b, (xb ** 2).sum(0), rtol=1e-4)
+            np.testing.assert_allclose(sq_a, (xa**2).sum(0), rtol=1e-4)
+            np.testing.assert_allclose(sq_b, (xb**2).sum(0), rtol=1e-4)
     assert stats.count == keep.sum()

@@ -23,8 +23,13 @@ def torch_reference(model, tokens):
     hooks = []
     for i, modules in enumerate(mlp_modules(model)):
         for proj, module in modules.items():
-            hooks.append(module.register_forward_hook(
-                lambda mod, inp, out, i=i, proj=proj: captured.setdefault(i, {}).__setitem__(proj, out.detach().numpy())))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda mod, inp, out, i=i, proj=proj: captured.setdefault(i, {}).__setitem__(
+                        proj, out.detach().numpy()
+                    )
+                )
+            )
     with torch.no_grad():
         logits = model(torch.tensor(tokens)).logits.numpy()
     for h in hooks:

@@ -13,13 +13,39 @@ from jaxind.errors import JaxindError
 from jaxind.model import forward_jit, init_params
 from jaxind.permtest import permtest, permtest_loop
 
-CFG = ModelConfig("qwen2", vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16,
-                  qkv_bias=True, o_bias=True)
-TIED = ModelConfig("llama", vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16,
-                   tie_embeddings=True)
-GPT2 = ModelConfig("gpt2", vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=16,
-                   tie_embeddings=True, qkv_bias=True, o_bias=True, mlp_act="gelu_tanh", glu=False,
-                   norm_kind="layer", max_positions=8, mlp_bias=True)
+CFG = ModelConfig(
+    "qwen2",
+    vocab_size=32,
+    d_model=8,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=1,
+    head_dim=4,
+    d_ff=16,
+    qkv_bias=True,
+    o_bias=True,
+)
+TIED = ModelConfig(
+    "llama", vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16, tie_embeddings=True
+)
+GPT2 = ModelConfig(
+    "gpt2",
+    vocab_size=32,
+    d_model=8,
+    n_layers=2,
+    n_heads=2,
+    n_kv_heads=2,
+    head_dim=4,
+    d_ff=16,
+    tie_embeddings=True,
+    qkv_bias=True,
+    o_bias=True,
+    mlp_act="gelu_tanh",
+    glu=False,
+    norm_kind="layer",
+    max_positions=8,
+    mlp_bias=True,
+)
 TOKENS = jax.random.randint(jax.random.key(7), (2, 6), 0, 32)
 T_SMALL = 31  # draws for the equality tests (one compiled shape on 1 and 8 devices)
 

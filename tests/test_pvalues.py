@@ -20,8 +20,12 @@ def log10_t_two_sided_by_quadrature(t: float, dof: float) -> float:
     t density f in log space and the (bounded, well-scaled) ratio integrated numerically."""
 
     def log_pdf(u):
-        return (special.gammaln((dof + 1) / 2) - special.gammaln(dof / 2) - 0.5 * math.log(dof * math.pi)
-                - (dof + 1) / 2 * math.log1p(u * u / dof))
+        return (
+            special.gammaln((dof + 1) / 2)
+            - special.gammaln(dof / 2)
+            - 0.5 * math.log(dof * math.pi)
+            - (dof + 1) / 2 * math.log1p(u * u / dof)
+        )
 
     lt = log_pdf(t)
     ratio, _ = integrate.quad(lambda u: math.exp(log_pdf(u) - lt), t, np.inf, epsabs=0, epsrel=1e-12, limit=200)

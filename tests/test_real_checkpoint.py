@@ -8,10 +8,9 @@ import time
 
 import numpy as np
 import pytest
-
-import jaxind
-from converters.sources import load_model
 from test_parity import rel_err, torch_reference
+
+from converters.sources import load_model
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +71,9 @@ def test_loads_and_matches_transformers(ours, smollm2_torch, smollm2):
 def test_ignored_keys_land_in_the_results_json(ours, smollm2):
     from jaxind import data, runner
 
-    doc = runner.run_pair(ours, smollm2, runner.Settings(tests=(), data=data.DataSpec(num_sequences=1, seq_len=2)),
-                          log=lambda _: None)
+    doc = runner.run_pair(
+        ours, smollm2, runner.Settings(tests=(), data=data.DataSpec(num_sequences=1, seq_len=2)), log=lambda _: None
+    )
     assert "unk_token_id" in doc["model_a"]["ignored_config_keys"]
     assert doc["model_b"]["ignored_config_keys"] == {"llama.context_length": "GGUF metadata jaxind does not use"}
     json.dumps(doc)

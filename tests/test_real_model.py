@@ -1,11 +1,8 @@
 """The real SmolLM2-135M-Instruct GGUF against transformers' own GGUF loader (float32 both,
 dequantised alike by the `gguf` package)."""
 
-import os
-
 import numpy as np
 import pytest
-
 from test_parity import rel_err, torch_reference
 
 pytestmark = pytest.mark.slow  # the real model: loading, parity, MATCH, the CLI on it
@@ -19,7 +16,15 @@ def reference(smollm2_torch):
 def test_config_read_from_gguf_metadata(smollm2):
     c = smollm2.config
     assert (c.family, c.n_layers, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (
-        "llama", 30, 576, 1536, 9, 3, 64, 49152)
+        "llama",
+        30,
+        576,
+        1536,
+        9,
+        3,
+        64,
+        49152,
+    )
     assert c.tie_embeddings and c.rope_theta == 100000.0
     assert smollm2.summary()["params"] == c.num_params() == 134_515_008
 
@@ -40,7 +45,11 @@ def test_gguf_tokenizer_and_real_text(smollm2):
     assert tok.decode(ids) == "The quick brown fox jumps over the lazy dog."
     logits = np.asarray(smollm2.logits(np.asarray([ids])))
     # A real language model predicts real text far better than chance (log 49152 = 10.8 nats).
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
     nll = -np.mean([logp[0, i, ids[i + 1]] for i in range(len(ids) - 1)])
     assert nll < 6.0
 
@@ -61,8 +70,9 @@ def test_match_detects_disguised_and_fine_tuned_smollm2(smollm2, smollm2_finetun
     assert rel_err(logits, smollm2.logits(tokens[:1])) < 1e-3  # the same function
     layers = [(l, l) for l in (0, 10, 20, 29)]
     for params_b, cfg_b in ((disguised, disguised_cfg), (smollm2_finetuned, cfg)):
-        out = match.match_test(smollm2.params, cfg, params_b, cfg_b, [tokens[:2], tokens[2:]], key=jax.random.key(0),
-                               layer_pairs=layers)
+        out = match.match_test(
+            smollm2.params, cfg, params_b, cfg_b, [tokens[:2], tokens[2:]], key=jax.random.key(0), layer_pairs=layers
+        )
         assert out.log10_pvalue < -10, out.log10_pvalue
 
 
@@ -74,8 +84,16 @@ def test_cli_on_the_real_model_with_text_data(tmp_path, smollm2_path):
     from helpers import run_module
 
     out = tmp_path / "self.json"
-    r = run_module("jaxind.main", f"--model_a={smollm2_path}", "--model_b=smollm2", "--tests=csu,match",
-                   "--data=text:jaxind/data/demo_corpus.txt", "--num_sequences=4", "--seq_len=32", f"--output={out}")
+    r = run_module(
+        "jaxind.main",
+        f"--model_a={smollm2_path}",
+        "--model_b=smollm2",
+        "--tests=csu,match",
+        "--data=text:jaxind/data/demo_corpus.txt",
+        "--num_sequences=4",
+        "--seq_len=32",
+        f"--output={out}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["data"]["kind"] == "text" and doc["data"]["tokens_shape"] == [4, 32]

@@ -1,7 +1,6 @@
 """The symmetry group: every group action leaves the logits unchanged, on every family, and
 the group laws (compose / invert / identity) hold."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +18,28 @@ CONFIGS = {
     "llama": ModelConfig("llama", V, D, L, H_HEADS, KV, HD, H),
     "mistral_window": ModelConfig("mistral", V, D, L, H_HEADS, KV, HD, H, sliding_window=3),
     "qwen2_bias": ModelConfig("qwen2", V, D, L, H_HEADS, KV, HD, H, qkv_bias=True),
-    "gemma": ModelConfig("gemma", V, D, L, H_HEADS, 1, HD, H, mlp_act="gelu_tanh", norm_offset=1.0,
-                         embed_scale=True, tie_embeddings=True),
+    "gemma": ModelConfig(
+        "gemma", V, D, L, H_HEADS, 1, HD, H, mlp_act="gelu_tanh", norm_offset=1.0, embed_scale=True, tie_embeddings=True
+    ),
     "llama_tied_obias": ModelConfig("llama", V, D, L, H_HEADS, KV, HD, H, tie_embeddings=True, o_bias=True),
-    "gpt2": ModelConfig("gpt2", V, D, L, H_HEADS, H_HEADS, HD, H, tie_embeddings=True, qkv_bias=True, o_bias=True,
-                        mlp_act="gelu_tanh", glu=False, norm_kind="layer", max_positions=16, mlp_bias=True),
+    "gpt2": ModelConfig(
+        "gpt2",
+        V,
+        D,
+        L,
+        H_HEADS,
+        H_HEADS,
+        HD,
+        H,
+        tie_embeddings=True,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_act="gelu_tanh",
+        glu=False,
+        norm_kind="layer",
+        max_positions=16,
+        mlp_bias=True,
+    ),
 }
 
 
@@ -36,6 +52,8 @@ def refuses_rotation(cfg) -> bool:
     with pytest.raises(JaxindError, match="LayerNorm"):
         S.fold_norms(random_params(cfg), cfg)
     return True
+
+
 TOKENS = jax.random.randint(jax.random.key(99), (2, 9), 0, V)
 
 
@@ -78,7 +96,9 @@ def test_mlp_permutations_preserve_logits(family):
         np.testing.assert_array_equal(out["layers"][layer]["down"], params["layers"][layer]["down"][perm.mlp[layer]])
         np.testing.assert_array_equal(out["layers"][layer]["attn_norm"], params["layers"][layer]["attn_norm"])
         if cfg.mlp_bias:
-            np.testing.assert_array_equal(out["layers"][layer]["up_bias"], params["layers"][layer]["up_bias"][perm.mlp[layer]])
+            np.testing.assert_array_equal(
+                out["layers"][layer]["up_bias"], params["layers"][layer]["up_bias"][perm.mlp[layer]]
+            )
     assert_same_function(params, cfg, out, cfg)
 
 

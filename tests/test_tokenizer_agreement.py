@@ -32,8 +32,12 @@ def tokenizers_and_text(tmp_path_factory):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.train_from_iterator(
+        [text],
+        trainers.BpeTrainer(
+            vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     root = tmp_path_factory.mktemp("tok")
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>").save_pretrained(root / "a")
     tok_a = AutoTokenizer.from_pretrained(root / "a")
@@ -104,16 +108,37 @@ def test_the_cli_refuses_the_swapped_tokenizer(tokenizers_and_text, tmp_path):
 
     _, _, path, _, root = tokenizers_and_text
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     for name in ("a", "b"):
         model.save_pretrained(tmp_path / name)
         for file in ("tokenizer.json", "tokenizer_config.json"):
             (tmp_path / name / file).write_bytes((root / name / file).read_bytes())
-    r = subprocess.run([sys.executable, "-m", "jaxind.main", f"--model_a={tmp_path / 'a'}",
-                        f"--model_b={tmp_path / 'b'}", "--tests=csu", f"--data=text:{path}", "--num_sequences=2",
-                        "--seq_len=16"],
-                       capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxind.main",
+            f"--model_a={tmp_path / 'a'}",
+            f"--model_b={tmp_path / 'b'}",
+            "--tests=csu",
+            f"--data=text:{path}",
+            "--num_sequences=2",
+            "--seq_len=16",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
     assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "tokenise the data differently" in errors[0]
