@@ -3,14 +3,16 @@
 Family-agnostic: it matches names against the reader's table (:mod:`converters.mappings`),
 applies each rule's transform, checks shape and finiteness against the config, and fills the
 tree. Work is done group by group -- each top-level leaf, then one decoder layer at a time --
-so a caller that writes each group out (the converter) never holds the whole model.
+so a caller that writes each group out (the converter) never holds the whole model. Checkpoint
+tensors name one layer each (``"layers.3.q"``); :func:`assemble` writes each layer group into its
+row of the stacked leaves of :mod:`jaxind.model` (``"layers" -> {"q": (L, d, H*hd), ...}``).
 Every problem becomes a :class:`CheckpointError` naming the tensor and the fix.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -92,7 +94,7 @@ def iter_groups(
 ) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """Yields ``(group, {leaf_name: array})`` in order: embed, layers.0 .. layers.L-1, the rest."""
     cfg = reader.config
-    expected = model.param_shapes_flat(cfg)
+    expected = model.param_shapes_flat(cfg, per_layer=True)
     groups = plan(reader, source, expected)
     for group, entries in tqdm(
         groups.items(), desc=f"converting {source}", unit="group", disable=not progress, leave=False
@@ -114,14 +116,31 @@ def iter_groups(
         yield group, out
 
 
-def assemble(groups: Iterator[tuple[str, dict[str, Any]]], cfg: ModelConfig) -> dict[str, Any]:
-    """Collects :func:`iter_groups` output into the nested param tree of :mod:`jaxind.model`."""
-    tree: dict[str, Any] = {"layers": [None] * cfg.n_layers}
+def assemble(groups: Iterable[tuple[str, dict[str, Any]]], cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, Any]:
+    """Collects :func:`iter_groups` output into the stacked param tree of :mod:`jaxind.model`: each
+    ``layers.l`` group is copied into row ``l`` of the stacked numpy leaves (allocated once, when the
+    first layer arrives), so the tree never holds a layer twice.
+
+    Raises:
+      CheckpointError: a layer group is missing or a leaf is absent from some layers.
+    """
+    tree: dict[str, Any] = {}
+    stacked: dict[str, np.ndarray] = {}
+    seen: dict[str, set[int]] = {}
     for group, leaves in groups:
-        if group.startswith("layers."):
-            tree["layers"][int(group.split(".")[1])] = leaves
-        else:
+        if not group.startswith("layers."):
             tree.update(leaves)
+            continue
+        layer = int(group.split(".")[1])
+        for name, value in leaves.items():
+            if name not in stacked:
+                stacked[name] = np.empty((cfg.n_layers, *np.shape(value)), dtype)
+            stacked[name][layer] = value
+            seen.setdefault(name, set()).add(layer)
+    incomplete = sorted(name for name, layers in seen.items() if len(layers) != cfg.n_layers)
+    if incomplete:
+        raise CheckpointError(f"layers missing for {incomplete}: incomplete checkpoint; convert again")
+    tree["layers"] = stacked
     return tree
 
 
@@ -129,4 +148,4 @@ def build_params(
     reader: Reader, dtype: Any = np.float32, source: str = "checkpoint", progress: bool = False
 ) -> dict[str, Any]:
     """The whole param tree of ``reader.config`` as numpy leaves."""
-    return assemble(iter_groups(reader, dtype, source, progress), reader.config)
+    return assemble(iter_groups(reader, dtype, source, progress), reader.config, dtype)

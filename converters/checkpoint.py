@@ -3,12 +3,16 @@
 Layout of a checkpoint directory::
 
     DIR/jaxind_config.json        ModelConfig
-    DIR/jaxind_meta.json          source, format, jaxind version
+    DIR/jaxind_meta.json          source, format, jaxind version, format_version, groups
     DIR/params/embed/             one orbax (PyTree) checkpoint per group: each top-level
-    DIR/params/layers.0/ ...      leaf, and each decoder layer
+    DIR/params/layers.0/ ...      leaf, and each decoder layer ({"q": (d, H*hd), ...})
     DIR/tokenizer/                optional: the source's tokenizer (save_pretrained)
 
-Groups are written one at a time, so converting streams: only one layer is in memory.
+Groups are written one at a time, so converting streams: only one layer is in memory. On disk the
+layers stay one group each; loading copies each group into its row of the stacked leaves
+(:func:`converters.build.assemble`), one layer at a time. ``format_version`` (:data:`FORMAT_VERSION`)
+is 2 since the param tree became stacked; format 1 (no ``format_version``, jaxind 0.1) has the same
+groups and loads unchanged; a newer format is refused with a message to convert again.
 The directory appears atomically: written under a hidden temporary name, then renamed into
 place without replacing anything unless asked to (see :mod:`converters.publish`).
 """
@@ -31,6 +35,8 @@ from jaxind.errors import CheckpointError, JaxindError
 
 CONFIG_FILE = "jaxind_config.json"
 META_FILE = "jaxind_meta.json"
+# The checkpoint layout this code writes; it reads every version from 1 (no "format_version" key) up to this.
+FORMAT_VERSION = 2
 
 
 def is_checkpoint(path: str) -> bool:
@@ -44,11 +50,13 @@ def _checkpointer():
 
 
 def groups_of(params: dict[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
-    """An in-memory param tree as ``(group, leaves)`` pairs (see :func:`converters.build.iter_groups`)."""
+    """An in-memory (stacked) param tree as ``(group, leaves)`` pairs, one group per layer, as
+    :func:`converters.build.iter_groups` yields them; each layer is sliced out when its turn comes."""
     for key, value in params.items():
         if key == "layers":
-            for i, layer in enumerate(value):
-                yield f"layers.{i}", layer
+            depth = int(next(iter(value.values())).shape[0])
+            for i in range(depth):
+                yield f"layers.{i}", {name: leaf[i] for name, leaf in value.items()}
         else:
             yield key, {key: value}
 
@@ -107,7 +115,7 @@ def save_checkpoint(
         if write_tokenizer is not None:
             write_tokenizer(os.path.join(tmp, "tokenizer"))
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump({**meta, "groups": names}, f, indent=2, sort_keys=True)
+            json.dump({**meta, "groups": names, "format_version": FORMAT_VERSION}, f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:  # last: its presence marks a checkpoint
             f.write(cfg.to_json())
         testhooks.stop_at("written")
@@ -161,6 +169,7 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
         raise CheckpointError(f"{config_path} is malformed ({e}); restore the file or convert again") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{meta_path} is not a JSON object; restore the file or convert the model again")
+    check_format(path, meta)
     targets = check_stored(path, cfg, meta)
     checkpointer = _checkpointer()
 
@@ -189,6 +198,21 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
         return group, restored
 
     return cfg, assemble((restore(g, t) for g, t in targets.items()), cfg), meta
+
+
+def check_format(path: str, meta: dict[str, Any]) -> None:
+    """Refuses a checkpoint format this code cannot read (see the module doc).
+
+    Raises:
+      CheckpointError: ``format_version`` is not an integer from 1 to :data:`FORMAT_VERSION`.
+    """
+    version = meta.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format_version {version!r} in {META_FILE}; this jaxind reads formats 1 to "
+            f"{FORMAT_VERSION}: convert the model again with this jaxind (python -m converters.convert --src=... "
+            "--out=...) or use the jaxind that wrote it"
+        )
 
 
 def _stored_shapes(checkpointer: Any, location: str) -> dict[str, tuple[int, ...]]:
@@ -220,7 +244,7 @@ def check_stored(path: str, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str,
 
     fix = f"the config ({CONFIG_FILE}) and the stored weights disagree: restore the original config or convert again"
     try:
-        expected = model.param_shapes_flat(cfg)
+        expected = model.param_shapes_flat(cfg, per_layer=True)
     except Exception as e:  # a config whose shapes cannot even be formed
         raise CheckpointError(f"{path}: invalid config ({type(e).__name__}: {e}); {fix}") from None
     targets: dict[str, dict[str, Any]] = {}

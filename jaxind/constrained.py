@@ -19,6 +19,7 @@ score, flagged as such in the results (``exact: False``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,13 @@ def cosine_matrix(w_a: jax.Array, w_b: jax.Array) -> jax.Array:
     return jnp.matmul(_unit_rows(w_a), _unit_rows(w_b).T, precision=jax.lax.Precision.HIGHEST)
 
 
+@jax.jit
+def layer_cosine_matrix(stack_a: jax.Array, layer_a: jax.Array, stack_b: jax.Array, layer_b: jax.Array) -> jax.Array:
+    """:func:`cosine_matrix` of layer ``layer_a`` of stacked kernels ``(L_A, in, h_A)`` against layer ``layer_b``
+    of ``(L_B, in, h_B)`` (layer indices traced: one compilation for every pair, no copy of a layer)."""
+    return cosine_matrix(stack_a[layer_a], stack_b[layer_b])
+
+
 def matched_spearman(similarity: np.ndarray, key: jax.Array) -> tuple[pvalues.SpearmanResult, np.ndarray, np.ndarray]:
     """Maximum-similarity matching of ``similarity (h_A, h_B)`` and the Spearman test of the
     matched column index against the row index; returns ``(result, rows, cols)``."""
@@ -74,7 +82,7 @@ def csu(
     pairs = resolve_pairs(layers, cfg_a, cfg_b, "CSU")
     records = []
     for (la, lb), k in zip(pairs, jax.random.split(key, len(pairs))):
-        sim = cosine_matrix(params_a["layers"][la]["up"], params_b["layers"][lb]["up"])
+        sim = layer_cosine_matrix(params_a["layers"]["up"], la, params_b["layers"]["up"], lb)
         result, _, _ = matched_spearman(np.asarray(sim), k)
         records.append(LayerResult.from_spearman(la, lb, result))
     return fisher_result("csu", records, exact=True)
@@ -91,19 +99,34 @@ def csu_all(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: Model
         raise JaxindError("CSU-all found no equally shaped 2-D parameters in the two models")
     records = []
     for path, k in zip(common, jax.random.split(key, len(common))):
-        result, _, _ = matched_spearman(np.asarray(cosine_matrix(leaves_a[path], leaves_b[path])), k)
-        layer = int(path.split(".")[1]) if path.startswith("layers.") else -1
+        (stack_a, layer), (stack_b, _) = leaves_a[path], leaves_b[path]
+        sim = cosine_matrix(stack_a, stack_b) if layer < 0 else layer_cosine_matrix(stack_a, layer, stack_b, layer)
+        result, _, _ = matched_spearman(np.asarray(sim), k)
         records.append(LayerResult.from_spearman(layer, layer, result, param=path))
     return fisher_result("csu_all", records, exact=False, note=CSU_ALL_NOTE)
 
 
-def _flat_2d(params: Params) -> dict[str, jax.Array]:
-    """Every 2-D leaf by dotted path, except the vocabulary- and position-sized ones."""
-    return {
-        name: leaf
-        for name, leaf in model.flatten_paths(params).items()
-        if leaf.ndim == 2 and name.split(".")[0] not in _SKIP_ALL
-    }
+class _Matrix(NamedTuple):
+    """One 2-D parameter: a top-level leaf (``layer == -1``) or layer ``layer`` of a stacked leaf."""
+
+    leaf: jax.Array
+    layer: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.leaf.shape[1:] if self.layer >= 0 else self.leaf.shape)
+
+
+def _flat_2d(params: Params) -> dict[str, _Matrix]:
+    """Every 2-D parameter by dotted path (``"layers.3.up"`` for layer 3 of a stacked leaf), except the
+    vocabulary- and position-sized ones; layers are indexed when compared, never copied out."""
+    out = {}
+    for name, leaf in model.flatten_paths(params).items():
+        if name.startswith("layers.") and leaf.ndim == 3:
+            out.update({f"layers.{l}.{name[len('layers.') :]}": _Matrix(leaf, l) for l in range(leaf.shape[0])})
+        elif leaf.ndim == 2 and not name.startswith("layers.") and name not in _SKIP_ALL:
+            out[name] = _Matrix(leaf, -1)
+    return dict(sorted(out.items(), key=lambda item: (item[1].layer, item[0].rsplit(".", 1)[-1])))  # layer by layer
 
 
 @timed

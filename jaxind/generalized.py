@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +184,28 @@ def model_block_fn(cfg: ModelConfig) -> BlockFn:
         return model_lib.mlp_output(layer, cfg, x)
 
     return fn
+
+
+class ModelBlocks(Sequence[tuple[BlockFn, Any]]):
+    """A model's MLP blocks as ``(block_fn, layer params)`` pairs, layer ``i`` sliced out of the stacked
+    tree only when asked for (so distilling one block at a time holds one layer, not a copy of all)."""
+
+    def __init__(self, fn: BlockFn, params: Params):
+        self.fn, self.params = fn, params
+
+    def __len__(self) -> int:
+        return int(next(iter(self.params["layers"].values())).shape[0])
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[BlockFn, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[BlockFn, Any]]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return self.fn, model_lib.layer_slice(self.params, index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,9 +383,8 @@ def generalized_test(
     if cfg_a.d_model != cfg_b.d_model:
         raise JaxindError(f"generalized test needs equal residual widths (got {cfg_a.d_model} and {cfg_b.d_model})")
     pairs = resolve_pairs(layer_pairs, cfg_a, cfg_b, "the generalized test")
-    fa, fb = model_block_fn(cfg_a), model_block_fn(cfg_b)
-    blocks_a = [(fa, layer) for layer in params_a["layers"]]
-    blocks_b = [(fb, layer) for layer in params_b["layers"]]
+    blocks_a = ModelBlocks(model_block_fn(cfg_a), params_a)
+    blocks_b = ModelBlocks(model_block_fn(cfg_b), params_b)
     h = (width, width) if width is not None else (cfg_a.d_ff, cfg_b.d_ff)
     return generalized_from_blocks(
         blocks_a,

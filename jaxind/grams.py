@@ -12,6 +12,11 @@ memory and 14x fewer multiply-adds per token. Each batch runs both forwards (act
 LM head) and one jitted, donated step adds its Grams to the running state; no token's activations
 are stored. The ``h x h`` Grams are formed one layer pair at a time, on the device, when the LAPs
 need them (:meth:`PassStats.grams`). Why this design: docs/DESIGN.md §5.1.
+
+Inside the scanned forward (:func:`jaxind.model.run_layers`) each collected layer keeps only its
+masked MLP input ``(N, d)`` and its units' sums of squares ``(h,)`` in a preallocated buffer, so a
+batch holds ``(k + 1) (N d + 2 h)`` floats per model for ``k`` collected layers (no ``(N, h)``
+activations at all), whatever the depth.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ class PassStats:
       sq_a, sq_b: ``{"gate": (n_a, h_A), "up": (n_a, h_A)}`` (and ``n_b, h_B``): each unit's sum
         of squared outputs per collected layer.
       count: number of tokens counted.
-      weights_a, weights_b: per collected layer ``{"gate": (d, h), "up": (d, h)}`` (references
+      weights_a, weights_b: the stacked ``{"gate": (L, d, h), "up": (L, d, h)}`` kernels (references
         into the param trees, not copies).
+      layers_a, layers_b: the collected layers (row ``i`` of ``sq_a`` is layer ``layers_a[i]``).
       pair_index: for explicit pairs, ``(ia, ib)`` positions of each pair in the collected layers.
     """
 
@@ -53,8 +59,10 @@ class PassStats:
     sq_a: dict[str, np.ndarray]
     sq_b: dict[str, np.ndarray]
     count: float
-    weights_a: tuple[dict[str, jax.Array], ...]
-    weights_b: tuple[dict[str, jax.Array], ...]
+    weights_a: dict[str, jax.Array]
+    weights_b: dict[str, jax.Array]
+    layers_a: tuple[int, ...]
+    layers_b: tuple[int, ...]
     pair_index: tuple[tuple[int, int], ...] = ()
 
     def grams(self, pair: int | tuple[int, int], proj: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,7 +75,7 @@ class PassStats:
         else:
             ia, ib = self.pair_index[pair]
             cross = self.cross[pair]
-        c = _project(self.weights_a[ia][proj], self.weights_b[ib][proj], cross)
+        c = _project(self.weights_a[proj], self.layers_a[ia], self.weights_b[proj], self.layers_b[ib], cross)
         return (
             np.asarray(c, np.float64),
             self.sq_a[proj][ia].astype(np.float64),
@@ -80,10 +88,12 @@ class PassStats:
 
 
 @jax.jit
-def _project(w_a: jax.Array, w_b: jax.Array, cross: jax.Array) -> jax.Array:
-    """Input cross-Gram ``C (d_A, d_B)`` -> output cross-Gram ``W_a^T C W_b (h_A, h_B)``."""
+def _project(w_a: jax.Array, layer_a: jax.Array, w_b: jax.Array, layer_b: jax.Array, cross: jax.Array) -> jax.Array:
+    """Input cross-Gram ``C (d_A, d_B)`` -> output cross-Gram ``W_a[layer_a]^T C W_b[layer_b] (h_A, h_B)`` from the
+    stacked kernels ``(L, d, h)`` (the layer indices are traced: one compilation for every pair)."""
     hi = jax.lax.Precision.HIGHEST
-    return jnp.matmul(jnp.matmul(w_a.astype(jnp.float32).T, cross, precision=hi), w_b.astype(jnp.float32), precision=hi)
+    wa, wb = w_a[layer_a].astype(jnp.float32), w_b[layer_b].astype(jnp.float32)
+    return jnp.matmul(jnp.matmul(wa.T, cross, precision=hi), wb, precision=hi)
 
 
 def init_state(
@@ -102,17 +112,32 @@ def init_state(
     }
 
 
-def _stack(acts: dict, layers: tuple[int, ...], name: str, mask: jax.Array | None) -> jax.Array:
-    """``(n_layers, N, width)`` float32 ``acts[l][name]`` of the collected layers, masked tokens zeroed."""
-    out = jnp.stack([acts[l][name].reshape(-1, acts[l][name].shape[-1]) for l in layers]).astype(jnp.float32)
-    if mask is not None:
-        out = out * mask.reshape(1, -1, 1).astype(jnp.float32)
-    return out
+def _layer_stats(mask: jax.Array | None) -> model_lib.Collector:
+    """What each collected layer keeps during the scan: its masked MLP input ``"x" (N, d)`` float32 and
+    its units' masked sums of squares ``"gate"``/``"up"`` ``(h,)`` (no ``(N, h)`` activation is kept)."""
+
+    def keep(out: model_lib.LayerOut) -> dict[str, jax.Array]:
+        weight = None if mask is None else mask.reshape(-1, 1).astype(jnp.float32)
+        kept = {}
+        for name in ("x", "gate", "up"):
+            value = out[name].reshape(-1, out[name].shape[-1]).astype(jnp.float32)
+            value = value if weight is None else value * weight
+            kept[name] = value if name == "x" else jnp.sum(jnp.square(value), axis=0)
+        return kept
+
+    return keep
+
+
+def _collect(params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], unroll: bool):
+    """``{"x": (n, N, d), "gate": (n, h), "up": (n, h)}`` for the collected ``layers`` of one model."""
+    x = model_lib.embed(params, cfg, tokens)
+    _, stored = model_lib.run_layers(params["layers"], cfg, x, layers, _layer_stats(mask), max(layers) + 1, unroll)
+    return stored
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index", "outer"),
+    static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index", "outer", "unroll"),
     donate_argnames=("state",),
 )
 def accumulate_step(
@@ -128,6 +153,7 @@ def accumulate_step(
     layers_b: tuple[int, ...],
     pair_index: tuple[tuple[int, int], ...] = (),
     outer: bool = False,
+    unroll: bool = False,
 ) -> dict[str, jax.Array]:
     """Adds one token batch to the accumulator (jitted; ``state`` is donated).
 
@@ -139,15 +165,15 @@ def accumulate_step(
       pair_index: for ``outer=False``, pairs ``(ia, ib)`` of positions into ``layers_a`` /
         ``layers_b``; the cross Gram of pair p is ``state["cross"][p]``.
       outer: accumulate all ``len(layers_a) x len(layers_b)`` pairs instead.
+      unroll: run the layers as a Python loop instead of a scan (the compile-time benchmark's baseline).
 
     Returns:
       The updated state.
     """
     hi = jax.lax.Precision.HIGHEST
-    _, acts_a = model_lib.forward(params_a, cfg_a, tokens, collect=layers_a, return_logits=False, collect_inputs=True)
-    _, acts_b = model_lib.forward(params_b, cfg_b, tokens, collect=layers_b, return_logits=False, collect_inputs=True)
-    xa = _stack(acts_a, layers_a, "x", mask)  # (n_a, N, d_a)
-    xb = _stack(acts_b, layers_b, "x", mask)  # (n_b, N, d_b)
+    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll)
+    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll)
+    xa, xb = stats_a["x"], stats_b["x"]  # (n_a, N, d_a), (n_b, N, d_b)
     if outer:
         cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)
     else:
@@ -156,8 +182,8 @@ def accumulate_step(
         cross = jnp.einsum("pnd,pne->pde", xa[ia], xb[ib], precision=hi)
     new = {"cross": state["cross"] + cross}
     for name in ("gate", "up"):
-        new[name + "_a"] = state[name + "_a"] + jnp.sum(jnp.square(_stack(acts_a, layers_a, name, mask)), axis=1)
-        new[name + "_b"] = state[name + "_b"] + jnp.sum(jnp.square(_stack(acts_b, layers_b, name, mask)), axis=1)
+        new[name + "_a"] = state[name + "_a"] + stats_a[name]
+        new[name + "_b"] = state[name + "_b"] + stats_b[name]
     count = tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32))
     new["count"] = state["count"] + count
     return new
@@ -234,12 +260,9 @@ def accumulate(
         sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
         sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
         count=float(state["count"]),
-        weights_a=_gate_up(params_a, layers_a),
-        weights_b=_gate_up(params_b, layers_b),
+        weights_a={k: params_a["layers"][k] for k in ("gate", "up")},
+        weights_b={k: params_b["layers"][k] for k in ("gate", "up")},
+        layers_a=tuple(layers_a),
+        layers_b=tuple(layers_b),
         pair_index=tuple(pair_index),
     )
-
-
-def _gate_up(params: Params, layers: tuple[int, ...]) -> tuple[dict[str, jax.Array], ...]:
-    """Per layer, references to the gate and up kernels (no copies)."""
-    return tuple({k: params["layers"][layer][k] for k in ("gate", "up")} for layer in layers)

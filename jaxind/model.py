@@ -7,20 +7,26 @@ family the generalized test needs. The pass can hand back, for chosen layers, th
 gate- and up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only),
 which is what the independence tests match.
 
-Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``)::
+Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``). The decoder
+layers are **stacked**: every layer leaf carries a leading layer axis of length ``L = n_layers``,
+and the layers run under ``jax.lax.scan`` (docs/DESIGN.md §5.9)::
 
     {"embed": (V, d),
-     "layers": [ {"attn_norm": (d,), "q": (d, H*hd), "k": (d, K*hd), "v": (d, K*hd),
-                  "o": (H*hd, d), ["q_bias": (H*hd,), "k_bias": (K*hd,), "v_bias": (K*hd,)],
-                  ["o_bias": (d,)], "mlp_norm": (d,),
-                  "gate": (d, h), "up": (d, h), "down": (h, d)}, ... n_layers ],
+     "layers": {"attn_norm": (L, d), "q": (L, d, H*hd), "k": (L, d, K*hd), "v": (L, d, K*hd),
+                "o": (L, H*hd, d), ["q_bias": (L, H*hd), "k_bias": (L, K*hd), "v_bias": (L, K*hd)],
+                ["o_bias": (L, d)], "mlp_norm": (L, d),
+                "gate": (L, d, h), "up": (L, d, h), "down": (L, h, d)},
      "final_norm": (d,),
      ["lm_head": (d, V)]}          # absent when cfg.tie_embeddings
 
-GPT-2 adds ``pos_embed (P, d)``, ``*_norm_bias``, ``up_bias (h,)``, ``down_bias (d,)`` and has
-no ``gate``.
+GPT-2 adds ``pos_embed (P, d)``, ``*_norm_bias (L, d)``, ``up_bias (L, h)``, ``down_bias (L, d)``
+(``final_norm_bias (d,)``) and has no ``gate``.
 
-Hidden unit ``j`` of layer ``l`` is column ``j`` of ``gate``/``up`` and row ``j`` of ``down``.
+What differs between layers without being a weight (the attention window, the RoPE frequencies)
+is a per-layer **feature** (:func:`layer_features`): an array with the same leading layer axis,
+scanned together with the weights and read by :func:`block`.
+
+Hidden unit ``j`` of layer ``l`` is ``gate[l, :, j]``/``up[l, :, j]`` and ``down[l, j, :]``.
 """
 
 from __future__ import annotations
@@ -88,9 +94,10 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(cfg: ModelConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables ``(T, head_dim)`` float32 for positions ``0..T-1``."""
-    inv = jnp.asarray(rope_inv_freq(cfg))
+def rope_tables(inv_freq: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables ``(T, head_dim)`` float32 for positions ``0..T-1`` from inverse frequencies
+    ``(head_dim // 2,)`` (:func:`rope_inv_freq`)."""
+    inv = jnp.asarray(inv_freq, jnp.float32)
     freqs = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv[None, :]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -104,24 +111,42 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
 
 
-def attention(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
-    """Causal grouped-query self-attention: ``x (B, T, d)`` -> ``(B, T, d)`` (RoPE when ``cos`` is given)."""
+def layer_features(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Per-layer settings that are not weights, each with a leading layer axis, scanned with the layers:
+
+    * ``"window"`` ``(L,)`` int32: causal attention window (``0``: unlimited);
+    * ``"inv_freq"`` ``(L, head_dim // 2)`` float32: RoPE inverse frequencies (RoPE families only).
+
+    Every layer gets the config's value today. A family whose layers differ (alternating local and
+    global attention, a RoPE base per layer type, a norm variant on some layers) fills these per layer
+    from its config, or adds an entry here and reads it in :func:`block` (docs/DESIGN.md §5.9).
+    """
+    n = cfg.n_layers
+    feats = {"window": np.full((n,), cfg.sliding_window or 0, np.int32)}
+    if cfg.rope:
+        feats["inv_freq"] = np.ascontiguousarray(np.broadcast_to(rope_inv_freq(cfg), (n, cfg.head_dim // 2)))
+    return feats
+
+
+def attention(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Causal grouped-query self-attention of one layer: ``x (B, T, d)`` -> ``(B, T, d)``; ``feats`` is the
+    layer's slice of :func:`layer_features` (its window; its RoPE frequencies when the family has RoPE)."""
     b, t, _ = x.shape
     hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     q, k, v = x @ layer["q"], x @ layer["k"], x @ layer["v"]
     if cfg.qkv_bias:
         q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
     q, k = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd)
-    if cos is not None and sin is not None:
+    if cfg.rope:
+        cos, sin = rope_tables(feats["inv_freq"], t)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, t, nkv, hd)
     group = nh // nkv
     q = q.reshape(b, t, nkv, group, hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(hd)
     qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed = ki <= qi
-    if cfg.sliding_window is not None:
-        allowed &= (qi - ki) < cfg.sliding_window
+    window = feats["window"]
+    allowed = (ki <= qi) & ((window <= 0) | ((qi - ki) < window))
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, nh * hd)
@@ -189,13 +214,98 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return (x @ head).astype(jnp.float32)
 
 
-def block(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None):
-    """One pre-norm decoder block; returns ``(x_out, gate, up, mlp_in)`` (``mlp_in``: the normed
-    input of the MLP, ``(B, T, d)``)."""
-    x = x + attention(layer, cfg, norm(layer, "attn_norm", cfg, x), cos, sin)
+LayerOut = dict[str, jax.Array]  # one layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}
+Collector = Callable[[LayerOut], dict[str, jax.Array]]
+
+
+def block(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, LayerOut]:
+    """One pre-norm decoder block (one layer's slice of the stacked weights and features).
+
+    Returns ``(x_out, out)``: ``out`` holds the MLP's ``gate`` (GLU only) and ``up`` outputs ``(B, T, h)``
+    before the activation and ``x``, the normed MLP input ``(B, T, d)``."""
+    x = x + attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x))
     mlp_in = norm(layer, "mlp_norm", cfg, x)
-    out, gate, up = mlp(layer, cfg, mlp_in)
-    return x + out, gate, up, mlp_in
+    y, gate, up = mlp(layer, cfg, mlp_in)
+    out = {"up": up, "x": mlp_in} if gate is None else {"gate": gate, "up": up, "x": mlp_in}
+    return x + y, out
+
+
+def layer_slice(params: Params, layer: int) -> Params:
+    """Layer ``layer`` of a stacked param tree: ``{"q": (d, H*hd), ...}`` (a copy of that layer only)."""
+    return jax.tree.map(lambda a: a[layer], params["layers"])
+
+
+def _row(a: jax.Array, i: int) -> jax.Array:
+    return a[i]
+
+
+def _write_row(buf: jax.Array, value: jax.Array, row: jax.Array) -> jax.Array:
+    """``buf`` with row ``row`` (traced) replaced by ``value`` (in place under jit)."""
+    return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), row, 0)
+
+
+def run_layers(
+    layers: Params,
+    cfg: ModelConfig,
+    x: jax.Array,
+    collect: tuple[int, ...] = (),
+    collector: Collector | None = None,
+    n_run: int | None = None,
+    unroll: bool = False,
+    feats: dict[str, Any] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Runs layers ``0 .. n_run-1`` (default all) of the stacked ``layers`` on ``x (B, T, d)`` with ``lax.scan``.
+
+    Args:
+      collect: distinct layer indices below ``n_run`` whose outputs to keep.
+      collector: maps a layer's :data:`LayerOut` to what is kept of it (default: the whole LayerOut);
+        reductions (sums over tokens) keep the buffer small.
+      unroll: a Python loop over the layers instead of the scan (same values; the compile-time
+        benchmark's baseline).
+      feats: per-layer features (default :func:`layer_features` of ``cfg``).
+
+    Returns:
+      ``(x, stored)``: the residual stream after ``n_run`` layers and ``{name: (len(collect), ...)}``,
+      row ``i`` from layer ``collect[i]``. The kept values are written into a buffer preallocated with
+      ``len(collect) + 1`` rows (layers not collected write to the last, scratch row), so its memory
+      is one row per collected layer whatever the depth.
+    """
+    n_run = cfg.n_layers if n_run is None else n_run
+    collector = collector or (lambda out: out)
+    feats = {name: jnp.asarray(value[:n_run]) for name, value in (feats or layer_features(cfg)).items()}
+    slots = np.full((n_run,), len(collect), np.int32)
+    slots[list(collect)] = np.arange(len(collect), dtype=np.int32)
+    full = n_run == cfg.n_layers
+    xs = (layers if full else jnp.arange(n_run), feats, jnp.asarray(slots))
+
+    def step(carry, xs):
+        x, buf = carry
+        layer, f, slot = xs
+        if not full:  # index the whole stack rather than scan over a slice of it (no copy of the weights)
+            layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), layers)
+        x, out = block(layer, f, cfg, x)
+        if buf is not None:
+            kept = collector(out)
+            buf = jax.tree.map(
+                lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v.astype(b.dtype), slot, 0), buf, kept
+            )
+        return (x, buf), None
+
+    buf = None
+    if collect:
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), (layers, feats))
+        shapes = jax.eval_shape(
+            lambda l, f, x: collector(block(l, f, cfg, x)[1]), *one, jax.ShapeDtypeStruct(x.shape, x.dtype)
+        )
+        buf = jax.tree.map(lambda s: jnp.zeros((len(collect) + 1, *s.shape), s.dtype), shapes)
+    carry = (x, buf)
+    if unroll:
+        for i in range(n_run):
+            carry, _ = step(carry, jax.tree.map(functools.partial(_row, i=i), xs))
+    else:
+        carry, _ = jax.lax.scan(step, carry, xs)
+    x, buf = carry
+    return x, ({} if buf is None else jax.tree.map(lambda b: b[: len(collect)], buf))
 
 
 def forward(
@@ -205,38 +315,40 @@ def forward(
     collect: tuple[int, ...] = (),
     return_logits: bool = True,
     collect_inputs: bool = False,
+    unroll: bool = False,
 ) -> tuple[jax.Array | None, Activations]:
     """Runs the model on ``tokens (B, T)`` int.
 
     Args:
       collect: layer indices whose MLP gate/up outputs to return.
-      return_logits: skip the LM head when False (activation-only passes).
+      return_logits: skip the LM head when False (activation-only passes stop after the last
+        collected layer).
       collect_inputs: also return each collected layer's normed MLP input as ``"x"``
         ``(B, T, d)`` (``gate = x @ W_gate``: cross-Gram statistics of the outputs follow from
         those of ``x``, which is ``d``-wide instead of ``h``-wide).
+      unroll: see :func:`run_layers`.
 
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
       ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``
-      (no "gate" for a non-GLU family).
+      (no "gate" for a non-GLU family). Memory for the activations: one ``(B, T, h)`` per kept
+      output per collected layer, plus one scratch layer (:func:`run_layers`).
     """
-    wanted = frozenset(collect)
-    last = max(wanted) if wanted and not return_logits else cfg.n_layers - 1
+    wanted = tuple(sorted(set(collect)))
+    n_run = wanted[-1] + 1 if wanted and not return_logits else cfg.n_layers
     if not cfg.rope and tokens.shape[1] > cfg.max_positions:
         raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's {cfg.max_positions} positions")
-    cos, sin = rope_tables(cfg, tokens.shape[1]) if cfg.rope else (None, None)
     x = embed(params, cfg, tokens)
-    acts: Activations = {}
-    for index, layer in enumerate(params["layers"][: last + 1]):
-        x, gate, up, mlp_in = block(layer, cfg, x, cos, sin)
-        if index in wanted:
-            acts[index] = {"up": up} if gate is None else {"gate": gate, "up": up}
-            if collect_inputs:
-                acts[index]["x"] = mlp_in
+
+    def keep(out: LayerOut) -> dict[str, jax.Array]:
+        return {name: value for name, value in out.items() if name != "x" or collect_inputs}
+
+    x, stored = run_layers(params["layers"], cfg, x, wanted, keep, n_run, unroll)
+    acts: Activations = {layer: {name: value[i] for name, value in stored.items()} for i, layer in enumerate(wanted)}
     return (unembed(params, cfg, x) if return_logits else None), acts
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs"))
+@functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs", "unroll"))
 def forward_jit(
     params: Params,
     cfg: ModelConfig,
@@ -244,9 +356,10 @@ def forward_jit(
     collect: tuple[int, ...] = (),
     return_logits: bool = True,
     collect_inputs: bool = False,
+    unroll: bool = False,
 ):
     """Jitted :func:`forward` (``cfg``, ``collect`` and the flags are static)."""
-    return forward(params, cfg, tokens, collect, return_logits, collect_inputs)
+    return forward(params, cfg, tokens, collect, return_logits, collect_inputs, unroll)
 
 
 def forward_logits(params: Params, cfg: ModelConfig) -> Callable[[Any], jax.Array]:
@@ -255,8 +368,8 @@ def forward_logits(params: Params, cfg: ModelConfig) -> Callable[[Any], jax.Arra
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (normal(0, std) weights, unit norms) for a config: independent models
-    are ``init_params(cfg, key)`` for different keys."""
+    """Random parameters (normal(0, std) weights, unit norms) for a config, layers stacked:
+    independent models are ``init_params(cfg, key)`` for different keys."""
     d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     shapes = {
         "q": (d, cfg.n_heads * hd),
@@ -295,7 +408,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
     params: Params = {
         "embed": (std * jax.random.normal(keys[0], (cfg.vocab_size, d))).astype(dtype),
-        "layers": [layer(k) for k in keys[2:]],
+        "layers": jax.vmap(layer)(keys[2:]),  # the same draws as one call per layer key, stacked
         "final_norm": jnp.full((d,), norm_init, dtype),
     }
     if not cfg.tie_embeddings:
@@ -310,12 +423,22 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
 
 
 def flatten_paths(tree: Any) -> dict[str, Any]:
-    """``{"embed": leaf, "layers.0.q": leaf, ...}``: every leaf of a param tree by its dotted path."""
+    """``{"embed": leaf, "layers.q": leaf, ...}``: every leaf of a param tree by its dotted path."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in flat}
 
 
-def param_shapes_flat(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """``{"embed": (V, d), "layers.0.q": (d, H*hd), ...}``: every leaf's path and shape."""
+def param_shapes_flat(cfg: ModelConfig, per_layer: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every leaf's path and shape: ``{"embed": (V, d), "layers.q": (L, d, H*hd), ...}``; with ``per_layer``
+    the layer leaves one layer at a time, as checkpoints store them: ``{"layers.0.q": (d, H*hd), ...}``."""
     tree = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return {path: tuple(leaf.shape) for path, leaf in flatten_paths(tree).items()}
+    flat = {path: tuple(leaf.shape) for path, leaf in flatten_paths(tree).items()}
+    if not per_layer:
+        return flat
+    out: dict[str, tuple[int, ...]] = {}
+    for path, shape in flat.items():
+        if path.startswith("layers."):
+            out.update({f"layers.{l}.{path[len('layers.') :]}": shape[1:] for l in range(cfg.n_layers)})
+        else:
+            out[path] = shape
+    return out

@@ -125,92 +125,78 @@ class L2Consts(NamedTuple):
     sq_b_total: jax.Array
 
 
-def _mlp_stacks(params: Params, cfg: ModelConfig, spec) -> tuple[jax.Array, jax.Array]:
-    """``(L, k, d, h)`` matrices and ``(L, m, h)`` vectors carrying layer l's MLP axis, with
-    matrices laid out as (resid, mlp)."""
+def _mlp_stacks(params: Params, spec) -> tuple[jax.Array, jax.Array]:
+    """``(L, k, d, h)`` matrices and ``(L, m, h)`` vectors carrying each layer's MLP axis, with
+    matrices laid out as (layers, resid, mlp)."""
     mats, vecs = [], []
-    for layer in range(cfg.n_layers):
-        lm, lv = [], []
-        for path, axes in spec.items():
-            if path[0] != "layers" or path[1] != layer or not any(isinstance(a, tuple) for a in axes):
-                continue
-            leaf = get_leaf(params, path).astype(jnp.float32)
-            if len(axes) == 1:
-                lv.append(leaf)
-            else:
-                if axes != ("resid", ("mlp", layer)) and axes != (("mlp", layer), "resid"):
-                    raise JaxindError(f"unsupported MLP axes {axes} for {path}")
-                lm.append(leaf if axes[0] == "resid" else leaf.T)
-        mats.append(jnp.stack(lm))
-        vecs.append(jnp.stack(lv) if lv else jnp.zeros((0, cfg.d_ff), jnp.float32))
-    return jnp.stack(mats), jnp.stack(vecs)
+    for path, axes in spec.items():
+        if "mlp" not in axes:
+            continue
+        leaf = get_leaf(params, path).astype(jnp.float32)
+        if axes == ("layers", "mlp"):
+            vecs.append(leaf)
+        elif axes in (("layers", "resid", "mlp"), ("layers", "mlp", "resid")):
+            mats.append(leaf if axes[1] == "resid" else jnp.swapaxes(leaf, 1, 2))
+        else:
+            raise JaxindError(f"unsupported MLP axes {axes} for {path}")
+    n, h = mats[0].shape[0], mats[0].shape[2]
+    return jnp.stack(mats, axis=1), (jnp.stack(vecs, axis=1) if vecs else jnp.zeros((n, 0, h), jnp.float32))
+
+
+def _resid_gram(a: jax.Array, b: jax.Array, axes: tuple) -> jax.Array:
+    """Cross-Gram over the residual axis of two equally shaped leaves, summed over their other axes
+    except the layer axis: ``(L, d, d)`` for a layer leaf, ``(d, d)`` for a top-level one."""
+    r = axes.index("resid")
+    stacked = axes[0] == "layers"
+    lead = 1 if stacked else 0
+    a2, b2 = jnp.moveaxis(a, r, lead), jnp.moveaxis(b, r, lead)
+    a2 = a2.reshape(*a2.shape[: lead + 1], -1)
+    b2 = b2.reshape(*b2.shape[: lead + 1], -1)
+    return jnp.einsum("...ik,...jk->...ij", a2, b2, precision=_HIGHEST)
+
+
+def _per_layer_sum(x: jax.Array, axes: tuple) -> jax.Array:
+    """Sum of a leaf over every axis but the layer axis: ``(L,)`` for a layer leaf, ``()`` otherwise."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim))) if axes[0] == "layers" else jnp.sum(x)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
     """Precomputes the cross-Grams, MLP stacks and norms of the pair (once per test)."""
-    d = cfg.d_model
+    d, n = cfg.d_model, cfg.n_layers
     spec = permutation_spec(cfg)
-    gram_layers = [jnp.zeros((d, d), jnp.float32) for _ in range(cfg.n_layers)]
-    const_layers = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
-    sq_a = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
-    sq_b = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
-    gram_global = jnp.zeros((d, d), jnp.float32)
-    const_global = jnp.zeros((), jnp.float32)
-    sq_a_global = jnp.zeros((), jnp.float32)
-    sq_b_global = jnp.zeros((), jnp.float32)
+    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+    gram = {True: zeros((n, d, d)), False: zeros((d, d))}  # keyed by "is a layer leaf"
+    const = {True: zeros((n,)), False: zeros(())}
+    sq_a = {True: zeros((n,)), False: zeros(())}
+    sq_b = {True: zeros((n,)), False: zeros(())}
     for path, axes in spec.items():
         a = get_leaf(params_a, path).astype(jnp.float32)
         b = get_leaf(params_b, path).astype(jnp.float32)
-        in_layer = path[0] == "layers"
-        na, nb = jnp.sum(a * a), jnp.sum(b * b)
-        if in_layer:
-            sq_a[path[1]] += na
-            sq_b[path[1]] += nb
-        else:
-            sq_a_global += na
-            sq_b_global += nb
-        if any(isinstance(name, tuple) for name in axes):
+        stacked = axes[0] == "layers"
+        sq_a[stacked] += _per_layer_sum(a * a, axes)
+        sq_b[stacked] += _per_layer_sum(b * b, axes)
+        if "mlp" in axes:
             continue  # gate/up/down (and up_bias): handled by the MLP stacks
         if "resid" in axes:
-            axis = axes.index("resid")
-            others = [i for i in range(a.ndim) if i != axis]
-            gram = (
-                jnp.tensordot(
-                    jnp.moveaxis(a, axis, 0),
-                    jnp.moveaxis(b, axis, 0),
-                    axes=(list(range(1, a.ndim)), list(range(1, b.ndim))),
-                    precision=_HIGHEST,
-                )
-                if others
-                else jnp.outer(a, b)
-            )
-            if in_layer:
-                gram_layers[path[1]] += gram
-            else:
-                gram_global += gram
+            gram[stacked] += _resid_gram(a, b, axes)
         else:
-            inner = jnp.sum(a * b)
-            if in_layer:
-                const_layers[path[1]] += inner
-            else:
-                const_global += inner
-    sq_a_layers, sq_b_layers = jnp.stack(sq_a), jnp.stack(sq_b)
-    mlp_a, mlp_vec_a = _mlp_stacks(params_a, cfg, spec)
-    mlp_b, mlp_vec_b = _mlp_stacks(params_b, cfg, spec)
+            const[stacked] += _per_layer_sum(a * b, axes)
+    mlp_a, mlp_vec_a = _mlp_stacks(params_a, spec)
+    mlp_b, mlp_vec_b = _mlp_stacks(params_b, spec)
     return L2Consts(
-        gram_layers=jnp.stack(gram_layers),
-        gram_global=gram_global,
-        const_layers=jnp.stack(const_layers),
-        const_global=const_global,
+        gram_layers=gram[True],
+        gram_global=gram[False],
+        const_layers=const[True],
+        const_global=const[False],
         mlp_a=mlp_a,
         mlp_b=mlp_b,
         mlp_vec_a=mlp_vec_a,
         mlp_vec_b=mlp_vec_b,
-        sq_a_layers=sq_a_layers,
-        sq_b_layers=sq_b_layers,
-        sq_a_total=sq_a_layers.sum() + sq_a_global,
-        sq_b_total=sq_b_layers.sum() + sq_b_global,
+        sq_a_layers=sq_a[True],
+        sq_b_layers=sq_b[True],
+        sq_a_total=sq_a[True].sum() + sq_a[False],
+        sq_b_total=sq_b[True].sum() + sq_b[False],
     )
 
 
@@ -248,17 +234,16 @@ def l2_direct(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax
     Returns:
       ``(stat_layers (L,), stat_total ())``.
     """
-    layers = [jnp.zeros((), jnp.float32) for _ in range(cfg.n_layers)]
+    layers = jnp.zeros((cfg.n_layers,), jnp.float32)
     other = jnp.zeros((), jnp.float32)
-    for path in permutation_spec(cfg):
+    for path, axes in permutation_spec(cfg).items():
         diff = get_leaf(params_a, path).astype(jnp.float32) - get_leaf(params_b, path).astype(jnp.float32)
-        sq = jnp.sum(diff * diff)
-        if path[0] == "layers":
-            layers[path[1]] += sq
+        sq = _per_layer_sum(diff * diff, axes)
+        if axes[0] == "layers":
+            layers += sq
         else:
             other += sq
-    stacked = jnp.stack(layers)
-    return -jnp.sqrt(stacked), -jnp.sqrt(stacked.sum() + other)
+    return -jnp.sqrt(layers), -jnp.sqrt(layers.sum() + other)
 
 
 # --------------------------------------------------------------------------------------------

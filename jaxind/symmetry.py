@@ -1,21 +1,26 @@
 """The symmetry group of a decoder-only transformer, as pure functions on param pytrees (docs/DESIGN.md §1).
 
 Everything is driven by one declarative **permutation spec** (git-re-basin style): for every
-leaf of the param tree (layout in :mod:`jaxind.model`), which axis carries which permutation.
+leaf of the param tree (layout in :mod:`jaxind.model`: the decoder layers stacked), which axis
+carries which permutation.
 
 - ``"resid"``: the residual-stream (``d``) axis. One permutation ``s`` of ``d`` acts on every
   residual axis at once: embedding and LM-head columns/rows, the input axis of q/k/v/gate/up,
   the output axis of o/down, ``o_bias`` and every RMSNorm weight.
-- ``"mlp"``: the MLP hidden (``h``) axis of one layer. Layer ``l`` has its own permutation
-  ``t_l``, acting on the columns of ``gate``/``up``, the rows of ``down`` (and GPT-2's
-  ``up_bias``).
+- ``"layers"``: the stacked layer axis of a layer leaf. The group does not move it; it says which
+  layer each slice belongs to.
+- ``"mlp"``: the MLP hidden (``h``) axis. Layer ``l`` has its own permutation ``t_l``, acting on
+  the columns of ``gate[l]``/``up[l]``, the rows of ``down[l]`` (and GPT-2's ``up_bias[l]``): on a
+  stacked leaf, the slice at position ``l`` of its ``"layers"`` axis takes ``t_l``.
 
-GPT-2's extra leaves (``pos_embed``, LayerNorm biases, ``down_bias``) carry ``"resid"``;
-LayerNorm is permutation-equivariant but not rotation-equivariant, so rotations refuse it.
+So the spec of ``gate`` reads ``("layers", "resid", "mlp")``: one per-layer MLP permutation,
+stated once for the whole stack. GPT-2's extra leaves (``pos_embed``, LayerNorm biases,
+``down_bias``) carry ``"resid"``; LayerNorm is permutation-equivariant but not
+rotation-equivariant, so rotations refuse it.
 
 A group element is a :class:`Perm` ``(resid (d,), mlp (L, h))`` of int32 index arrays.
 Applying it *gathers*: every axis tagged ``"resid"`` becomes ``take(w, s, axis)``, every axis
-tagged ``"mlp"`` of layer ``l`` becomes ``take(w, t_l, axis)``. Under this convention
+tagged ``"mlp"`` becomes ``take(w[l], t_l, axis)`` for each layer ``l``. Under this convention
 
     apply(apply(w, p1), p2) == apply(w, compose(p2, p1)),   compose(p2, p1) = (s1[s2], t1[t2])
 
@@ -41,29 +46,29 @@ from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import Params
 
-# Axis name of one array axis: "resid", ("mlp", layer) after expansion, or None (untouched).
-AxisName = str | tuple | None
+# Axis name of one array axis: "resid", "mlp", "layers" (the stacked layer axis) or None (untouched).
+AxisName = str | None
 
-# The permutation spec: per-layer leaves and top-level leaves. "mlp" means this layer's MLP axis.
+# The permutation spec of the stacked layer leaves (layer axis first) and of the top-level leaves.
 LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
-    "attn_norm": ("resid",),
-    "q": ("resid", None),
-    "k": ("resid", None),
-    "v": ("resid", None),
-    "q_bias": (None,),
-    "k_bias": (None,),
-    "v_bias": (None,),
-    "o": (None, "resid"),
-    "o_bias": ("resid",),
-    "mlp_norm": ("resid",),
-    "gate": ("resid", "mlp"),
-    "up": ("resid", "mlp"),
-    "down": ("mlp", "resid"),
+    "attn_norm": ("layers", "resid"),
+    "q": ("layers", "resid", None),
+    "k": ("layers", "resid", None),
+    "v": ("layers", "resid", None),
+    "q_bias": ("layers", None),
+    "k_bias": ("layers", None),
+    "v_bias": ("layers", None),
+    "o": ("layers", None, "resid"),
+    "o_bias": ("layers", "resid"),
+    "mlp_norm": ("layers", "resid"),
+    "gate": ("layers", "resid", "mlp"),
+    "up": ("layers", "resid", "mlp"),
+    "down": ("layers", "mlp", "resid"),
     # GPT-2 (LayerNorm biases, MLP biases)
-    "attn_norm_bias": ("resid",),
-    "mlp_norm_bias": ("resid",),
-    "up_bias": ("mlp",),
-    "down_bias": ("resid",),
+    "attn_norm_bias": ("layers", "resid"),
+    "mlp_norm_bias": ("layers", "resid"),
+    "up_bias": ("layers", "mlp"),
+    "down_bias": ("layers", "resid"),
 }
 TOP_SPEC: dict[str, tuple[AxisName, ...]] = {
     "embed": (None, "resid"),
@@ -75,7 +80,7 @@ TOP_SPEC: dict[str, tuple[AxisName, ...]] = {
 # Norm weights, and which linear maps read each norm's output (for folding).
 NORM_READERS: dict[str, tuple[str, ...]] = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
 
-Path = tuple  # ("embed",) or ("layers", l, "q")
+Path = tuple[str, ...]  # ("embed",) or ("layers", "q")
 
 
 class Perm(NamedTuple):
@@ -90,27 +95,35 @@ class Perm(NamedTuple):
     mlp: jax.Array
 
 
-def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
-    """The expanded spec for ``cfg``: ``{leaf path: axis names}`` for every leaf of the tree.
+def layer_leaf_names(cfg: ModelConfig) -> list[str]:
+    """The names of the stacked layer leaves a model with ``cfg`` has, in the order of :data:`LAYER_SPEC`."""
+    layer_norm = cfg.norm_kind == "layer"
+    present = {
+        "q_bias": cfg.qkv_bias,
+        "k_bias": cfg.qkv_bias,
+        "v_bias": cfg.qkv_bias,
+        "o_bias": cfg.o_bias,
+        "gate": cfg.glu,
+        "attn_norm_bias": layer_norm,
+        "mlp_norm_bias": layer_norm,
+        "up_bias": cfg.mlp_bias,
+        "down_bias": cfg.mlp_bias,
+    }
+    return [name for name in LAYER_SPEC if present.get(name, True)]
 
-    Paths are ``(name,)`` for top-level leaves and ``("layers", l, name)`` for layer leaves;
-    axis names are ``"resid"``, ``("mlp", l)`` or ``None``.
+
+def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
+    """The spec for ``cfg``: ``{leaf path: axis names}`` for every leaf of the tree.
+
+    Paths are ``(name,)`` for top-level leaves and ``("layers", name)`` for the stacked layer leaves
+    (whose first axis is ``"layers"``).
     """
-    layer_norm = getattr(cfg, "norm_kind", "rms") == "layer"
-    glu = getattr(cfg, "glu", True)
-    mlp_bias = getattr(cfg, "mlp_bias", False)
+    layer_norm = cfg.norm_kind == "layer"
     spec: dict[Path, tuple[AxisName, ...]] = {("embed",): TOP_SPEC["embed"]}
-    if not getattr(cfg, "rope", True):
+    if not cfg.rope:
         spec[("pos_embed",)] = TOP_SPEC["pos_embed"]
-    layer_keys = ["attn_norm"] + (["attn_norm_bias"] if layer_norm else []) + ["q", "k", "v"]
-    if cfg.qkv_bias:
-        layer_keys += ["q_bias", "k_bias", "v_bias"]
-    layer_keys += ["o"] + (["o_bias"] if cfg.o_bias else []) + ["mlp_norm"] + (["mlp_norm_bias"] if layer_norm else [])
-    layer_keys += (["gate"] if glu else []) + ["up"] + (["up_bias"] if mlp_bias else []) + ["down"]
-    layer_keys += ["down_bias"] if mlp_bias else []
-    for layer in range(cfg.n_layers):
-        for name in layer_keys:
-            spec[("layers", layer, name)] = tuple(("mlp", layer) if a == "mlp" else a for a in LAYER_SPEC[name])
+    for name in layer_leaf_names(cfg):
+        spec[("layers", name)] = LAYER_SPEC[name]
     spec[("final_norm",)] = TOP_SPEC["final_norm"]
     if layer_norm:
         spec[("final_norm_bias",)] = TOP_SPEC["final_norm_bias"]
@@ -132,45 +145,56 @@ def check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName
     unpermuted leaf would break the group action; a missing one would break any statistic).
 
     Raises:
-      JaxindError: unknown top-level entries, a layer count other than the config's, or leaves
+      JaxindError: unknown top-level entries, layers that are not stacked ``n_layers`` deep, or leaves
         extra to or missing from the spec.
     """
     spec = permutation_spec(cfg) if spec is None else spec
-    found: set[Path] = {(name,) for name in params if name != "layers"}
     unknown_top = set(params) - set(TOP_SPEC) - {"layers"}
     if unknown_top:
         raise JaxindError(
             f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}"
         )
-    if len(params["layers"]) != cfg.n_layers:
-        raise JaxindError(f"param tree has {len(params['layers'])} layers, config says {cfg.n_layers}")
-    for layer, entries in enumerate(params["layers"]):
-        found |= {("layers", layer, name) for name in entries}
+    layers = params.get("layers")
+    if not isinstance(layers, dict):
+        raise JaxindError(
+            "param tree has no stacked layers (params['layers'] must be a dict of arrays with a leading layer axis); "
+            "per-layer lists are the layout of jaxind < 0.2: rebuild the tree with jaxind.model.init_params's layout"
+        )
+    found: set[Path] = {(name,) for name in params if name != "layers"} | {("layers", name) for name in layers}
     if found != set(spec):
         extra, missing = sorted(map(str, found - set(spec))), sorted(map(str, set(spec) - found))
         raise JaxindError(
             f"param tree does not match the permutation spec for this config: extra {extra}, missing {missing}"
         )
+    depths = {name: leaf.shape[0] if leaf.ndim else None for name, leaf in layers.items()}
+    wrong = {name: depth for name, depth in depths.items() if depth != cfg.n_layers}
+    if wrong:
+        raise JaxindError(f"param tree stacks {wrong} layers (leading axis), config says {cfg.n_layers}")
 
 
 def _rebuild(params: Params, new_leaves: dict[Path, jax.Array]) -> Params:
     """A copy of ``params`` with the leaves at the given paths replaced."""
-    out = {k: v for k, v in params.items() if k != "layers"}
-    layers = [dict(layer) for layer in params["layers"]]
+    out = dict(params)
+    layers = dict(params["layers"])
     for path, leaf in new_leaves.items():
         if path[0] == "layers":
-            layers[path[1]][path[2]] = leaf
+            layers[path[1]] = leaf
         else:
             out[path[0]] = leaf
     out["layers"] = layers
     return out
 
 
-def _perm_for(perm: Perm, name: AxisName) -> jax.Array:
-    if name == "resid":
-        return perm.resid
-    assert isinstance(name, tuple), name  # ("mlp", layer)
-    return perm.mlp[name[1]]
+def _permute(leaf: jax.Array, axes: tuple[AxisName, ...], perm: Perm) -> jax.Array:
+    """Gathers every tagged axis of one leaf (``"mlp"``: each layer's slice with its own ``t_l``)."""
+    for axis, name in enumerate(axes):
+        if name == "resid":
+            leaf = jnp.take(leaf, perm.resid, axis=axis)
+        elif name == "mlp":
+            if axes[0] != "layers":
+                raise JaxindError(f"an MLP axis needs the layer axis first, got {axes}")
+            leaf = jax.vmap(lambda w, t, axis=axis: jnp.take(w, t, axis=axis - 1))(leaf, perm.mlp)
+    return leaf
 
 
 def identity(cfg: ModelConfig) -> Perm:
@@ -229,14 +253,7 @@ def apply_permutation(params: Params, cfg: ModelConfig, perm: Perm) -> Params:
     """
     spec = permutation_spec(cfg)
     check_tree(params, cfg, spec)
-    new = {}
-    for path, axes in spec.items():
-        leaf = get_leaf(params, path)
-        for axis, name in enumerate(axes):
-            if name is not None:
-                leaf = jnp.take(leaf, _perm_for(perm, name), axis=axis)
-        new[path] = leaf
-    return _rebuild(params, new)
+    return _rebuild(params, {path: _permute(get_leaf(params, path), axes, perm) for path, axes in spec.items()})
 
 
 def random_orthogonal(key: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
@@ -258,10 +275,11 @@ def _require_rms(cfg: ModelConfig) -> None:
 def fold_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     """Folds every RMSNorm scale into the linear maps that read the normalised stream.
 
-    ``attn_norm`` goes into the input rows of q/k/v, ``mlp_norm`` into gate/up, ``final_norm``
-    into ``lm_head`` (a tied head is untied first: ``lm_head = embed.T``). Norm weights are
-    then set to their neutral value (1, or 0 where ``cfg.norm_offset == 1``), so the norm
-    becomes a plain ``x / rms(x)``. The function is unchanged (up to rounding).
+    ``attn_norm`` goes into the input rows of q/k/v, ``mlp_norm`` into gate/up (layer by layer:
+    ``(L, d, 1) * (L, d, n)``), ``final_norm`` into ``lm_head`` (a tied head is untied first:
+    ``lm_head = embed.T``). Norm weights are then set to their neutral value (1, or 0 where
+    ``cfg.norm_offset == 1``), so the norm becomes a plain ``x / rms(x)``. The function is
+    unchanged (up to rounding).
 
     Returns:
       ``(params, cfg)``; ``cfg`` has ``tie_embeddings=False`` if the head was untied.
@@ -269,15 +287,12 @@ def fold_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     _require_rms(cfg)
     off = cfg.norm_offset
     neutral = 0.0 if off else 1.0
-    layers = []
-    for layer in params["layers"]:
-        new = dict(layer)
-        for norm, readers in NORM_READERS.items():
-            scale = (off + layer[norm].astype(jnp.float32))[:, None]
-            for name in readers:
-                new[name] = (scale * layer[name].astype(jnp.float32)).astype(layer[name].dtype)
-            new[norm] = jnp.full_like(layer[norm], neutral)
-        layers.append(new)
+    layers = dict(params["layers"])
+    for norm, readers in NORM_READERS.items():
+        scale = (off + layers[norm].astype(jnp.float32))[:, :, None]
+        for name in readers:
+            layers[name] = (scale * layers[name].astype(jnp.float32)).astype(layers[name].dtype)
+        layers[norm] = jnp.full_like(layers[norm], neutral)
     out = dict(params)
     out["layers"] = layers
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# A model's parameters: {"embed", "layers": [{...}, ...], "final_norm", ...} of jax or numpy arrays.
+# A model's parameters: {"embed", "layers": {"q": (L, ...), ...} (stacked), "final_norm", ...} of jax or numpy arrays.
 Params = dict[str, Any]
 # Layer i of model A against layer j of model B.
 LayerPair = tuple[int, int]

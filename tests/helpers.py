@@ -43,6 +43,17 @@ def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.3, noise: floa
     return add_noise(params, jax.random.key(seed + noise_offset), noise)
 
 
+def layer_list(params) -> list[dict]:
+    """The stacked layers of a param tree as one dict per layer (for tests that edit single layers)."""
+    layers = params["layers"]
+    return [{name: leaf[l] for name, leaf in layers.items()} for l in range(next(iter(layers.values())).shape[0])]
+
+
+def stack_layers(layers: list[dict]) -> dict:
+    """One dict per layer -> the stacked ``params["layers"]`` (leading layer axis)."""
+    return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *layers)
+
+
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m module args...`` in a child process, from the repository root, importing this
     checkout; output captured as text."""

@@ -87,9 +87,11 @@ def _unchanged_folder(world: World, d: Path) -> None:
     assert sorted(os.listdir(d / "occupied")) == ["keep.txt"] and (d / "occupied" / "keep.txt").read_text() == "mine"
 
 
-def _edited_ckpt(text: str | None = None, remove: str | None = None, **config_changes) -> Callable[[World, Path], None]:
+def _edited_ckpt(
+    text: str | None = None, remove: str | None = None, meta: dict | None = None, **config_changes
+) -> Callable[[World, Path], None]:
     """Copies A's jaxind checkpoint to ``case_dir/ck`` and edits its config (or replaces it with ``text``, or
-    removes a stored group)."""
+    removes a stored group, or updates its jaxind_meta.json with ``meta``)."""
 
     def setup(world: World, d: Path) -> None:
         shutil.copytree(world.ckpt_a, d / "ck")
@@ -100,6 +102,9 @@ def _edited_ckpt(text: str | None = None, remove: str | None = None, **config_ch
             config.write_text(json.dumps({**json.loads(config.read_text()), **config_changes}))
         if remove:
             shutil.rmtree(d / "ck" / remove)
+        if meta:
+            meta_file = d / "ck" / "jaxind_meta.json"
+            meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), **meta}))
 
     return setup
 
@@ -305,6 +310,13 @@ CASES: list[Case] = [
         lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
         "missing from params/: layers.1",
         setup=_edited_ckpt(remove="params/layers.1"),
+        before_work=False,
+    ),
+    Case(
+        "ckpt_newer_format",
+        lambda w, d: [*w.pair(str(d / "ck")), "--tests=csu"],
+        "checkpoint format_version 99 in jaxind_meta.json; this jaxind reads formats 1 to 2: convert the model again",
+        setup=_edited_ckpt(meta={"format_version": 99}),
         before_work=False,
     ),
     Case(

@@ -45,8 +45,30 @@ def _copy(saved, tmp_path, **config_changes) -> str:
 def test_an_untouched_checkpoint_loads_exactly(saved):
     cfg, params, meta = checkpoint.load_checkpoint(saved[0])
     assert cfg == CFG and sorted(meta["groups"]) == ["embed", "final_norm", "layers.0", "layers.1", "lm_head"]
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 2
+    assert params["layers"]["gate"].shape == (2, 64, 128)  # one orbax group per layer on disk, stacked at load
+    assert jax.tree.structure(params) == jax.tree.structure(saved[1])
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[1])):
         assert np.array_equal(a, b)
+
+
+def test_a_format_1_checkpoint_still_loads_and_a_newer_format_is_refused(saved, tmp_path):
+    """Format 1 (jaxind 0.1: the same per-layer groups, no format_version) loads as it is; a format this code
+    does not know is refused with the fix."""
+    path = _copy(saved, tmp_path)
+    meta_path = os.path.join(path, checkpoint.META_FILE)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["format_version"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    _, params, _ = checkpoint.load_checkpoint(path)
+    assert np.array_equal(params["layers"]["up"][1], saved[1]["layers"]["up"][1])
+    for bad in (3, "2", 0):
+        with open(meta_path, "w") as f:
+            json.dump({**meta, "format_version": bad}, f)
+        with pytest.raises(CheckpointError, match="convert the model again"):
+            checkpoint.load_checkpoint(path)
 
 
 def test_a_widened_mlp_is_refused_with_the_array_and_both_shapes(saved, tmp_path):

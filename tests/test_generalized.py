@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import layer_list, stack_layers
 
 from jaxind import generalized, model
 from jaxind.config import ModelConfig
@@ -29,7 +30,7 @@ def _trained_ish(key):
     k_model, k_mlp = jax.random.split(key)
     params = model.init_params(CFG, k_model)
     layers = []
-    for layer, k in zip(params["layers"], jax.random.split(k_mlp, CFG.n_layers)):
+    for layer, k in zip(layer_list(params), jax.random.split(k_mlp, CFG.n_layers)):
         kg, ku, kd = jax.random.split(k, 3)
         layers.append(
             dict(
@@ -39,7 +40,7 @@ def _trained_ish(key):
                 down=jax.random.normal(kd, (H, D)) / np.sqrt(H),
             )
         )
-    return dict(params, layers=layers)
+    return dict(params, layers=stack_layers(layers))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +52,13 @@ def model_a():
 def test_retrained_block_still_detected(model_a):
     """The adversary replaces block 1 by a fresh GLU (own init, own data) trained to imitate it."""
     fn = generalized.model_block_fn(CFG)
-    fresh, info = generalized.distill_glu(fn, model_a["layers"][1], D, H, key=jax.random.key(42), steps=STEPS)
+    first, second = layer_list(model_a)
+    fresh, info = generalized.distill_glu(fn, second, D, H, key=jax.random.key(42), steps=STEPS)
     assert info["r2"] > 0.9
-    replaced = dict(model_a["layers"][1], gate=fresh["gate"], up=fresh["up"], down=fresh["down"] * info["output_scale"])
-    b = dict(model_a, layers=[model_a["layers"][0], replaced])
+    replaced = dict(second, gate=fresh["gate"], up=fresh["up"], down=fresh["down"] * info["output_scale"])
+    b = dict(model_a, layers=stack_layers([first, replaced]))
     # B's block 1 shares no weights with A's: the weight-level tests have nothing to match.
-    assert float(jnp.abs(replaced["gate"] - model_a["layers"][1]["gate"]).max()) > 0.5
+    assert float(jnp.abs(replaced["gate"] - second["gate"]).max()) > 0.5
     res = generalized.generalized_test(model_a, CFG, b, CFG, key=jax.random.key(7), layer_pairs=[(1, 1)], steps=STEPS)
     rec = res.layers[0]
     assert (rec.layer_a, rec.layer_b) == (1, 1)

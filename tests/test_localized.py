@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import perturb
+from helpers import layer_list, perturb, stack_layers
 
 from jaxind import localized, model
 from jaxind.config import ModelConfig
@@ -34,9 +34,9 @@ def test_pruned_model_layer_map_and_units(model_a, batches, tmp_path):
     kept = {l: rng.permutation(CFG.d_ff)[:48] for l in keep_layers}
     layers = []
     for l in keep_layers:
-        layer, k = model_a["layers"][l], kept[l]
+        layer, k = layer_list(model_a)[l], kept[l]
         layers.append(dict(layer, gate=layer["gate"][:, k], up=layer["up"][:, k], down=layer["down"][k]))
-    b = perturb(dict(model_a, layers=layers), jax.random.key(2), rel=0.3)
+    b = perturb(dict(model_a, layers=stack_layers(layers)), jax.random.key(2), rel=0.3)
     cfg_b = CFG.replace(n_layers=3, d_ff=48)
     png = localized.heatmap_path_for(tmp_path / "pair.json")
     res = localized.localized_test(model_a, CFG, b, cfg_b, batches, key=jax.random.key(3), heatmap_path=png)
@@ -59,7 +59,10 @@ def test_partly_shared_model_flagged_on_exactly_those_layers(model_a, batches):
     are independently initialised. Exactly (1, 1) and (3, 3) pass the Bonferroni threshold."""
     other = model.init_params(CFG, jax.random.key(77))
     shared = {1, 3}
-    b = dict(model_a, layers=[model_a["layers"][l] if l in shared else other["layers"][l] for l in range(4)])
+    mixed = [
+        mine if l in shared else theirs for l, (mine, theirs) in enumerate(zip(layer_list(model_a), layer_list(other)))
+    ]
+    b = dict(model_a, layers=stack_layers(mixed))
     b = perturb(b, jax.random.key(4), rel=0.3)
     res = localized.localized_test(model_a, CFG, b, CFG, batches, key=jax.random.key(5))
     assert res.extra["layer_map"] == {"0": None, "1": 1, "2": None, "3": 3}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-from helpers import perturb
+from helpers import layer_list, perturb, stack_layers
 
 from jaxind import grams, match, model, symmetry
 from jaxind.config import ModelConfig
@@ -98,9 +98,9 @@ def test_rectangular_pruned_widths(model_a, batches):
     rng = np.random.default_rng(0)
     kept = [rng.permutation(CFG.d_ff)[:40] for _ in range(CFG.n_layers)]
     layers = []
-    for layer, k in zip(model_a["layers"], kept):
+    for layer, k in zip(layer_list(model_a), kept):
         layers.append(dict(layer, gate=layer["gate"][:, k], up=layer["up"][:, k], down=layer["down"][k]))
-    b = perturb(dict(model_a, layers=layers), jax.random.key(10), rel=0.3)
+    b = perturb(dict(model_a, layers=stack_layers(layers)), jax.random.key(10), rel=0.3)
     cfg_b = CFG.replace(d_ff=40)
     for swap in (False, True):
         args = (b, cfg_b, model_a, CFG) if swap else (model_a, CFG, b, cfg_b)

@@ -93,11 +93,12 @@ def test_mlp_permutations_preserve_logits(family):
     perm = S.Perm(S.identity(cfg).resid, perm.mlp)
     out = S.apply_permutation(params, cfg, perm)
     for layer in range(cfg.n_layers):
-        np.testing.assert_array_equal(out["layers"][layer]["down"], params["layers"][layer]["down"][perm.mlp[layer]])
-        np.testing.assert_array_equal(out["layers"][layer]["attn_norm"], params["layers"][layer]["attn_norm"])
+        np.testing.assert_array_equal(out["layers"]["down"][layer], params["layers"]["down"][layer][perm.mlp[layer]])
+        np.testing.assert_array_equal(out["layers"]["up"][layer], params["layers"]["up"][layer][:, perm.mlp[layer]])
+        np.testing.assert_array_equal(out["layers"]["attn_norm"][layer], params["layers"]["attn_norm"][layer])
         if cfg.mlp_bias:
             np.testing.assert_array_equal(
-                out["layers"][layer]["up_bias"], params["layers"][layer]["up_bias"][perm.mlp[layer]]
+                out["layers"]["up_bias"][layer], params["layers"]["up_bias"][layer][perm.mlp[layer]]
             )
     assert_same_function(params, cfg, out, cfg)
 
@@ -120,7 +121,7 @@ def test_rotation_preserves_logits(family):
     assert "lm_head" in out
     neutral = 0.0 if cfg.norm_offset else 1.0
     np.testing.assert_array_equal(out["final_norm"], neutral)
-    np.testing.assert_array_equal(out["layers"][0]["mlp_norm"], neutral)
+    np.testing.assert_array_equal(out["layers"]["mlp_norm"], neutral)
     assert not np.allclose(out["embed"], params["embed"], atol=1e-2)
     assert_same_function(params, cfg, out, new_cfg)
 
@@ -149,7 +150,8 @@ def test_broken_action_is_detected():
     cfg = CONFIGS["llama"]
     params = random_params(cfg)
     perm = S.draw_permutations(jax.random.key(8), cfg)
-    broken = S._rebuild(params, {("layers", 0, "q"): params["layers"][0]["q"][perm.resid]})
+    q = params["layers"]["q"]
+    broken = S._rebuild(params, {("layers", "q"): q.at[0].set(q[0][perm.resid])})  # layer 0 only
     assert not np.allclose(logits(params, cfg), logits(broken, cfg), rtol=1e-4, atol=1e-3)
     # And a non-orthogonal "rotation" is not a symmetry either.
     not_orth = S.random_orthogonal(jax.random.key(9), cfg.d_model) * 1.5
@@ -216,8 +218,12 @@ def test_vmap_over_permutations():
     batched = jax.vmap(lambda p: S.apply_permutation(params, cfg, p))(perms)
     for i in range(3):
         single = S.apply_permutation(params, cfg, S.draw_permutations(keys[i], cfg))
-        np.testing.assert_array_equal(batched["layers"][1]["gate"][i], single["layers"][1]["gate"])
+        np.testing.assert_array_equal(batched["layers"]["gate"][i], single["layers"]["gate"])
         np.testing.assert_array_equal(batched["embed"][i], single["embed"])
+
+
+def get_leaf_ndim(params, path):
+    return S.get_leaf(params, path).ndim
 
 
 def test_spec_covers_tree_and_refuses_unknown_leaves():
@@ -225,11 +231,17 @@ def test_spec_covers_tree_and_refuses_unknown_leaves():
     params = random_params(cfg)
     spec = S.permutation_spec(cfg)
     assert len(spec) == len(jax.tree.leaves(params))
-    assert spec[("layers", 1, "down")] == (("mlp", 1), "resid")
-    assert spec[("layers", 0, "q_bias")] == (None,)
-    bad = dict(params)
-    bad["layers"] = [dict(params["layers"][0], extra=jnp.zeros(3)), params["layers"][1]]
+    assert spec[("layers", "down")] == ("layers", "mlp", "resid")
+    assert spec[("layers", "q_bias")] == ("layers", None)
+    assert all(len(axes) == get_leaf_ndim(params, path) for path, axes in spec.items())
+    bad = dict(params, layers=dict(params["layers"], extra=jnp.zeros((L, 3))))
     with pytest.raises(JaxindError, match="extra"):
         S.apply_permutation(bad, cfg, S.identity(cfg))
+    shallow = dict(params, layers=jax.tree.map(lambda a: a[:1], params["layers"]))
+    with pytest.raises(JaxindError, match="stacks"):
+        S.apply_permutation(shallow, cfg, S.identity(cfg))
+    listed = dict(params, layers=[S.get_leaf(params, ("layers",))])
+    with pytest.raises(JaxindError, match="stacked"):
+        S.check_tree(listed, cfg)
     with pytest.raises(JaxindError, match="rotation must have shape"):
         S.rotate_residual(params, cfg, jnp.eye(D + 1))
