@@ -40,7 +40,9 @@ class PassStats:
 
     Attributes:
       cross: ``(*pair_shape, d_A, d_B)`` sums over tokens of ``x_A x_B^T`` per layer pair
-        (pair_shape ``(P,)`` for explicit pairs, ``(n_a, n_b)`` for all pairs).
+        (pair_shape ``(P,)`` for explicit pairs, ``(n_a, n_b)`` for all pairs), or anything indexed
+        the same way (:class:`jaxind.fingerprint.CrossGrams` computes each item from two
+        fingerprints on first use).
       sq_a, sq_b: ``{"gate": (n_a, h_A), "up": (n_a, h_A)}`` (and ``n_b, h_B``): each unit's sum
         of squared outputs per collected layer.
       count: number of tokens counted.
@@ -49,7 +51,7 @@ class PassStats:
       pair_index: for explicit pairs, ``(ia, ib)`` positions of each pair in the collected layers.
     """
 
-    cross: jax.Array
+    cross: Any
     sq_a: dict[str, np.ndarray]
     sq_b: dict[str, np.ndarray]
     count: float
@@ -238,6 +240,11 @@ def accumulate(
         weights_b=_gate_up(params_b, layers_b),
         pair_index=tuple(pair_index),
     )
+
+
+def gate_up_kernels(params: Params, layers: tuple[int, ...]) -> tuple[dict[str, jax.Array], ...]:
+    """Per layer in ``layers``, ``{"gate": (d, h), "up": (d, h)}``: references into ``params``, no copies."""
+    return _gate_up(params, layers)
 
 
 def _gate_up(params: Params, layers: tuple[int, ...]) -> tuple[dict[str, jax.Array], ...]:
