@@ -275,7 +275,7 @@ def _cross(x_a: jax.Array, x_b: jax.Array) -> jax.Array:
 class CrossGrams:
     """The ``(P, d_A, d_B)`` input cross-Grams of ``P`` layer pairs, each computed from two
     fingerprints by one matmul when first indexed (the last one is kept: MATCH reads each pair
-    twice, for gate and up). Indexed like :attr:`jaxind.grams.PassStats.cross` for explicit pairs."""
+    twice, for gate and up). Indexed like ``PassStats.cross`` (:class:`jaxind.grams.PassStats`) for explicit pairs."""
 
     def __init__(self, x_a: np.ndarray, x_b: np.ndarray, positions: Sequence[tuple[int, int]]):
         self.x_a, self.x_b, self.positions = x_a, x_b, tuple(positions)

@@ -10,7 +10,8 @@ conversion and one forward pass, and each reference then matmuls and LAPs.
 A reference's evidence is its pair p-value, the Bonferroni minimum over the tests that gave one
 (``min(1, k * min_t p_t)``); the references' p-values are adjusted with Holm's step-down and a
 reference is ``dependent`` when its adjusted p-value is at most ``--alpha``. The ranking lists the
-strongest evidence first; references that failed come last, with their error.
+strongest evidence first (p-values at the same floor, e.g. the exact bound ``2/n!`` per layer, by the
+mean per-layer Spearman rho of the matching tests: a copy's is 1); references that failed come last.
 """
 
 from __future__ import annotations
@@ -130,6 +131,19 @@ def _evidence(document: dict[str, Any]) -> float | None:
     return None if not logs else min(0.0, min(logs) + math.log10(len(logs)))
 
 
+def _closeness(document: dict[str, Any]) -> float:
+    """Mean per-layer Spearman rho of the matching tests (1 for a copy): orders references whose
+    p-values reach the same floor (an exact bound such as ``2/n!`` per layer)."""
+    rhos = [
+        float(layer["statistic"])
+        for name, test in document["tests"].items()
+        if name in ("csu", "csh", "match") and not test.get("error")
+        for layer in test.get("layers", [])
+        if layer.get("statistic") is not None
+    ]
+    return sum(rhos) / len(rhos) if rhos else 0.0
+
+
 def scan(
     suspect: str,
     refs: References,
@@ -149,13 +163,13 @@ def scan(
     tokens, info = _tokens(refs, entry, settings.data)
     d = info["data"]
     spec = data.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"])
-    settings = dataclasses.replace(settings, data=spec)
+    settings = dataclasses.replace(settings, data=spec, heatmap_path=None)
     computed: dict[str, list[str]] = {"converted": [], "fingerprinted": []}
     stored_s, fp_s = _prepare(entry, tokens, info, settings, dtype, computed)
     model_s = stored_s.load()
     rows, documents = [], {}
     for ref in refs.models:
-        row: dict[str, Any] = {"name": ref.name, "source": ref.source, "error": None, "tests": {}}
+        row: dict[str, Any] = {"name": ref.name, "source": ref.source, "error": None, "tests": {}, "closeness": None}
         try:
             stored_r, fp_r = _prepare(ref, tokens, info, settings, dtype, computed)
             document = modelstore.run_stored_pair(stored_r.load(), model_s, settings, tokens, (fp_r, fp_s))
@@ -164,6 +178,7 @@ def scan(
                 t: {k: r.get(k) for k in ("pvalue", "log10_pvalue", "error")} for t, r in document["tests"].items()
             }
             row["log10_pvalue"] = _evidence(document)
+            row["closeness"] = _closeness(document)
             if row["log10_pvalue"] is None:
                 row["error"] = "no test gave a p-value"
         except JaxindError as e:
@@ -179,8 +194,11 @@ def scan(
             adjusted_log10_pvalue=float(value),
             dependent=bool(value <= math.log10(settings.alpha)),
         )
-    ranking = sorted(rows, key=lambda r: (r["log10_pvalue"] is None, r["log10_pvalue"] or 0.0, r["name"]))
-    keys = ("name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "tests", "error")
+    ranking = sorted(
+        rows, key=lambda r: (r["log10_pvalue"] is None, r["log10_pvalue"] or 0.0, -(r["closeness"] or 0.0), r["name"])
+    )
+    keys = ("name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "closeness")
+    keys += ("tests", "error")
     return {
         "schema_version": 2,
         "jaxind_version": jaxind.__version__,

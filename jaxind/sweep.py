@@ -460,9 +460,10 @@ def preflight() -> tuple[SweepConfig, tuple[int, int]]:
 def run(argv: list[str]) -> int:
     del argv
     config, shard = preflight()
-    caching.setup_from_flags()
-    if config.cache_dir and not FLAGS.cache_dir:
-        caching.apply_cache_dir(config.cache_dir)
+    if FLAGS.cache_dir:  # the flag overrides the file's cache_dir
+        config = dataclasses.replace(config, cache_dir=os.path.abspath(os.path.expanduser(FLAGS.cache_dir)))
+    caching.apply_cache_dir(config.cache_dir)
+    caching.enable_compilation_cache(caching.compilation_cache_dir(FLAGS.compilation_cache))
     if FLAGS.report_only:
         finish(config, FLAGS.output)
         return 0

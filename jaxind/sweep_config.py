@@ -215,7 +215,10 @@ def _read_yaml(path: str) -> Any:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SweepConfigError(f"{path} is not valid YAML{at} ({' '.join(str(e).split())[:160]})") from None
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())[:160]
+        raise SweepConfigError(
+            f"{path} is not valid YAML{at} ({problem}): fix the file (see jaxind.sweep_config)"
+        ) from None
 
 
 def load(path: str) -> SweepConfig:
