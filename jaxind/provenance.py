@@ -58,7 +58,7 @@ def cluster_order(matrix: np.ndarray) -> list[int]:
 
 def _save(fig: Any, path: str, models: list[str], title: str) -> None:
     plt = _plt()
-    tmp = path + ".tmp.png"
+    tmp = f"{path}.{os.getpid()}.tmp.png"  # shards may write the report at the same time
     fig.savefig(tmp, metadata={"Title": title, "Models": ",".join(models)})
     plt.close(fig)
     os.replace(tmp, path)

@@ -347,6 +347,7 @@ def _run_jobs(
     from jaxind import progress
 
     out: list[dict[str, Any]] = []
+    start = time.perf_counter()
     with progress.bar(total=len(jobs), desc=desc, unit=desc.split()[0]) as bar:
         done: Iterable[Any]
         if pool is None:
@@ -356,7 +357,8 @@ def _run_jobs(
         for result in done:
             out.append(result)
             bar.update(1)
-            log(f"[{len(out)}/{len(jobs)}] {describe(result)}")
+            eta = (time.perf_counter() - start) / len(out) * (len(jobs) - len(out))
+            log(f"[{len(out)}/{len(jobs)} {desc}, ETA {eta:.0f} s] {describe(result)}")
     return out
 
 
