@@ -197,8 +197,8 @@ def scan(
     ranking = sorted(
         rows, key=lambda r: (r["log10_pvalue"] is None, r["log10_pvalue"] or 0.0, -(r["closeness"] or 0.0), r["name"])
     )
-    keys = ("name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "closeness")
-    keys += ("tests", "error")
+    keys = ["name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "closeness", "tests"]
+    keys.append("error")
     return {
         "schema_version": 2,
         "jaxind_version": jaxind.__version__,
