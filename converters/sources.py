@@ -112,6 +112,28 @@ def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, d
     return reader.config, params, meta
 
 
+def read_config(source: str) -> tuple[ModelConfig, dict[str, str] | None]:
+    """A source's config and where its tokenizer is (None: it has none), without reading weights.
+
+    Raises:
+      JaxindError: the source is missing, unsupported, or its config unreadable.
+    """
+    from converters import checkpoint
+
+    path = resolve(source)
+    if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+        config_path = os.path.join(path, checkpoint.CONFIG_FILE)
+        try:
+            with open(config_path) as f:
+                cfg = ModelConfig.from_json(f.read())
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot read {config_path} ({e}); convert the model again") from None
+        tokenizer_dir = os.path.join(path, "tokenizer")
+        return cfg, ({"kind": "dir", "path": os.path.abspath(tokenizer_dir)} if os.path.isdir(tokenizer_dir) else None)
+    reader = open_reader(path)
+    return reader.config, (reader.tokenizer_source() if reader.has_tokenizer() else None)
+
+
 def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) -> dict[str, Any]:
     """Provenance recorded with a converted model."""
     return {
