@@ -181,9 +181,9 @@ def default_method(
     """
     backend = backend or jax.default_backend()
     host = "lapjv" if have_lapjv() else "scipy"
-    square = shape is not None and len(shape) >= 2 and shape[-1] == shape[-2]
+    side = shape[-1] if shape is not None and len(shape) >= 2 and shape[-1] == shape[-2] else 0
     if backend == "cpu":
-        if square and cost is not None and shape[-1] >= WARM_MIN_N:
+        if cost is not None and side >= WARM_MIN_N:
             if competition(cost, maximize) < WARM_MAX_COMPETITION:
                 return "warm"
         return host
@@ -807,10 +807,8 @@ def _solve_oriented(cost, maximize: bool, method: str, rtol: float, block: int |
         _, cols = scipy.optimize.linear_sum_assignment(np.asarray(cost, np.float64), maximize=maximize)
         return cols
     if method == "lapjv":
-        try:
-            import lap
-        except ImportError as e:
-            raise ValueError("method='lapjv' needs the optional package `lap` (pip install lap)") from e
+        if not have_lapjv():
+            raise ValueError("method='lapjv' needs the optional package `lap` (pip install lap)")
         c = np.array(cost, dtype=np.float64)
         if maximize:
             np.negative(c, out=c)
