@@ -672,17 +672,18 @@ _LAPJV_SAFE_RANGE = 2.0**13
 def lapjv_exact(cost: np.ndarray) -> np.ndarray:
     """LAPJV (``lap`` package) on a float64 ``cost (n, m)``, ``n <= m``, made safe; modifies ``cost``.
 
-    Subtracts the row minima and scales by a power of two so that every entry lies in
-    ``[0, 2^13]``: both leave the optimal assignments unchanged (the scaling is exact in
-    float64), and keep LAPJV away from its internal ``LARGE = 1e6`` sentinel, near which it
+    Subtracts the minimum and scales by a power of two so that every entry lies in ``[0, 2^13]``:
+    both leave the optimal assignments unchanged (the scaling is exact in float64) and LAPJV's
+    path the same, and keep it away from its internal ``LARGE = 1e6`` sentinel, near which it
     returns suboptimal assignments. Returns ``col_of_row (n,)``.
     """
     import lap
 
-    np.subtract(cost, cost.min(axis=1, keepdims=True), out=cost)
-    top = float(cost.max()) if cost.size else 0.0
-    if top > 0:
-        cost *= 2.0 ** math.floor(math.log2(_LAPJV_SAFE_RANGE / top))
+    if cost.size:
+        np.subtract(cost, cost.min(), out=cost)
+        top = float(cost.max())
+        if top > 0:
+            cost *= 2.0 ** math.floor(math.log2(_LAPJV_SAFE_RANGE / top))
     _, cols, _ = lap.lapjv(cost, extend_cost=cost.shape[0] != cost.shape[1])
     return np.asarray(cols)
 

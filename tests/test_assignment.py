@@ -373,7 +373,7 @@ def test_match_and_csu_pvalues_unchanged_by_warm(monkeypatch):
 def test_lapjv_large_costs_exact(offset):
     """Regression: the `lap` package's LAPJV returned assignments up to 30% above the optimum on
     squared-distance costs with entries near or above its internal 1e6 sentinel (MATCH's costs
-    grow with the number of tokens); the reduced, power-of-two-scaled call is exact."""
+    grow with the number of tokens); the shifted, power-of-two-scaled call is exact."""
     for seed in range(12):
         n = 20 + 3 * seed
         for shape in ((n, n), (n, n + 7)):
@@ -382,3 +382,43 @@ def test_lapjv_large_costs_exact(offset):
             assert_valid(shape, rows, cols)
             ref = scipy_objective(cost)
             assert abs(assignment_cost(cost, rows, cols) - ref) <= 1e-12 * np.abs(cost).max() * n, (seed, shape)
+
+
+@pytest.mark.slow
+def test_real_smollm2_match_and_csu_unchanged_by_warm(smollm2, monkeypatch):
+    """On the real SmolLM2 against an independently initialised model (the issue's case), "auto"
+    picks "warm" for MATCH's distance matrices, and MATCH's and CSU's matchings and p-values are
+    identical to scipy's on a fixed seed."""
+    from jaxind import constrained, data, grams, match, model
+
+    cfg = smollm2.config
+    other = model.init_params(cfg, jax.random.key(1))
+    tokens = data.make_tokens(data.DataSpec(num_sequences=8, seq_len=128), cfg.vocab_size, cfg.vocab_size)
+    pairs, layers = ((0, 0), (29, 29)), (0, 29)
+    stats = grams.accumulate(
+        smollm2.params,
+        cfg,
+        other,
+        cfg,
+        list(data.batches(tokens, 8)),
+        layers_a=layers,
+        layers_b=layers,
+        pair_index=((0, 0), (1, 1)),
+    )
+    for p in range(2):
+        for proj in ("gate", "up"):
+            d = stats.distances(p, proj)
+            assert assignment.default_method("cpu", d.shape, d) == "warm"
+    orig = assignment.solve_lap
+    out = {}
+    for method in ("scipy", "auto"):
+        monkeypatch.setattr(assignment, "solve_lap", lambda c, method=method, **kw: orig(c, method=method, **kw))
+        res = match.match_from_pass(stats, pairs, jax.random.key(3), return_units=True)
+        csu = constrained.csu(smollm2.params, cfg, other, cfg, jax.random.key(4), layers=pairs)
+        out[method] = (
+            [(r.pvalue, r.statistic, r.extra["matched_units"]) for r in res.layers],
+            res.pvalue,
+            [(r.pvalue, r.statistic) for r in csu.layers],
+            csu.pvalue,
+        )
+    assert out["auto"] == out["scipy"]
