@@ -19,9 +19,10 @@ Solvers (``method=``)
     else scipy) on the price-reduced cost (see "Warm start" below). Square costs; rectangular
     ones go straight to the host solver.
   * ``"auto"`` - :func:`default_method`: on a CPU backend "warm" for square costs of side >= 512
-    whose rows compete for few columns (:func:`competition` < 0.4: MATCH's and CSU's costs of
-    independent models), else the host solver (LAPJV where ``lap`` is installed, else scipy);
-    the auction on GPU/TPU for square costs, the host solver for rectangular ones. On a 2-core
+    whose rows compete for few columns (:func:`competition` < 0.4: MATCH's costs of unrelated
+    models; CSU's weight cosines look like random costs, 0.63), else the host solver (LAPJV
+    where ``lap`` is installed, else scipy); the auction on GPU/TPU for square costs, the host
+    solver for rectangular ones. On a 2-core
     CPU the host solvers beat the jitted auction at every size we measured (see
     ``benchmarks/bench_lap.py``); the auction is the one that can use an accelerator.
 
@@ -172,8 +173,8 @@ def default_method(
     when given, the ``cost`` itself.
 
     CPU: "warm" for square costs of side >= ``WARM_MIN_N`` whose :func:`competition` is below
-    ``WARM_MAX_COMPETITION`` (MATCH's and CSU's costs of independent models: 2-8x faster than
-    LAPJV and scipy there, ``benchmarks/bench_lap.py``); otherwise LAPJV when the ``lap`` package
+    ``WARM_MAX_COMPETITION`` (MATCH's costs of unrelated models: 5.1x faster than scipy and 3.1x
+    than LAPJV there, medians in BENCHMARKS.md); otherwise LAPJV when the ``lap`` package
     is installed (2-5x faster than scipy on random costs, exact), else scipy. Without ``cost`` the
     competition is unknown and the host solver is returned. GPU/TPU: the jitted auction for square
     problems. Rectangular problems go to the host solver everywhere: the auction's dummy rows make
