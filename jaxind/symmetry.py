@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxind import model
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import Params
@@ -60,10 +61,15 @@ LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
     "v_bias": ("layers", None),
     "o": ("layers", None, "resid"),
     "o_bias": ("layers", "resid"),
+    # q/k RMSNorm weights act on head_dim (Qwen3, Gemma 3) or on the q/k projection (OLMo 2): no residual axis
+    "q_norm": ("layers", None),
+    "k_norm": ("layers", None),
+    "post_attn_norm": ("layers", "resid"),  # norms on the attention / MLP outputs (Gemma 2/3, OLMo 2)
     "mlp_norm": ("layers", "resid"),
     "gate": ("layers", "resid", "mlp"),
     "up": ("layers", "resid", "mlp"),
     "down": ("layers", "mlp", "resid"),
+    "post_mlp_norm": ("layers", "resid"),
     # GPT-2 (LayerNorm biases, MLP biases)
     "attn_norm_bias": ("layers", "resid"),
     "mlp_norm_bias": ("layers", "resid"),
@@ -98,7 +104,11 @@ class Perm(NamedTuple):
 def layer_leaf_names(cfg: ModelConfig) -> list[str]:
     """The names of the stacked layer leaves a model with ``cfg`` has, in the order of :data:`LAYER_SPEC`."""
     layer_norm = cfg.norm_kind == "layer"
+    norms = set(model.layer_norm_names(cfg))
     present = {
+        **{name: name in norms for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")},
+        "q_norm": cfg.qk_norm != "none",
+        "k_norm": cfg.qk_norm != "none",
         "q_bias": cfg.qkv_bias,
         "k_bias": cfg.qkv_bias,
         "v_bias": cfg.qkv_bias,
@@ -124,7 +134,8 @@ def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
         spec[("pos_embed",)] = TOP_SPEC["pos_embed"]
     for name in layer_leaf_names(cfg):
         spec[("layers", name)] = LAYER_SPEC[name]
-    spec[("final_norm",)] = TOP_SPEC["final_norm"]
+    if cfg.has_norm_weights:
+        spec[("final_norm",)] = TOP_SPEC["final_norm"]
     if layer_norm:
         spec[("final_norm_bias",)] = TOP_SPEC["final_norm_bias"]
     if not cfg.tie_embeddings:
@@ -265,10 +276,17 @@ def random_orthogonal(key: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
 
 
 def _require_rms(cfg: ModelConfig) -> None:
+    """Refuses the models a residual rotation is no symmetry of (permutations are)."""
     if getattr(cfg, "norm_kind", "rms") != "rms":
         raise JaxindError(
             f"residual rotations need RMSNorm models; {cfg.family} uses LayerNorm, whose mean subtraction "
             "does not commute with a rotation (permutations are supported)"
+        )
+    if cfg.norm_position != "pre":
+        raise JaxindError(
+            f"residual rotations need pre-norm models; {cfg.family} normalises the attention and MLP outputs it "
+            "adds to the residual stream, and those norms' weights scale the stream elementwise, which does not "
+            "commute with a rotation (permutations are supported)"
         )
 
 

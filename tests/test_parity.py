@@ -4,10 +4,11 @@ of every supported family and checkpoint format."""
 import numpy as np
 import pytest
 import torch
-from hf_models import FAMILIES, build_torch_model, mlp_modules, save
+from hf_models import FAMILIES, build_torch_model, mlp_modules, save, split_gate_up
 
 import jaxind
 from converters.sources import load_model
+from jaxind.config import MODEL_TYPES
 
 TOL = 1e-4
 
@@ -34,7 +35,7 @@ def torch_reference(model, tokens):
         logits = model(torch.tensor(tokens)).logits.numpy()
     for h in hooks:
         h.remove()
-    return logits, captured
+    return logits, {layer: split_gate_up(outputs) for layer, outputs in captured.items()}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -43,7 +44,7 @@ def test_logits_and_activations_match_transformers(tmp_path, family, fmt):
     ref_model = build_torch_model(family, seed=1)
     path = save(ref_model, str(tmp_path / family), fmt)
     ours = load_model(path)
-    assert ours.config.family == ref_model.config.model_type
+    assert ours.config.family == MODEL_TYPES[ref_model.config.model_type]
     tokens = np.random.default_rng(0).integers(0, ours.config.vocab_size, (2, 12))  # 12 > mistral window 5
     ref_logits, ref_acts = torch_reference(ref_model, tokens)
     assert rel_err(ours.logits(tokens), ref_logits) <= TOL
