@@ -767,8 +767,10 @@ def _gemma3_multimodal(hf: Mapping[str, Any]) -> tuple[ModelConfig, dict[str, st
     text = {**{key: defaults[key] for key in _SIZE_KEYS if key in defaults}, **text, "model_type": "gemma3_text"}
     if tie_outer is not None:
         text.setdefault("tie_word_embeddings", tie_outer)
-    cfg, ignored = parse_hf_config(text)
-    ignored = {f"text_config.{key}": why for key, why in ignored.items()}
+    # transformers' multimodal Gemma 3 returns its LM head's logits as they are: no final soft-capping.
+    unused = {"final_logit_softcapping": "transformers' Gemma3ForConditionalGeneration does not apply it"}
+    cfg, ignored = parse_hf_config({key: value for key, value in text.items() if key not in unused})
+    ignored = {f"text_config.{key}": why for key, why in {**ignored, **unused}.items() if key in ignored or key in text}
     image = "image input only; text-only inputs never reach it"
     outer = {key: image for key in hf if key in _GEMMA3_VISION_KEYS}
     read = _GEMMA3_VISION_KEYS | {"text_config", "tie_word_embeddings"}
