@@ -1,11 +1,13 @@
 """The decoder-only transformer as pure functions over a param pytree.
 
-One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2 and
-Gemma: pre-norm blocks with RMSNorm, rotary attention with grouped KV heads, and a gated
-(GLU) MLP; and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
-family the generalized test needs. The pass can hand back, for chosen layers, the MLP's
-gate- and up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only),
-which is what the independence tests match.
+One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2/3, Phi-3,
+Gemma 1/2/3 and OLMo/OLMo 2: rotary attention with grouped KV heads and a gated (GLU) MLP, with the
+variants those families need (``cfg.norm_position``: norms before attention and MLP, also after them
+(Gemma 2/3), or after them only (OLMo 2); q/k norms; soft-caps; local/global layers; OLMo's clamp and
+weightless LayerNorm); and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
+family the generalized test needs. The pass can hand back, for chosen layers, the MLP's gate- and
+up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only), which is what the
+independence tests match.
 
 Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``). The decoder
 layers are **stacked**: every layer leaf carries a leading layer axis of length ``L = n_layers``,
@@ -19,8 +21,11 @@ and the layers run under ``jax.lax.scan`` (docs/DESIGN.md §5.9)::
      "final_norm": (d,),
      ["lm_head": (d, V)]}          # absent when cfg.tie_embeddings
 
-GPT-2 adds ``pos_embed (P, d)``, ``*_norm_bias (L, d)``, ``up_bias (L, h)``, ``down_bias (L, d)``
-(``final_norm_bias (d,)``) and has no ``gate``.
+Family variants: ``q_norm``/``k_norm`` ``(L, hd)`` (per head: Qwen3, Gemma 3) or ``(L, H*hd)``/``(L, K*hd)``
+(over the projection: OLMo 2); ``post_attn_norm``/``post_mlp_norm`` ``(L, d)`` (Gemma 2/3, OLMo 2, which
+has no ``attn_norm``/``mlp_norm``); no norm weights at all for OLMo (no ``final_norm`` either). GPT-2 adds
+``pos_embed (P, d)``, ``*_norm_bias (L, d)``, ``up_bias (L, h)``, ``down_bias (L, d)`` (``final_norm_bias
+(d,)``) and has no ``gate``.
 
 What differs between layers without being a weight (the attention window, the RoPE frequencies)
 is a per-layer **feature** (:func:`layer_features`): an array with the same leading layer axis,

@@ -14,7 +14,10 @@ carries which permutation.
   stacked leaf, the slice at position ``l`` of its ``"layers"`` axis takes ``t_l``.
 
 So the spec of ``gate`` reads ``("layers", "resid", "mlp")``: one per-layer MLP permutation,
-stated once for the whole stack. GPT-2's extra leaves (``pos_embed``, LayerNorm biases,
+stated once for the whole stack. Norms on the attention/MLP outputs (``post_attn_norm``,
+``post_mlp_norm``: Gemma 2/3, OLMo 2) act on the residual stream and carry ``"resid"``; q/k norm
+weights act on ``head_dim`` (Qwen3, Gemma 3) or on the q/k projection (OLMo 2), axes the group does
+not move. GPT-2's extra leaves (``pos_embed``, LayerNorm biases,
 ``down_bias``) carry ``"resid"``; LayerNorm is permutation-equivariant but not
 rotation-equivariant, so rotations refuse it.
 
@@ -32,7 +35,8 @@ Residual **rotations** (the adversary's larger group) use the same axis names: e
 w[.., k, ..]`` (``R`` = the permutation matrix of ``s`` reproduces the gather). RMSNorm is
 equivariant under orthogonal maps only with a neutral scale, so :func:`rotate_residual`
 first folds every norm weight into the linear maps that read the normalised stream
-(:func:`fold_norms`).
+(:func:`fold_norms`). Rotations are refused for LayerNorm models (GPT-2, OLMo) and for models with
+norms on the attention/MLP outputs (Gemma 2/3, OLMo 2): neither commutes with a rotation.
 """
 
 from __future__ import annotations
