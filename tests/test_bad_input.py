@@ -355,10 +355,17 @@ CASES: list[Case] = [
         before_work=False,
     ),
     Case(
-        "hf_config_gemma2",
+        "hf_config_phi3_longrope",
         lambda w, d: [*w.pair(str(d / "hf"))],
-        "unsupported model_type 'gemma2'",
-        setup=_edited_hf(model_type="gemma2"),
+        "RoPE scaling type 'longrope' is not supported",
+        setup=_edited_hf(model_type="phi3", rope_scaling={"type": "longrope", "short_factor": [1.0] * 4}),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_gemma3_bidirectional",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "use_bidirectional_attention=True is not supported",
+        setup=_edited_hf(model_type="gemma3_text", use_bidirectional_attention=True),
         before_work=False,
     ),
     Case(
