@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxind import sharding
 from jaxind.results import TestResult, timed
 
 NOTE = "JSD is invariant under the symmetry group: a similarity number, not a test"
@@ -50,6 +51,9 @@ def jsd(
     """
     total, count = 0.0, 0.0
     for tokens, mask in batches:
-        total += float(jsd_sum(logits_fn_a(tokens)[..., :vocab], logits_fn_b(tokens)[..., :vocab], jnp.asarray(mask)))
+        logits_a, logits_b = logits_fn_a(tokens), logits_fn_b(tokens)
+        layout = sharding.layout_of(logits_a)
+        placed = mask if layout is None else layout.batch(mask)
+        total += float(sharding.to_host(jsd_sum(logits_a[..., :vocab], logits_b[..., :vocab], placed)))
         count += float(mask.sum())
     return TestResult(test="jsd", pvalue=None, log10_pvalue=None, exact=False, statistic=total / count, note=NOTE)
