@@ -153,11 +153,16 @@ def _layer_stats(mask: jax.Array | None) -> model_lib.Collector:
     return keep
 
 
-def _collect(params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], unroll: bool):
+def _collect(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], unroll: bool, layout
+) -> dict[str, jax.Array]:
     """``{"x": (n, N, d), "gate": (n, h), "up": (n, h)}`` for the collected ``layers`` of one model."""
     x = model_lib.embed(params, cfg, tokens)
-    _, stored = model_lib.run_layers(params["layers"], cfg, x, layers, _layer_stats(mask), max(layers) + 1, unroll)
-    return stored
+    x_sharding = None if layout is None else layout.activations(x.shape[0], x.shape[1], x.shape[2])
+    stats = _layer_stats(mask)
+    return model_lib.run_layers(
+        params["layers"], cfg, x, layers, stats, max(layers) + 1, unroll, x_sharding=x_sharding
+    )[1]
 
 
 @functools.partial(
@@ -198,8 +203,8 @@ def accumulate_step(
       The updated state.
     """
     hi = jax.lax.Precision.HIGHEST
-    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll)
-    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll)
+    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll, layout)
+    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll, layout)
     xa, xb = stats_a["x"], stats_b["x"]  # (n_a, N, d_a), (n_b, N, d_b)
     if outer:
         cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)

@@ -47,15 +47,20 @@ class Model:
             )
         return tokens
 
-    def _placed(self, tokens: Any) -> jax.Array:
-        """Checked tokens on the params' devices: split over the mesh's batch axes when the params are sharded."""
+    def _placed(self, tokens: Any) -> tuple[jax.Array, Any]:
+        """Checked tokens on the params' devices (split over the mesh's batch axes when the params are sharded)
+        and the residual stream's sharding (None on one device)."""
         checked = self._check_tokens(tokens)
         layout = sharding.layout_of(self.params)
-        return jnp.asarray(checked, jnp.int32) if layout is None else layout.batch(checked.astype(np.int32))
+        if layout is None:
+            return jnp.asarray(checked, jnp.int32), None
+        batch, seq = checked.shape
+        return layout.batch(checked.astype(np.int32)), layout.activations(batch, seq, self.config.d_model)
 
     def logits(self, tokens: Any) -> jax.Array:
         """``tokens (B, T)`` int -> logits ``(B, T, vocab)`` float32 (sharded like the tokens on a mesh)."""
-        return model.forward_jit(self.params, self.config, self._placed(tokens))[0]
+        placed, x_sharding = self._placed(tokens)
+        return model.forward_jit(self.params, self.config, placed, x_sharding=x_sharding)[0]
 
     def mlp_activations(self, tokens: Any, layers: Iterable[int] | None = None) -> dict[int, dict[str, jax.Array]]:
         """``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` from one forward pass (no LM head).
@@ -63,7 +68,8 @@ class Model:
         ``layers``: indices (negative allowed) or None for every layer.
         """
         collect = normalize_layers(self.config, layers)
-        return model.forward_jit(self.params, self.config, self._placed(tokens), collect, False)[1]
+        placed, x_sharding = self._placed(tokens)
+        return model.forward_jit(self.params, self.config, placed, collect, False, x_sharding=x_sharding)[1]
 
     @functools.cached_property
     def tokenizer(self) -> Any:

@@ -57,6 +57,26 @@ flags.DEFINE_integer(
 flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts, strictly between 0 and 1.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype on the device.")
 flags.DEFINE_bool("demo_quick", False, "Demo only: fewer training steps and permutations (for smoke tests).")
+flags.DEFINE_string(
+    "mesh",
+    None,
+    "Shard both models over a device mesh: axis:size pairs over data, fsdp, model (-1: the devices left), e.g. "
+    "fsdp:-1 or data:2,fsdp:4,model:2. Default: one device (a multi-process run: fsdp over every device).",
+)
+flags.DEFINE_integer(
+    "permtest_layer_shards",
+    1,
+    "PERMTEST-L2: devices per group of draws that split the layers between them (divides the device count).",
+    lower_bound=1,
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0, with --num_processes and --process_id. Without them JAX reads "
+    "SLURM, Open MPI or TPU-pod settings from the environment.",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.", lower_bound=0)
 
 flags.register_validator(
     "alpha",
@@ -95,9 +115,12 @@ def preflight():
       JaxindError: one line saying what is wrong.
     """
     from converters import sources
-    from jaxind import data, destinations
+    from jaxind import cluster, data, destinations
     from jaxind.errors import JaxindError
 
+    cluster.check_flags(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.mesh is not None:
+        cluster.parse_mesh(FLAGS.mesh)
     if bool(FLAGS.model_a) != bool(FLAGS.model_b):
         raise JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
     spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
@@ -142,8 +165,9 @@ def layer_selection():
 
 
 def settings_from_flags(spec):
-    """The runner's Settings from the flags and the checked DataSpec."""
-    from jaxind import runner
+    """The runner's Settings from the flags and the checked DataSpec (after :func:`jaxind.cluster.initialize`:
+    only the writing process gets a heatmap path)."""
+    from jaxind import cluster, runner
 
     chosen_layers, chosen_pairs = layer_selection()
     return runner.Settings(
@@ -152,27 +176,35 @@ def settings_from_flags(spec):
         num_perms=FLAGS.num_perms,
         batch_size=FLAGS.batch_size,
         generalized_steps=FLAGS.generalized_steps,
-        heatmap_path=heatmap_path(),
+        heatmap_path=heatmap_path() if cluster.is_writer() else None,
         alpha=FLAGS.alpha,
         layers=chosen_layers,
         layer_pairs=chosen_pairs,
+        permtest_layer_shards=FLAGS.permtest_layer_shards,
     )
 
 
 def run(argv) -> int:
     del argv
     spec = preflight()
-    from converters.sources import load_model
-    from jaxind import report, results, runner, testhooks
+    from jaxind import cluster
 
+    cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)  # before any computation
+    from converters.sources import load_model
+    from jaxind import report, results, runner, sharding, testhooks
+
+    layout = sharding.run_layout(FLAGS.mesh)
+    cluster.check_layer_shards(FLAGS.permtest_layer_shards)
+    writer = cluster.is_writer()
     if not FLAGS.model_a:
         from jaxind import demo
 
-        return demo.run_demo(settings_from_flags(spec), output=FLAGS.output, quick=FLAGS.demo_quick)
+        output = FLAGS.output if writer else None
+        return demo.run_demo(settings_from_flags(spec), output=output, quick=FLAGS.demo_quick, layout=layout)
     settings = settings_from_flags(spec)
     models = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
-        models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty())
+        models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
         print(describe(name, models[name].summary()), flush=True)
     testhooks.stop_at("models_loaded")
     document = runner.run_pair(models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True))
@@ -183,10 +215,12 @@ def run(argv) -> int:
     if document["tests"].get("localized", {}).get("pvalue") is not None:
         print()
         print(report.format_localized(document["tests"]["localized"]))
-    if FLAGS.output:
+    if FLAGS.output and writer:
         results.write_json_or_rescue(FLAGS.output, document)
         _written.append(FLAGS.output)
         print(f"\nresults written to {os.path.abspath(FLAGS.output)}")
+    elif FLAGS.output:
+        print(f"\nresults are written by process 0 (this is process {cluster.process_index()})")
     return 0
 
 

@@ -267,22 +267,35 @@ def l2_draw(consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
     return _l2_stats(consts, inner, inner.sum(), perm.resid)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def l2_direct(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Minus the L2 distance between two param trees, computed from the differences.
+def l2_direct(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Minus the L2 distance between two param trees, computed from the differences (on a mesh, with sums that
+    do not depend on how the mesh is split between processes: :func:`jaxind.sharding.sq_distance`).
 
     Returns:
-      ``(stat_layers (L,), stat_total ())``.
+      ``(stat_layers (L,), stat_total ())`` float32 numpy.
     """
+    layers = np.zeros((cfg.n_layers,), np.float32)
+    other = np.zeros((), np.float32)
+    for path, axes in permutation_spec(cfg).items():
+        stacked = axes[0] == "layers"
+        sq = sharding.to_host(sharding.sq_distance(get_leaf(params_a, path), get_leaf(params_b, path), stacked))
+        if stacked:
+            layers += sq
+        else:
+            other += sq
+    return -np.sqrt(layers), -np.sqrt(layers.sum() + other)
+
+
+def _l2_direct_traced(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """:func:`l2_direct` inside a traced computation (the loop reference's draws)."""
     layers = jnp.zeros((cfg.n_layers,), jnp.float32)
     other = jnp.zeros((), jnp.float32)
     for path, axes in permutation_spec(cfg).items():
         diff = get_leaf(params_a, path).astype(jnp.float32) - get_leaf(params_b, path).astype(jnp.float32)
-        sq = jnp.sum(diff * diff, axis=tuple(range(1, diff.ndim))) if axes[0] == "layers" else jnp.sum(diff * diff)
         if axes[0] == "layers":
-            layers += sq
+            layers += jnp.sum(diff * diff, axis=tuple(range(1, diff.ndim)))
         else:
-            other += sq
+            other += jnp.sum(diff * diff)
     return -jnp.sqrt(layers), -jnp.sqrt(layers.sum() + other)
 
 
@@ -403,7 +416,8 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
             return _layer_inner(consts, perm.resid, perm.mlp), perm.resid
 
         inners, resids = jax.vmap(inner)(idx)
-        sums = jax.lax.psum(inners.sum(axis=1), _LAYERS)
+        # the sum over every layer, added in mesh order (an all-reduce's order may depend on the process split)
+        sums = jnp.sum(jax.lax.all_gather(inners.sum(axis=1), _LAYERS, to="invarying"), axis=0)
         return jax.vmap(functools.partial(_l2_stats, consts))(inners, sums, resids)
 
     specs = L2Consts._make(_L2_SPECS) if statistic == "l2" else P()
@@ -492,7 +506,7 @@ def _result(
 
 def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
     if statistic == "l2":
-        return tuple(sharding.to_host(x) for x in l2_direct(params_a, params_b, cfg))
+        return l2_direct(params_a, params_b, cfg)
     return None, sharding.to_host(_mc_stat_jit(params_a, params_b, cfg, np.asarray(tokens, dtype=np.int32)))
 
 
@@ -577,7 +591,7 @@ def _loop_step(statistic: str, cfg: ModelConfig) -> Callable:
     def step(params_a, params_b, key, t, tokens):
         permuted = apply_permutation(params_b, cfg, draw_permutations(jax.random.fold_in(key, t), cfg))
         if statistic == "l2":
-            return l2_direct(params_a, permuted, cfg)
+            return _l2_direct_traced(params_a, permuted, cfg)
         return jnp.zeros((0,), jnp.float32), mc_stat(params_a, permuted, cfg, tokens)
 
     return jax.jit(step)

@@ -34,11 +34,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxind import model
+from jaxind.cluster import MESH_AXES, parse_mesh
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import Params
 
-MESH_AXES = ("data", "fsdp", "model")
 Names = tuple[str | None, ...]
 
 # Logical axis names of every param leaf, by flat path (layer leaves stacked, "layers" first).
@@ -112,30 +112,6 @@ def logical_spec(shape: Sequence[int], names: Names, mesh: Mesh, rules=RULES) ->
 def param_names(cfg: ModelConfig) -> dict[str, Names]:
     """Logical axis names of every leaf of a ``cfg`` param tree, by flat path."""
     return {path: PARAM_AXES[path] for path in model.param_shapes_flat(cfg)}
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"data:2,fsdp:-1,model:2"`` -> ``{"data": 2, "fsdp": -1, "model": 2}`` (-1: the devices left).
-
-    Raises:
-      JaxindError: malformed text, an unknown axis, or more than one -1.
-    """
-    sizes: dict[str, int] = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        name, _, value = part.partition(":")
-        try:
-            size = int(value)
-        except ValueError:
-            size = 0
-        if name not in MESH_AXES or name in sizes or (size < 1 and size != -1):
-            raise JaxindError(
-                f"--mesh={text!r}: expected axis:size pairs over {', '.join(MESH_AXES)} (each once, size >= 1 or "
-                "-1 for the devices left), e.g. --mesh=fsdp:-1 or --mesh=data:2,fsdp:2,model:2"
-            )
-        sizes[name] = size
-    if list(sizes.values()).count(-1) > 1:
-        raise JaxindError(f"--mesh={text!r}: at most one axis may be -1")
-    return sizes
 
 
 def make_mesh(sizes: dict[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -233,6 +209,10 @@ class Layout:
             raise JaxindError(f"layer groups missing for {short}: incomplete checkpoint; convert again")
         return out
 
+    def activations(self, batch: int, seq: int, width: int) -> NamedSharding:
+        """Where the residual stream ``(B, T, d)`` lives: split over the batch axes, whole along ``d``."""
+        return self.sharding((batch, seq, width), ("batch", None, None))
+
     def batch(self, array: Any) -> jax.Array:
         """A host batch ``(B, ...)`` (the same on every process) as a global array sharded over ``batch``: each
         process supplies the rows of its own devices."""
@@ -256,6 +236,14 @@ def _set_row(stack: jax.Array, row: jax.Array, layer: Any) -> jax.Array:
     return _set_row_jit(stack, row, layer, stack.sharding)
 
 
+def run_layout(mesh: str | None) -> Layout | None:
+    """The layout of a run: ``--mesh`` over every device, or, without it, None (one device, as before) for a single
+    process and ``fsdp`` over every device for a multi-process run."""
+    if mesh is None and jax.process_count() == 1:
+        return None
+    return Layout(make_mesh(mesh or "fsdp:-1"))
+
+
 def layout_of(tree: Any) -> Layout | None:
     """The layout of a placed param tree (its first leaf's mesh), or None for unsharded arrays."""
     for leaf in jax.tree.leaves(tree):
@@ -272,6 +260,43 @@ def to_host(x: Any) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def _mesh_axes(entry: Any) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@functools.lru_cache(maxsize=256)
+def _ordered_sq_diff(mesh: Mesh, spec: P, ndim: int, stacked: bool):
+    """Jitted ``(a, b) -> sum((a - b)^2)`` over every axis (but the first when ``stacked``) of leaves with this
+    spec: each device sums its own block, and the blocks' sums are all-gathered and added in mesh order."""
+    spec = P(*(tuple(spec) + (None,) * (ndim - len(spec))))
+    lead = _mesh_axes(spec[0]) if stacked else ()
+    summed = tuple(a for entry in spec for a in _mesh_axes(entry) if a not in lead)
+
+    def local(a, b):
+        d = a.astype(jnp.float32) - b.astype(jnp.float32)
+        part = jnp.sum(d * d, axis=tuple(range(1 if stacked else 0, d.ndim)))
+        if summed:
+            part = jnp.sum(jax.lax.all_gather(part, summed, to="invarying"), axis=0)
+        if lead:
+            part = jax.lax.all_gather(part, lead, tiled=True, to="invarying")
+        return part
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=P()))
+
+
+def sq_distance(a: jax.Array, b: jax.Array, stacked: bool) -> jax.Array:
+    """``sum((a - b)^2)`` over every axis, or every axis but the first (layers) when ``stacked``, in float32.
+
+    On a mesh the sum is reproducible bit for bit on any split of the same mesh between processes: an all-reduce
+    may add the devices' partial sums in an order that depends on the collective implementation (in-process or
+    gloo/NCCL across hosts), so the partial sums are all-gathered and added in mesh order instead."""
+    sharding = getattr(a, "sharding", None)
+    if not (isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh) and sharding.mesh.size > 1):
+        d = jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)
+        return jnp.sum(d * d, axis=tuple(range(1 if stacked else 0, d.ndim)))
+    return _ordered_sq_diff(sharding.mesh, sharding.spec, a.ndim, stacked)(a, b)
 
 
 def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
