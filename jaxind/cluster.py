@@ -14,8 +14,10 @@ from jaxind.errors import JaxindError
 
 MESH_AXES = ("data", "fsdp", "model")
 
-# Environments in which jax.distributed.initialize() finds the coordinator, process count and id by itself.
+# Environments in which jax.distributed.initialize() finds the coordinator, process count and id by itself
+# (JAXIND_DISTRIBUTED=1 asks for it in any environment JAX supports, e.g. from a launcher).
 _DETECTED = {
+    "JAXIND_DISTRIBUTED=1": lambda env: env.get("JAXIND_DISTRIBUTED") == "1",
     "SLURM": lambda env: int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env,
     "Open MPI": lambda env: int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1,
     "TPU pod": lambda env: len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1,
@@ -24,7 +26,7 @@ _DETECTED = {
 
 def detected_cluster(env: dict[str, str] | None = None) -> str | None:
     """The multi-process environment JAX can initialise from (SLURM with several tasks, Open MPI, a multi-host
-    TPU slice), or None."""
+    TPU slice, or any other when ``JAXIND_DISTRIBUTED=1``), or None."""
     env = dict(os.environ if env is None else env)
     return next((name for name, test in _DETECTED.items() if test(env)), None)
 

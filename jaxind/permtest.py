@@ -24,8 +24,10 @@ Statistics:
   model ``0.5 (A + p(B))`` on given tokens (:func:`jaxind.model.forward`). Total only.
 
 The draw axis is a batch axis: ``vmap`` over draws, chunked to a memory budget, each chunk
-sharded over a 1-D mesh of devices with ``jax.shard_map``. Draw ``t`` always uses the group
-element ``draw_permutations(fold_in(key, t))``, whatever the device count or chunk size, so
+split over the ``perm`` axis of a ``(perm, layers)`` mesh with ``jax.shard_map``; for "l2" the
+layers' constants are split over ``layers`` and each draw's per-layer inner products are summed
+across it (docs/DESIGN.md §5.10). Draw ``t`` always uses the group element
+``draw_permutations(fold_in(key, t))``, whatever the mesh, process count or chunk size, so
 results for a seed do not depend on the hardware. :func:`permtest_loop` is the plain reference:
 a Python loop applying one permutation at a time with :func:`apply_permutation`.
 """

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxind import model
@@ -82,7 +82,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def logical_spec(shape: Sequence[int], names: Names, mesh: Mesh, rules=RULES) -> P:
+def logical_spec(shape: Sequence[int], names: Names, mesh: Mesh | AbstractMesh, rules=RULES) -> P:
     """The PartitionSpec of an array of ``shape`` whose axes have logical ``names`` (see the module doc)."""
     if len(shape) != len(names):
         raise ValueError(f"{len(names)} axis names {names} for an array of shape {tuple(shape)}")
@@ -234,6 +234,19 @@ def _set_row_jit(stack: jax.Array, row: jax.Array, layer: jax.Array, sharding: N
 def _set_row(stack: jax.Array, row: jax.Array, layer: Any) -> jax.Array:
     """``stack`` with row ``layer`` replaced by ``row``, in place (the stack is donated), keeping its sharding."""
     return _set_row_jit(stack, row, layer, stack.sharding)
+
+
+def param_bytes_per_device(cfg: ModelConfig, sizes: dict[str, int], bytes_per_param: int = 4, rules=RULES) -> int:
+    """Bytes of one model's params on the fullest device of a ``(data, fsdp, model)`` mesh of ``sizes`` (no device
+    needed: the rules are applied to an abstract mesh), e.g. for planning a pod."""
+    mesh = AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
+    names = param_names(cfg)
+    total = 0
+    for path, shape in model.param_shapes_flat(cfg).items():
+        spec = logical_spec(shape, names[path], mesh, rules)
+        split = [math.prod(mesh.shape[a] for a in _mesh_axes(entry)) for entry in spec]
+        total += math.prod(-(-dim // parts) for dim, parts in zip(shape, split + [1] * (len(shape) - len(split))))
+    return total * bytes_per_param
 
 
 def run_layout(mesh: str | None) -> Layout | None:

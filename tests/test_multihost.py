@@ -1,10 +1,10 @@
 """Multi-host on one machine (docs/DESIGN.md §5.10): `python -m jaxind.main --flagfile=...` run as two JAX
-processes (2 CPU devices each, JAX's CPU collectives over gloo, jax.distributed from the flags) writes a results
-file identical, but for timestamps and seconds, to one process with 4 devices; only process 0 writes it."""
+processes by launch/cpu_processes.sh (2 CPU devices each, JAX's CPU collectives over gloo, jax.distributed from
+the flags) writes a results file identical, but for timestamps and seconds, to one process with 4 devices; only
+process 0 writes it. The pod flagfiles in configs/ parse, and the launchers are valid shell."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,12 +17,6 @@ from jaxind.config import ModelConfig
 
 CFG = ModelConfig("qwen2", vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 VOLATILE = ("created", "seconds", "seconds_pass", "seconds_lap")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _main(flagfile: str, devices: int, *extra: str) -> subprocess.Popen:
@@ -61,19 +55,22 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     _, err = one.communicate(timeout=600)
     assert one.returncode == 0, err[-3000:]
 
-    two_dir = tmp_path / "two"
+    two_dir = tmp_path / "two"  # launch/cpu_processes.sh: 2 processes x 2 CPU devices, logs in the cwd
     two_dir.mkdir()
-    address = f"--coordinator_address=127.0.0.1:{_free_port()}"
-    procs = [
-        _main(str(flagfile), 2, f"--output={two_dir / 'r.json'}", address, "--num_processes=2", f"--process_id={i}")
-        for i in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    assert "results written to" in outputs[0][0]
-    assert "results are written by process 0 (this is process 1)" in outputs[1][0]
-    assert os.listdir(two_dir) == ["r.json"]
+    launcher = os.path.join(REPO, "launch", "cpu_processes.sh")
+    run = subprocess.run(
+        [launcher, "2", "2", str(flagfile), f"--output={two_dir / 'r.json'}"],
+        capture_output=True,
+        text=True,
+        cwd=two_dir,
+        env=cli_env(),
+        timeout=600,
+    )
+    logs = [(two_dir / f"jaxind-proc-{i}.log").read_text() for i in (0, 1)]
+    assert run.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
+    assert "results written to" in logs[0]
+    assert "results are written by process 0 (this is process 1)" in logs[1]
+    assert sorted(os.listdir(two_dir)) == ["jaxind-proc-0.log", "jaxind-proc-1.log", "r.json"]
 
     with open(tmp_path / "one.json") as f:
         single = json.load(f)
@@ -83,3 +80,20 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     tests = single["tests"]
     assert set(tests) == {"csu", "csh", "match", "l2", "jsd"} and all(t["error"] is None for t in tests.values())
     assert 1 / 64 <= tests["l2"]["pvalue"] <= 1 and tests["jsd"]["statistic"] > 0
+
+
+def test_pod_flagfiles_parse_and_their_meshes_fit():
+    """configs/ pod examples: every flag is known and valid, the PERMTEST layer shards divide the mesh and the
+    batch splits over data x fsdp."""
+    script = (
+        "import math, jaxind.main; from absl import flags; from jaxind import cluster; F = flags.FLAGS\n"
+        "for name in ('llama2_7b_8gpu', 'llama2_70b_tpu_pod'):\n"
+        "    F.unparse_flags(); F(['jaxind', f'--flagfile=configs/{name}.flags'])\n"
+        "    mesh = cluster.parse_mesh(F.mesh); n = math.prod(mesh.values())\n"
+        "    print(name, n, n % F.permtest_layer_shards, F.batch_size % (mesh.get('data', 1) * mesh['fsdp']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["llama2_7b_8gpu", "8", "0", "0", "llama2_70b_tpu_pod", "64", "0", "0"]
+    for script_path in ("launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/cpu_processes.sh"):
+        assert subprocess.run(["bash", "-n", os.path.join(REPO, script_path)]).returncode == 0, script_path
