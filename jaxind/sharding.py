@@ -147,10 +147,6 @@ class Layout:
     def sharding(self, shape: Sequence[int], names: Names) -> NamedSharding:
         return NamedSharding(self.mesh, logical_spec(shape, names, self.mesh, self.rules))
 
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
     def param_shardings(self, cfg: ModelConfig) -> dict[str, NamedSharding]:
         """``{flat path: NamedSharding}`` for every leaf of a ``cfg`` param tree."""
         names = param_names(cfg)

@@ -93,6 +93,7 @@ def test_no_device_holds_a_whole_model(models, mesh):
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(models[0]))
     assert max(per_device.values()) <= total / k
     assert len(per_device) == layout.mesh.size
+    assert max(per_device.values()) == sharding.param_bytes_per_device(CFG, dict(layout.mesh.shape))  # the planner
 
 
 def test_compiled_passes_never_hold_a_whole_model_on_a_device():
