@@ -119,12 +119,10 @@ def init_state(
         "count": (),
     }
 
-    def zeros() -> dict[str, jax.Array]:
-        return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
-
     if layout is None:
-        return zeros()
-    return jax.jit(zeros, out_shardings=state_shardings(layout, shapes))()
+        return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
+    shardings = state_shardings(layout, shapes)
+    return {name: sharding.zeros(shape, jnp.float32, shardings[name]) for name, shape in shapes.items()}
 
 
 def state_shardings(layout: sharding.Layout, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:

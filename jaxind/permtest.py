@@ -387,15 +387,18 @@ def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: Model
     shapes = jax.eval_shape(functools.partial(_layer_row, cfg=cfg), params_a["layers"], params_b["layers"], 0)
     split = NamedSharding(mesh, P(_LAYERS))
     shardings = _LayerRow._make(split for _ in shapes)
-    stacks = _LayerRow._make(
-        jax.jit(lambda s=s: jnp.zeros((depth, *s.shape), s.dtype), out_shardings=split)() for s in shapes
-    )
+    stacks = _LayerRow._make(sharding.zeros((depth, *s.shape), s.dtype, split) for s in shapes)
     for layer in range(cfg.n_layers):
         row = _on(_layer_row_jit(params_a["layers"], params_b["layers"], np.int32(layer), cfg=cfg), mesh)
         stacks = _write_row(stacks, row, np.int32(layer), shardings)
     glob = _on(_global_terms_jit(params_a, params_b, cfg=cfg), mesh)
-    out_shardings = L2Consts._make(NamedSharding(mesh, spec) for spec in _L2_SPECS)
-    return jax.jit(_assemble, out_shardings=out_shardings)(stacks, glob)
+    return _assemble_on(mesh)(stacks, glob)
+
+
+@functools.lru_cache(maxsize=64)
+def _assemble_on(mesh: Mesh) -> Callable:
+    """Jitted :func:`_assemble` whose output lives on ``mesh`` (layer arrays split over ``layers``)."""
+    return jax.jit(_assemble, out_shardings=L2Consts._make(NamedSharding(mesh, spec) for spec in _L2_SPECS))
 
 
 @functools.lru_cache(maxsize=64)

@@ -195,7 +195,7 @@ class Layout:
                     continue
                 path, layer = f"layers.{name}", int(group.split(".")[1])
                 if name not in out["layers"]:
-                    out["layers"][name] = _zeros(tuple(shapes[path]), jnp.dtype(dtype), shardings[path])
+                    out["layers"][name] = zeros(shapes[path], dtype, shardings[path])
                 row_sharding = NamedSharding(self.mesh, P(*tuple(shardings[path].spec)[1:]))
                 row = self.put(value, row_sharding, dtype)
                 out["layers"][name] = _set_row(out["layers"][name], row, np.int32(layer))
@@ -217,8 +217,14 @@ class Layout:
         return self.put(host, self.sharding(host.shape, names))
 
 
-def _zeros(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> jax.Array:
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+def zeros(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding) -> jax.Array:
+    """A zero array allocated straight into ``sharding`` (each device allocates only its shard)."""
+    return _zeros_fn(tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_fn(shape: tuple[int, ...], dtype: Any, sharding: NamedSharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 @functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
