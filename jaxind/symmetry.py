@@ -220,18 +220,23 @@ def identity(cfg: ModelConfig) -> Perm:
     )
 
 
-def draw_permutations(key: jax.Array, cfg: ModelConfig) -> Perm:
+def draw_permutations(key: jax.Array, cfg: ModelConfig, layers: jax.Array | None = None) -> Perm:
     """A uniformly random group element (independent uniform ``s`` and ``t_0..t_{L-1}``).
 
     Args:
       key: a PRNG key. Deterministic in ``key``; ``vmap`` over keys for a batch.
+      layers: draw ``t_l`` only for these layer indices (int array, may be traced; indices past the last
+        layer repeat it): the rows equal those of the whole draw, so a device that owns some layers draws
+        exactly their part of the element.
 
     Returns:
-      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32.
+      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32 (``(len(layers), h)`` with ``layers``).
     """
     k_resid, k_mlp = jax.random.split(key)
     resid = jax.random.permutation(k_resid, cfg.d_model).astype(jnp.int32)
     mlp_keys = jax.random.split(k_mlp, cfg.n_layers)
+    if layers is not None:
+        mlp_keys = mlp_keys[jnp.clip(layers, 0, cfg.n_layers - 1)]
     mlp = jax.vmap(lambda k: jax.random.permutation(k, cfg.d_ff))(mlp_keys).astype(jnp.int32)
     return Perm(resid, mlp)
 
