@@ -58,6 +58,10 @@ PARAM_AXES: dict[str, Names] = {
     "layers.v_bias": ("layers", "heads"),
     "layers.o": ("layers", "heads", "embed"),
     "layers.o_bias": ("layers", "embed"),
+    "layers.q_norm": ("layers", None),  # head_dim (Qwen3, Gemma 3) or the whole q/k projection (OLMo 2): tiny
+    "layers.k_norm": ("layers", None),
+    "layers.post_attn_norm": ("layers", "embed"),
+    "layers.post_mlp_norm": ("layers", "embed"),
     "layers.mlp_norm": ("layers", "embed"),
     "layers.mlp_norm_bias": ("layers", "embed"),
     "layers.gate": ("layers", "embed", "mlp"),

@@ -136,3 +136,32 @@ def test_loading_places_layer_shards_without_the_whole_model_on_the_host(tmp_pat
     for (name, leaf), ref in zip(model.flatten_paths(loaded.params).items(), jax.tree.leaves(plain.params)):
         assert sharding.largest_shard_fraction(leaf) <= 1 / 8, name
         np.testing.assert_array_equal(sharding.to_host(leaf), np.asarray(ref))
+
+
+def _family_config(name: str) -> ModelConfig:
+    """A family's tiny test config (tests/hf_models.py), read by jaxind from transformers' config dict."""
+    import transformers
+    from hf_models import FAMILIES, TINY
+
+    from jaxind.config import parse_hf_config
+
+    config_cls, extra = FAMILIES[name]
+    base = {"vocab_size": TINY["vocab_size"]} if name == "gpt2" else TINY
+    return parse_hf_config(getattr(transformers, config_cls)(**{**base, **extra}).to_dict())[0]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2", "gpt2"])
+def test_every_family_shards_and_gives_the_same_logits(family):
+    """Every family's leaves have logical axes (q/k norms, post-norms included): placed on an 8-way fsdp mesh,
+    no leaf is whole on a device and the logits equal the unsharded ones."""
+    cfg = _family_config(family)
+    params = model.init_params(cfg, jax.random.key(0), std=0.2)
+    layout = sharding.Layout(sharding.make_mesh("fsdp:8"))
+    placed = layout.place(params, cfg)
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 8), 0, cfg.vocab_size))
+    for path, leaf in model.flatten_paths(placed).items():
+        if leaf.size >= 8 * 8:  # a leaf too small for any axis to split 8 ways stays whole
+            assert sharding.largest_shard_fraction(leaf) <= 1 / 2, (path, leaf.sharding.spec)
+    expected = np.asarray(model.forward_jit(params, cfg, tokens)[0])
+    got = np.asarray(model.forward_jit(placed, cfg, tokens)[0])
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
