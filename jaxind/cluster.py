@@ -113,7 +113,7 @@ def check_layer_shards(layer_shards: int) -> None:
     """
     import jax
 
-    if jax.device_count() % layer_shards:
+    if layer_shards and jax.device_count() % layer_shards:
         raise JaxindError(
             f"--permtest_layer_shards={layer_shards} must divide the {jax.device_count()} devices PERMTEST runs on"
         )

@@ -78,7 +78,10 @@ class PassStats:
             ia, ib = self.pair_index[pair]
             index = (pair,)
         w_a, w_b = self.weights_a[proj], self.weights_b[proj]
-        c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross, index)
+        if isinstance(self.cross, (jax.Array, np.ndarray)):
+            c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross, index)
+        else:  # computed per pair on first use (fingerprint.CrossGrams): indexed here, one pair at a time
+            c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross[index[0]][None], (0,))
         return (
             sharding.to_host(c).astype(np.float64),
             self.sq_a[proj][ia].astype(np.float64),

@@ -76,9 +76,10 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer(
     "permtest_layer_shards",
-    1,
-    "PERMTEST-L2: devices per group of draws that split the layers between them (divides the device count).",
-    lower_bound=1,
+    0,
+    "PERMTEST-L2: devices per group of draws that split the layers between them (divides the device count). "
+    "0: on CPU the devices of a process (they share its memory), on accelerators 1.",
+    lower_bound=0,
 )
 flags.DEFINE_string(
     "coordinator_address",

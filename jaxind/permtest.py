@@ -333,9 +333,22 @@ def _mc_draw(cfg: ModelConfig, consts: MCConsts, perm: Perm) -> tuple[jax.Array,
 # The sharded, chunked driver.
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 1) -> Mesh:
+def auto_layer_shards(devices: Sequence[jax.Device]) -> int:
+    """The default PERMTEST-L2 layer split for ``devices``: CPU devices of one process share its memory, so
+    there the devices of a process split the layers' constants between them (a replicated copy per device
+    would multiply the host memory they take by the device count); accelerators, each with its own memory,
+    keep a whole copy each (1) and split only the draws."""
+    first = devices[0]
+    if first.platform != "cpu":
+        return 1
+    local = sum(1 for d in devices if d.process_index == first.process_index)
+    return local if len(devices) % local == 0 else 1
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 0) -> Mesh:
     """A ``(perm, layers)`` mesh over ``devices`` (default: all devices): draws are split over ``perm``,
-    the layers' constants over ``layers`` (``layer_shards`` devices per group of draws).
+    the layers' constants over ``layers`` (``layer_shards`` devices per group of draws; 0: the default of
+    :func:`auto_layer_shards`).
 
     Raises:
       JaxindError: no devices, or a device count that ``layer_shards`` does not divide.
@@ -343,6 +356,8 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 1
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
         raise JaxindError("permtest needs at least one device")
+    if layer_shards == 0:
+        layer_shards = auto_layer_shards(devs)
     if layer_shards < 1 or len(devs) % layer_shards:
         raise JaxindError(
             f"--permtest_layer_shards={layer_shards} must divide the {len(devs)} devices PERMTEST runs on"
@@ -360,19 +375,48 @@ _layer_row_jit = jax.jit(_layer_row, static_argnames=("cfg",))
 _global_terms_jit = jax.jit(_global_terms, static_argnames=("cfg",))
 
 
-@functools.partial(jax.jit, static_argnames=("shardings",), donate_argnums=(0,))
-def _write_row(stacks: _LayerRow, row: _LayerRow, layer: jax.Array, shardings: _LayerRow) -> _LayerRow:
-    """``stacks`` (donated) with row ``layer`` set to ``row``, kept split over the ``layers`` axis."""
-    out = _LayerRow(*(jax.lax.dynamic_update_index_in_dim(s, r, layer, 0) for s, r in zip(stacks, row)))
-    return jax.lax.with_sharding_constraint(out, shardings)
-
-
 def _on(tree: Any, mesh: Mesh) -> Any:
     """``tree`` as it is if it lives on ``mesh``'s devices, else copied there (replicated)."""
     devices = set(mesh.devices.flat)
     if all(leaf.sharding.device_set == devices for leaf in jax.tree.leaves(tree)):
         return tree
     return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def _piece_on(leaf: jax.Array | None, like: Any, device: jax.Device) -> jax.Array:
+    """``leaf`` (zeros shaped ``like`` when None) as an array of its own on ``device``: a copy, never a view of a
+    shard (a view keeps every shard of the array it came from alive)."""
+    if leaf is None:
+        return jax.device_put(np.zeros(like.shape, like.dtype), device)
+    if leaf.is_fully_addressable:
+        return jax.device_put(leaf, device)
+    (shard,) = [s for s in leaf.addressable_shards if s.device == device]
+    return jnp.copy(shard.data)
+
+
+def _stack_rows_split(rows: Callable[[int], _LayerRow], depth: int, shapes: _LayerRow, mesh: Mesh) -> _LayerRow:
+    """The ``depth`` rows ``rows(l)`` (replicated on ``mesh``; None past the model's depth: zeros) stacked along a
+    new first axis split over ``layers``: each of this process's devices keeps only the rows of its own share
+    (``depth / layer_shards`` of them) and stacks them itself, so no device ever holds more than its share and one
+    row (a stacked update at a traced index would make XLA gather the whole stack on every device)."""
+    n_held = depth // mesh.shape[_LAYERS]
+    local = [
+        (device, j) for (_, j), device in np.ndenumerate(mesh.devices) if device.process_index == jax.process_index()
+    ]
+    held: dict[Any, list[list[jax.Array]]] = {device: [[] for _ in shapes] for device, _ in local}
+    for layer in range(depth):
+        row = rows(layer)
+        owners = [device for device, j in local if layer // n_held == j]
+        for f, leaf in enumerate(row or shapes):
+            for device in owners:
+                held[device][f].append(_piece_on(leaf if row is not None else None, leaf, device))
+    split = NamedSharding(mesh, P(_LAYERS))
+    return _LayerRow._make(
+        jax.make_array_from_single_device_arrays(
+            (depth, *leaf.shape), split, [jnp.stack(held[device][f]) for device, _ in local]
+        )
+        for f, leaf in enumerate(shapes)
+    )
 
 
 def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens, mesh: Mesh):
@@ -385,12 +429,16 @@ def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: Model
         return jax.device_put(consts, NamedSharding(mesh, P()))
     depth = -(-cfg.n_layers // mesh.shape[_LAYERS]) * mesh.shape[_LAYERS]
     shapes = jax.eval_shape(functools.partial(_layer_row, cfg=cfg), params_a["layers"], params_b["layers"], 0)
-    split = NamedSharding(mesh, P(_LAYERS))
-    shardings = _LayerRow._make(split for _ in shapes)
-    stacks = _LayerRow._make(sharding.zeros((depth, *s.shape), s.dtype, split) for s in shapes)
-    for layer in range(cfg.n_layers):
-        row = _on(_layer_row_jit(params_a["layers"], params_b["layers"], np.int32(layer), cfg=cfg), mesh)
-        stacks = _write_row(stacks, row, np.int32(layer), shardings)
+
+    def row(layer: int) -> _LayerRow | None:
+        if layer >= cfg.n_layers:
+            return None
+        out = _layer_row_jit(params_a["layers"], params_b["layers"], np.int32(layer), cfg=cfg)
+        if all(x.is_fully_addressable for x in out):
+            return out
+        return jax.device_put(out, NamedSharding(mesh, P()))  # split between processes: replicated first
+
+    stacks = _stack_rows_split(row, depth, shapes, mesh)
     glob = _on(_global_terms_jit(params_a, params_b, cfg=cfg), mesh)
     return _assemble_on(mesh)(stacks, glob)
 
@@ -430,7 +478,16 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
     return jax.jit(mapped)
 
 
-def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None, layer_shards: int = 1) -> int:
+def _device_budget(mesh: Mesh, memory_budget_bytes: int) -> int:
+    """Working memory for draws in flight on one device: ``memory_budget_bytes``, shared out between the CPU
+    devices of a process (they share its memory)."""
+    devices = list(mesh.devices.flat)
+    if devices[0].platform != "cpu":
+        return memory_budget_bytes
+    return memory_budget_bytes // sum(1 for d in devices if d.process_index == devices[0].process_index)
+
+
+def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
     if statistic == "l2":
         return 2 * 3 * cfg.d_model * cfg.d_ff * 4  # the gathered layer stack and its product (one layer at a time)
@@ -528,7 +585,7 @@ def permtest(
     chunk_size: int | None = None,
     memory_budget_bytes: int = 512 * 2**20,
     layers: Sequence[int] | None = None,
-    layer_shards: int = 1,
+    layer_shards: int = 0,
 ) -> PermTestResult:
     """PERMTEST(statistic, T) with the draws vmapped, chunked and sharded over devices.
 
@@ -540,11 +597,13 @@ def permtest(
       tokens: ``(N, T)`` int tokens for "mc".
       devices: devices to shard the draws over (default: all devices).
       chunk_size: draws per device per step (default: from ``memory_budget_bytes``).
-      memory_budget_bytes: working memory per device for draws in flight.
+      memory_budget_bytes: working memory per device for draws in flight (on CPU, for the devices of a
+        process together: they share its memory).
       layers: "l2" only: report these layers and test the distance over them alone (default:
         every layer reported, the distance over every parameter tested).
       layer_shards: "l2" only: split the layers' constants (MLP stacks, Grams) over this many devices
         per group of draws (mesh ``(perm, layers)``); the statistics of a draw are summed over them.
+        0 (default): :func:`auto_layer_shards` (the devices of a process on CPU, else 1).
 
     Returns:
       PermTestResult with the observed and drawn statistics and exact p-values (per layer and
@@ -552,15 +611,17 @@ def permtest(
     """
     _check_args(statistic, num_perms, tokens, layers)
     _check_pair(params_a, params_b, cfg)
-    if statistic == "mc" and layer_shards != 1:
+    if statistic == "mc" and layer_shards > 1:
         raise JaxindError("the mc statistic evaluates whole averaged models per draw; it takes no layer sharding")
+    if statistic == "mc":
+        layer_shards = 1
     layout = sharding.layout_of(params_a)
     if devices is None and layout is not None:
         devices = list(layout.mesh.devices.flat)  # the params' devices, in their order
     mesh = make_mesh(devices, layer_shards)
     n_groups = mesh.shape[_AXIS]
     if chunk_size is None:
-        chunk_size = max(1, memory_budget_bytes // _bytes_per_draw(statistic, cfg, tokens, layer_shards))
+        chunk_size = max(1, _device_budget(mesh, memory_budget_bytes) // _bytes_per_draw(statistic, cfg, tokens))
     # Per-device chunk: at most what the budget allows, at most the next power of two above
     # T / n_groups (so that different T reuse the same compiled shapes).
     needed = -(-num_perms // n_groups)

@@ -124,7 +124,7 @@ def _l2(
     data: Any = None,
     layers: Layers = None,
     num_perms: int = 999,
-    layer_shards: int = 1,
+    layer_shards: int = 0,
 ) -> TestResult:
     _same_config(a, b, "l2")
     chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")

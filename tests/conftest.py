@@ -8,7 +8,50 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The real models are session fixtures (loaded once), but together they would take several GB for the whole
+# run: each is released after the last test that uses it, and the tests of Gemma 3 run after every other
+# test, so the SmolLM2 references (PyTorch copy, fine-tuned copy) are gone before Gemma 3 is loaded.
+REAL_MODELS = ("smollm2", "smollm2_torch", "smollm2_finetuned", "corpus_ids", "gemma3", "gemma3_torch")
+_LAST_USE: dict[str, list[str]] = {}  # nodeid -> the real-model fixtures no later test uses
+
+
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: "gemma3" in getattr(item, "fixturenames", ()))  # stable: Gemma 3 last
+    _LAST_USE.clear()
+    last: dict[str, str] = {}
+    for item in items:
+        for name in REAL_MODELS:
+            if name in getattr(item, "fixturenames", ()):
+                last[name] = item.nodeid
+    for name, nodeid in last.items():
+        _LAST_USE.setdefault(nodeid, []).append(name)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    done = _LAST_USE.get(item.nodeid, [])
+    for name in done:
+        for fixturedef in item._fixtureinfo.name2fixturedefs.get(name, ()):
+            fixturedef.finish(item._request)
+    if done or nextitem is None or nextitem.module is not item.module:
+        gc.collect()
+        _trim_malloc()
+    return result
+
+
+def _trim_malloc() -> None:
+    """Hands freed heap memory back to the OS (glibc keeps it otherwise, and the CI machine counts it)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,9 @@ class Frozen:
             stderr=self._err,
             cwd=REPO,
             env=cli_env(JAXIND_TEST_STOP_AT=point, **env),
+            # Ctrl-C's default handling, even when the test run itself ignores SIGINT (a background job of a
+            # non-interactive shell does, and its children inherit that).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         _, status = os.waitpid(self.proc.pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
