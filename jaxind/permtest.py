@@ -394,7 +394,7 @@ def _piece_on(leaf: jax.Array | None, like: Any, device: jax.Device) -> jax.Arra
     return jnp.copy(shard.data)
 
 
-def _stack_rows_split(rows: Callable[[int], _LayerRow], depth: int, shapes: _LayerRow, mesh: Mesh) -> _LayerRow:
+def _stack_rows_split(rows: Callable[[int], _LayerRow | None], depth: int, shapes: _LayerRow, mesh: Mesh) -> _LayerRow:
     """The ``depth`` rows ``rows(l)`` (replicated on ``mesh``; None past the model's depth: zeros) stacked along a
     new first axis split over ``layers``: each of this process's devices keeps only the rows of its own share
     (``depth / layer_shards`` of them) and stacks them itself, so no device ever holds more than its share and one
