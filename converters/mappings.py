@@ -67,17 +67,26 @@ def split_qkv(part: int, bias: bool = False) -> Transform:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer)."""
+    """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer).
+
+    ``expert``: the tensor is one expert's slice of the stacked leaf at ``path`` (a mixture of experts stores one
+    tensor per expert); group 2 of the pattern is its index on the leaf's expert axis (:meth:`index`)."""
 
     pattern: str
     path: str
     transform: Transform = keep
+    expert: bool = False
 
     def match(self, name: str) -> str | None:
         m = re.fullmatch(self.pattern, name)
         if m is None:
             return None
         return self.path.format(*m.groups())
+
+    def index(self, name: str) -> int | None:
+        """The expert index of ``name`` for an ``expert`` rule (None otherwise)."""
+        m = re.fullmatch(self.pattern, name) if self.expert else None
+        return None if m is None else int(m.group(2))
 
 
 _L = r"(\d+)"
@@ -101,6 +110,48 @@ HF_DECODER = (
     Rule(r"model\.norm\.weight", "final_norm"),
     Rule(r"lm_head\.weight", "lm_head", transpose),
 )
+
+
+def transpose_experts(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Stacked torch Linear weights ``(E, out, in)`` -> stacked kernels ``(E, in, out)``."""
+    return np.ascontiguousarray(np.swapaxes(w, -1, -2))
+
+
+def fused_expert_gate(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """transformers 5's fused ``experts.gate_up_proj`` ``(E, 2 he, d)`` -> ``expert_gate`` ``(E, d, he)``."""
+    return transpose_experts(w[:, : cfg.d_expert], cfg)
+
+
+def fused_expert_up(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """transformers 5's fused ``experts.gate_up_proj`` ``(E, 2 he, d)`` -> ``expert_up`` ``(E, d, he)``."""
+    return transpose_experts(w[:, cfg.d_expert :], cfg)
+
+
+def flatten(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """A ``(1, d)`` linear map to one output (Qwen2-MoE's ``shared_expert_gate``) -> ``(d,)``."""
+    return np.ascontiguousarray(w.reshape(-1))
+
+
+_E = r"(\d+)"
+# Mixture of experts (Mixtral, Qwen2-MoE): one tensor per expert as checkpoints store them (Mixtral's
+# `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen2-MoE's `mlp.experts.{e}.gate_proj/up_proj/down_proj`), or the
+# fused `mlp.experts.gate_up_proj`/`down_proj` of a transformers 5 state dict; Qwen2-MoE's shared expert is the
+# dense MLP (`gate`/`up`/`down`) plus `shared_gate`.
+_MOE = rf"model\.layers\.{_L}\.(?:block_sparse_moe|mlp)"
+HF_MOE = HF_DECODER + (
+    Rule(rf"{_MOE}\.gate\.weight", "layers.{}.router", transpose),
+    Rule(rf"{_MOE}\.experts\.{_E}\.(?:w1|gate_proj)\.weight", "layers.{}.expert_gate", transpose, expert=True),
+    Rule(rf"{_MOE}\.experts\.{_E}\.(?:w3|up_proj)\.weight", "layers.{}.expert_up", transpose, expert=True),
+    Rule(rf"{_MOE}\.experts\.{_E}\.(?:w2|down_proj)\.weight", "layers.{}.expert_down", transpose, expert=True),
+    Rule(rf"{_MOE}\.experts\.gate_up_proj", "layers.{}.expert_gate", fused_expert_gate),
+    Rule(rf"{_MOE}\.experts\.gate_up_proj", "layers.{}.expert_up", fused_expert_up),
+    Rule(rf"{_MOE}\.experts\.down_proj", "layers.{}.expert_down", transpose_experts),
+    Rule(rf"{_MOE}\.shared_expert\.gate_proj\.weight", "layers.{}.gate", transpose),
+    Rule(rf"{_MOE}\.shared_expert\.up_proj\.weight", "layers.{}.up", transpose),
+    Rule(rf"{_MOE}\.shared_expert\.down_proj\.weight", "layers.{}.down", transpose),
+    Rule(rf"{_MOE}\.shared_expert_gate\.weight", "layers.{}.shared_gate", flatten),
+)
+
 # Tensors some checkpoints carry that hold no parameters.
 HF_IGNORED = (
     r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
@@ -162,6 +213,14 @@ GGUF_QWEN2 = _GGUF_COMMON + (
 )
 GGUF_IGNORED = (r"rope_freqs\.weight",)  # read into the config instead
 
-HF_TABLES = {"llama": HF_DECODER, "mistral": HF_DECODER, "qwen2": HF_DECODER, "gemma": HF_DECODER, "gpt2": HF_GPT2}
+HF_TABLES = {
+    "llama": HF_DECODER,
+    "mistral": HF_DECODER,
+    "qwen2": HF_DECODER,
+    "gemma": HF_DECODER,
+    "gpt2": HF_GPT2,
+    "mixtral": HF_MOE,
+    "qwen2_moe": HF_MOE,
+}
 # GGUF architecture name -> (jaxind family, table).
 GGUF_TABLES = {"llama": ("llama", GGUF_LLAMA), "qwen2": ("qwen2", GGUF_QWEN2)}

@@ -18,8 +18,10 @@ from typing import Any, Literal, cast, get_args
 from jaxind.errors import CheckpointError, UnsupportedModelError
 
 # Families and the HF `model_type` values they cover.
-Family = Literal["llama", "mistral", "qwen2", "gemma", "gpt2"]
+Family = Literal["llama", "mistral", "qwen2", "gemma", "gpt2", "mixtral", "qwen2_moe"]
 FAMILIES: tuple[Family, ...] = get_args(Family)
+# Mixture-of-experts families (routed SwiGLU experts; see jaxind.moe).
+MOE_FAMILIES: tuple[Family, ...] = ("mixtral", "qwen2_moe")
 # MLP activations: SiLU (SwiGLU) and tanh-approximated GELU (GeGLU, GPT-2).
 Activation = Literal["silu", "gelu_tanh"]
 # Norms: RMSNorm, or LayerNorm with a bias (GPT-2).
@@ -59,6 +61,24 @@ _READ_KEYS = {
     "mistral": _DECODER_KEYS | {"sliding_window"},
     "qwen2": _DECODER_KEYS | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
     "gemma": _DECODER_KEYS | {"hidden_activation", "use_bidirectional_attention"},
+    # Mixture of experts (read by `_moe_fields`; Qwen2-MoE's `intermediate_size` sizes only the dense layers that
+    # `decoder_sparse_step`/`mlp_only_layers` would create, which are refused).
+    "mixtral": _DECODER_KEYS | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
+    "qwen2_moe": _DECODER_KEYS
+    | {
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "qkv_bias",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    },
     "gpt2": frozenset(
         {
             "vocab_size",
@@ -155,6 +175,10 @@ _INERT_KEYS = frozenset(
         "top_k",
         "top_p",
         "typical_p",
+        # mixture of experts: training-time routing settings (auxiliary loss, router noise applied in training only)
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
     }
 )
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -182,6 +206,13 @@ class ModelConfig:
       norm_kind: "rms" (RMSNorm) or "layer" (LayerNorm with bias, GPT-2).
       max_positions: size of the learned position embedding; 0 means RoPE.
       mlp_bias: biases on the MLP projections (GPT-2).
+      n_experts: routed experts per layer (mixture of experts, :mod:`jaxind.moe`); 0 for a dense MLP.
+        A MoE config's ``d_ff`` is the width of its shared expert (Qwen2-MoE), or 0 when it has none (Mixtral).
+      experts_per_token: the top-k experts each token is routed to.
+      d_expert: hidden width of each routed expert.
+      norm_topk_prob: the top-k routing weights are renormalised to sum to 1 (Mixtral always; Qwen2-MoE per config).
+      shared_expert: the dense MLP (``gate``/``up``/``down``, width ``d_ff``) is a shared expert added to every token,
+        scaled by ``sigmoid(x . shared_gate)`` (Qwen2-MoE).
     """
 
     family: Family
@@ -206,6 +237,11 @@ class ModelConfig:
     norm_kind: NormKind = "rms"
     max_positions: int = 0
     mlp_bias: bool = False
+    n_experts: int = 0
+    experts_per_token: int = 0
+    d_expert: int = 0
+    norm_topk_prob: bool = True
+    shared_expert: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -214,8 +250,11 @@ class ModelConfig:
             )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             value = getattr(self, name)
+            if name == "d_ff" and self.n_experts and value == 0 and not self.shared_expert:
+                continue  # a MoE layer without a dense or shared MLP (Mixtral)
             if not isinstance(value, int) or value <= 0:
                 raise UnsupportedModelError(f"config field {name} must be a positive integer, got {value!r}")
+        self._check_experts()
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
@@ -224,6 +263,27 @@ class ModelConfig:
             raise UnsupportedModelError(f"unsupported MLP activation {self.mlp_act!r}")
         if self.norm_kind not in get_args(NormKind):
             raise UnsupportedModelError(f"unsupported norm {self.norm_kind!r}")
+
+    def _check_experts(self) -> None:
+        """Refuses inconsistent mixture-of-experts fields (a dense config has them all at their defaults)."""
+        e, k, he = self.n_experts, self.experts_per_token, self.d_expert
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (e, k, he)):
+            raise UnsupportedModelError(f"expert counts and widths must be non-negative integers, got {e}, {k}, {he}")
+        if not e:
+            if k or he or self.shared_expert:
+                raise UnsupportedModelError("experts_per_token, d_expert and shared_expert need n_experts > 0")
+            return
+        if not 1 <= k <= e or he <= 0:
+            raise UnsupportedModelError(
+                f"a mixture of {e} experts needs 1 <= experts_per_token <= {e} (got {k}) and d_expert > 0 (got {he})"
+            )
+        if not self.glu or self.mlp_act != "silu" or self.mlp_bias:
+            raise UnsupportedModelError("mixture-of-experts layers are SwiGLU experts without biases only")
+
+    @property
+    def moe(self) -> bool:
+        """Mixture-of-experts layers (routed experts, :mod:`jaxind.moe`)."""
+        return self.n_experts > 0
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -243,6 +303,7 @@ class ModelConfig:
         if self.o_bias:
             attn += d
         mlp = (3 if self.glu else 2) * d * h + ((h + d) if self.mlp_bias else 0)
+        mlp += self.n_experts * (d + 3 * d * self.d_expert) + (d if self.shared_expert else 0)  # router, experts
         norm = d if self.norm_kind == "rms" else 2 * d
         per_layer = attn + mlp + 2 * norm
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -425,6 +486,48 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
     )
 
 
+def _moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral / Qwen2-MoE config (ModelConfig changes to the decoder config
+    :func:`_decoder_config` read), or a refusal of the layouts jaxind does not implement."""
+    if model_type == "mixtral":
+        fields: dict[str, Any] = {
+            "n_experts": _int(hf, "num_local_experts", 8),
+            "experts_per_token": _int(hf, "num_experts_per_tok", 2),
+            "d_expert": _int(hf, "intermediate_size"),
+            "d_ff": 0,
+            "norm_topk_prob": True,  # MixtralTopKRouter always renormalises the top-k weights
+            "sliding_window": _int(hf, "sliding_window") if hf.get("sliding_window") else None,
+        }
+    else:  # qwen2_moe
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(
+                "qwen2_moe with use_sliding_window=True (sliding-window layers) is not supported"
+            )
+        step, dense = _int(hf, "decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+        if step != 1 or dense:
+            raise UnsupportedModelError(
+                f"qwen2_moe with dense MLP layers between the MoE layers (decoder_sparse_step={step}, "
+                f"mlp_only_layers={dense}) is not supported: jaxind implements models whose every layer is a MoE layer"
+            )
+        if not isinstance(hf.get("norm_topk_prob", False), bool) or not isinstance(hf.get("qkv_bias", True), bool):
+            raise CheckpointError("config.json: norm_topk_prob and qkv_bias must be true or false")
+        shared = _int(hf, "shared_expert_intermediate_size", 5632)
+        if shared == 0:
+            raise UnsupportedModelError("qwen2_moe with shared_expert_intermediate_size=0 is not supported")
+        fields = {
+            "n_experts": _int(hf, "num_experts", 60),
+            "experts_per_token": _int(hf, "num_experts_per_tok", 4),
+            "d_expert": _int(hf, "moe_intermediate_size", 1408),
+            "d_ff": shared,
+            "norm_topk_prob": hf.get("norm_topk_prob", False),
+            "shared_expert": True,
+            "qkv_bias": hf.get("qkv_bias", True),
+        }
+    if fields["n_experts"] < 1:
+        raise UnsupportedModelError(f"{model_type} with {fields['n_experts']} experts (a dense model) is not supported")
+    return fields
+
+
 def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UnsupportedModelError(
@@ -484,7 +587,7 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}: jaxind converts {', '.join(FAMILIES)} "
-            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2)"
+            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2, Mixtral, Qwen2-MoE)"
         )
     if model_type == "gpt2":  # GPT2Config's attribute_map: the generic names of its n_* attributes
         aliases = {
@@ -504,6 +607,8 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
     if hf.get("pruned_heads"):
         raise UnsupportedModelError(f"pruned_heads={hf['pruned_heads']} (heads removed per layer) is not supported")
     cfg = _gpt2_config(hf) if model_type == "gpt2" else _decoder_config(hf, model_type)
+    if model_type in MOE_FAMILIES:
+        cfg = cfg.replace(**_moe_fields(hf, model_type))
     ignored: dict[str, str] = {}
     refused = []
     for key in sorted(set(hf) - _READ_KEYS[model_type] - _PROVENANCE_KEYS):

@@ -19,6 +19,11 @@ and the layers run under ``jax.lax.scan`` (docs/DESIGN.md §5.9)::
      "final_norm": (d,),
      ["lm_head": (d, V)]}          # absent when cfg.tie_embeddings
 
+Mixture-of-experts families (Mixtral, Qwen2-MoE) add the router and the stacked experts of
+:mod:`jaxind.moe` (``router (L, d, E)``, ``expert_gate``/``expert_up (L, E, d, he)``,
+``expert_down (L, E, he, d)``; Qwen2-MoE's shared expert is the dense ``gate``/``up``/``down`` plus
+``shared_gate (L, d)``; Mixtral has no dense MLP, ``d_ff == 0``).
+
 GPT-2 adds ``pos_embed (P, d)``, ``*_norm_bias (L, d)``, ``up_bias (L, h)``, ``down_bias (L, d)``
 (``final_norm_bias (d,)``) and has no ``gate``.
 
@@ -40,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxind import moe
 from jaxind.config import Activation, ModelConfig
 from jaxind.types import Params
 
@@ -193,7 +199,10 @@ def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """The MLP block as a function ``x (..., d)`` -> ``(..., d)`` (what distillation imitates)."""
+    """The MLP block as a function ``x (..., d)`` -> ``(..., d)`` (what distillation imitates; for a mixture
+    of experts the whole routed layer, shared expert included)."""
+    if cfg.moe:
+        return moe.moe_mlp(layer, cfg, x)[0]
     return mlp(layer, cfg, x)[0]
 
 
@@ -214,7 +223,9 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return (x @ head).astype(jnp.float32)
 
 
-LayerOut = dict[str, jax.Array]  # one layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}
+# One layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}; a MoE layer has "expert_gate" /
+# "expert_up" (B, T, E, he) and "router_logits" (B, T, E) instead, plus "gate"/"up" of its shared expert if any.
+LayerOut = dict[str, jax.Array]
 Collector = Callable[[LayerOut], dict[str, jax.Array]]
 
 
@@ -225,6 +236,9 @@ def block(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.A
     before the activation and ``x``, the normed MLP input ``(B, T, d)``."""
     x = x + attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x))
     mlp_in = norm(layer, "mlp_norm", cfg, x)
+    if cfg.moe:
+        y, out = moe.moe_mlp(layer, cfg, mlp_in)
+        return x + y, {**out, "x": mlp_in}
     y, gate, up = mlp(layer, cfg, mlp_in)
     out = {"up": up, "x": mlp_in} if gate is None else {"gate": gate, "up": up, "x": mlp_in}
     return x + y, out
@@ -331,7 +345,9 @@ def forward(
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
       ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``
-      (no "gate" for a non-GLU family). Memory for the activations: one ``(B, T, h)`` per kept
+      (no "gate" for a non-GLU family; a mixture of experts adds every expert's ``expert_gate``/``expert_up``
+      ``(B, T, E, he)`` on all tokens and ``router_logits`` ``(B, T, E)``, and has "gate"/"up" only for a
+      shared expert). Memory for the activations: one ``(B, T, h)`` per kept
       output per collected layer, plus one scratch layer (:func:`run_layers`).
     """
     wanted = tuple(sorted(set(collect)))
@@ -371,7 +387,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     """Random parameters (normal(0, std) weights, unit norms) for a config, layers stacked:
     independent models are ``init_params(cfg, key)`` for different keys."""
     d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
-    shapes = {
+    shapes: dict[str, tuple[int, ...]] = {
         "q": (d, cfg.n_heads * hd),
         "k": (d, cfg.n_kv_heads * hd),
         "v": (d, cfg.n_kv_heads * hd),
@@ -382,6 +398,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     }
     if not cfg.glu:
         del shapes["gate"]
+    if cfg.moe:  # routed experts; the dense MLP only as a shared expert
+        shapes = {k: v for k, v in shapes.items() if k not in ("gate", "up", "down") or cfg.d_ff}
+        shapes.update(moe.layer_shapes(cfg))
     keys = jax.random.split(key, cfg.n_layers + 2)
     norm_init = 0.0 if cfg.norm_offset else 1.0
 

@@ -1,0 +1,180 @@
+"""Mixture-of-experts families (Mixtral, Qwen2-MoE): config, forward parity with transformers, checkpoints."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hf_models import MOE_FAMILIES, build_torch_model, moe_reference_activations, save
+
+import jaxind
+from converters.sources import load_model
+from jaxind import model, moe
+from jaxind.config import from_hf_config
+from jaxind.errors import JaxindError, UnsupportedModelError
+
+TOL = 1e-4
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def save_per_expert_bin(torch_model, out_dir: str) -> str:
+    """A legacy ``pytorch_model.bin`` with one tensor per expert (the hub layout), from save_pretrained's
+    safetensors (transformers 5 writes the per-expert names back)."""
+    from safetensors.torch import load_file
+
+    save(torch_model, out_dir, "safetensors")
+    path = os.path.join(out_dir, "model.safetensors")
+    state = load_file(path)
+    os.remove(path)
+    torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    return out_dir
+
+
+@pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
+@pytest.mark.parametrize("fmt", ["safetensors", "sharded", "bin", "bin_per_expert"])
+def test_logits_and_expert_activations_match_transformers(tmp_path, family, fmt):
+    ref_model = build_torch_model(family, seed=3)
+    out = str(tmp_path / family)
+    path = save_per_expert_bin(ref_model, out) if fmt == "bin_per_expert" else save(ref_model, out, fmt)
+    ours = load_model(path)
+    cfg = ours.config
+    assert cfg.moe and cfg.family == ref_model.config.model_type
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+    ref_logits, ref_acts = moe_reference_activations(ref_model, tokens)
+    assert rel_err(ours.logits(tokens), ref_logits) <= TOL
+    acts = ours.mlp_activations(tokens)
+    for layer, ref in ref_acts.items():
+        for proj, value in ref.items():
+            assert acts[layer][proj].shape == value.shape, (layer, proj)
+            assert rel_err(acts[layer][proj], value) <= TOL, (layer, proj)
+    assert acts[0]["expert_gate"].shape == (2, 12, cfg.n_experts, cfg.d_expert)
+    assert ("gate" in acts[0]) == cfg.shared_expert
+
+
+def test_routing_is_exercised(tmp_path):
+    """The parity above would fail with a wrong routing: top-1 instead of top-2, no renormalisation, or the
+    shared expert's gate dropped all change the logits beyond tolerance."""
+    ref_model = build_torch_model("mixtral", seed=4)
+    ours = load_model(save(ref_model, str(tmp_path / "m")))
+    tokens = np.random.default_rng(1).integers(0, ours.config.vocab_size, (2, 10))
+    ref_logits, _ = moe_reference_activations(ref_model, tokens)
+    assert rel_err(ours.logits(tokens), ref_logits) <= TOL
+    for change in (dict(experts_per_token=1), dict(experts_per_token=3), dict(norm_topk_prob=False)):
+        wrong = jaxind.from_params(ours.config.replace(**change), ours.params)
+        assert rel_err(wrong.logits(tokens), ref_logits) > 100 * TOL, change
+    qwen = build_torch_model("qwen2_moe", seed=4)
+    ours = load_model(save(qwen, str(tmp_path / "q")))
+    ref_logits, _ = moe_reference_activations(qwen, tokens)
+    ungated = dict(
+        ours.params, layers={**ours.params["layers"], "shared_gate": 0 * ours.params["layers"]["shared_gate"]}
+    )
+    assert rel_err(jaxind.from_params(ours.config, ungated).logits(tokens), ref_logits) > 100 * TOL
+    normed = jaxind.from_params(ours.config.replace(norm_topk_prob=True), ours.params)
+    assert rel_err(normed.logits(tokens), ref_logits) > 100 * TOL
+
+
+def test_dense_routing_equals_sparse_dispatch():
+    """The dense MoE (every expert on every token, weighted) equals dispatching each token to its top-k experts."""
+    cfg = jaxind.ModelConfig(
+        family="mixtral", vocab_size=11, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=0,
+        n_experts=5, experts_per_token=2, d_expert=12,
+    )  # fmt: skip
+    layer = model.layer_slice(model.init_params(cfg, jax.random.key(0), std=0.3), 0)
+    x = jax.random.normal(jax.random.key(1), (3, 7, 16))
+    y, out = moe.moe_mlp(layer, cfg, x)
+    _, top, index = moe.route(layer["router"], cfg, x)
+    expected = np.zeros((3, 7, 16))
+    for b, t in np.ndindex(3, 7):
+        for w, e in zip(np.asarray(top[b, t]), np.asarray(index[b, t])):
+            g, u = x[b, t] @ layer["expert_gate"][e], x[b, t] @ layer["expert_up"][e]
+            expected[b, t] += w * np.asarray((jax.nn.silu(g) * u) @ layer["expert_down"][e])
+    assert rel_err(y, expected) < 1e-5
+    np.testing.assert_allclose(np.asarray(top).sum(-1), 1.0, rtol=1e-6)  # Mixtral renormalises
+
+
+def _mixtral_config(**changes) -> dict:
+    hf = {
+        "model_type": "mixtral",
+        "vocab_size": 97,
+        "hidden_size": 48,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.02,
+        "router_jitter_noise": 0.1,
+        "output_router_logits": True,
+    }
+    return {**hf, **changes}
+
+
+def _qwen_config(**changes) -> dict:
+    hf = {
+        "model_type": "qwen2_moe",
+        "vocab_size": 97,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40,
+    }
+    return {**hf, **changes}
+
+
+def test_config_reading():
+    mix = from_hf_config(_mixtral_config())  # training-only router settings do not block
+    assert (mix.n_experts, mix.experts_per_token, mix.d_expert, mix.d_ff) == (8, 2, 24, 0)
+    assert mix.norm_topk_prob and not mix.shared_expert and mix.sliding_window is None
+    assert from_hf_config(_mixtral_config(sliding_window=16)).sliding_window == 16
+    qwen = from_hf_config(_qwen_config())
+    assert (qwen.n_experts, qwen.d_expert, qwen.d_ff, qwen.shared_expert, qwen.qkv_bias) == (8, 24, 40, True, True)
+    assert not qwen.norm_topk_prob and from_hf_config(_qwen_config(norm_topk_prob=True)).norm_topk_prob
+    assert jaxind.ModelConfig.from_json(qwen.to_json()) == qwen
+    per_layer = 2 * 48 * 48 + 2 * 48 * 16 + 2 * 48 + 8 * 3 * 48 * 24 + 8 * 48 + 3 * 48 * 40 + 48 + 16 + 16 + 48
+    assert qwen.num_params() == 97 * 48 * 2 + 48 + 2 * per_layer
+
+
+@pytest.mark.parametrize(
+    ("hf", "message"),
+    [
+        (_qwen_config(decoder_sparse_step=2), "dense MLP layers between the MoE layers"),
+        (_qwen_config(mlp_only_layers=[1]), "dense MLP layers between the MoE layers"),
+        (_qwen_config(use_sliding_window=True), "use_sliding_window"),
+        (_qwen_config(shared_expert_intermediate_size=0), "shared_expert_intermediate_size=0"),
+        (_mixtral_config(num_experts_per_tok=9), "experts_per_token"),
+        (_mixtral_config(num_local_experts=0), "0 experts"),
+        (_mixtral_config(hidden_act="gelu"), "hidden activation"),
+    ],
+)
+def test_unsupported_moe_layouts_are_refused(hf, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        from_hf_config(hf)
+
+
+def test_checkpoint_with_a_missing_or_extra_expert_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = save(build_torch_model("mixtral", seed=5), str(tmp_path / "m"))
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    name = "model.layers.1.block_sparse_moe.experts.7.w2.weight"
+    save_file({k: v for k, v in weights.items() if k != name}, os.path.join(path, "model.safetensors"))
+    with pytest.raises(JaxindError, match="layers.1.expert_down"):
+        load_model(path)
+    extra = {**weights, name.replace("experts.7", "experts.8"): weights[name]}
+    save_file(extra, os.path.join(path, "model.safetensors"))
+    with pytest.raises(JaxindError, match="expert 8 of layers.1.expert_down, but the config has 8 experts"):
+        load_model(path)
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["num_local_experts"] == 8
