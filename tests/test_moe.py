@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -178,3 +179,123 @@ def test_checkpoint_with_a_missing_or_extra_expert_is_refused(tmp_path):
         load_model(path)
     with open(os.path.join(path, "config.json")) as f:
         assert json.load(f)["num_local_experts"] == 8
+
+
+# --------------------------------------------------------------------------------------------
+# The symmetry group: experts (with the router's columns), each expert's units, the shared expert's units.
+
+MOE_CONFIGS = {
+    "mixtral": jaxind.ModelConfig(
+        "mixtral", 64, 16, 2, 4, 2, 4, 0, n_experts=4, experts_per_token=2, d_expert=12, sliding_window=5
+    ),
+    "qwen2_moe": jaxind.ModelConfig(
+        "qwen2_moe", 64, 16, 2, 4, 2, 4, 20, qkv_bias=True, n_experts=5, experts_per_token=3, d_expert=8,
+        norm_topk_prob=False, shared_expert=True,
+    ),
+}  # fmt: skip
+TOKENS = jax.random.randint(jax.random.key(99), (2, 9), 0, 64)
+
+
+@pytest.fixture(params=sorted(MOE_CONFIGS), scope="module")
+def moe_model(request):
+    from helpers import random_params
+
+    cfg = MOE_CONFIGS[request.param]
+    return cfg, random_params(cfg)
+
+
+def _logits(params, cfg):
+    return np.asarray(model.forward_jit(params, cfg, TOKENS)[0])
+
+
+def _assert_same_function(p1, c1, p2, c2):
+    a, b = _logits(p1, c1), _logits(p2, c2)
+    assert np.abs(a).max() > 1.0
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+def _eq(p, q) -> bool:
+    return all(bool(jnp.all(x == y)) for x, y in zip(p, q))
+
+
+def test_group_element_preserves_logits_and_moves_every_leaf(moe_model):
+    from jaxind import symmetry as S
+
+    cfg, params = moe_model
+    perm = S.draw_permutations(jax.random.key(1), cfg)
+    assert perm.experts.shape == (cfg.n_layers, cfg.n_experts)
+    assert perm.expert_mlp.shape == (cfg.n_layers, cfg.n_experts, cfg.d_expert)
+    out = S.apply_permutation(params, cfg, perm)
+    for name, leaf in params["layers"].items():
+        if name not in ("attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias"):  # moved by no perm drawn here
+            assert not np.allclose(leaf, out["layers"][name]), name
+    l, e = 1, 2
+    src, units = int(perm.experts[l, e]), perm.expert_mlp[l, e]
+    s = perm.resid
+    np.testing.assert_array_equal(out["layers"]["expert_up"][l, e], params["layers"]["expert_up"][l, src][s][:, units])
+    np.testing.assert_array_equal(
+        out["layers"]["expert_down"][l, e], params["layers"]["expert_down"][l, src][units][:, s]
+    )
+    np.testing.assert_array_equal(out["layers"]["router"][l], params["layers"]["router"][l][s][:, perm.experts[l]])
+    _assert_same_function(params, cfg, out, cfg)
+    # each part alone is a symmetry too
+    ident = S.identity(cfg)
+    for part in ("experts", "expert_mlp", "mlp"):
+        if part == "mlp" and not cfg.d_ff:
+            continue
+        alone = ident._replace(**{part: getattr(perm, part)})
+        if part == "expert_mlp":
+            alone = alone._replace(experts=ident.experts)
+        _assert_same_function(params, cfg, S.apply_permutation(params, cfg, alone), cfg)
+
+
+def test_a_broken_expert_action_changes_the_function(moe_model):
+    """Sensitivity: moving the experts without the router's columns, or one expert's gate units without its
+    down rows, is not a symmetry."""
+    from jaxind import symmetry as S
+
+    cfg, params = moe_model
+    perm = S.draw_permutations(jax.random.key(2), cfg)
+    layers = dict(params["layers"], router=params["layers"]["router"])
+    moved = S.apply_permutation(params, cfg, S.identity(cfg)._replace(experts=perm.experts))
+    broken = dict(params, layers=dict(moved["layers"], router=layers["router"]))
+    assert not np.allclose(_logits(params, cfg), _logits(broken, cfg), rtol=1e-3, atol=1e-3)
+    gate = params["layers"]["expert_gate"]
+    units = dict(
+        params, layers=dict(params["layers"], expert_gate=gate.at[0, 0].set(gate[0, 0][:, perm.expert_mlp[0, 0]]))
+    )
+    assert not np.allclose(_logits(params, cfg), _logits(units, cfg), rtol=1e-3, atol=1e-3)
+
+
+def test_group_laws_with_experts(moe_model):
+    from jaxind import symmetry as S
+
+    cfg, params = moe_model
+    p1, p2, p3 = (S.draw_permutations(jax.random.key(k), cfg) for k in (11, 12, 13))
+    ident = S.identity(cfg)
+    assert _eq(S.compose(S.invert(p1), p1), ident) and _eq(S.compose(p1, S.invert(p1)), ident)
+    assert _eq(S.compose(p3, S.compose(p2, p1)), S.compose(S.compose(p3, p2), p1))
+    assert _eq(S.invert(S.invert(p1)), p1)
+    two_step = S.apply_permutation(S.apply_permutation(params, cfg, p1), cfg, p2)
+    one_step = S.apply_permutation(params, cfg, S.compose(p2, p1))
+    for x, y in zip(jax.tree.leaves(two_step), jax.tree.leaves(one_step)):
+        np.testing.assert_array_equal(x, y)
+    back = S.apply_permutation(S.apply_permutation(params, cfg, p1), cfg, S.invert(p1))
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(x, y)
+    # draws are uniform per component: every expert lands in every position across draws
+    draws = jax.vmap(lambda k: S.draw_permutations(k, cfg))(jax.random.split(jax.random.key(3), 400))
+    counts = np.stack([np.bincount(np.asarray(draws.experts[:, 0, e]), minlength=cfg.n_experts) for e in range(2)])
+    assert counts.min() > 400 / cfg.n_experts / 2
+    assert not np.array_equal(draws.expert_mlp[0, 0, 0], draws.expert_mlp[0, 0, 1])  # own perm per expert
+
+
+def test_rotation_and_fold_norms_with_experts(moe_model):
+    from jaxind import symmetry as S
+
+    cfg, params = moe_model
+    folded, fcfg = S.fold_norms(params, cfg)
+    _assert_same_function(params, cfg, folded, fcfg)
+    rotated, rcfg = S.rotate_residual(params, cfg, S.random_orthogonal(jax.random.key(5), cfg.d_model))
+    assert not np.allclose(rotated["layers"]["router"], params["layers"]["router"], atol=1e-2)
+    _assert_same_function(params, cfg, rotated, rcfg)
