@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxind import progress, pvalues
+from jaxind import experts, progress, pvalues
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward
@@ -109,6 +109,7 @@ class L2Consts(NamedTuple):
       gate, up, down^T (k = 3; GPT-2: up, down^T, k = 2).
     mlp_vec_a, mlp_vec_b ``(L, m, h)``: vectors on the MLP axis (GPT-2's up_bias; m = 0 or 1).
     sq_a_layers, sq_b_layers ``(L,)``, sq_a_total, sq_b_total ``()``: squared norms.
+    experts: a mixture of experts' router and expert leaves (:func:`jaxind.experts.l2_consts`), or None.
     """
 
     gram_layers: jax.Array
@@ -123,6 +124,7 @@ class L2Consts(NamedTuple):
     sq_b_layers: jax.Array
     sq_a_total: jax.Array
     sq_b_total: jax.Array
+    experts: experts.ExpertL2 | None = None
 
 
 def _mlp_stacks(params: Params, spec) -> tuple[jax.Array, jax.Array]:
@@ -139,6 +141,9 @@ def _mlp_stacks(params: Params, spec) -> tuple[jax.Array, jax.Array]:
             mats.append(leaf if axes[1] == "resid" else jnp.swapaxes(leaf, 1, 2))
         else:
             raise JaxindError(f"unsupported MLP axes {axes} for {path}")
+    if not mats:  # no dense MLP (a mixture of experts without a shared expert): empty stacks
+        n, d = get_leaf(params, ("layers", "attn_norm")).shape
+        return jnp.zeros((n, 0, d, 0), jnp.float32), jnp.zeros((n, 0, 0), jnp.float32)
     n, h = mats[0].shape[0], mats[0].shape[2]
     return jnp.stack(mats, axis=1), (jnp.stack(vecs, axis=1) if vecs else jnp.zeros((n, 0, h), jnp.float32))
 
@@ -176,8 +181,8 @@ def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
         stacked = axes[0] == "layers"
         sq_a[stacked] += _per_layer_sum(a * a, axes)
         sq_b[stacked] += _per_layer_sum(b * b, axes)
-        if "mlp" in axes:
-            continue  # gate/up/down (and up_bias): handled by the MLP stacks
+        if "mlp" in axes or "expert" in axes:
+            continue  # gate/up/down (and up_bias): handled by the MLP stacks; router and experts by experts.l2_inner
         if "resid" in axes:
             gram[stacked] += _resid_gram(a, b, axes)
         else:
@@ -197,6 +202,7 @@ def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
         sq_b_layers=sq_b[True],
         sq_a_total=sq_a[True].sum() + sq_a[False],
         sq_b_total=sq_b[True].sum() + sq_b[False],
+        experts=experts.l2_consts(params_a, params_b, cfg),
     )
 
 
@@ -221,6 +227,8 @@ def l2_draw(consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
     xs = (consts.mlp_a, consts.mlp_b, consts.mlp_vec_a, consts.mlp_vec_b, perm.mlp)
     _, mlp_layers = jax.lax.scan(layer_inner, None, xs)
     inner_layers = resid_layers + mlp_layers + consts.const_layers
+    if consts.experts is not None:  # a mixture of experts: router and experts under the draw's expert permutations
+        inner_layers = inner_layers + experts.l2_inner(consts.experts, perm)
     inner_total = inner_layers.sum() + resid_global + consts.const_global
     dist2_layers = consts.sq_a_layers + consts.sq_b_layers - 2.0 * inner_layers
     dist2_total = consts.sq_a_total + consts.sq_b_total - 2.0 * inner_total
@@ -309,11 +317,11 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
 
 def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
-    if statistic == "l2":
-        return 2 * 3 * cfg.d_model * cfg.d_ff * 4  # the gathered layer stack and its product
+    if statistic == "l2":  # the gathered layer stack and its product (a layer's experts too)
+        return 2 * 3 * cfg.d_model * (cfg.d_ff + cfg.n_experts * cfg.d_expert) * 4
     assert tokens is not None  # checked by _check_args
     n_tok = int(np.prod(np.shape(tokens)))
-    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * cfg.d_ff) * 4
+    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * (cfg.d_ff + cfg.n_experts * cfg.d_expert)) * 4
     return 3 * cfg.num_params() * 4 + acts
 
 

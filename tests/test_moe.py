@@ -299,3 +299,38 @@ def test_rotation_and_fold_norms_with_experts(moe_model):
     rotated, rcfg = S.rotate_residual(params, cfg, S.random_orthogonal(jax.random.key(5), cfg.d_model))
     assert not np.allclose(rotated["layers"]["router"], params["layers"]["router"], atol=1e-2)
     _assert_same_function(params, cfg, rotated, rcfg)
+
+
+# --------------------------------------------------------------------------------------------
+# PERMTEST: the draws permute experts and units too; the kernel equals the loop that materialises g(B).
+
+
+@pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
+def test_permtest_kernel_equals_loop_l2(family):
+    from helpers import random_params
+
+    from jaxind.permtest import permtest, permtest_loop
+
+    cfg = MOE_CONFIGS[family]
+    a, b = random_params(cfg, 1), random_params(cfg, 2)
+    key = jax.random.key(3)
+    kern = permtest(a, b, cfg, key, num_perms=15)
+    loop = permtest_loop(a, b, cfg, key, num_perms=15)
+    np.testing.assert_allclose(kern.stats, loop.stats, rtol=2e-5)
+    np.testing.assert_allclose(kern.stats_layers, loop.stats_layers, rtol=2e-5)
+    assert kern.pvalue == loop.pvalue and len(np.unique(kern.stats)) == 15
+    near = jax.tree.map(lambda w: w + 0.01 * jax.random.normal(jax.random.key(4), w.shape), a)
+    assert permtest(a, near, cfg, key, num_perms=15).pvalue == pytest.approx(1 / 16)
+
+
+def test_permtest_kernel_equals_loop_mc():
+    from helpers import random_params
+
+    from jaxind.permtest import permtest, permtest_loop
+
+    cfg = MOE_CONFIGS["qwen2_moe"]
+    a, b = random_params(cfg, 4), random_params(cfg, 5)
+    key = jax.random.key(6)
+    kern = permtest(a, b, cfg, key, num_perms=7, statistic="mc", tokens=TOKENS)
+    loop = permtest_loop(a, b, cfg, key, num_perms=7, statistic="mc", tokens=TOKENS)
+    np.testing.assert_allclose(kern.stats, loop.stats, rtol=1e-5)
