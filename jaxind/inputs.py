@@ -16,10 +16,12 @@ from typing import Any
 import numpy as np
 
 from jaxind import data as data_lib
-from jaxind import grams
+from jaxind import experts, grams
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import LayerPair, Params
+
+PassStats = grams.PassStats | experts.ExpertPass
 
 
 @dataclasses.dataclass(eq=False)
@@ -33,7 +35,7 @@ class TokenData:
 
     tokens: np.ndarray
     batch_size: int = 8
-    _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, grams.PassStats]] = dataclasses.field(
+    _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, PassStats]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
 
@@ -63,8 +65,9 @@ class TokenData:
 
     def pass_stats(
         self, params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, pairs: Sequence[LayerPair]
-    ) -> grams.PassStats:
-        """The one-pass statistics of ``pairs`` for these two models, computed on first use."""
+    ) -> PassStats:
+        """The one-pass statistics of ``pairs`` for these two models, computed on first use (for mixtures of experts
+        the input Grams of :mod:`jaxind.experts`)."""
         pairs = tuple(pairs)
         key = (id(params_a), id(params_b), pairs)
         cached = self._passes.get(key)
@@ -72,7 +75,8 @@ class TokenData:
             layers_a = tuple(sorted({a for a, _ in pairs}))
             layers_b = tuple(sorted({b for _, b in pairs}))
             pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
-            stats = grams.accumulate(
+            accumulate = experts.accumulate if (cfg_a.moe or cfg_b.moe) else grams.accumulate
+            stats = accumulate(
                 params_a,
                 cfg_a,
                 params_b,

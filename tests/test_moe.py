@@ -334,3 +334,157 @@ def test_permtest_kernel_equals_loop_mc():
     kern = permtest(a, b, cfg, key, num_perms=7, statistic="mc", tokens=TOKENS)
     loop = permtest_loop(a, b, cfg, key, num_perms=7, statistic="mc", tokens=TOKENS)
     np.testing.assert_allclose(kern.stats, loop.stats, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# CSU / CSH / MATCH / L2 / MC on mixtures of experts: power on trained models, calibration under the null.
+
+
+def _trained_config(family: str) -> jaxind.ModelConfig:
+    shared = family == "qwen2_moe"
+    return jaxind.ModelConfig(
+        family, 256, 32, 2, 4, 2, 8, 32 if shared else 0, qkv_bias=shared, n_experts=8, experts_per_token=2,
+        d_expert=24, norm_topk_prob=not shared, shared_expert=shared,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def trained(request):
+    """Byte-level MoE models trained on the bundled corpus: a base, a fine-tuned copy (20 more AdamW steps on the
+    second half), an independently initialised and trained model, and the fine-tune permuted and rotated."""
+    from jaxind import demo, train
+    from jaxind import symmetry as S
+
+    cfg = _trained_config(request.param)
+    corpus = demo.corpus_bytes()
+    base, _ = train.train(model.init_params(cfg, jax.random.key(0)), cfg, corpus, steps=60, seed=0)
+    tuned, losses = train.train(base, cfg, corpus[corpus.shape[0] // 2 :], steps=20, learning_rate=1e-3, seed=1)
+    assert np.isfinite(losses).all()
+    other, _ = train.train(model.init_params(cfg, jax.random.key(1000)), cfg, corpus, steps=60, seed=2)
+    hidden, hcfg = S.rotate_residual(tuned, cfg, S.random_orthogonal(jax.random.key(3), cfg.d_model))
+    hidden = S.apply_permutation(hidden, hcfg, S.draw_permutations(jax.random.key(4), hcfg))
+    tokens = np.stack([corpus[i * 64 : (i + 1) * 64] for i in range(16)])
+    models = {
+        "base": jaxind.from_params(cfg, base),
+        "tuned": jaxind.from_params(cfg, tuned),
+        "other": jaxind.from_params(cfg, other),
+        "hidden": jaxind.from_params(hcfg, hidden),
+    }
+    return models, tokens
+
+
+def _run(a, b, tokens, tests, num_perms=99):
+    from jaxind.inputs import TokenData
+    from jaxind.registry import TESTS, key_for
+
+    data = TokenData(tokens)
+    out = {}
+    for name in tests:
+        options = {"num_perms": num_perms if name == "l2" else 19} if name in ("l2", "mc") else {}
+        out[name] = TESTS[name](a, b, key=key_for(0, name), data=data, **options)
+        assert out[name].error is None, out[name].error
+    return out
+
+
+@pytest.mark.slow  # trains three small MoE models per family (module fixture)
+def test_fine_tune_is_detected_and_an_independent_model_is_not(trained):
+    models, tokens = trained
+    tuned = _run(models["base"], models["tuned"], tokens, ("csu", "csh", "match", "l2", "mc"))
+    for name in ("csu", "csh", "match"):
+        assert tuned[name].log10_pvalue < -10, (name, tuned[name].log10_pvalue)
+    assert tuned["l2"].pvalue == pytest.approx(1 / 100) and tuned["mc"].pvalue == pytest.approx(1 / 20)
+    assert tuned["csu"].exact and tuned["csh"].exact and tuned["l2"].exact and not tuned["match"].exact
+    # every layer contributes its expert matching, each matched pair of experts and the shared expert
+    cfg = models["base"].config
+    parts = [r.extra["part"] for r in tuned["csu"].layers]
+    expected = ["experts"] + ["expert"] * cfg.n_experts + (["shared"] if cfg.shared_expert else [])
+    assert parts == expected * cfg.n_layers
+    matched = [(r.extra["expert_a"], r.extra["expert_b"]) for r in tuned["csh"].layers if r.extra["part"] == "expert"]
+    assert all(i == j for i, j in matched)  # the fine-tune keeps every expert in place
+    other = _run(models["base"], models["other"], tokens, ("csu", "csh", "match", "l2", "mc"))
+    for name, result in other.items():
+        assert result.pvalue > 0.01, (name, result.pvalue)
+    # permuted (experts, units, residual) and rotated: the weight tests lose it, MATCH does not
+    hidden = _run(models["base"], models["hidden"], tokens, ("csu", "match"))
+    assert hidden["match"].log10_pvalue < -10 and hidden["csu"].pvalue > 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_calibration_under_the_null(family):
+    """100 independent random pairs: the exact tests (CSU, CSH, L2 PERMTEST) give uniform p-values (KS), and
+    MATCH's per-record p-values hold the 5% level. One compiled function per test, reused across pairs."""
+    from scipy import stats
+
+    from jaxind import experts, permtest
+
+    cfg = MOE_CONFIGS[family].replace(n_layers=2, n_experts=8, experts_per_token=2, d_expert=12, sliding_window=None)
+    init = jax.jit(lambda k: model.init_params(cfg, k, std=0.3))
+    tokens = [np.asarray(jax.random.randint(jax.random.key(2), (4, 16), 0, 64))]
+    pairs = ((0, 0), (1, 1))
+    pvals: dict[str, list[float]] = {"csu": [], "csh": [], "l2": [], "match": [], "match_records": []}
+    for s in range(100):
+        a, b = init(jax.random.key(20_000 + 2 * s)), init(jax.random.key(20_001 + 2 * s))
+        key = jax.random.key(s)
+        pvals["csu"].append(experts.csu(a, cfg, b, cfg, key).pvalue)
+        stats_ab = experts.pass_for_pairs(a, cfg, b, cfg, tokens, pairs)
+        pvals["csh"].append(experts.csh_from_pass(a, b, stats_ab, pairs, key).pvalue)
+        result = experts.match_from_pass(a, b, stats_ab, pairs, key)
+        pvals["match"].append(result.pvalue)
+        pvals["match_records"] += [r.pvalue for r in result.layers]
+        pvals["l2"].append(permtest.permtest(a, b, cfg, key, num_perms=99, devices=jax.devices()[:1]).pvalue)
+    for name in ("csu", "csh"):
+        assert stats.kstest(pvals[name], "uniform").pvalue > 0.01, name
+    # L2: discrete uniform on k/100; compare after a half-step shift (as tests/test_permtest.py)
+    assert stats.kstest(np.asarray(pvals["l2"]) - 0.005, "uniform").pvalue > 0.01
+    assert stats.kstest(pvals["match"], "uniform").pvalue > 0.01
+    assert np.mean(np.asarray(pvals["match_records"]) < 0.05) < 0.08
+
+
+def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
+    """The registry sends MoE pairs to the expert versions; a MoE vs a dense model, or localized testing, is
+    refused with a reason (recorded as that test's error by the runner)."""
+    from helpers import random_params
+
+    from jaxind.registry import TESTS, key_for
+
+    cfg = MOE_CONFIGS["qwen2_moe"]
+    a = jaxind.from_params(cfg, random_params(cfg, 1))
+    near = jaxind.from_params(cfg, jax.tree.map(lambda w: w + 0.01, a.params))
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (4, 8), 0, 64))
+    for name in ("csu", "csh", "match"):
+        result = TESTS[name](a, near, key=key_for(0, name), data=tokens)
+        parts = {"expert", "shared"} | ({"experts"} if name != "match" else set())  # MATCH does not test the pairing
+        assert result.log10_pvalue < -5 and {r.extra["part"] for r in result.layers} == parts
+    dense_cfg = jaxind.ModelConfig("qwen2", 64, 16, 2, 4, 2, 4, 20, qkv_bias=True)
+    dense = jaxind.from_params(dense_cfg, random_params(dense_cfg, 2))
+    for name in ("csu", "csh", "match"):
+        with pytest.raises(JaxindError, match="both models must be mixtures of experts"):
+            TESTS[name](a, dense, key=key_for(0, name), data=tokens)
+    with pytest.raises(JaxindError, match="not implemented for mixtures of experts"):
+        TESTS["localized"](a, near, key=key_for(0, "localized"), data=tokens)
+    mixtral = jaxind.from_params(MOE_CONFIGS["mixtral"], random_params(MOE_CONFIGS["mixtral"], 3))
+    with pytest.raises(JaxindError, match="shared expert"):
+        TESTS["csu"](a, mixtral, key=key_for(0, "csu"))
+
+
+def test_expert_similarity_ignores_unit_order_and_follows_the_experts():
+    """S is invariant under permutations of each expert's units and equivariant under expert permutations:
+    what makes CSU/CSH exact (jaxind.experts module doc)."""
+    from jaxind import experts
+
+    w_a = jax.random.normal(jax.random.key(0), (5, 16, 12))
+    w_b = jax.random.normal(jax.random.key(1), (5, 16, 12))
+    x_a, x_b = jax.random.normal(jax.random.key(2), (2, 40, 16))
+    spaces = (experts.WEIGHTS, experts.Space(x_a.T @ x_b, x_a.T @ x_a, x_b.T @ x_b))
+    units = jax.vmap(lambda k: jax.random.permutation(k, 12))(jax.random.split(jax.random.key(3), 5))
+    order = jax.random.permutation(jax.random.key(4), 5)
+    for space in spaces:
+        s = np.asarray(experts.expert_similarity(w_a, w_b, space))
+        shuffled = jnp.take_along_axis(w_b, units[:, None, :], axis=2)
+        np.testing.assert_allclose(experts.expert_similarity(w_a, shuffled, space), s, rtol=1e-5)
+        np.testing.assert_allclose(experts.expert_similarity(w_a, w_b[order], space), s[:, order], rtol=1e-5)
+    # an expert is most similar to a noisy copy of itself (weights, or activations on the same inputs)
+    for space in (experts.WEIGHTS, experts.Space(x_a.T @ x_a, x_a.T @ x_a, x_a.T @ x_a)):
+        copy = np.asarray(experts.expert_similarity(w_a, w_a + 0.1 * w_b, space))
+        assert (np.argmax(copy, axis=1) == np.arange(5)).all()
