@@ -70,7 +70,7 @@ class Rule:
     """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer).
 
     ``expert``: the tensor is one expert's slice of the stacked leaf at ``path`` (a mixture of experts stores one
-    tensor per expert); group 2 of the pattern is its index on the leaf's expert axis (:meth:`index`)."""
+    tensor per expert); group 2 of the pattern is its index on the leaf's expert axis (:meth:`Rule.index`)."""
 
     pattern: str
     path: str

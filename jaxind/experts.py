@@ -25,7 +25,7 @@ expert, uniform and independent across ``i`` (distinct experts, independent ``ta
 Spearman p-value and every within-expert p-value are independent and valid, and Fisher over them (and over
 layers, whose group elements are independent) is exact. The expert-level test has only ``E`` observations, so
 its p-value is the exact permutation p-value of Spearman's rho for ``E <= 10``
-(:func:`jaxind.pvalues.spearman_exact`). MATCH's p-values are approximate, as for dense models.
+(:func:`jaxind.pvalues.spearman_matching_test`). MATCH's p-values are approximate, as for dense models.
 """
 
 from __future__ import annotations
