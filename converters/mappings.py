@@ -213,6 +213,30 @@ GGUF_QWEN2 = _GGUF_COMMON + (
 )
 GGUF_IGNORED = (r"rope_freqs\.weight",)  # read into the config instead
 
+# GGUF mixtures of experts (llama.cpp): Mixtral is architecture `llama` with `llama.expert_count`, its experts
+# stacked in `ffn_{gate,up,down}_exps` (older files: one `ffn_gate.{e}` tensor per expert); Qwen2-MoE is
+# `qwen2moe`, whose shared expert is `ffn_*_shexp` with the scalar gate `ffn_gate_inp_shexp`.
+_GGUF_EXPERTS = (
+    Rule(rf"blk\.{_L}\.ffn_gate_inp\.weight", "layers.{}.router", transpose),
+    Rule(rf"blk\.{_L}\.ffn_gate_exps\.weight", "layers.{}.expert_gate", transpose_experts),
+    Rule(rf"blk\.{_L}\.ffn_up_exps\.weight", "layers.{}.expert_up", transpose_experts),
+    Rule(rf"blk\.{_L}\.ffn_down_exps\.weight", "layers.{}.expert_down", transpose_experts),
+    Rule(rf"blk\.{_L}\.ffn_gate\.{_E}\.weight", "layers.{}.expert_gate", transpose, expert=True),
+    Rule(rf"blk\.{_L}\.ffn_up\.{_E}\.weight", "layers.{}.expert_up", transpose, expert=True),
+    Rule(rf"blk\.{_L}\.ffn_down\.{_E}\.weight", "layers.{}.expert_down", transpose, expert=True),
+)
+GGUF_MIXTRAL = GGUF_LLAMA + _GGUF_EXPERTS
+GGUF_QWEN2_MOE = (
+    GGUF_QWEN2
+    + _GGUF_EXPERTS
+    + (
+        Rule(rf"blk\.{_L}\.ffn_gate_inp_shexp\.weight", "layers.{}.shared_gate", flatten),
+        Rule(rf"blk\.{_L}\.ffn_gate_shexp\.weight", "layers.{}.gate", transpose),
+        Rule(rf"blk\.{_L}\.ffn_up_shexp\.weight", "layers.{}.up", transpose),
+        Rule(rf"blk\.{_L}\.ffn_down_shexp\.weight", "layers.{}.down", transpose),
+    )
+)
+
 HF_TABLES = {
     "llama": HF_DECODER,
     "mistral": HF_DECODER,
@@ -223,4 +247,10 @@ HF_TABLES = {
     "qwen2_moe": HF_MOE,
 }
 # GGUF architecture name -> (jaxind family, table).
-GGUF_TABLES = {"llama": ("llama", GGUF_LLAMA), "qwen2": ("qwen2", GGUF_QWEN2)}
+GGUF_TABLES = {
+    "llama": ("llama", GGUF_LLAMA),
+    "qwen2": ("qwen2", GGUF_QWEN2),
+    "qwen2moe": ("qwen2_moe", GGUF_QWEN2_MOE),
+}
+# GGUF architecture -> (family, table) of its mixture-of-experts files (those with `{arch}.expert_count`).
+GGUF_MOE_TABLES = {"llama": ("mixtral", GGUF_MIXTRAL), "qwen2moe": ("qwen2_moe", GGUF_QWEN2_MOE)}

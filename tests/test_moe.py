@@ -488,3 +488,64 @@ def test_expert_similarity_ignores_unit_order_and_follows_the_experts():
     for space in (experts.WEIGHTS, experts.Space(x_a.T @ x_a, x_a.T @ x_a, x_a.T @ x_a)):
         copy = np.asarray(experts.expert_similarity(w_a, w_a + 0.1 * w_b, space))
         assert (np.argmax(copy, axis=1) == np.arange(5)).all()
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF: Qwen2-MoE (`qwen2moe`, which transformers also reads) and Mixtral (`llama` with `llama.expert_count`).
+
+
+def test_gguf_qwen2moe_matches_transformers_gguf_loader(tmp_path):
+    """transformers' GGUF loader reads qwen2moe's expert widths from its own defaults (1408 / 5632), so the tiny
+    model has those widths; everything else is small."""
+    import transformers
+    from gguf_models import write_moe_gguf
+
+    ref = build_torch_model(
+        "qwen2_moe", seed=6, hidden_size=16, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+    )  # fmt: skip
+    path = write_moe_gguf(str(tmp_path / "m.gguf"), ref)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    ours = load_model(path)
+    assert ours.config.family == "qwen2_moe" and ours.config.d_expert == 1408 and not ours.config.norm_topk_prob
+    tokens = np.random.default_rng(2).integers(0, ours.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        their_logits = theirs(torch.tensor(tokens)).logits.numpy()
+    assert rel_err(ours.logits(tokens), their_logits) <= TOL
+    _, ref_acts = moe_reference_activations(ref, tokens)
+    acts = ours.mlp_activations(tokens, layers=[1])[1]
+    for proj in ("expert_gate", "expert_up", "gate", "up"):
+        assert rel_err(acts[proj], ref_acts[1][proj]) <= TOL, proj
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["stacked", "per_expert"])
+def test_gguf_mixtral_matches_the_same_weights_from_safetensors(tmp_path, per_expert):
+    """transformers reads a `llama` GGUF as a dense Llama (it ignores llama.expert_count), so the reference is
+    transformers' Mixtral with the same weights."""
+    from gguf_models import write_moe_gguf
+
+    ref = build_torch_model("mixtral", seed=7)
+    path = write_moe_gguf(str(tmp_path / "m.gguf"), ref, per_expert=per_expert)
+    ours, hf = load_model(path), load_model(save(ref, str(tmp_path / "hf")))
+    assert ours.config.replace(norm_eps=1e-5) == hf.config and ours.config.family == "mixtral"  # eps: float32 in GGUF
+    for x, y in zip(jax.tree.leaves(ours.params), jax.tree.leaves(hf.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    tokens = np.random.default_rng(3).integers(0, ours.config.vocab_size, (2, 10))
+    ref_logits, _ = moe_reference_activations(ref, tokens)
+    assert rel_err(ours.logits(tokens), ref_logits) <= TOL
+
+
+def test_gguf_mixture_of_experts_errors(tmp_path):
+    from gguf_models import write_tiny_llama_gguf
+
+    from converters.readers import GGUFFileReader
+
+    partial = write_tiny_llama_gguf(str(tmp_path / "a.gguf"), metadata={"llama.expert_count": 8})
+    with pytest.raises(JaxindError, match="lacks llama.expert_used_count"):
+        GGUFFileReader(partial)
+    dense = write_tiny_llama_gguf(
+        str(tmp_path / "b.gguf"), metadata={"llama.expert_count": 8, "llama.expert_used_count": 2}
+    )
+    assert GGUFFileReader(dense).config.family == "mixtral"
+    with pytest.raises(JaxindError, match="blk.0.ffn_gate.weight"):
+        load_model(dense)  # expert metadata, dense tensors
