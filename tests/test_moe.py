@@ -86,17 +86,19 @@ def test_dense_routing_equals_sparse_dispatch():
         family="mixtral", vocab_size=11, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=0,
         n_experts=5, experts_per_token=2, d_expert=12,
     )  # fmt: skip
-    layer = model.layer_slice(model.init_params(cfg, jax.random.key(0), std=0.3), 0)
+    layer = model.layer_slice(_random_params(cfg), 0)
     x = jax.random.normal(jax.random.key(1), (3, 7, 16))
-    y, out = moe.moe_mlp(layer, cfg, x)
+    y, _ = jax.jit(moe.moe_mlp, static_argnums=1)(layer, cfg, x)
     _, top, index = moe.route(layer["router"], cfg, x)
-    expected = np.zeros((3, 7, 16))
+    w = {k: np.asarray(v, np.float64) for k, v in layer.items()}
+    xs, expected = np.asarray(x, np.float64), np.zeros((3, 7, 16))
     for b, t in np.ndindex(3, 7):
-        for w, e in zip(np.asarray(top[b, t]), np.asarray(index[b, t])):
-            g, u = x[b, t] @ layer["expert_gate"][e], x[b, t] @ layer["expert_up"][e]
-            expected[b, t] += w * np.asarray((jax.nn.silu(g) * u) @ layer["expert_down"][e])
+        for weight, e in zip(np.asarray(top[b, t]), np.asarray(index[b, t])):
+            g, u = xs[b, t] @ w["expert_gate"][e], xs[b, t] @ w["expert_up"][e]
+            expected[b, t] += weight * ((g / (1 + np.exp(-g)) * u) @ w["expert_down"][e])
     assert rel_err(y, expected) < 1e-5
     np.testing.assert_allclose(np.asarray(top).sum(-1), 1.0, rtol=1e-6)  # Mixtral renormalises
+    assert len(np.unique(np.asarray(index[..., 0]))) > 2  # the tokens really go to different experts
 
 
 def _mixtral_config(**changes) -> dict:
@@ -198,10 +200,28 @@ TOKENS = jax.random.randint(jax.random.key(99), (2, 9), 0, 64)
 
 @pytest.fixture(params=sorted(MOE_CONFIGS), scope="module")
 def moe_model(request):
-    from helpers import random_params
-
     cfg = MOE_CONFIGS[request.param]
-    return cfg, random_params(cfg)
+    return cfg, _random_params(cfg)
+
+
+def _random_params(cfg: jaxind.ModelConfig, seed: int = 0):
+    """An independent random model with randomised norms and biases (as ``helpers.random_params``), drawn with
+    numpy: ``N(0, 0.3^2)`` weights and biases, norms ``1 + N(0, 0.3^2)`` (no per-shape JAX RNG compilations)."""
+    rng = np.random.default_rng(seed)
+    leaves = {}
+    for path, shape in model.param_shapes_flat(cfg).items():
+        offset = 1.0 if path.endswith("norm") else 0.0
+        leaves[path] = jnp.asarray(offset + 0.3 * rng.standard_normal(shape), jnp.float32)
+    params = {path: leaf for path, leaf in leaves.items() if not path.startswith("layers.")}
+    params["layers"] = {path[len("layers.") :]: leaf for path, leaf in leaves.items() if path.startswith("layers.")}
+    return params
+
+
+def _apply(params, cfg, perm):
+    """``symmetry.apply_permutation``, compiled once per config and Perm layout."""
+    from jaxind import symmetry as S
+
+    return jax.jit(S.apply_permutation, static_argnums=1)(params, cfg, perm)
 
 
 def _logits(params, cfg):
@@ -225,7 +245,7 @@ def test_group_element_preserves_logits_and_moves_every_leaf(moe_model):
     perm = S.draw_permutations(jax.random.key(1), cfg)
     assert perm.experts.shape == (cfg.n_layers, cfg.n_experts)
     assert perm.expert_mlp.shape == (cfg.n_layers, cfg.n_experts, cfg.d_expert)
-    out = S.apply_permutation(params, cfg, perm)
+    out = _apply(params, cfg, perm)
     for name, leaf in params["layers"].items():
         if name not in ("attn_norm", "mlp_norm", "q_bias", "k_bias", "v_bias"):  # moved by no perm drawn here
             assert not np.allclose(leaf, out["layers"][name]), name
@@ -246,7 +266,7 @@ def test_group_element_preserves_logits_and_moves_every_leaf(moe_model):
         alone = ident._replace(**{part: getattr(perm, part)})
         if part == "expert_mlp":
             alone = alone._replace(experts=ident.experts)
-        _assert_same_function(params, cfg, S.apply_permutation(params, cfg, alone), cfg)
+        _assert_same_function(params, cfg, _apply(params, cfg, alone), cfg)
 
 
 def test_a_broken_expert_action_changes_the_function(moe_model):
@@ -257,7 +277,7 @@ def test_a_broken_expert_action_changes_the_function(moe_model):
     cfg, params = moe_model
     perm = S.draw_permutations(jax.random.key(2), cfg)
     layers = dict(params["layers"], router=params["layers"]["router"])
-    moved = S.apply_permutation(params, cfg, S.identity(cfg)._replace(experts=perm.experts))
+    moved = _apply(params, cfg, S.identity(cfg)._replace(experts=perm.experts))
     broken = dict(params, layers=dict(moved["layers"], router=layers["router"]))
     assert not np.allclose(_logits(params, cfg), _logits(broken, cfg), rtol=1e-3, atol=1e-3)
     gate = params["layers"]["expert_gate"]
@@ -267,24 +287,25 @@ def test_a_broken_expert_action_changes_the_function(moe_model):
     assert not np.allclose(_logits(params, cfg), _logits(units, cfg), rtol=1e-3, atol=1e-3)
 
 
-def test_group_laws_with_experts(moe_model):
+def test_group_laws_with_experts():
     from jaxind import symmetry as S
 
-    cfg, params = moe_model
+    cfg = MOE_CONFIGS["qwen2_moe"]  # (Mixtral's layout is exercised by the tests above)
+    params = _random_params(cfg)
     p1, p2, p3 = (S.draw_permutations(jax.random.key(k), cfg) for k in (11, 12, 13))
     ident = S.identity(cfg)
     assert _eq(S.compose(S.invert(p1), p1), ident) and _eq(S.compose(p1, S.invert(p1)), ident)
     assert _eq(S.compose(p3, S.compose(p2, p1)), S.compose(S.compose(p3, p2), p1))
     assert _eq(S.invert(S.invert(p1)), p1)
-    two_step = S.apply_permutation(S.apply_permutation(params, cfg, p1), cfg, p2)
-    one_step = S.apply_permutation(params, cfg, S.compose(p2, p1))
+    two_step = _apply(_apply(params, cfg, p1), cfg, p2)
+    one_step = _apply(params, cfg, S.compose(p2, p1))
     for x, y in zip(jax.tree.leaves(two_step), jax.tree.leaves(one_step)):
         np.testing.assert_array_equal(x, y)
-    back = S.apply_permutation(S.apply_permutation(params, cfg, p1), cfg, S.invert(p1))
+    back = _apply(_apply(params, cfg, p1), cfg, S.invert(p1))
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
         np.testing.assert_array_equal(x, y)
     # draws are uniform per component: every expert lands in every position across draws
-    draws = jax.vmap(lambda k: S.draw_permutations(k, cfg))(jax.random.split(jax.random.key(3), 400))
+    draws = jax.jit(jax.vmap(lambda k: S.draw_permutations(k, cfg)))(jax.random.split(jax.random.key(3), 400))
     counts = np.stack([np.bincount(np.asarray(draws.experts[:, 0, e]), minlength=cfg.n_experts) for e in range(2)])
     assert counts.min() > 400 / cfg.n_experts / 2
     assert not np.array_equal(draws.expert_mlp[0, 0, 0], draws.expert_mlp[0, 0, 1])  # own perm per expert
@@ -305,14 +326,12 @@ def test_rotation_and_fold_norms_with_experts(moe_model):
 # PERMTEST: the draws permute experts and units too; the kernel equals the loop that materialises g(B).
 
 
-@pytest.mark.parametrize("family", sorted(MOE_CONFIGS))
+@pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
 def test_permtest_kernel_equals_loop_l2(family):
-    from helpers import random_params
-
     from jaxind.permtest import permtest, permtest_loop
 
     cfg = MOE_CONFIGS[family]
-    a, b = random_params(cfg, 1), random_params(cfg, 2)
+    a, b = _random_params(cfg, 1), _random_params(cfg, 2)
     key = jax.random.key(3)
     kern = permtest(a, b, cfg, key, num_perms=15)
     loop = permtest_loop(a, b, cfg, key, num_perms=15)
@@ -323,13 +342,12 @@ def test_permtest_kernel_equals_loop_l2(family):
     assert permtest(a, near, cfg, key, num_perms=15).pvalue == pytest.approx(1 / 16)
 
 
+@pytest.mark.slow  # a second PERMTEST compilation (a forward per draw)
 def test_permtest_kernel_equals_loop_mc():
-    from helpers import random_params
-
     from jaxind.permtest import permtest, permtest_loop
 
     cfg = MOE_CONFIGS["qwen2_moe"]
-    a, b = random_params(cfg, 4), random_params(cfg, 5)
+    a, b = _random_params(cfg, 4), _random_params(cfg, 5)
     key = jax.random.key(6)
     kern = permtest(a, b, cfg, key, num_perms=7, statistic="mc", tokens=TOKENS)
     loop = permtest_loop(a, b, cfg, key, num_perms=7, statistic="mc", tokens=TOKENS)
@@ -444,12 +462,10 @@ def test_calibration_under_the_null(family):
 def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
     """The registry sends MoE pairs to the expert versions; a MoE vs a dense model, or localized testing, is
     refused with a reason (recorded as that test's error by the runner)."""
-    from helpers import random_params
-
     from jaxind.registry import TESTS, key_for
 
     cfg = MOE_CONFIGS["qwen2_moe"]
-    a = jaxind.from_params(cfg, random_params(cfg, 1))
+    a = jaxind.from_params(cfg, _random_params(cfg, 1))
     near = jaxind.from_params(cfg, jax.tree.map(lambda w: w + 0.01, a.params))
     tokens = np.asarray(jax.random.randint(jax.random.key(0), (4, 8), 0, 64))
     for name in ("csu", "csh", "match"):
@@ -457,13 +473,13 @@ def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
         parts = {"expert", "shared"} | ({"experts"} if name != "match" else set())  # MATCH does not test the pairing
         assert result.log10_pvalue < -5 and {r.extra["part"] for r in result.layers} == parts
     dense_cfg = jaxind.ModelConfig("qwen2", 64, 16, 2, 4, 2, 4, 20, qkv_bias=True)
-    dense = jaxind.from_params(dense_cfg, random_params(dense_cfg, 2))
+    dense = jaxind.from_params(dense_cfg, _random_params(dense_cfg, 2))
     for name in ("csu", "csh", "match"):
         with pytest.raises(JaxindError, match="both models must be mixtures of experts"):
             TESTS[name](a, dense, key=key_for(0, name), data=tokens)
     with pytest.raises(JaxindError, match="not implemented for mixtures of experts"):
         TESTS["localized"](a, near, key=key_for(0, "localized"), data=tokens)
-    mixtral = jaxind.from_params(MOE_CONFIGS["mixtral"], random_params(MOE_CONFIGS["mixtral"], 3))
+    mixtral = jaxind.from_params(MOE_CONFIGS["mixtral"], _random_params(MOE_CONFIGS["mixtral"], 3))
     with pytest.raises(JaxindError, match="shared expert"):
         TESTS["csu"](a, mixtral, key=key_for(0, "csu"))
 
@@ -568,6 +584,7 @@ def test_moe_checkpoint_round_trip_is_bit_identical(tmp_path):
         assert x.dtype == y.dtype and np.array_equal(x, y)
 
 
+@pytest.mark.slow  # two CLI subprocesses
 def test_cli_on_moe_models(tmp_path):
     """Mixtral against a perturbed copy: every test runs and detects it; against a dense model the expert tests
     are recorded as not applicable while JSD runs. The results JSON validates against the schema."""
