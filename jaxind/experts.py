@@ -86,10 +86,8 @@ def l2_inner(consts: ExpertL2, perm: Perm) -> jax.Array:
     router_b = jnp.take_along_axis(jnp.take(consts.router_b, s, axis=1), perm.experts[:, None, :], axis=2)
     router = jnp.sum(consts.router_a * router_b, axis=(1, 2))
 
-    def layer(carry, xs):
-        gate_a, gate_b, up_a, up_b, down_a, down_b, pi, tau = (
-            xs  # one layer: (E, d, he) x4, (E, he, d) x2, (E,), (E, he)
-        )
+    def layer(carry, xs):  # one layer: gate/up (E, d, he) x4, down (E, he, d) x2, pi (E,), tau (E, he)
+        gate_a, gate_b, up_a, up_b, down_a, down_b, pi, tau = xs
 
         def moved(w: jax.Array, resid: int, unit: int) -> jax.Array:  # g(B)'s experts: w'[e] = w[pi[e]][s, tau[e]]
             w = jnp.take(jnp.take(w, pi, axis=0), s, axis=resid)
@@ -326,7 +324,9 @@ def _constrained_layer(
     for (i, j), k in zip(pairs, jax.random.split(k_units, len(pairs))):
         cos = np.asarray(_cosines(*unit_grams(up_a[i], up_b[j], space)))
         result, _, _ = constrained.matched_spearman(cos, k)
-        records.append(LayerResult.from_spearman(layer_a, layer_b, result, part="expert", expert_a=i, expert_b=j))
+        records.append(
+            LayerResult.from_spearman(layer_a, layer_b, result, part="expert", expert_a=int(i), expert_b=int(j))
+        )
     if "up" in params_a["layers"] and "up" in params_b["layers"]:
         cos = np.asarray(_cosines(*unit_grams(_layer(params_a, "up", layer_a), _layer(params_b, "up", layer_b), space)))
         result, _, _ = constrained.matched_spearman(cos, k_shared)

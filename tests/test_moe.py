@@ -606,7 +606,8 @@ def test_cli_on_moe_models(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "ab.json").read_text())
     jsonschema.validate(doc, RESULTS_SCHEMA)
-    assert doc["model_a"]["family"] == "mixtral"
+    assert doc["model_a"]["family"] == "mixtral" and doc["model_a"]["experts"] == 8
+    assert "experts=8x24 top-2" in r.stdout
     for name in ("csu", "csh", "match"):
         assert doc["tests"][name]["log10_pvalue"] < -10, name
     assert doc["tests"]["l2"]["pvalue"] == pytest.approx(1 / 20)
