@@ -479,6 +479,13 @@ def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
             TESTS[name](a, dense, key=key_for(0, name), data=tokens)
     with pytest.raises(JaxindError, match="not implemented for mixtures of experts"):
         TESTS["localized"](a, near, key=key_for(0, "localized"), data=tokens)
+    # the dense kernels refuse MoE params instead of silently testing the shared expert alone
+    from jaxind import constrained, grams
+
+    with pytest.raises(JaxindError, match="jaxind.experts.csu"):
+        constrained.csu(a.params, cfg, near.params, cfg, jax.random.key(0))
+    with pytest.raises(JaxindError, match="mixture of experts"):
+        grams.accumulate(a.params, cfg, near.params, cfg, [tokens], layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
     mixtral = jaxind.from_params(MOE_CONFIGS["mixtral"], _random_params(MOE_CONFIGS["mixtral"], 3))
     with pytest.raises(JaxindError, match="shared expert"):
         TESTS["csu"](a, mixtral, key=key_for(0, "csu"))
