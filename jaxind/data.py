@@ -1,11 +1,19 @@
 """Token batches that both models see: random tokens, a plain-text file, or JSONL.
 
 ``--data=random`` draws uniform token ids from the vocabulary both models share (the prefix
-``[0, min(V_A, V_B))``). ``--data=text:PATH`` and ``--data=jsonl:PATH`` (a ``text`` field per
-line) are tokenised with model A's tokenizer; model B's tokenizer must turn the whole data into
-the same ids (every token is compared), else the run stops with an error naming the first
-difference. Sequences are windows of ``seq_len`` tokens at seeded random offsets into the
-tokenised corpus.
+``[0, min(V_A, V_B))``).
+
+``--data=text:PATH`` reads only what the windows need, so the time to tokens does not grow with
+the file (docs/DESIGN.md §5.11): each of the ``num_sequences`` windows starts at a seeded random
+byte offset, moved to the next whitespace; about ``8 * seq_len`` bytes from there are read
+(twice as many, again, until they give ``seq_len`` tokens), cut at the last whitespace and
+tokenised with model A's tokenizer; the window is the first ``seq_len`` ids. Model B's tokenizer
+must turn each of those texts (all that is fed) into exactly A's ids, else the run stops with an
+error naming the window, its byte offset and the first differing token.
+
+``--data=jsonl:PATH`` (a ``text`` field per line) is read and tokenised whole (documents joined
+by the end-of-text token), every line checked, and B's ids compared over all of it; sequences are
+windows of ``seq_len`` tokens at seeded random offsets into that stream.
 """
 
 from __future__ import annotations
@@ -76,9 +84,50 @@ def read_texts(spec: DataSpec) -> list[str]:
 
 
 def check_texts(spec: DataSpec) -> None:
-    """Reads the data file once, up front, so that a bad file fails before any model is loaded
-    (the documents are cached for :func:`make_tokens`)."""
-    read_texts(spec)
+    """Checks the data file up front, so that a bad file fails before any model is loaded: a
+    JSONL file is read whole (the documents are cached for :func:`make_tokens`); of a text file
+    only the first 64 KiB are read (empty, not UTF-8, only whitespace)."""
+    if spec.kind == "text" and spec.path is not None:
+        _check_text_head(spec.path)
+    else:
+        read_texts(spec)
+
+
+_HEAD_BYTES = 1 << 16
+_SPACE = b" \t\n\r\f\v"
+
+
+def _utf8_error(path: str, raw: bytes, base: int, error: UnicodeDecodeError) -> JaxindError:
+    """The one-line error for bytes ``raw`` read at offset ``base`` of ``path`` that are not UTF-8."""
+    offset = base + error.start
+    line = _count_newlines(path, offset) + 1
+    return JaxindError(
+        f"{path} line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {offset}): "
+        "pass a UTF-8 text file (convert it, e.g. with iconv -t UTF-8)"
+    )
+
+
+def _count_newlines(path: str, end: int) -> int:
+    count = 0
+    with open(path, "rb") as f:
+        while end > 0 and (chunk := f.read(min(end, 1 << 24))):
+            count += chunk.count(b"\n")
+            end -= len(chunk)
+    return count
+
+
+def _check_text_head(path: str) -> None:
+    """Refuses an empty text file, a head that is not UTF-8, or a short file of only whitespace."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(_HEAD_BYTES)
+    if size == 0 or (size <= _HEAD_BYTES and not raw.strip()):
+        raise JaxindError(f"{path} is empty or only whitespace: pass a file with text (--data=text:FILE)")
+    head = raw if size <= _HEAD_BYTES else _utf8_prefix(raw)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, raw, 0, e) from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,6 +211,11 @@ def make_tokens(
         return rng.integers(0, shared, (spec.num_sequences, spec.seq_len)).astype(np.int32)
     if tokenizer_a is None:
         raise JaxindError("text data needs model A's tokenizer, and it has none: use --data=random")
+    if spec.kind == "text":
+        cut = text_windows(spec, tokenizer_a)
+        if tokenizer_b is not None and tokenizer_b is not tokenizer_a:  # B must see exactly A's ids
+            cut.check(tokenizer_a, tokenizer_b)
+        return _in_vocabulary(cut.tokens, shared)
     texts = read_texts(spec)
     eos = getattr(tokenizer_a, "eos_token_id", None)
     separate = eos is not None and len(texts) > 1
@@ -173,12 +227,118 @@ def make_tokens(
         pieces.append(np.asarray(ids, np.int64))
         if separate:
             pieces.append(np.asarray([eos], np.int64))
-    stream = np.concatenate(pieces)
-    if stream.max(initial=0) >= shared:
-        raise JaxindError(
-            f"the tokenised data uses ids up to {stream.max()}, outside the shared vocabulary of {shared}"
-        )
-    return windows(stream, spec)
+    return windows(_in_vocabulary(np.concatenate(pieces), shared), spec)
+
+
+def _in_vocabulary(ids: np.ndarray, shared: int) -> np.ndarray:
+    if ids.max(initial=0) >= shared:
+        raise JaxindError(f"the tokenised data uses ids up to {ids.max()}, outside the shared vocabulary of {shared}")
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class TextWindows:
+    """Windows cut from a text file by :func:`text_windows`.
+
+    Attributes:
+      tokens: ``(num_sequences, seq_len)`` int32 token ids (model A's tokenizer).
+      texts: per window, the text read; its ids start with the window's.
+      ids: per window, all the ids of ``texts[k]`` (what model B's tokenizer must reproduce).
+      offsets: per window, the byte offset of ``texts[k]`` in the file.
+    """
+
+    tokens: np.ndarray
+    texts: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+
+    def check(self, tokenizer_a: Any, tokenizer_b: Any) -> None:
+        """Refuses a tokenizer B that turns any window's text into other ids than A's (every id compared).
+
+        Raises:
+          JaxindError: naming the window, its byte offset and the first differing token.
+        """
+        names = [f"window {k + 1} (byte offset {o:,})" for k, o in enumerate(self.offsets)]
+        tokenizer.check_same_tokens(self.texts, self.ids, tokenizer_a, tokenizer_b, names=names)
+
+
+def _utf8_prefix(raw: bytes) -> bytes:
+    """``raw`` without a trailing, incomplete UTF-8 sequence."""
+    for back in range(1, min(4, len(raw)) + 1):
+        byte = raw[-back]
+        if byte < 0x80:
+            return raw
+        if byte >= 0xC0:  # a lead byte: complete if its sequence fits
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return raw if need <= back else raw[:-back]
+    return raw
+
+
+def _cut(raw: bytes, at_start: bool, at_end: bool) -> tuple[bytes, int]:
+    """The part of ``raw`` that starts after its first whitespace (unless it starts the file) and
+    ends at its last whitespace (unless it ends the file); falls back to UTF-8 character boundaries
+    for text without whitespace. Returns ``(bytes, offset of them in raw)``."""
+    start = 0
+    if not at_start:
+        spaces = [i for i in (raw.find(c) for c in _SPACE) if i >= 0]
+        start = min(spaces) + 1 if spaces else 0
+        while start < len(raw) and 0x80 <= raw[start] < 0xC0:  # no whitespace: the next character
+            start += 1
+    end = len(raw)
+    if not at_end:
+        last = max(raw.rfind(c) for c in _SPACE)
+        end = last + 1 if last >= start else start + len(_utf8_prefix(raw[start:]))
+    return raw[start:end], start
+
+
+def _read_window(f: Any, path: str, size: int, start: int, seq_len: int, tok: Any) -> tuple[str, list[int], int]:
+    """Reads from byte ``start`` until the text gives ``seq_len`` ids (doubling the read, and moving
+    it back from the end of the file when needed); returns ``(text, ids, byte offset of text)``.
+
+    Raises:
+      JaxindError: the bytes are not UTF-8, or the whole file has fewer than ``seq_len`` tokens.
+    """
+    span = 8 * seq_len + 64
+    while True:
+        lo = max(0, min(start, size - span))
+        hi = min(size, lo + span)
+        f.seek(lo)
+        raw = f.read(hi - lo)
+        part, skip = _cut(raw, lo == 0, hi == size)
+        try:
+            text = part.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _utf8_error(path, part, lo + skip, e) from None
+        ids = tokenizer.encode(tok, [text])[0]
+        if len(ids) >= seq_len:
+            return text, ids, lo + skip
+        if lo == 0 and hi == size:
+            raise JaxindError(f"{path} has only {len(ids)} tokens; need at least --seq_len={seq_len}")
+        span *= 2
+
+
+def text_windows(spec: DataSpec, tok: Any) -> TextWindows:
+    """``num_sequences`` windows of ``seq_len`` ids read at seeded random byte offsets of a text
+    file, reading and tokenising only those bytes (see the module doc).
+
+    Raises:
+      JaxindError: an empty file, bytes that are not UTF-8, or too few tokens.
+    """
+    if spec.path is None:
+        raise JaxindError("--data=text has no file to read")
+    size = os.path.getsize(spec.path)
+    if size == 0:
+        raise JaxindError(f"{spec.path} is empty or only whitespace: pass a file with text (--data=text:FILE)")
+    starts = np.random.default_rng(spec.seed).integers(0, size, spec.num_sequences)
+    texts, ids, offsets = [], [], []
+    with open(spec.path, "rb") as f:
+        for start in starts:
+            text, window_ids, offset = _read_window(f, spec.path, size, int(start), spec.seq_len, tok)
+            texts.append(text)
+            ids.append(tuple(int(i) for i in window_ids))
+            offsets.append(offset)
+    tokens = np.asarray([w[: spec.seq_len] for w in ids], np.int64)
+    return TextWindows(tokens.astype(np.int32), tuple(texts), tuple(ids), tuple(offsets))
 
 
 def batches(tokens: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -45,7 +45,9 @@ class PassStats:
 
     Attributes:
       cross: ``(*pair_shape, d_A, d_B)`` sums over tokens of ``x_A x_B^T`` per layer pair
-        (pair_shape ``(P,)`` for explicit pairs, ``(n_a, n_b)`` for all pairs).
+        (pair_shape ``(P,)`` for explicit pairs, ``(n_a, n_b)`` for all pairs), or anything indexed
+        the same way (:class:`jaxind.fingerprint.CrossGrams` computes each item from two
+        fingerprints on first use).
       sq_a, sq_b: ``{"gate": (n_a, h_A), "up": (n_a, h_A)}`` (and ``n_b, h_B``): each unit's sum
         of squared outputs per collected layer.
       count: number of tokens counted.
@@ -55,7 +57,7 @@ class PassStats:
       pair_index: for explicit pairs, ``(ia, ib)`` positions of each pair in the collected layers.
     """
 
-    cross: jax.Array
+    cross: Any
     sq_a: dict[str, np.ndarray]
     sq_b: dict[str, np.ndarray]
     count: float

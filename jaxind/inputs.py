@@ -5,6 +5,10 @@ CSH and MATCH on the same layer pairs need the same pass over the data (:mod:`ja
 the registry's tests receive one ``TokenData`` per model pair (docs/DESIGN.md §5.3), so whichever
 runs first pays for the pass and the other reuses it. Every test also accepts a plain token array
 ``(N, T)`` as ``data``.
+
+When both models have a fingerprint on these tokens (:meth:`TokenData.add_fingerprint`, see
+:mod:`jaxind.fingerprint`), the statistics come from the two fingerprints by one matmul per layer
+pair and neither model runs (docs/DESIGN.md §5.10).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jaxind import data as data_lib
-from jaxind import experts, grams
+from jaxind import experts, fingerprint, grams
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import LayerPair, Params
@@ -36,6 +40,9 @@ class TokenData:
     tokens: np.ndarray
     batch_size: int = 8
     _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, PassStats]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
+    _fingerprints: dict[int, tuple[Params, fingerprint.Fingerprint]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
 
@@ -63,19 +70,48 @@ class TokenData:
         """``(tokens (B, T), mask (B, T))`` batches of equal shape (see :func:`jaxind.data.batches`)."""
         return list(data_lib.batches(self.tokens, self.batch_size))
 
+    def add_fingerprint(self, params: Params, fp: fingerprint.Fingerprint) -> None:
+        """Lets the model with param tree ``params`` use its fingerprint ``fp`` instead of a pass.
+
+        Raises:
+          IncomparableError: ``fp`` was made on other tokens than these.
+        """
+        if fp.token_hash != fingerprint.token_hash(self.tokens):
+            raise fingerprint.IncomparableError(
+                f"the fingerprint of {fp.meta.get('name', fp.model_key)} was made on other tokens ({fp.describe()}) "
+                f"than this data ({self.tokens.shape[0]}x{self.tokens.shape[1]}, hash "
+                f"{fingerprint.token_hash(self.tokens)[:12]}): they are incomparable; fingerprint it on these tokens"
+            )
+        self._fingerprints[id(params)] = (params, fp)
+
+    def _fingerprint_of(
+        self, params: Params, cfg: ModelConfig, layers: Sequence[int]
+    ) -> fingerprint.Fingerprint | None:
+        held = self._fingerprints.get(id(params))
+        if held is None or held[0] is not params or held[1].config != cfg or not set(layers) <= set(held[1].layers):
+            return None
+        return held[1]
+
     def pass_stats(
         self, params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, pairs: Sequence[LayerPair]
     ) -> PassStats:
-        """The one-pass statistics of ``pairs`` for these two models, computed on first use (for mixtures of experts
-        the input Grams of :mod:`jaxind.experts`)."""
+        """The one-pass statistics of ``pairs`` for these two models: from their fingerprints when
+        both have one covering the pairs' layers, else computed by one pass on first use (for mixtures of
+        experts, always by a pass: the input Grams of :mod:`jaxind.experts`)."""
         pairs = tuple(pairs)
         key = (id(params_a), id(params_b), pairs)
         cached = self._passes.get(key)
+        moe = cfg_a.moe or cfg_b.moe
+        fp_a = None if moe else self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
+        fp_b = None if moe else self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
+        if (cached is None or cached[0] is not params_a or cached[1] is not params_b) and fp_a and fp_b:
+            cached = (params_a, params_b, fingerprint.pass_stats(fp_a, params_a, fp_b, params_b, pairs))
+            self._passes[key] = cached
         if cached is None or cached[0] is not params_a or cached[1] is not params_b:
             layers_a = tuple(sorted({a for a, _ in pairs}))
             layers_b = tuple(sorted({b for _, b in pairs}))
             pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
-            accumulate = experts.accumulate if (cfg_a.moe or cfg_b.moe) else grams.accumulate
+            accumulate = experts.accumulate if moe else grams.accumulate
             stats = accumulate(
                 params_a,
                 cfg_a,

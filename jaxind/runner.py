@@ -86,14 +86,21 @@ def run_test(spec: TestSpec, a: Model, b: Model, settings: Settings, tokens: Tok
 
 
 def run_pair(
-    a: Model, b: Model, settings: Settings, log: Callable[[str], None] = print, tokens: np.ndarray | None = None
+    a: Model,
+    b: Model,
+    settings: Settings,
+    log: Callable[[str], None] = print,
+    tokens: np.ndarray | TokenData | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Runs ``settings.tests`` on models A and B; returns the results document. ``tokens (N, T)``
-    overrides ``settings.data`` (the demo's byte-level corpus)."""
+    overrides ``settings.data`` (the demo's byte-level corpus); a :class:`TokenData` may carry the
+    models' fingerprints (a sweep). ``extra``: more top-level keys of the document."""
     if tokens is None:
         tokenizers = (a.tokenizer, b.tokenizer) if settings.data.kind != "random" else (None, None)
         tokens = data.make_tokens(settings.data, a.config.vocab_size, b.config.vocab_size, *tokenizers)
-    token_data = TokenData(tokens, settings.batch_size)
+    token_data = tokens if isinstance(tokens, TokenData) else TokenData(tokens, settings.batch_size)
+    tokens = token_data.tokens
     tests: dict[str, TestResult] = {}
     for name in dict.fromkeys(settings.tests):
         log(f"running {name} ...")
@@ -107,4 +114,5 @@ def run_pair(
         tests,
         alpha=settings.alpha,
         num_perms=settings.num_perms,
+        **extra,
     )

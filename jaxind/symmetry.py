@@ -13,7 +13,7 @@ carries which permutation.
   the columns of ``gate[l]``/``up[l]``, the rows of ``down[l]`` (and GPT-2's ``up_bias[l]``): on a
   stacked leaf, the slice at position ``l`` of its ``"layers"`` axis takes ``t_l``.
 
-Mixtures of experts (:mod:`jaxind.moe`, docs/DESIGN.md §5.10) add two axes:
+Mixtures of experts (:mod:`jaxind.moe`, docs/DESIGN.md §5.12) add two axes:
 
 - ``"expert"``: the expert axis. Layer ``l`` has its own permutation ``pi_l`` of its ``E`` experts,
   acting on the columns of ``router[l]`` and on the expert axis of every expert leaf of layer ``l``.
@@ -23,7 +23,10 @@ Mixtures of experts (:mod:`jaxind.moe`, docs/DESIGN.md §5.10) add two axes:
   tau_{l,e})``. A shared expert (Qwen2-MoE) is the dense MLP and keeps ``"mlp"``.
 
 So the spec of ``gate`` reads ``("layers", "resid", "mlp")``: one per-layer MLP permutation,
-stated once for the whole stack. GPT-2's extra leaves (``pos_embed``, LayerNorm biases,
+stated once for the whole stack. Norms on the attention/MLP outputs (``post_attn_norm``,
+``post_mlp_norm``: Gemma 2/3, OLMo 2) act on the residual stream and carry ``"resid"``; q/k norm
+weights act on ``head_dim`` (Qwen3, Gemma 3) or on the q/k projection (OLMo 2), axes the group does
+not move. GPT-2's extra leaves (``pos_embed``, LayerNorm biases,
 ``down_bias``) carry ``"resid"``; LayerNorm is permutation-equivariant but not
 rotation-equivariant, so rotations refuse it.
 
@@ -44,7 +47,8 @@ Residual **rotations** (the adversary's larger group) use the same axis names: e
 w[.., k, ..]`` (``R`` = the permutation matrix of ``s`` reproduces the gather). RMSNorm is
 equivariant under orthogonal maps only with a neutral scale, so :func:`rotate_residual`
 first folds every norm weight into the linear maps that read the normalised stream
-(:func:`fold_norms`).
+(:func:`fold_norms`). Rotations are refused for LayerNorm models (GPT-2, OLMo) and for models with
+norms on the attention/MLP outputs (Gemma 2/3, OLMo 2): neither commutes with a rotation.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxind import model
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import Params
@@ -72,10 +77,15 @@ LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
     "v_bias": ("layers", None),
     "o": ("layers", None, "resid"),
     "o_bias": ("layers", "resid"),
+    # q/k RMSNorm weights act on head_dim (Qwen3, Gemma 3) or on the q/k projection (OLMo 2): no residual axis
+    "q_norm": ("layers", None),
+    "k_norm": ("layers", None),
+    "post_attn_norm": ("layers", "resid"),  # norms on the attention / MLP outputs (Gemma 2/3, OLMo 2)
     "mlp_norm": ("layers", "resid"),
     "gate": ("layers", "resid", "mlp"),
     "up": ("layers", "resid", "mlp"),
     "down": ("layers", "mlp", "resid"),
+    "post_mlp_norm": ("layers", "resid"),
     # GPT-2 (LayerNorm biases, MLP biases)
     "attn_norm_bias": ("layers", "resid"),
     "mlp_norm_bias": ("layers", "resid"),
@@ -124,7 +134,11 @@ class Perm(NamedTuple):
 def layer_leaf_names(cfg: ModelConfig) -> list[str]:
     """The names of the stacked layer leaves a model with ``cfg`` has, in the order of :data:`LAYER_SPEC`."""
     layer_norm = cfg.norm_kind == "layer"
+    norms = set(model.layer_norm_names(cfg))
     present = {
+        **{name: name in norms for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")},
+        "q_norm": cfg.qk_norm != "none",
+        "k_norm": cfg.qk_norm != "none",
         "q_bias": cfg.qkv_bias,
         "k_bias": cfg.qkv_bias,
         "v_bias": cfg.qkv_bias,
@@ -157,7 +171,8 @@ def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
         spec[("pos_embed",)] = TOP_SPEC["pos_embed"]
     for name in layer_leaf_names(cfg):
         spec[("layers", name)] = LAYER_SPEC[name]
-    spec[("final_norm",)] = TOP_SPEC["final_norm"]
+    if cfg.has_norm_weights:
+        spec[("final_norm",)] = TOP_SPEC["final_norm"]
     if layer_norm:
         spec[("final_norm_bias",)] = TOP_SPEC["final_norm_bias"]
     if not cfg.tie_embeddings:
@@ -342,10 +357,17 @@ def random_orthogonal(key: jax.Array, d: int, dtype=jnp.float32) -> jax.Array:
 
 
 def _require_rms(cfg: ModelConfig) -> None:
+    """Refuses the models a residual rotation is no symmetry of (permutations are)."""
     if getattr(cfg, "norm_kind", "rms") != "rms":
         raise JaxindError(
             f"residual rotations need RMSNorm models; {cfg.family} uses LayerNorm, whose mean subtraction "
             "does not commute with a rotation (permutations are supported)"
+        )
+    if cfg.norm_position != "pre":
+        raise JaxindError(
+            f"residual rotations need pre-norm models; {cfg.family} normalises the attention and MLP outputs it "
+            "adds to the residual stream, and those norms' weights scale the stream elementwise, which does not "
+            "commute with a rotation (permutations are supported)"
         )
 
 

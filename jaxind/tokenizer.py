@@ -118,10 +118,16 @@ def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 def check_same_tokens(
-    texts: Sequence[str], ids_a: Sequence[Sequence[int]], tokenizer_a: Any, tokenizer_b: Any, separator: bool = False
+    texts: Sequence[str],
+    ids_a: Sequence[Sequence[int]],
+    tokenizer_a: Any,
+    tokenizer_b: Any,
+    separator: bool = False,
+    names: Sequence[str] | None = None,
 ) -> None:
     """Refuses data that model B's tokenizer turns into other ids than model A's (``ids_a``): every text is
     tokenised with B and compared id by id, and so is the end-of-text separator placed between documents.
+    ``names``: what to call each text in the error (default: its position in the concatenated documents).
 
     Raises:
       JaxindError: naming the first differing position (document, token index) with both ids and their strings.
@@ -138,7 +144,10 @@ def check_same_tokens(
         differ = np.flatnonzero(a[:n] != b[:n])
         if differ.size or a.size != b.size:
             i = int(differ[0]) if differ.size else n
-            where = f"token {offset + i:,}" + (f" (document {doc + 1}, token {i:,})" if len(texts) > 1 else "")
+            if names is not None:
+                where = f"{names[doc]}, token {i:,}"
+            else:
+                where = f"token {offset + i:,}" + (f" (document {doc + 1}, token {i:,})" if len(texts) > 1 else "")
             raise JaxindError(
                 f"models A and B tokenise the data differently from {where} on: "
                 f"A gives {_describe(tokenizer_a, a, i)}, B gives {_describe(tokenizer_b, b, i)}; {fix}"

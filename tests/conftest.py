@@ -62,3 +62,43 @@ def smollm2_torch(smollm2_path):
     )
     model.config._attn_implementation = "eager"
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """The real Gemma 3 270M Q4_K_M GGUF (assembled from the PyPI chunk packages .ci/run installs)."""
+    from jaxind.assets import gemma3_270m_gguf
+
+    return gemma3_270m_gguf()
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path):
+    """Gemma 3 270M loaded once per session (about 25 s: the gguf reader parses 262,144 vocabulary entries)."""
+    from converters.sources import load_model
+
+    return load_model(gemma3_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_torch(gemma3_path):
+    """The same GGUF loaded by transformers' own GGUF loader (float32, eager attention), once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gemma3_path), gguf_file=os.path.basename(gemma3_path), dtype=torch.float32
+    )
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gemma3_corpus_ids(gemma3):
+    """The bundled demo corpus tokenised with Gemma 3's own tokenizer (from the GGUF)."""
+    import numpy as np
+
+    from jaxind import demo
+
+    text = demo.corpus_bytes().astype("uint8").tobytes().decode("utf-8")
+    return np.asarray(gemma3.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)

@@ -76,9 +76,67 @@ def write_tiny_llama_gguf(
     return path
 
 
-def _unpermute_inverse(w: np.ndarray, heads: int) -> np.ndarray:
-    """HF's half-split RoPE rows -> llama.cpp's interleaved rows (what convert_hf_to_gguf.py does to q/k)."""
+# llama.cpp's architecture name of each jaxind family written by `write_gguf_from_torch`.
+GGUF_ARCHS = {
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "olmo": "olmo",
+    "olmo2": "olmo2",
+}
+
+
+def _llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter's q/k row order for interleaved-RoPE architectures (Llama, OLMo)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_from_torch(model: Any, family: str, path: str, sliding_window: int | None = None) -> str:
+    """Writes a transformers causal LM of ``family`` as llama.cpp's converter would (float32 tensors): tensor names
+    from the ``gguf`` package's own name map, Gemma's norm weights stored as ``1 + w``, OLMo's q/k rows permuted for
+    interleaved RoPE, Phi-3's fused projections kept fused, and the metadata the llama.cpp loader reads."""
+    from gguf import MODEL_ARCH_NAMES, GGUFWriter, get_tensor_name_map
+
+    c = model.config
+    arch = GGUF_ARCHS[family]
+    names = get_tensor_name_map(next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch), c.num_hidden_layers)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    writer = GGUFWriter(path, arch)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(c.vocab_size)
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if family == "olmo":
+        writer.add_layer_norm_eps(1e-5)
+        if c.clip_qkv is not None:
+            writer.add_clamp_kqv(float(c.clip_qkv))
+    else:
+        writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    if family == "gemma2":
+        writer.add_attn_logit_softcapping(float(c.attn_logit_softcapping))
+        writer.add_final_logit_softcapping(float(c.final_logit_softcapping))
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
+    tied = c.tie_word_embeddings
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        w = tensor.detach().float().numpy()
+        if family in ("gemma2", "gemma3") and base.endswith("norm"):
+            w = w + np.float32(1.0)
+        if family == "olmo" and base.endswith(("q_proj", "k_proj")):
+            heads = c.num_attention_heads if base.endswith("q_proj") else c.num_key_value_heads
+            w = _llama_permute(w, heads)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(w, np.float32))
 
 
 def write_moe_gguf(path: str, torch_model, per_expert: bool = False) -> str:
@@ -116,7 +174,7 @@ def write_moe_gguf(path: str, torch_model, per_expert: bool = False) -> str:
         p = f"model.layers.{i}."
         q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
         if arch == "llama":
-            q, k = _unpermute_inverse(q, cfg.num_attention_heads), _unpermute_inverse(k, cfg.num_key_value_heads)
+            q, k = _llama_permute(q, cfg.num_attention_heads), _llama_permute(k, cfg.num_key_value_heads)
         writer.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
         writer.add_tensor(f"blk.{i}.attn_q.weight", q)
         writer.add_tensor(f"blk.{i}.attn_k.weight", k)

@@ -65,7 +65,7 @@ def run_python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=cli_env(), cwd=REPO)
 
 
-MODULES = {"main": "jaxind.main", "convert": "converters.convert"}
+MODULES = {"main": "jaxind.main", "convert": "converters.convert", "sweep": "jaxind.sweep"}
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -137,3 +137,90 @@ class Frozen:
             self.kill()
         self._out.close()
         self._err.close()
+
+
+# --- many models (sweeps, one-vs-many scans) -----------------------------------------------------------
+
+SWEEP_CFG = ModelConfig(
+    family="llama", vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64
+)
+
+
+def numpy_params(cfg: ModelConfig, seed: int, std: float = 0.3):
+    """An independent random model made with numpy (no compilation: fast in tests): every weight
+    ``std * N(0, 1)``, every norm weight ``1 + std * N(0, 1)``; iid across seeds, so H0 holds."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+
+    def fill(path, leaf):
+        base = 1.0 if "norm" in jax.tree_util.keystr(path[-1:], simple=True) and not cfg.norm_offset else 0.0
+        return (base + std * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def numpy_noise(params, seed: int, scale: float):
+    """``params`` with every leaf moved by ``scale * N(0, 1)`` (numpy, keyed by ``seed``): a fine-tune proxy."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda w: (np.asarray(w) + scale * rng.standard_normal(w.shape)).astype(np.float32), params)
+
+
+def prune_mlp(params, keep):
+    """A copy of ``params`` keeping only MLP hidden units ``keep`` in every layer (gate/up columns,
+    down rows), whatever the layer layout: the hidden axis is the last of gate/up and the one
+    before last of down."""
+    import jax.numpy as jnp
+
+    keep = jnp.asarray(keep)
+
+    def cut(path, leaf):
+        name = jax.tree_util.keystr(path[-1:], simple=True)
+        if name in ("gate", "up", "up_bias"):
+            return jnp.take(leaf, keep, axis=-1)
+        if name == "down":
+            return jnp.take(leaf, keep, axis=-2)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(cut, params)
+
+
+def save_jaxind(path: str, cfg: ModelConfig, params, name: str) -> str:
+    """Writes a param tree as a jaxind checkpoint (a model source every CLI reads)."""
+    from converters.checkpoint import groups_of, save_checkpoint
+
+    save_checkpoint(path, cfg, groups_of(jax.tree.map(lambda x: jax.numpy.asarray(x), params)), {"source": name})
+    return path
+
+
+def sweep_zoo(root: str) -> dict[str, tuple[str, str | None]]:
+    """Eight tiny models as jaxind checkpoints under ``root``: ``{name: (path, parent)}``.
+
+    Two derived families (a base, a fine-tune proxy, and a permuted+rotated copy of the fine-tune;
+    a base, a fine-tune proxy and a pruned copy with 48 of 64 MLP units) and two independent models.
+    Related pairs: the 3 + 3 pairs inside each family.
+    """
+    import numpy as np
+
+    from jaxind import symmetry
+
+    cfg = SWEEP_CFG
+    base1, base2 = numpy_params(cfg, seed=1), numpy_params(cfg, seed=2)
+    ft1, ft2 = numpy_noise(base1, 11, 0.1), numpy_noise(base2, 12, 0.1)
+    disguised = symmetry.apply_permutation(ft1, cfg, symmetry.draw_permutations(jax.random.key(13), cfg))
+    disguised, cfg_rot = symmetry.rotate_residual(disguised, cfg, symmetry.random_orthogonal(jax.random.key(14), 32))
+    keep = np.sort(np.random.default_rng(15).choice(cfg.d_ff, 48, replace=False))
+    zoo = {
+        "base1": (cfg, base1, None),
+        "ft1": (cfg, ft1, "base1"),
+        "permrot1": (cfg_rot, disguised, "ft1"),
+        "base2": (cfg, base2, None),
+        "ft2": (cfg, ft2, "base2"),
+        "pruned2": (cfg.replace(d_ff=48), prune_mlp(base2, keep), "base2"),
+        "ind1": (cfg, numpy_params(cfg, seed=3), None),
+        "ind2": (cfg, numpy_params(cfg, seed=4), None),
+    }
+    return {name: (save_jaxind(os.path.join(root, name), c, p, name), parent) for name, (c, p, parent) in zoo.items()}

@@ -43,6 +43,39 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(rope_theta=1000000.0)),
     "gemma": ("GemmaConfig", dict(head_dim=16, hidden_activation="gelu_pytorch_tanh")),
     "gpt2": ("GPT2Config", dict(n_embd=48, n_layer=3, n_head=6, n_inner=80, n_positions=64)),
+    # Small soft-caps and a query scalar other than head_dim, so that each changes the logits; sliding layers 0 and 2.
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            sliding_window=5,
+        ),
+    ),
+    # Local layers (0, 2) with window 4 and their own RoPE base; the global layer's RoPE linearly scaled.
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_theta=10000.0,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    # q/k norms per head, biases, and sliding windows on layers >= max_window_layers.
+    "qwen3": (
+        "Qwen3Config",
+        dict(head_dim=16, attention_bias=True, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    ),
+    "phi3": ("Phi3Config", dict(sliding_window=5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "olmo": ("OlmoConfig", dict(clip_qkv=0.5, eos_token_id=2)),  # clamps active at these weight scales
+    "olmo2": ("Olmo2Config", dict(eos_token_id=2)),
 }
 # Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2; Qwen2-MoE with its shared expert.
 MOE_FAMILIES = {
@@ -68,9 +101,17 @@ CAUSAL_LM = {
     "Qwen2Config": "Qwen2ForCausalLM",
     "GemmaConfig": "GemmaForCausalLM",
     "GPT2Config": "GPT2LMHeadModel",
+    "Gemma2Config": "Gemma2ForCausalLM",
+    "Gemma3TextConfig": "Gemma3ForCausalLM",
+    "Qwen3Config": "Qwen3ForCausalLM",
+    "Phi3Config": "Phi3ForCausalLM",
+    "OlmoConfig": "OlmoForCausalLM",
+    "Olmo2Config": "Olmo2ForCausalLM",
     "MixtralConfig": "MixtralForCausalLM",
     "Qwen2MoeConfig": "Qwen2MoeForCausalLM",
 }
+# Families whose norms scale by 1 + w (their random norm weights are centred on 0).
+OFFSET_NORMS = ("gemma", "gemma2", "gemma3")
 
 
 def build_torch_model(name: str, seed: int = 0, **overrides):
@@ -86,7 +127,7 @@ def build_torch_model(name: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname or ".ln_" in pname:
-                p.copy_((0.0 if name == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
+                p.copy_((0.0 if name in OFFSET_NORMS else 1.0) + 0.3 * torch.randn_like(p))
             elif pname.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
@@ -130,10 +171,22 @@ def moe_reference_activations(model, tokens) -> tuple:
 
 
 def mlp_modules(model) -> list[dict]:
-    """Per layer, the transformers modules whose outputs are jaxind's "gate"/"up" activations."""
+    """Per layer, the transformers modules whose outputs are jaxind's "gate"/"up" activations; Phi-3's fused
+    ``gate_up_proj`` is "gate_up" (gate first, then up: see :func:`split_gate_up`)."""
     if hasattr(model, "transformer"):  # GPT-2: c_fc is the (only) hidden-unit projection
         return [{"up": block.mlp.c_fc} for block in model.transformer.h]
-    return [{"gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj} for layer in model.model.layers]
+    layers = model.model.language_model.layers if hasattr(model.model, "language_model") else model.model.layers
+    if hasattr(layers[0].mlp, "gate_up_proj"):
+        return [{"gate_up": layer.mlp.gate_up_proj} for layer in layers]
+    return [{"gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj} for layer in layers]
+
+
+def split_gate_up(outputs: dict) -> dict:
+    """``{"gate_up": (..., 2h)}`` -> ``{"gate": (..., h), "up": (..., h)}``; other captures unchanged."""
+    if "gate_up" not in outputs:
+        return outputs
+    gate, up = np.split(outputs["gate_up"], 2, axis=-1)
+    return {"gate": gate, "up": up}
 
 
 def save(model, out_dir: str, fmt: str = "safetensors") -> str:

@@ -245,3 +245,180 @@ def test_bad_input_batched_and_method():
         solve_lap_batched(jnp.full((2, 3, 3), jnp.nan))
     with pytest.raises(ValueError, match="method"):
         solve_lap(np.zeros((2, 2)), method="magic")
+
+
+# --------------------------------------------------------------------------------------------
+# "warm": auction prices, then the exact host solver
+# --------------------------------------------------------------------------------------------
+
+
+def low_rank_distances(n: int, m: int, seed: int, rank: int = 24, tokens: int = 64) -> np.ndarray:
+    """MATCH-like costs of independent models: squared distances between the activation rows of
+    two unrelated unit sets reading the same low-rank, non-centred inputs (a common direction),
+    one side with heavy-tailed unit scales (trained), the other narrow (random init)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, rank)) + 1.0
+    ga = (x @ rng.standard_normal((rank, n))) * np.exp(1.5 * rng.standard_normal(n))
+    gb = (x @ rng.standard_normal((rank, m))) * np.exp(0.2 * rng.standard_normal(m))
+    return ((ga[:, :, None] - gb[:, None, :]) ** 2).sum(0)
+
+
+WARM_COSTS = {
+    "low_rank": lambda: (low_rank_distances(600, 600, 1), False),
+    "low_rank_cosine_max": lambda: (-low_rank_distances(400, 400, 2) / 1e3, True),
+    "near_ties": lambda: (np.random.default_rng(3).integers(0, 4, (300, 300)).astype(float), False),
+    "uniform": lambda: (np.random.default_rng(4).random((300, 300)), False),
+    "near_permutation": lambda: (near_permutation(300, seed=5)[0].astype(np.float64), False),
+    "all_equal": lambda: (np.full((40, 40), 2.5), False),
+    "one": lambda: (np.array([[3.0]]), True),
+    "rect_wide": lambda: (low_rank_distances(130, 290, 6), False),
+    "rect_tall": lambda: (low_rank_distances(290, 130, 7), True),
+}
+
+
+@pytest.mark.parametrize("name", list(WARM_COSTS))
+def test_warm_equals_scipy(name):
+    """ "warm" reaches scipy's objective to float64 rounding on hard, tied, easy, degenerate and
+    rectangular costs, with a valid assignment."""
+    cost, maximize = WARM_COSTS[name]()
+    rows, cols = solve_lap(cost, maximize=maximize, method="warm")
+    assert_valid(cost.shape, rows, cols)
+    ref = scipy_objective(cost, maximize)
+    assert abs(assignment_cost(cost, rows, cols) - ref) <= 1e-12 * np.abs(cost).max() * max(cost.shape)
+
+
+@pytest.mark.parametrize("rank_one", [True, False])
+def test_warm_prices_are_eps_optimal_duals(rank_one):
+    """The auction kernel's prices (from the rank-one start or from zero) give a dual bound within
+    n * (last epsilon) of the optimum (eps-complementary slackness), and it is a lower bound."""
+    cost = low_rank_distances(300, 300, 8)
+    v, info = assignment.warm_prices(cost, rank_one=rank_one)
+    assert info["free_left"] == 0 and info["bids"] >= 300
+    assert ("rank_one_share" in info) == rank_one
+    u = (cost - v[None, :]).min(axis=1)
+    opt = scipy_objective(cost)
+    slack = 1e-5 * np.abs(cost).max() * 300  # float32 prices
+    assert u.sum() + v.sum() <= opt + 1e-9 * abs(opt)
+    assert opt - (u.sum() + v.sum()) <= 300 * info["eps_last"] + slack
+
+
+def test_rank_one_prices_exact_on_rank_one_costs():
+    """On a rank-one benefit (plus row and column terms) the prices are optimal duals: with them
+    every row's best column is its sorted partner, and the dual bound equals the optimum."""
+    rng = np.random.default_rng(16)
+    p, q = rng.standard_normal(200), rng.standard_normal(200)
+    benefit = np.outer(p, q) + rng.standard_normal(200)[:, None] + rng.standard_normal(200)[None, :]
+    prices, share = assignment.rank_one_prices(jnp.asarray(benefit, jnp.float32))
+    assert float(share) > 0.99
+    prices = np.asarray(prices, np.float64)
+    dual = (benefit - prices[None, :]).max(axis=1).sum() + prices.sum()
+    opt = -scipy_objective(-benefit)
+    assert dual >= opt - 1e-6 * abs(opt)
+    assert dual - opt <= 1e-4 * np.abs(benefit).max() * 200
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_schedule_scales(warm):
+    """Starts at the spread (warm) or 5% of the range (cold), divides by 5, ends below spread / 100."""
+    rng = np.random.default_rng(9)
+    benefit = -rng.random((200, 200)) * 1000.0
+    benefit -= benefit.max(1, keepdims=True)
+    sched = assignment.warm_schedule(benefit, start_at_spread=warm)
+    spread = -np.median(np.sort(benefit, axis=1)[:, -11])
+    assert sched[0] == pytest.approx(spread if warm else 0.05 * -benefit.min())
+    np.testing.assert_allclose(sched[1:] / sched[:-1], 0.2)
+    assert sched[-1] <= spread / 100 < sched[-2]
+
+
+def test_warm_bid_cap_stays_exact(monkeypatch):
+    """Prices from an auction stopped by its bid cap are worse, the result is still exact."""
+    monkeypatch.setattr(assignment, "_WARM_MAX_BIDS_PER_ROW", 1)
+    cost = low_rank_distances(300, 300, 10)
+    cols, info = assignment.solve_warm(cost)
+    assert info["bids"] < 300 + assignment._WARM_BLOCK and info["free_left"] > 0
+    assert assignment_cost(cost, np.arange(300), cols) == pytest.approx(scipy_objective(cost), rel=1e-12)
+
+
+def test_auto_picks_warm_on_competitive_costs():
+    hard = low_rank_distances(600, 600, 11)
+    easy = np.random.default_rng(12).random((600, 600))
+    host = "lapjv" if assignment.have_lapjv() else "scipy"
+    assert assignment.competition(hard) < assignment.WARM_MAX_COMPETITION < assignment.competition(easy)
+    assert assignment.default_method("cpu", hard.shape, hard) == "warm"
+    assert assignment.default_method("cpu", easy.shape, easy) == host
+    assert assignment.default_method("cpu", (300, 300), hard[:300, :300]) == host  # below WARM_MIN_N
+    assert assignment.default_method("gpu", hard.shape, hard) == "auction"
+    rows, cols = solve_lap(hard, key=jax.random.key(0))
+    assert assignment_cost(hard, rows, cols) == pytest.approx(scipy_objective(hard), rel=1e-12)
+
+
+def test_match_and_csu_pvalues_unchanged_by_warm(monkeypatch):
+    """MATCH's and CSU's per-layer tests give identical statistics whether the LAPs are solved by
+    scipy or by "warm", on a fixed seed and competitive costs."""
+    from jaxind import constrained, match
+
+    d_gate, d_up = low_rank_distances(520, 520, 13), low_rank_distances(520, 520, 14)
+    sim = -low_rank_distances(520, 520, 15)
+    orig = assignment.solve_lap
+    out = {}
+    for method in ("scipy", "warm", "auto"):
+        monkeypatch.setattr(assignment, "solve_lap", lambda c, method=method, **kw: orig(c, method=method, **kw))
+        unit = match.match_units(d_gate, d_up, jax.random.key(1))
+        csu, _, _ = constrained.matched_spearman(sim, jax.random.key(2))
+        out[method] = (unit.spearman.pvalue, unit.gate_b.tolist(), unit.up_b.tolist(), csu.pvalue)
+    assert out["warm"] == out["scipy"] == out["auto"]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+def test_lapjv_large_costs_exact(offset):
+    """Regression: the `lap` package's LAPJV returned assignments up to 30% above the optimum on
+    squared-distance costs with entries near or above its internal 1e6 sentinel (MATCH's costs
+    grow with the number of tokens); the shifted, power-of-two-scaled call is exact."""
+    for seed in range(12):
+        n = 20 + 3 * seed
+        for shape in ((n, n), (n, n + 7)):
+            cost = low_rank_distances(*shape, seed) + offset
+            rows, cols = solve_lap(cost, method="lapjv")
+            assert_valid(shape, rows, cols)
+            ref = scipy_objective(cost)
+            assert abs(assignment_cost(cost, rows, cols) - ref) <= 1e-12 * np.abs(cost).max() * n, (seed, shape)
+
+
+@pytest.mark.slow
+def test_real_smollm2_match_and_csu_unchanged_by_warm(smollm2, monkeypatch):
+    """On the real SmolLM2 against an independently initialised model (the issue's case), "auto"
+    picks "warm" for MATCH's distance matrices, and MATCH's and CSU's matchings and p-values are
+    identical to scipy's on a fixed seed."""
+    from jaxind import constrained, data, grams, match, model
+
+    cfg = smollm2.config
+    other = model.init_params(cfg, jax.random.key(1))
+    tokens = data.make_tokens(data.DataSpec(num_sequences=8, seq_len=128), cfg.vocab_size, cfg.vocab_size)
+    pairs, layers = ((0, 0), (29, 29)), (0, 29)
+    stats = grams.accumulate(
+        smollm2.params,
+        cfg,
+        other,
+        cfg,
+        list(data.batches(tokens, 8)),
+        layers_a=layers,
+        layers_b=layers,
+        pair_index=((0, 0), (1, 1)),
+    )
+    for p in range(2):
+        for proj in ("gate", "up"):
+            d = stats.distances(p, proj)
+            assert assignment.default_method("cpu", d.shape, d) == "warm"
+    orig = assignment.solve_lap
+    out = {}
+    for method in ("scipy", "auto"):
+        monkeypatch.setattr(assignment, "solve_lap", lambda c, method=method, **kw: orig(c, method=method, **kw))
+        res = match.match_from_pass(stats, pairs, jax.random.key(3), return_units=True)
+        csu = constrained.csu(smollm2.params, cfg, other, cfg, jax.random.key(4), layers=pairs)
+        out[method] = (
+            [(r.pvalue, r.statistic, r.extra["matched_units"]) for r in res.layers],
+            res.pvalue,
+            [(r.pvalue, r.statistic) for r in csu.layers],
+            csu.pvalue,
+        )
+    assert out["auto"] == out["scipy"]

@@ -368,10 +368,17 @@ CASES: list[Case] = [
         before_work=False,
     ),
     Case(
-        "hf_config_gemma2",
+        "hf_config_phi3_longrope",
         lambda w, d: [*w.pair(str(d / "hf"))],
-        "unsupported model_type 'gemma2'",
-        setup=_edited_hf(model_type="gemma2"),
+        "RoPE scaling type 'longrope' is not supported",
+        setup=_edited_hf(model_type="phi3", rope_scaling={"type": "longrope", "short_factor": [1.0] * 4}),
+        before_work=False,
+    ),
+    Case(
+        "hf_config_gemma3_bidirectional",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "use_bidirectional_attention=True is not supported",
+        setup=_edited_hf(model_type="gemma3_text", use_bidirectional_attention=True),
         before_work=False,
     ),
     Case(
@@ -497,6 +504,97 @@ CASES: list[Case] = [
         before_work=False,
     ),
 ]
+
+
+def _sweep_yaml(text: str | None = None, **config) -> Callable[[World, Path], None]:
+    """Writes ``case_dir/s.yaml``: ``text``, or models A and A_ft plus ``config`` (None values drop keys)."""
+
+    def setup(world: World, d: Path) -> None:
+        import yaml
+
+        if text is not None:
+            (d / "s.yaml").write_text(text)
+            return
+        body = {"models": [{"name": "a", "source": world.a}, {"name": "a_ft", "source": world.a_ft}], **config}
+        (d / "s.yaml").write_text(yaml.safe_dump({k: v for k, v in body.items() if v is not None}))
+
+    return setup
+
+
+def _sweep(*extra: str) -> Callable[[World, Path], list[str]]:
+    return lambda w, d: [f"--config={d / 's.yaml'}", f"--output={d / 'out'}", *extra]
+
+
+def _sweep_case(id: str, expected: str, setup=None, extra: tuple[str, ...] = (), **kw) -> Case:
+    return Case(f"sweep_{id}", _sweep(*extra), expected, cli="sweep", setup=setup or _sweep_yaml(), **kw)
+
+
+def _other_sweep_in_output(world: World, d: Path) -> None:
+    """``case_dir/out`` holds a sweep started with other data settings (seed 5)."""
+    _sweep_yaml()(world, d)
+    (d / "out").mkdir()
+    data = {"kind": "random", "num_sequences": 64, "seq_len": 128, "seed": 5, "tokenizer": None, "path": None}
+    (d / "out" / "sweep.json").write_text(json.dumps({"data": data, "vocab": 256}))
+    np.save(d / "out" / "tokens.npy", np.zeros((64, 128), np.int32))
+
+
+SWEEP_CASES: list[Case] = [
+    Case("sweep_no_flags", lambda w, d: [], "pass --config=SWEEP.yaml and --output=DIR", cli="sweep"),
+    _sweep_case("config_missing", "does not exist or is not a file", setup=lambda w, d: None),
+    _sweep_case("not_yaml", "is not valid YAML at line 2", setup=_sweep_yaml("models:\n\t- {name: a}\n")),
+    _sweep_case("not_a_mapping", "must be a YAML mapping", setup=_sweep_yaml("- a\n- b\n")),
+    _sweep_case("one_model", "at least 2 entries", setup=_sweep_yaml("models: [{name: a, source: x}]\n")),
+    _sweep_case("unknown_key", "unknown key(s) modles", setup=_sweep_yaml(modles=[])),
+    _sweep_case(
+        "duplicate_names",
+        "model name(s) a used twice",
+        setup=_sweep_yaml("models: [{name: a, source: x}, {name: a, source: y}]\n"),
+    ),
+    _sweep_case(
+        "bad_name",
+        "needs a name of letters",
+        setup=_sweep_yaml("models: [{name: a/b, source: x}, {name: c, source: y}]"),
+    ),
+    _sweep_case("no_source", "needs a 'source'", setup=_sweep_yaml("models: [{name: a}, {name: b, source: y}]\n")),
+    _sweep_case("unknown_pair_member", "pair member 'zz' is not a model", setup=_sweep_yaml(pairs=[["a", "zz"]])),
+    _sweep_case("pair_twice", "listed twice", setup=_sweep_yaml(pairs=[["a", "a_ft"], ["a_ft", "a"]])),
+    _sweep_case("unknown_test", "unknown or no test(s) ['bogus']", setup=_sweep_yaml(tests=["csu", "bogus"])),
+    _sweep_case("alpha", "alpha must lie strictly between 0 and 1", setup=_sweep_yaml(alpha=2)),
+    _sweep_case("correction", "correction must be one of holm, bonferroni", setup=_sweep_yaml(correction="fdr")),
+    _sweep_case("num_perms", "num_perms must be an integer >= 1", setup=_sweep_yaml(num_perms=0)),
+    _sweep_case("data_kind", "data.kind must be random, text or jsonl", setup=_sweep_yaml(data={"kind": "csv"})),
+    _sweep_case("text_without_path", "data.kind=text needs data.path", setup=_sweep_yaml(data={"kind": "text"})),
+    _sweep_case("layers", "is not a layer index", setup=_sweep_yaml(layers="0,x")),
+    _sweep_case(
+        "unknown_parent",
+        "has parent 'zz'",
+        setup=_sweep_yaml("models: [{name: a, source: x, parent: zz}, {name: b, source: y}]"),
+    ),
+    _sweep_case("shard", "--shard=3/2 not understood", extra=("--shard=3/2",)),
+    _sweep_case("workers", "--workers", extra=("--workers=0",)),
+    _sweep_case(
+        "output_is_a_file",
+        "is a file, not a directory",
+        setup=lambda w, d: (_sweep_yaml()(w, d), _write("out", "x")(w, d)),
+    ),
+    _sweep_case("report_only_without_sweep", "holds no sweep", extra=("--report_only",)),
+    _sweep_case("other_data_in_output", "holds a sweep made with other data settings", setup=_other_sweep_in_output),
+    # --- one-vs-many scans (jaxind.main --reference) ---
+    Case("scan_reference_missing", lambda w, d: [f"--model_a={w.a}", f"--reference={d / 'nope'}"], "does not exist"),
+    Case(
+        "scan_with_model_b",
+        lambda w, d: [f"--model_a={w.a}", f"--model_b={w.b}", f"--reference={d}"],
+        "pass --model_a=SUSPECT and no --model_b",
+    ),
+    Case("scan_empty_folder", lambda w, d: [f"--model_a={w.a}", f"--reference={d}"], "holds no model"),
+    Case(
+        "scan_bad_yaml",
+        lambda w, d: [f"--model_a={w.a}", f"--reference={d / 's.yaml'}"],
+        "'models' must be a list of at least 1",
+        setup=_sweep_yaml("models: []\n"),
+    ),
+]
+CASES += SWEEP_CASES
 
 
 def _copy(src: str, dst: Path, **config_changes) -> str:

@@ -40,16 +40,61 @@ CONFIGS = {
         max_positions=16,
         mlp_bias=True,
     ),
+    "gemma2": ModelConfig(
+        "gemma2",
+        V,
+        D,
+        L,
+        H_HEADS,
+        KV,
+        HD,
+        H,
+        mlp_act="gelu_tanh",
+        norm_offset=1.0,
+        embed_scale=True,
+        tie_embeddings=True,
+        norm_position="sandwich",
+        attn_softcap=2.0,
+        final_softcap=3.0,
+        query_pre_attn_scalar=6.0,
+        sliding_window=3,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+    "gemma3": ModelConfig(
+        "gemma3",
+        V,
+        D,
+        L,
+        H_HEADS,
+        1,
+        HD,
+        H,
+        mlp_act="gelu_tanh",
+        norm_offset=1.0,
+        embed_scale=True,
+        tie_embeddings=True,
+        norm_position="sandwich",
+        qk_norm="head",
+        sliding_window=3,
+        layer_types=("sliding_attention", "full_attention"),
+        rope_local_theta=100.0,
+    ),
+    "qwen3": ModelConfig("qwen3", V, D, L, H_HEADS, KV, HD, H, qk_norm="head", qkv_bias=True, o_bias=True),
+    "phi3": ModelConfig("phi3", V, D, L, H_HEADS, KV, HD, H, sliding_window=3),
+    "olmo": ModelConfig("olmo", V, D, L, H_HEADS, H_HEADS, HD, H, norm_kind="nonparam", clip_qkv=0.4),
+    "olmo2": ModelConfig("olmo2", V, D, L, H_HEADS, KV, HD, H, norm_position="post", qk_norm="proj"),
 }
 
 
 def refuses_rotation(cfg) -> bool:
-    """LayerNorm models (GPT-2) have no rotation symmetry: the functions must refuse them."""
-    if cfg.norm_kind != "layer":
+    """LayerNorm models (GPT-2, OLMo) and models with norms on the attention/MLP outputs (Gemma 2/3, OLMo 2) have
+    no rotation symmetry: the functions must refuse them."""
+    if cfg.norm_kind == "rms" and cfg.norm_position == "pre":
         return False
-    with pytest.raises(JaxindError, match="LayerNorm"):
+    why = "LayerNorm" if cfg.norm_kind != "rms" else "pre-norm"
+    with pytest.raises(JaxindError, match=why):
         S.rotate_residual(random_params(cfg), cfg, jnp.eye(cfg.d_model))
-    with pytest.raises(JaxindError, match="LayerNorm"):
+    with pytest.raises(JaxindError, match=why):
         S.fold_norms(random_params(cfg), cfg)
     return True
 
@@ -83,7 +128,14 @@ def test_residual_permutation_preserves_logits(family):
     perm = S.Perm(perm.resid, S.identity(cfg).mlp)
     out = S.apply_permutation(params, cfg, perm)
     assert leaves_differ(params, out)
-    np.testing.assert_array_equal(out["final_norm"], params["final_norm"][perm.resid])
+    if cfg.has_norm_weights:
+        np.testing.assert_array_equal(out["final_norm"], params["final_norm"][perm.resid])
+    for name in ("q_norm", "k_norm"):  # act on head_dim (or the q/k projection), not on the residual stream
+        if name in params["layers"]:
+            np.testing.assert_array_equal(out["layers"][name], params["layers"][name])
+    for name in ("post_attn_norm", "post_mlp_norm"):  # act on the residual stream
+        if name in params["layers"]:
+            np.testing.assert_array_equal(out["layers"][name], params["layers"][name][:, perm.resid])
     assert_same_function(params, cfg, out, cfg)
 
 
@@ -95,7 +147,8 @@ def test_mlp_permutations_preserve_logits(family):
     for layer in range(cfg.n_layers):
         np.testing.assert_array_equal(out["layers"]["down"][layer], params["layers"]["down"][layer][perm.mlp[layer]])
         np.testing.assert_array_equal(out["layers"]["up"][layer], params["layers"]["up"][layer][:, perm.mlp[layer]])
-        np.testing.assert_array_equal(out["layers"]["attn_norm"][layer], params["layers"]["attn_norm"][layer])
+        for name in set(params["layers"]) - {"gate", "up", "down", "up_bias"}:  # untouched by MLP permutations
+            np.testing.assert_array_equal(out["layers"][name][layer], params["layers"][name][layer])
         if cfg.mlp_bias:
             np.testing.assert_array_equal(
                 out["layers"]["up_bias"][layer], params["layers"]["up_bias"][layer][perm.mlp[layer]]

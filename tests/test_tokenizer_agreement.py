@@ -1,6 +1,8 @@
-"""Text data is fed to model B only if B's tokenizer turns the whole of it into A's ids: a tokenizer that swaps
-two token ids is refused even when the difference lies beyond the first 2,000 characters (the old check)."""
+"""Text data is fed to model B only if B's tokenizer turns all of it into A's ids: a tokenizer that swaps two
+token ids is refused even when the difference lies beyond the first 2,000 characters (the old check). Text files
+are read window by window (jaxind.data.text_windows), and exactly the text fed is compared; JSONL whole."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,18 +68,66 @@ def test_the_swap_hides_beyond_the_first_2000_characters(tokenizers_and_text):
     assert tok_a(text)["input_ids"] != tok_b(text)["input_ids"]
 
 
+WINDOWS = dict(num_sequences=32, seq_len=16)  # over the 4.7 KB corpus: the windows reach the swapped ids
+
+
 def test_a_swapped_tokenizer_is_refused_at_the_first_difference(tokenizers_and_text):
     tok_a, tok_b, path, swap, _ = tokenizers_and_text
-    text = open(path, encoding="utf-8").read()
-    a, b = np.asarray(tok_a(text)["input_ids"]), np.asarray(tok_b(text)["input_ids"])
+    spec = data.DataSpec(kind="text", path=path, **WINDOWS)
+    cut = data.text_windows(spec, tok_a)
+    hit = next(k for k, ids in enumerate(cut.ids) if set(ids) & set(swap))  # the first window fed a swapped id
+    a, b = np.asarray(cut.ids[hit]), np.asarray(tok_b(cut.texts[hit], add_special_tokens=False)["input_ids"])
     first = int(np.flatnonzero(a != b)[0])
-    spec = data.DataSpec(kind="text", path=path, num_sequences=2, seq_len=16)
     with pytest.raises(JaxindError) as info:
         data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
     message = str(info.value)
-    assert f"token {first:,}" in message and f"id {a[first]}" in message and f"id {b[first]}" in message
+    assert f"window {hit + 1} (byte offset {cut.offsets[hit]:,}), token {first:,}" in message, message
+    assert f"id {a[first]}" in message and f"id {b[first]}" in message
     assert repr(tok_a.convert_ids_to_tokens(int(a[first]))) in message
     assert {int(a[first]), int(b[first])} == set(swap) and "--data=random" in message
+
+
+def test_only_the_text_fed_is_compared(tokenizers_and_text):
+    """A window whose text holds no swapped id is fed as it is: the check covers exactly the windows read."""
+    tok_a, tok_b, path, swap, _ = tokenizers_and_text
+    for seed in range(50):
+        spec = data.DataSpec(kind="text", path=path, num_sequences=1, seq_len=16, seed=seed)
+        cut = data.text_windows(spec, tok_a)
+        if not set(cut.ids[0]) & set(swap):
+            break
+    assert cut.texts[0] and cut.offsets[0] > 0
+    assert np.array_equal(data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b), cut.tokens)
+
+
+def test_windows_read_only_their_bytes(tokenizers_and_text, tmp_path):
+    """Windows are cut at whitespace from bytes near seeded offsets: each window is the start of its
+    text's ids, the texts lie in the file at their offsets, and of a 235 KB file only a few windows' worth of
+    text is tokenised."""
+    tok_a, _, path, _, _ = tokenizers_and_text
+    text = open(path, encoding="utf-8").read()
+    spec = data.DataSpec(kind="text", path=path, num_sequences=8, seq_len=16, seed=3)
+    cut = data.text_windows(spec, tok_a)
+    raw = text.encode()
+    for k in range(8):
+        assert raw[cut.offsets[k] :].startswith(cut.texts[k].encode())
+        assert list(cut.tokens[k]) == list(cut.ids[k][:16])
+        assert cut.offsets[k] == 0 or raw[cut.offsets[k] - 1 : cut.offsets[k]].isspace()
+    big = tmp_path / "big.txt"
+    big.write_text(text * 50, encoding="utf-8")
+    encoded = []
+    original = data.tokenizer.encode
+
+    def spy(tok, texts):
+        encoded.extend(texts)
+        return original(tok, texts)
+
+    data.tokenizer.encode = spy
+    try:
+        tokens = data.make_tokens(dataclasses.replace(spec, path=str(big)), VOCAB, VOCAB, tok_a)
+    finally:
+        data.tokenizer.encode = original
+    assert tokens.shape == (8, 16) and len(encoded) >= 8
+    assert sum(map(len, encoded)) < 8 * (8 * 16 + 64) * 4 < big.stat().st_size / 10  # a few windows' worth
 
 
 def test_the_same_tokenizer_loaded_twice_passes(tokenizers_and_text):
@@ -131,7 +181,7 @@ def test_the_cli_refuses_the_swapped_tokenizer(tokenizers_and_text, tmp_path):
             f"--model_b={tmp_path / 'b'}",
             "--tests=csu",
             f"--data=text:{path}",
-            "--num_sequences=2",
+            "--num_sequences=32",
             "--seq_len=16",
         ],
         capture_output=True,
