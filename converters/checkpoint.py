@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -141,17 +141,28 @@ def save_checkpoint(
 
 def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
     """Reads a checkpoint written by :func:`save_checkpoint`: ``(config, params, meta)``,
-    params as float32 numpy leaves.
+    params as float32 numpy leaves, layers stacked (:func:`converters.build.assemble`).
+
+    Raises:
+      CheckpointError: see :func:`open_checkpoint`.
+    """
+    from converters.build import assemble
+
+    cfg, groups, meta = open_checkpoint(path)
+    return cfg, assemble(groups, cfg), meta
+
+
+def open_checkpoint(path: str) -> tuple[ModelConfig, Iterator[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """``(config, groups, meta)`` of a checkpoint; ``groups`` restores one param group at a time, as float32 numpy
+    (``("embed", {...})``, ``("layers.3", {"q": (d, H*hd), ...})``), for whoever places them.
 
     Before any array is read, the config is checked against what is stored (:func:`check_stored`): the param
     groups on disk, the groups ``jaxind_meta.json`` lists, and every stored array's shape.
 
     Raises:
-      CheckpointError: unreadable config, missing/corrupt param groups, or a config that disagrees with the
-        stored weights (naming the array and both shapes).
+      CheckpointError: unreadable config, missing/corrupt param groups, a format this code cannot read, or a
+        config that disagrees with the stored weights (naming the array and both shapes).
     """
-    from converters.build import assemble
-
     config_path = os.path.join(path, CONFIG_FILE)
     try:
         with open(config_path) as f:
@@ -197,7 +208,7 @@ def load_checkpoint(path: str) -> tuple[ModelConfig, dict[str, Any], dict[str, A
                 )
         return group, restored
 
-    return cfg, assemble((restore(g, t) for g, t in targets.items()), cfg), meta
+    return cfg, (restore(g, t) for g, t in targets.items()), meta
 
 
 def check_format(path: str, meta: dict[str, Any]) -> None:

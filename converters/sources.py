@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jaxind
@@ -20,6 +21,7 @@ from jaxind.errors import CheckpointError, JaxindError
 if TYPE_CHECKING:
     from converters.readers import GGUFFileReader, HFDirReader
     from jaxind.loading import Model
+    from jaxind.sharding import Layout
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -92,13 +94,22 @@ def _fetch_from_hub(repo_id: str) -> str:
 
 
 def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, dict[str, Any]]:
-    """Loads any source into ``(config, params as float32 numpy leaves, meta)``."""
+    """Loads any source into ``(config, params as float32 numpy leaves, layers stacked, meta)``."""
+    from converters.build import assemble
+
+    cfg, groups, meta = read_groups(source, progress)
+    return cfg, assemble(groups, cfg), meta
+
+
+def read_groups(source: str, progress: bool = False) -> tuple[ModelConfig, Iterator[tuple[str, dict]], dict[str, Any]]:
+    """``(config, groups, meta)`` of any source; ``groups`` reads one param group (a top-level leaf, or one layer)
+    at a time as float32 numpy, so a caller placing them never holds the whole model on the host."""
     from converters import checkpoint
-    from converters.build import build_params
+    from converters.build import iter_groups
 
     path = resolve(source)
     if os.path.isdir(path) and checkpoint.is_checkpoint(path):
-        cfg, params, meta = checkpoint.load_checkpoint(path)
+        cfg, groups, meta = checkpoint.open_checkpoint(path)
         meta = {**meta, "path": os.path.abspath(path), "format": "jaxind"}
         tokenizer_dir = os.path.join(path, "tokenizer")
         meta.pop("tokenizer", None)
@@ -106,11 +117,9 @@ def read_model(source: str, progress: bool = False) -> tuple[ModelConfig, Any, d
             meta["tokenizer"] = {"kind": "dir", "path": os.path.abspath(tokenizer_dir)}
         else:
             meta.setdefault("tokenizer_missing", f"the checkpoint {path} has no tokenizer/ directory")
-        return cfg, params, meta
+        return cfg, groups, meta
     reader = open_reader(path)
-    params = build_params(reader, source=path, progress=progress)
-    meta = source_meta(source, path, reader)
-    return reader.config, params, meta
+    return reader.config, iter_groups(reader, source=path, progress=progress), source_meta(source, path, reader)
 
 
 def read_config(source: str) -> tuple[ModelConfig, dict[str, str] | None]:
@@ -150,7 +159,7 @@ def source_meta(source: str, path: str, reader: HFDirReader | GGUFFileReader) ->
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
-def load_model(source: str, dtype: str = "float32", progress: bool = False) -> Model:
+def load_model(source: str, dtype: str = "float32", progress: bool = False, layout: Layout | None = None) -> Model:
     """Loads a model from any source of docs/DESIGN.md §4.
 
     Args:
@@ -158,6 +167,9 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False) -> M
         ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), ``gemma3-270m`` (the real
         Gemma 3 270M Q4_K_M GGUF, assembled from PyPI), or a hub id (only where the network allows).
       dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
+      layout: a mesh to shard the params over (:class:`jaxind.sharding.Layout`): each layer group is read
+        on the host and its shards are written straight to their devices, so neither a host nor a device
+        holds the whole model. None: one device.
 
     Raises:
       JaxindError: the source is missing, unsupported, corrupt, or inconsistent.
@@ -169,6 +181,10 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False) -> M
 
     if dtype not in _DTYPES:
         raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
-    cfg, params, meta = read_model(source, progress=progress)
-    params = jax.tree.map(lambda a: jnp.asarray(a, getattr(jnp, dtype)), params)
+    if layout is not None:
+        cfg, groups, meta = read_groups(source, progress=progress)
+        params = layout.place_groups(groups, cfg, getattr(jnp, dtype))
+    else:
+        cfg, params, meta = read_model(source, progress=progress)
+        params = jax.tree.map(lambda a: jnp.asarray(a, getattr(jnp, dtype)), params)
     return Model(config=cfg, params=params, meta={**meta, "source": source})

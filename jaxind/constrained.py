@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxind import assignment, grams, model, pvalues
+from jaxind import assignment, grams, model, pvalues, sharding
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.layers import Layers, resolve_pairs
@@ -87,7 +87,7 @@ def csu(
     records = []
     for (la, lb), k in zip(pairs, jax.random.split(key, len(pairs))):
         sim = layer_cosine_matrix(params_a["layers"]["up"], la, params_b["layers"]["up"], lb)
-        result, _, _ = matched_spearman(np.asarray(sim), k)
+        result, _, _ = matched_spearman(sharding.to_host(sim), k)
         records.append(LayerResult.from_spearman(la, lb, result))
     return fisher_result("csu", records, exact=True)
 
@@ -105,7 +105,7 @@ def csu_all(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: Model
     for path, k in zip(common, jax.random.split(key, len(common))):
         (stack_a, layer), (stack_b, _) = leaves_a[path], leaves_b[path]
         sim = cosine_matrix(stack_a, stack_b) if layer < 0 else layer_cosine_matrix(stack_a, layer, stack_b, layer)
-        result, _, _ = matched_spearman(np.asarray(sim), k)
+        result, _, _ = matched_spearman(sharding.to_host(sim), k)
         records.append(LayerResult.from_spearman(layer, layer, result, param=path))
     return fisher_result("csu_all", records, exact=False, note=CSU_ALL_NOTE)
 

@@ -78,9 +78,10 @@ def build_zoo(
     }
 
 
-def run_demo(settings, output: str | None = None, quick: bool = False, log=print) -> int:
+def run_demo(settings, output: str | None = None, quick: bool = False, log=print, layout=None) -> int:
     """Builds the zoo, runs ``settings.tests`` on each pair over windows of the corpus, prints
-    one table per pair; with ``output`` (a directory) writes one results JSON per pair."""
+    one table per pair; with ``output`` (a directory) writes one results JSON per pair. With a
+    ``layout`` (:class:`jaxind.sharding.Layout`) the trained models are sharded over its mesh."""
     import dataclasses
     import os
 
@@ -96,8 +97,8 @@ def run_demo(settings, output: str | None = None, quick: bool = False, log=print
     spec = dataclasses.replace(settings.data, kind="text", path="jaxind/data/demo_corpus.txt")
     tokens = data.windows(corpus_bytes(), spec)
     for name_a, name_b in PAIRS:
-        a = from_params(*zoo[name_a], name=name_a)
-        b = from_params(*zoo[name_b], name=name_b)
+        a = from_params(*zoo[name_a], name=name_a, layout=layout)
+        b = from_params(*zoo[name_b], name=name_b, layout=layout)
         log(f"\n=== {name_a} vs {name_b} ===")
         document = runner.run_pair(a, b, dataclasses.replace(settings, data=spec), log=lambda m: None, tokens=tokens)
         log(report.format_table(document))

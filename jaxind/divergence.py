@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxind import sharding
 from jaxind.results import TestResult, timed
 
 NOTE = "JSD is invariant under the symmetry group: a similarity number, not a test"
@@ -20,14 +21,15 @@ NOTE = "JSD is invariant under the symmetry group: a similarity number, not a te
 
 @jax.jit
 def jsd_sum(logits_a: jax.Array, logits_b: jax.Array, mask: jax.Array) -> jax.Array:
-    """Sum over positions (weighted by ``mask (B, T)``) of the JSD (bits) of two next-token
-    distributions given as logits ``(B, T, V)``."""
+    """Per sequence ``(B,)``, the sum over positions (weighted by ``mask (B, T)``) of the JSD (bits) of two
+    next-token distributions given as logits ``(B, T, V)`` (sequences are added up on the host, in order, so the
+    total does not depend on how a mesh splits the batch)."""
     la = jax.nn.log_softmax(logits_a, axis=-1)
     lb = jax.nn.log_softmax(logits_b, axis=-1)
     lm = jnp.logaddexp(la, lb) - jnp.log(2.0)
     kl_a = jnp.sum(jnp.exp(la) * (la - lm), axis=-1)
     kl_b = jnp.sum(jnp.exp(lb) * (lb - lm), axis=-1)
-    return jnp.sum(0.5 * (kl_a + kl_b) * mask) / jnp.log(2.0)
+    return jnp.sum(0.5 * (kl_a + kl_b) * mask, axis=-1) / jnp.log(2.0)
 
 
 @timed
@@ -50,6 +52,9 @@ def jsd(
     """
     total, count = 0.0, 0.0
     for tokens, mask in batches:
-        total += float(jsd_sum(logits_fn_a(tokens)[..., :vocab], logits_fn_b(tokens)[..., :vocab], jnp.asarray(mask)))
+        logits_a, logits_b = logits_fn_a(tokens), logits_fn_b(tokens)
+        layout = sharding.layout_of(logits_a)
+        placed = mask if layout is None else layout.batch(mask)
+        total += float(np.sum(sharding.to_host(jsd_sum(logits_a[..., :vocab], logits_b[..., :vocab], placed))))
         count += float(mask.sum())
     return TestResult(test="jsd", pvalue=None, log10_pvalue=None, exact=False, statistic=total / count, note=NOTE)

@@ -1,4 +1,4 @@
-"""Independence tests on mixture-of-experts layers (docs/DESIGN.md §5.12).
+"""Independence tests on mixture-of-experts layers (docs/DESIGN.md §5.13).
 
 A MoE layer (:mod:`jaxind.moe`) has more symmetry than a dense MLP: its ``E`` experts can be reordered (with the
 router's columns), and each expert's hidden units permuted on their own. The tests follow the group:
@@ -15,7 +15,7 @@ Expert similarity (:func:`expert_similarity`): for experts ``i`` of A and ``j`` 
 tokens for CSH and MATCH), and ``S[i, j] = (mean_u max_v C[u, v] + mean_v max_u C[u, v]) / 2``, how well each
 unit finds a counterpart. ``S`` does not change when the units of either expert are permuted.
 
-Why CSU and CSH stay exact (the argument of docs/DESIGN.md §5.12): under H0, ``B`` has the law of ``g(B)`` for a
+Why CSU and CSH stay exact (the argument of docs/DESIGN.md §5.13): under H0, ``B`` has the law of ``g(B)`` for a
 uniform group element ``g``, which splits as ``g = r q`` with ``r`` = (expert permutations ``pi``, unit
 permutations ``tau``) uniform and independent of ``q(B)``. ``S`` is invariant under ``tau``, so the expert matching
 ``sigma`` is a function of ``(A, q(B), pi)``: reordering B's experts by ``pi`` reorders the columns of ``S``, and the

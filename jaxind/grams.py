@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxind import model as model_lib
-from jaxind import progress
+from jaxind import progress, sharding
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import Params
@@ -73,13 +73,14 @@ class PassStats:
         statistics. Sums over the counted tokens, as float64 numpy."""
         if isinstance(pair, tuple):
             ia, ib = pair
-            cross = self.cross[ia, ib]
+            index: tuple[int, ...] = pair
         else:
             ia, ib = self.pair_index[pair]
-            cross = self.cross[pair]
-        c = _project(self.weights_a[proj], self.layers_a[ia], self.weights_b[proj], self.layers_b[ib], cross)
+            index = (pair,)
+        w_a, w_b = self.weights_a[proj], self.weights_b[proj]
+        c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross, index)
         return (
-            np.asarray(c, np.float64),
+            sharding.to_host(c).astype(np.float64),
             self.sq_a[proj][ia].astype(np.float64),
             self.sq_b[proj][ib].astype(np.float64),
         )
@@ -90,28 +91,50 @@ class PassStats:
 
 
 @jax.jit
-def _project(w_a: jax.Array, layer_a: jax.Array, w_b: jax.Array, layer_b: jax.Array, cross: jax.Array) -> jax.Array:
-    """Input cross-Gram ``C (d_A, d_B)`` -> output cross-Gram ``W_a[layer_a]^T C W_b[layer_b] (h_A, h_B)`` from the
-    stacked kernels ``(L, d, h)`` (the layer indices are traced: one compilation for every pair)."""
+def _project(w_a: jax.Array, layer_a, w_b: jax.Array, layer_b, crosses: jax.Array, index) -> jax.Array:
+    """Input cross-Gram ``C = crosses[index] (d_A, d_B)`` -> output cross-Gram ``W_a[layer_a]^T C W_b[layer_b]
+    (h_A, h_B)`` from the stacked kernels ``(L, d, h)`` (indices traced: one compilation for every pair; nothing
+    is sliced out of a sharded array outside the computation)."""
     hi = jax.lax.Precision.HIGHEST
     wa, wb = w_a[layer_a].astype(jnp.float32), w_b[layer_b].astype(jnp.float32)
-    return jnp.matmul(jnp.matmul(wa.T, cross, precision=hi), wb, precision=hi)
+    return jnp.matmul(jnp.matmul(wa.T, crosses[tuple(index)], precision=hi), wb, precision=hi)
 
 
 def init_state(
-    d_a: int, d_b: int, h_a: int, h_b: int, n_a: int, n_b: int, pair_shape: tuple[int, ...]
+    d_a: int,
+    d_b: int,
+    h_a: int,
+    h_b: int,
+    n_a: int,
+    n_b: int,
+    pair_shape: tuple[int, ...],
+    layout: sharding.Layout | None = None,
 ) -> dict[str, jax.Array]:
     """Zero accumulator: ``{"cross": (*pair_shape, d_a, d_b), "gate_a"/"up_a": (n_a, h_a),
-    "gate_b"/"up_b": (n_b, h_b), "count": ()}`` float32."""
-    z = functools.partial(jnp.zeros, dtype=jnp.float32)
-    return {
-        "cross": z((*pair_shape, d_a, d_b)),
-        "gate_a": z((n_a, h_a)),
-        "up_a": z((n_a, h_a)),
-        "gate_b": z((n_b, h_b)),
-        "up_b": z((n_b, h_b)),
-        "count": z(()),
+    "gate_b"/"up_b": (n_b, h_b), "count": ()}`` float32; with a ``layout``, placed by :func:`state_shardings`."""
+    shapes = {
+        "cross": (*pair_shape, d_a, d_b),
+        "gate_a": (n_a, h_a),
+        "up_a": (n_a, h_a),
+        "gate_b": (n_b, h_b),
+        "up_b": (n_b, h_b),
+        "count": (),
     }
+
+    if layout is None:
+        return {name: jnp.zeros(shape, jnp.float32) for name, shape in shapes.items()}
+    shardings = state_shardings(layout, shapes)
+    return {name: sharding.zeros(shape, jnp.float32, shardings[name]) for name, shape in shapes.items()}
+
+
+def state_shardings(layout: sharding.Layout, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Where the accumulator lives on a mesh: the cross-Grams split over their rows (``embed``: the ``fsdp`` axis),
+    the unit sums over ``mlp``; the data-parallel sums over the batch are reduced into them by XLA."""
+    names: dict[str, tuple[str | None, ...]] = {
+        "cross": (None,) * (len(shapes["cross"]) - 2) + ("embed", None),
+        "count": (),
+    }
+    return {name: layout.sharding(shape, names.get(name, (None, "mlp"))) for name, shape in shapes.items()}
 
 
 def _layer_stats(mask: jax.Array | None) -> model_lib.Collector:
@@ -130,16 +153,21 @@ def _layer_stats(mask: jax.Array | None) -> model_lib.Collector:
     return keep
 
 
-def _collect(params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], unroll: bool):
+def _collect(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], unroll: bool, layout
+) -> dict[str, jax.Array]:
     """``{"x": (n, N, d), "gate": (n, h), "up": (n, h)}`` for the collected ``layers`` of one model."""
     x = model_lib.embed(params, cfg, tokens)
-    _, stored = model_lib.run_layers(params["layers"], cfg, x, layers, _layer_stats(mask), max(layers) + 1, unroll)
-    return stored
+    x_sharding = None if layout is None else layout.activations(x.shape[0], x.shape[1], x.shape[2])
+    stats = _layer_stats(mask)
+    return model_lib.run_layers(
+        params["layers"], cfg, x, layers, stats, max(layers) + 1, unroll, x_sharding=x_sharding
+    )[1]
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index", "outer", "unroll"),
+    static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index", "outer", "unroll", "layout"),
     donate_argnames=("state",),
 )
 def accumulate_step(
@@ -156,6 +184,7 @@ def accumulate_step(
     pair_index: tuple[tuple[int, int], ...] = (),
     outer: bool = False,
     unroll: bool = False,
+    layout: sharding.Layout | None = None,
 ) -> dict[str, jax.Array]:
     """Adds one token batch to the accumulator (jitted; ``state`` is donated).
 
@@ -168,13 +197,14 @@ def accumulate_step(
         ``layers_b``; the cross Gram of pair p is ``state["cross"][p]``.
       outer: accumulate all ``len(layers_a) x len(layers_b)`` pairs instead.
       unroll: run the layers as a Python loop instead of a scan (the compile-time benchmark's baseline).
+      layout: the mesh the params and batches live on (the new state keeps :func:`state_shardings`).
 
     Returns:
       The updated state.
     """
     hi = jax.lax.Precision.HIGHEST
-    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll)
-    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll)
+    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll, layout)
+    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll, layout)
     xa, xb = stats_a["x"], stats_b["x"]  # (n_a, N, d_a), (n_b, N, d_b)
     if outer:
         cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)
@@ -188,6 +218,8 @@ def accumulate_step(
         new[name + "_b"] = state[name + "_b"] + stats_b[name]
     count = tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32))
     new["count"] = state["count"] + count
+    if layout is not None:
+        new = jax.lax.with_sharding_constraint(new, state_shardings(layout, {k: v.shape for k, v in new.items()}))
     return new
 
 
@@ -206,15 +238,18 @@ def row_distances(xa: Any, xb: Any) -> np.ndarray:
     return sq_distances(np.asarray(cross), np.asarray(jnp.sum(xa * xa, 0)), np.asarray(jnp.sum(xb * xb, 0)))
 
 
-def normalize_batches(batches: Iterable[Any]) -> Iterator[Batch]:
-    """Normalises batches to ``(tokens (B, T), mask (B, T) | None)``."""
+def normalize_batches(batches: Iterable[Any], layout: sharding.Layout | None = None) -> Iterator[Batch]:
+    """Normalises batches to ``(tokens (B, T), mask (B, T) | None)``, on one device or, with a ``layout``, split
+    over its ``batch`` axes (each process supplies the rows of its own devices)."""
+    place = jnp.asarray if layout is None else layout.batch
     for batch in batches:
         if isinstance(batch, dict):
-            yield jnp.asarray(batch["tokens"]), (None if batch.get("mask") is None else jnp.asarray(batch["mask"]))
+            tokens, mask = batch["tokens"], batch.get("mask")
         elif isinstance(batch, tuple):
-            yield jnp.asarray(batch[0]), (None if batch[1] is None else jnp.asarray(batch[1]))
+            tokens, mask = batch
         else:
-            yield jnp.asarray(batch), None
+            tokens, mask = batch, None
+        yield place(np.asarray(tokens)), (None if mask is None else place(np.asarray(mask)))
 
 
 def accumulate(
@@ -243,9 +278,12 @@ def accumulate(
                 "none: use the generalized test (jaxind.generalized) for this pair"
             )
     pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
-    state = init_state(cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape)
+    layout = sharding.layout_of(params_a)
+    state = init_state(
+        cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape, layout
+    )
     n_batches = 0
-    for tokens, mask in progress.bar(normalize_batches(batches), desc="MATCH pass"):
+    for tokens, mask in progress.bar(normalize_batches(batches, layout), desc="MATCH pass"):
         state = accumulate_step(
             state,
             params_a,
@@ -258,15 +296,16 @@ def accumulate(
             layers_b=layers_b,
             pair_index=pair_index,
             outer=outer,
+            layout=layout,
         )
         n_batches += 1
     if n_batches == 0:
         raise JaxindError("MATCH got no token batches")
     return PassStats(
         cross=state["cross"],  # stays on the device: the h x h Grams are derived there
-        sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
-        sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
-        count=float(state["count"]),
+        sq_a={p: sharding.to_host(state[p + "_a"]) for p in ("gate", "up")},
+        sq_b={p: sharding.to_host(state[p + "_b"]) for p in ("gate", "up")},
+        count=float(sharding.to_host(state["count"])),
         weights_a={k: params_a["layers"][k] for k in ("gate", "up")},
         weights_b={k: params_b["layers"][k] for k in ("gate", "up")},
         layers_a=tuple(layers_a),

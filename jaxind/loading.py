@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxind import model
+from jaxind import model, sharding
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.layers import normalize_layers
@@ -35,7 +35,7 @@ class Model:
     params: Any
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def _check_tokens(self, tokens: Any) -> jax.Array:
+    def _check_tokens(self, tokens: Any) -> np.ndarray:
         tokens = np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise JaxindError(
@@ -45,11 +45,22 @@ class Model:
             raise JaxindError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got range [{tokens.min()}, {tokens.max()}]"
             )
-        return jnp.asarray(tokens, jnp.int32)
+        return tokens
+
+    def _placed(self, tokens: Any) -> tuple[jax.Array, Any]:
+        """Checked tokens on the params' devices (split over the mesh's batch axes when the params are sharded)
+        and the residual stream's sharding (None on one device)."""
+        checked = self._check_tokens(tokens)
+        layout = sharding.layout_of(self.params)
+        if layout is None:
+            return jnp.asarray(checked, jnp.int32), None
+        batch, seq = checked.shape
+        return layout.batch(checked.astype(np.int32)), layout.activations(batch, seq, self.config.d_model)
 
     def logits(self, tokens: Any) -> jax.Array:
-        """``tokens (B, T)`` int -> logits ``(B, T, vocab)`` float32."""
-        return model.forward_jit(self.params, self.config, self._check_tokens(tokens))[0]
+        """``tokens (B, T)`` int -> logits ``(B, T, vocab)`` float32 (sharded like the tokens on a mesh)."""
+        placed, x_sharding = self._placed(tokens)
+        return model.forward_jit(self.params, self.config, placed, x_sharding=x_sharding)[0]
 
     def mlp_activations(self, tokens: Any, layers: Iterable[int] | None = None) -> dict[int, dict[str, jax.Array]]:
         """``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` from one forward pass (no LM head); a mixture of
@@ -59,7 +70,8 @@ class Model:
         ``layers``: indices (negative allowed) or None for every layer.
         """
         collect = normalize_layers(self.config, layers)
-        return model.forward_jit(self.params, self.config, self._check_tokens(tokens), collect, False)[1]
+        placed, x_sharding = self._placed(tokens)
+        return model.forward_jit(self.params, self.config, placed, collect, False, x_sharding=x_sharding)[1]
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -101,6 +113,9 @@ class Model:
         }
 
 
-def from_params(cfg: ModelConfig, params: Any, name: str = "memory") -> Model:
-    """Wraps an in-memory param tree (tests, the demo zoo) as a :class:`Model`."""
+def from_params(cfg: ModelConfig, params: Any, name: str = "memory", layout: sharding.Layout | None = None) -> Model:
+    """Wraps an in-memory param tree (tests, the demo zoo) as a :class:`Model`; with a ``layout`` the params are
+    placed on its mesh (:meth:`jaxind.sharding.Layout.place`)."""
+    if layout is not None:
+        params = layout.place(params, cfg)
     return Model(config=cfg, params=params, meta={"source": name, "format": "memory"})

@@ -68,6 +68,26 @@ flags.DEFINE_string(
     "Rank these models by evidence that --model_a derives from them: a folder of models, a sweep's output folder, "
     "or a YAML models: list (default tests: csu,match; fingerprints cached).",
 )
+flags.DEFINE_string(
+    "mesh",
+    None,
+    "Shard both models over a device mesh: axis:size pairs over data, fsdp, model (-1: the devices left), e.g. "
+    "fsdp:-1 or data:2,fsdp:4,model:2. Default: one device (a multi-process run: fsdp over every device).",
+)
+flags.DEFINE_integer(
+    "permtest_layer_shards",
+    1,
+    "PERMTEST-L2: devices per group of draws that split the layers between them (divides the device count).",
+    lower_bound=1,
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: host:port of process 0, with --num_processes and --process_id. Without them JAX reads "
+    "SLURM, Open MPI or TPU-pod settings from the environment.",
+)
+flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.", lower_bound=0)
 
 flags.register_validator(
     "alpha",
@@ -111,9 +131,12 @@ def preflight():
       JaxindError: one line saying what is wrong.
     """
     from converters import sources
-    from jaxind import data, destinations
+    from jaxind import cluster, data, destinations
     from jaxind.errors import JaxindError
 
+    cluster.check_flags(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.mesh is not None:
+        cluster.parse_mesh(FLAGS.mesh)
     if FLAGS.reference and (not FLAGS.model_a or FLAGS.model_b):
         raise JaxindError("--reference ranks references for one suspect: pass --model_a=SUSPECT and no --model_b")
     if bool(FLAGS.model_a) != bool(FLAGS.model_b) and not FLAGS.reference:
@@ -164,8 +187,9 @@ def layer_selection():
 
 
 def settings_from_flags(spec):
-    """The runner's Settings from the flags and the checked DataSpec."""
-    from jaxind import runner
+    """The runner's Settings from the flags and the checked DataSpec (after :func:`jaxind.cluster.initialize`:
+    only the writing process gets a heatmap path)."""
+    from jaxind import cluster, runner
 
     chosen_layers, chosen_pairs = layer_selection()
     tests = selected_tests()
@@ -179,30 +203,38 @@ def settings_from_flags(spec):
         num_perms=FLAGS.num_perms,
         batch_size=FLAGS.batch_size,
         generalized_steps=FLAGS.generalized_steps,
-        heatmap_path=heatmap_path(),
+        heatmap_path=heatmap_path() if cluster.is_writer() else None,
         alpha=FLAGS.alpha,
         layers=chosen_layers,
         layer_pairs=chosen_pairs,
+        permtest_layer_shards=FLAGS.permtest_layer_shards,
     )
 
 
 def run(argv) -> int:
     del argv
     spec = preflight()
+    from jaxind import cluster
+
+    cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)  # before any computation
     caching.setup_from_flags()
     from converters.sources import load_model
-    from jaxind import report, results, runner, testhooks
+    from jaxind import report, results, runner, sharding, testhooks
 
+    writer = cluster.is_writer()
     if FLAGS.reference:
-        return run_scan(settings_from_flags(spec))
+        return run_scan(settings_from_flags(spec), writer)
+    layout = sharding.run_layout(FLAGS.mesh)
+    cluster.check_layer_shards(FLAGS.permtest_layer_shards)
     if not FLAGS.model_a:
         from jaxind import demo
 
-        return demo.run_demo(settings_from_flags(spec), output=FLAGS.output, quick=FLAGS.demo_quick)
+        output = FLAGS.output if writer else None
+        return demo.run_demo(settings_from_flags(spec), output=output, quick=FLAGS.demo_quick, layout=layout)
     settings = settings_from_flags(spec)
     models = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
-        models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty())
+        models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
         print(describe(name, models[name].summary()), flush=True)
     testhooks.stop_at("models_loaded")
     document = runner.run_pair(models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True))
@@ -213,20 +245,23 @@ def run(argv) -> int:
     if document["tests"].get("localized", {}).get("pvalue") is not None:
         print()
         print(report.format_localized(document["tests"]["localized"]))
-    if FLAGS.output:
+    if FLAGS.output and writer:
         results.write_json_or_rescue(FLAGS.output, document)
         _written.append(FLAGS.output)
         print(f"\nresults written to {os.path.abspath(FLAGS.output)}")
+    elif FLAGS.output:
+        print(f"\nresults are written by process 0 (this is process {cluster.process_index()})")
     return 0
 
 
-def run_scan(settings) -> int:
-    """``--reference``: ranks the references for the suspect ``--model_a`` (:mod:`jaxind.scan`)."""
+def run_scan(settings, writer: bool) -> int:
+    """``--reference``: ranks the references for the suspect ``--model_a`` (:mod:`jaxind.scan`); only the writing
+    process writes the ranking."""
     from jaxind import results, scan
 
     document = scan.scan(FLAGS.model_a, scan.read_references(FLAGS.reference), settings, dtype=FLAGS.dtype)
     print(scan.format_ranking(document))
-    if FLAGS.output:
+    if FLAGS.output and writer:
         results.write_json_or_rescue(FLAGS.output, document)
         _written.append(FLAGS.output)
         print(f"\nranking written to {os.path.abspath(FLAGS.output)}")

@@ -313,6 +313,7 @@ def run_layers(
     n_run: int | None = None,
     unroll: bool = False,
     feats: dict[str, Any] | None = None,
+    x_sharding: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs layers ``0 .. n_run-1`` (default all) of the stacked ``layers`` on ``x (B, T, d)`` with ``lax.scan``.
 
@@ -323,6 +324,9 @@ def run_layers(
       unroll: a Python loop over the layers instead of the scan (same values; the compile-time
         benchmark's baseline).
       feats: per-layer features (default :func:`layer_features` of ``cfg``).
+      x_sharding: on a mesh, where the residual stream ``(B, T, d)`` lives between layers (split over the
+        batch, whole along ``d``): XLA then gathers each layer's weights (FSDP) rather than adding partial
+        products across devices, which keeps the numbers the same however the mesh is split between hosts.
 
     Returns:
       ``(x, stored)``: the residual stream after ``n_run`` layers and ``{name: (len(collect), ...)}``,
@@ -344,6 +348,8 @@ def run_layers(
         if not full:  # index the whole stack rather than scan over a slice of it (no copy of the weights)
             layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), layers)
         x, out = block(layer, f, cfg, x)
+        if x_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, x_sharding)
         if buf is not None:
             kept = collector(out)
             buf = jax.tree.map(
@@ -358,6 +364,8 @@ def run_layers(
             lambda l, f, x: collector(block(l, f, cfg, x)[1]), *one, jax.ShapeDtypeStruct(x.shape, x.dtype)
         )
         buf = jax.tree.map(lambda s: jnp.zeros((len(collect) + 1, *s.shape), s.dtype), shapes)
+    if x_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, x_sharding)
     carry = (x, buf)
     if unroll:
         for i in range(n_run):
@@ -376,6 +384,7 @@ def forward(
     return_logits: bool = True,
     collect_inputs: bool = False,
     unroll: bool = False,
+    x_sharding: Any = None,
 ) -> tuple[jax.Array | None, Activations]:
     """Runs the model on ``tokens (B, T)`` int.
 
@@ -386,7 +395,7 @@ def forward(
       collect_inputs: also return each collected layer's normed MLP input as ``"x"``
         ``(B, T, d)`` (``gate = x @ W_gate``: cross-Gram statistics of the outputs follow from
         those of ``x``, which is ``d``-wide instead of ``h``-wide).
-      unroll: see :func:`run_layers`.
+      unroll, x_sharding: see :func:`run_layers`.
 
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
@@ -405,12 +414,14 @@ def forward(
     def keep(out: LayerOut) -> dict[str, jax.Array]:
         return {name: value for name, value in out.items() if name != "x" or collect_inputs}
 
-    x, stored = run_layers(params["layers"], cfg, x, wanted, keep, n_run, unroll)
+    x, stored = run_layers(params["layers"], cfg, x, wanted, keep, n_run, unroll, x_sharding=x_sharding)
     acts: Activations = {layer: {name: value[i] for name, value in stored.items()} for i, layer in enumerate(wanted)}
     return (unembed(params, cfg, x) if return_logits else None), acts
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs", "unroll"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs", "unroll", "x_sharding")
+)
 def forward_jit(
     params: Params,
     cfg: ModelConfig,
@@ -419,9 +430,10 @@ def forward_jit(
     return_logits: bool = True,
     collect_inputs: bool = False,
     unroll: bool = False,
+    x_sharding: Any = None,
 ):
-    """Jitted :func:`forward` (``cfg``, ``collect`` and the flags are static)."""
-    return forward(params, cfg, tokens, collect, return_logits, collect_inputs, unroll)
+    """Jitted :func:`forward` (``cfg``, ``collect``, the flags and ``x_sharding`` are static)."""
+    return forward(params, cfg, tokens, collect, return_logits, collect_inputs, unroll, x_sharding)
 
 
 def forward_logits(params: Params, cfg: ModelConfig) -> Callable[[Any], jax.Array]:

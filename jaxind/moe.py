@@ -1,4 +1,4 @@
-"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE) as pure functions (docs/DESIGN.md §5.12).
+"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE) as pure functions (docs/DESIGN.md §5.13).
 
 A MoE layer replaces the dense MLP by ``E`` routed SwiGLU experts of width ``he = cfg.d_expert``; its
 stacked leaves (layer axis first, linear maps stored ``(in, out)`` as everywhere in jaxind)::

@@ -24,8 +24,10 @@ Statistics:
   model ``0.5 (A + p(B))`` on given tokens (:func:`jaxind.model.forward`). Total only.
 
 The draw axis is a batch axis: ``vmap`` over draws, chunked to a memory budget, each chunk
-sharded over a 1-D mesh of devices with ``jax.shard_map``. Draw ``t`` always uses the group
-element ``draw_permutations(fold_in(key, t))``, whatever the device count or chunk size, so
+split over the ``perm`` axis of a ``(perm, layers)`` mesh with ``jax.shard_map``; for "l2" the
+layers' constants are split over ``layers`` and each draw's per-layer inner products are summed
+across it (docs/DESIGN.md §5.12). Draw ``t`` always uses the group element
+``draw_permutations(fold_in(key, t))``, whatever the mesh, process count or chunk size, so
 results for a seed do not depend on the hardware. :func:`permtest_loop` is the plain reference:
 a Python loop applying one permutation at a time with :func:`apply_permutation`.
 """
@@ -44,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxind import experts, progress, pvalues
+from jaxind import experts, progress, pvalues, sharding
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward
@@ -55,6 +57,7 @@ from jaxind.types import Params
 Statistic = Literal["l2", "mc"]
 STATISTICS: tuple[Statistic, ...] = get_args(Statistic)
 _AXIS = "perm"
+_LAYERS = "layers"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -127,83 +130,143 @@ class L2Consts(NamedTuple):
     experts: experts.ExpertL2 | None = None
 
 
-def _mlp_stacks(params: Params, spec) -> tuple[jax.Array, jax.Array]:
-    """``(L, k, d, h)`` matrices and ``(L, m, h)`` vectors carrying each layer's MLP axis, with
-    matrices laid out as (layers, resid, mlp)."""
-    mats, vecs = [], []
-    for path, axes in spec.items():
-        if "mlp" not in axes:
+class _LayerRow(NamedTuple):
+    """One layer's share of :class:`L2Consts`: ``gram (d, d)``, ``const ()``, ``sq_a ()``, ``sq_b ()``,
+    ``mlp_a``/``mlp_b`` ``(k, d, h)``, ``vec_a``/``vec_b`` ``(m, h)``."""
+
+    gram: jax.Array
+    const: jax.Array
+    sq_a: jax.Array
+    sq_b: jax.Array
+    mlp_a: jax.Array
+    mlp_b: jax.Array
+    vec_a: jax.Array
+    vec_b: jax.Array
+
+
+def _resid_gram(a: jax.Array, b: jax.Array, axis: int) -> jax.Array:
+    """Cross-Gram ``(d, d)`` over the residual ``axis`` of two equally shaped leaves, summed over the others."""
+    a2 = jnp.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+    b2 = jnp.moveaxis(b, axis, 0).reshape(b.shape[axis], -1)
+    return jnp.matmul(a2, b2.T, precision=_HIGHEST)
+
+
+def _layer_row(layers_a: Params, layers_b: Params, layer: jax.Array, cfg: ModelConfig) -> _LayerRow:
+    """Layer ``layer`` (traced) of the stacked trees: its residual cross-Gram, the inner product of its
+    unpermuted leaves, squared norms, and its MLP matrices as (resid, mlp) and MLP vectors."""
+    d, h = cfg.d_model, cfg.d_ff
+    gram, const = jnp.zeros((d, d), jnp.float32), jnp.zeros((), jnp.float32)
+    sq_a, sq_b = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    mats_a, mats_b, vecs_a, vecs_b = [], [], [], []
+    for path, axes in permutation_spec(cfg).items():
+        if path[0] != "layers":
             continue
-        leaf = get_leaf(params, path).astype(jnp.float32)
-        if axes == ("layers", "mlp"):
-            vecs.append(leaf)
-        elif axes in (("layers", "resid", "mlp"), ("layers", "mlp", "resid")):
-            mats.append(leaf if axes[1] == "resid" else jnp.swapaxes(leaf, 1, 2))
-        else:
+        a = layers_a[path[1]][layer].astype(jnp.float32)
+        b = layers_b[path[1]][layer].astype(jnp.float32)
+        axes = axes[1:]  # this layer's slice
+        sq_a, sq_b = sq_a + jnp.sum(a * a), sq_b + jnp.sum(b * b)
+        if "expert" in axes:
+            continue  # router and experts: experts.l2_inner
+        if axes == ("mlp",):
+            vecs_a.append(a)
+            vecs_b.append(b)
+        elif axes in (("resid", "mlp"), ("mlp", "resid")):
+            mats_a.append(a if axes[0] == "resid" else a.T)
+            mats_b.append(b if axes[0] == "resid" else b.T)
+        elif "mlp" in axes:
             raise JaxindError(f"unsupported MLP axes {axes} for {path}")
-    if not mats:  # no dense MLP (a mixture of experts without a shared expert): empty stacks
-        n, d = get_leaf(params, ("layers", "attn_norm")).shape
-        return jnp.zeros((n, 0, d, 0), jnp.float32), jnp.zeros((n, 0, 0), jnp.float32)
-    n, h = mats[0].shape[0], mats[0].shape[2]
-    return jnp.stack(mats, axis=1), (jnp.stack(vecs, axis=1) if vecs else jnp.zeros((n, 0, h), jnp.float32))
+        elif "resid" in axes:
+            gram += _resid_gram(a, b, axes.index("resid"))
+        else:
+            const += jnp.sum(a * b)
+    empty, no_mats = jnp.zeros((0, h), jnp.float32), jnp.zeros((0, d, h), jnp.float32)  # (Mixtral: no dense MLP)
+    return _LayerRow(
+        gram,
+        const,
+        sq_a,
+        sq_b,
+        jnp.stack(mats_a) if mats_a else no_mats,
+        jnp.stack(mats_b) if mats_b else no_mats,
+        jnp.stack(vecs_a) if vecs_a else empty,
+        jnp.stack(vecs_b) if vecs_b else empty,
+    )
 
 
-def _resid_gram(a: jax.Array, b: jax.Array, axes: tuple) -> jax.Array:
-    """Cross-Gram over the residual axis of two equally shaped leaves, summed over their other axes
-    except the layer axis: ``(L, d, d)`` for a layer leaf, ``(d, d)`` for a top-level one."""
-    r = axes.index("resid")
-    stacked = axes[0] == "layers"
-    lead = 1 if stacked else 0
-    a2, b2 = jnp.moveaxis(a, r, lead), jnp.moveaxis(b, r, lead)
-    a2 = a2.reshape(*a2.shape[: lead + 1], -1)
-    b2 = b2.reshape(*b2.shape[: lead + 1], -1)
-    return jnp.einsum("...ik,...jk->...ij", a2, b2, precision=_HIGHEST)
+def _global_terms(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax.Array, ...]:
+    """``(gram_global (d, d), const_global, sq_a_global, sq_b_global)`` over the top-level leaves."""
+    d = cfg.d_model
+    gram, const = jnp.zeros((d, d), jnp.float32), jnp.zeros((), jnp.float32)
+    sq_a, sq_b = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    for path, axes in permutation_spec(cfg).items():
+        if path[0] == "layers":
+            continue
+        a = get_leaf(params_a, path).astype(jnp.float32)
+        b = get_leaf(params_b, path).astype(jnp.float32)
+        sq_a, sq_b = sq_a + jnp.sum(a * a), sq_b + jnp.sum(b * b)
+        if "resid" in axes:
+            gram += _resid_gram(a, b, axes.index("resid"))
+        else:
+            const += jnp.sum(a * b)
+    return gram, const, sq_a, sq_b
 
 
-def _per_layer_sum(x: jax.Array, axes: tuple) -> jax.Array:
-    """Sum of a leaf over every axis but the layer axis: ``(L,)`` for a layer leaf, ``()`` otherwise."""
-    return jnp.sum(x, axis=tuple(range(1, x.ndim))) if axes[0] == "layers" else jnp.sum(x)
+def _assemble(rows: _LayerRow, glob: tuple[jax.Array, ...], expert_consts: experts.ExpertL2 | None) -> L2Consts:
+    gram_global, const_global, sq_a_global, sq_b_global = glob
+    return L2Consts(
+        gram_layers=rows.gram,
+        gram_global=gram_global,
+        const_layers=rows.const,
+        const_global=const_global,
+        mlp_a=rows.mlp_a,
+        mlp_b=rows.mlp_b,
+        mlp_vec_a=rows.vec_a,
+        mlp_vec_b=rows.vec_b,
+        sq_a_layers=rows.sq_a,
+        sq_b_layers=rows.sq_b,
+        sq_a_total=rows.sq_a.sum() + sq_a_global,
+        sq_b_total=rows.sq_b.sum() + sq_b_global,
+        experts=expert_consts,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
-    """Precomputes the cross-Grams, MLP stacks and norms of the pair (once per test)."""
-    d, n = cfg.d_model, cfg.n_layers
-    spec = permutation_spec(cfg)
-    zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
-    gram = {True: zeros((n, d, d)), False: zeros((d, d))}  # keyed by "is a layer leaf"
-    const = {True: zeros((n,)), False: zeros(())}
-    sq_a = {True: zeros((n,)), False: zeros(())}
-    sq_b = {True: zeros((n,)), False: zeros(())}
-    for path, axes in spec.items():
-        a = get_leaf(params_a, path).astype(jnp.float32)
-        b = get_leaf(params_b, path).astype(jnp.float32)
-        stacked = axes[0] == "layers"
-        sq_a[stacked] += _per_layer_sum(a * a, axes)
-        sq_b[stacked] += _per_layer_sum(b * b, axes)
-        if "mlp" in axes or "expert" in axes:
-            continue  # gate/up/down (and up_bias): handled by the MLP stacks; router and experts by experts.l2_inner
-        if "resid" in axes:
-            gram[stacked] += _resid_gram(a, b, axes)
-        else:
-            const[stacked] += _per_layer_sum(a * b, axes)
-    mlp_a, mlp_vec_a = _mlp_stacks(params_a, spec)
-    mlp_b, mlp_vec_b = _mlp_stacks(params_b, spec)
-    return L2Consts(
-        gram_layers=gram[True],
-        gram_global=gram[False],
-        const_layers=const[True],
-        const_global=const[False],
-        mlp_a=mlp_a,
-        mlp_b=mlp_b,
-        mlp_vec_a=mlp_vec_a,
-        mlp_vec_b=mlp_vec_b,
-        sq_a_layers=sq_a[True],
-        sq_b_layers=sq_b[True],
-        sq_a_total=sq_a[True].sum() + sq_a[False],
-        sq_b_total=sq_b[True].sum() + sq_b[False],
-        experts=experts.l2_consts(params_a, params_b, cfg),
-    )
+    """Precomputes the cross-Grams, MLP stacks and norms of the pair (once per test), on one device
+    (:func:`_place_consts` builds the same, layer by layer, split over a mesh)."""
+    rows = jax.lax.map(lambda l: _layer_row(params_a["layers"], params_b["layers"], l, cfg), jnp.arange(cfg.n_layers))
+    return _assemble(rows, _global_terms(params_a, params_b, cfg), experts.l2_consts(params_a, params_b, cfg))
+
+
+def _layer_inner(consts: L2Consts, perm: Perm) -> jax.Array:
+    """``<A_l, p(B)_l>`` for the layers ``consts`` holds (all, or one device's share): ``(L_held,)`` for the
+    group element ``perm`` (its residual permutation ``s (d,)`` and the held layers' MLP permutations
+    ``t (L_held, h)``; a mixture of experts' expert permutations too, all layers held)."""
+    s, t = perm.resid, perm.mlp
+    d = consts.gram_global.shape[0]
+    rows = jnp.arange(d)
+    resid_layers = consts.gram_layers[:, rows, s].sum(axis=-1)
+
+    def layer_inner(carry, xs):
+        a, b, av, bv, t_l = xs  # (k, d, h), (k, d, h), (m, h), (m, h), (h,)
+        # B[k, s_i, t_j] for every (k, i, j): a contiguous row gather, then a column gather.
+        bp = jnp.take(jnp.take(b, s, axis=1, mode="clip"), t_l, axis=2, mode="clip")
+        return carry, jnp.sum(a * bp) + jnp.sum(av * jnp.take(bv, t_l, axis=1, mode="clip"))
+
+    xs = (consts.mlp_a, consts.mlp_b, consts.mlp_vec_a, consts.mlp_vec_b, t)
+    _, mlp_layers = jax.lax.scan(layer_inner, None, xs)
+    inner = resid_layers + mlp_layers + consts.const_layers
+    if consts.experts is not None:  # a mixture of experts: router and experts under the draw's expert permutations
+        inner = inner + experts.l2_inner(consts.experts, perm)
+    return inner
+
+
+def _l2_stats(consts: L2Consts, inner_layers: jax.Array, inner_sum: jax.Array, s: jax.Array):
+    """Minus the distances from the held layers' inner products and ``inner_sum``, the sum over every layer."""
+    d = consts.gram_global.shape[0]
+    inner_total = inner_sum + consts.gram_global[jnp.arange(d), s].sum() + consts.const_global
+    dist2_layers = consts.sq_a_layers + consts.sq_b_layers - 2.0 * inner_layers
+    dist2_total = consts.sq_a_total + consts.sq_b_total - 2.0 * inner_total
+    return -jnp.sqrt(jnp.maximum(dist2_layers, 0.0)), -jnp.sqrt(jnp.maximum(dist2_total, 0.0))
 
 
 def l2_draw(consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
@@ -212,45 +275,39 @@ def l2_draw(consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
     Returns:
       ``(stat_layers (L,), stat_total ())``: minus the L2 distances.
     """
-    d = consts.gram_global.shape[0]
-    s = perm.resid
-    rows = jnp.arange(d)
-    resid_layers = consts.gram_layers[:, rows, s].sum(axis=-1)
-    resid_global = consts.gram_global[rows, s].sum()
-
-    def layer_inner(carry, xs):
-        a, b, av, bv, t = xs  # (k, d, h), (k, d, h), (m, h), (m, h), (h,)
-        # B[k, s_i, t_j] for every (k, i, j): a contiguous row gather, then a column gather.
-        bp = jnp.take(jnp.take(b, s, axis=1, mode="clip"), t, axis=2, mode="clip")
-        return carry, jnp.sum(a * bp) + jnp.sum(av * jnp.take(bv, t, axis=1, mode="clip"))
-
-    xs = (consts.mlp_a, consts.mlp_b, consts.mlp_vec_a, consts.mlp_vec_b, perm.mlp)
-    _, mlp_layers = jax.lax.scan(layer_inner, None, xs)
-    inner_layers = resid_layers + mlp_layers + consts.const_layers
-    if consts.experts is not None:  # a mixture of experts: router and experts under the draw's expert permutations
-        inner_layers = inner_layers + experts.l2_inner(consts.experts, perm)
-    inner_total = inner_layers.sum() + resid_global + consts.const_global
-    dist2_layers = consts.sq_a_layers + consts.sq_b_layers - 2.0 * inner_layers
-    dist2_total = consts.sq_a_total + consts.sq_b_total - 2.0 * inner_total
-    return -jnp.sqrt(jnp.maximum(dist2_layers, 0.0)), -jnp.sqrt(jnp.maximum(dist2_total, 0.0))
+    inner = _layer_inner(consts, perm)
+    return _l2_stats(consts, inner, inner.sum(), perm.resid)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def l2_direct(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Minus the L2 distance between two param trees, computed from the differences.
+def l2_direct(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Minus the L2 distance between two param trees, computed from the differences (on a mesh, with sums that
+    do not depend on how the mesh is split between processes: :func:`jaxind.sharding.sq_distance`).
 
     Returns:
-      ``(stat_layers (L,), stat_total ())``.
+      ``(stat_layers (L,), stat_total ())`` float32 numpy.
     """
+    layers = np.zeros((cfg.n_layers,), np.float32)
+    other = np.zeros((), np.float32)
+    for path, axes in permutation_spec(cfg).items():
+        stacked = axes[0] == "layers"
+        sq = sharding.to_host(sharding.sq_distance(get_leaf(params_a, path), get_leaf(params_b, path), stacked))
+        if stacked:
+            layers += sq
+        else:
+            other += sq
+    return -np.sqrt(layers), -np.sqrt(layers.sum() + other)
+
+
+def _l2_direct_traced(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """:func:`l2_direct` inside a traced computation (the loop reference's draws)."""
     layers = jnp.zeros((cfg.n_layers,), jnp.float32)
     other = jnp.zeros((), jnp.float32)
     for path, axes in permutation_spec(cfg).items():
         diff = get_leaf(params_a, path).astype(jnp.float32) - get_leaf(params_b, path).astype(jnp.float32)
-        sq = _per_layer_sum(diff * diff, axes)
         if axes[0] == "layers":
-            layers += sq
+            layers += jnp.sum(diff * diff, axis=tuple(range(1, diff.ndim)))
         else:
-            other += sq
+            other += jnp.sum(diff * diff)
     return -jnp.sqrt(layers), -jnp.sqrt(layers.sum() + other)
 
 
@@ -282,42 +339,110 @@ def _mc_draw(cfg: ModelConfig, consts: MCConsts, perm: Perm) -> tuple[jax.Array,
     return jnp.zeros((0,), jnp.float32), stat
 
 
-def _l2_draw(cfg: ModelConfig, consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
-    return l2_draw(consts, perm)
-
-
-_DRAW_FNS: dict[str, Callable] = {"l2": _l2_draw, "mc": _mc_draw}
-
-
 # --------------------------------------------------------------------------------------------
 # The sharded, chunked driver.
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh with axis ``"perm"`` over ``devices`` (default: all devices)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 1) -> Mesh:
+    """A ``(perm, layers)`` mesh over ``devices`` (default: all devices): draws are split over ``perm``,
+    the layers' constants over ``layers`` (``layer_shards`` devices per group of draws).
+
+    Raises:
+      JaxindError: no devices, or a device count that ``layer_shards`` does not divide.
+    """
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
         raise JaxindError("permtest needs at least one device")
-    return Mesh(np.array(devs), (_AXIS,))
+    if layer_shards < 1 or len(devs) % layer_shards:
+        raise JaxindError(
+            f"--permtest_layer_shards={layer_shards} must divide the {len(devs)} devices PERMTEST runs on"
+        )
+    return Mesh(np.array(devs).reshape(len(devs) // layer_shards, layer_shards), (_AXIS, _LAYERS))
+
+
+# Where each L2 constant lives on the (perm, layers) mesh: layer arrays split over "layers", the rest replicated.
+_L2_SPECS: tuple[P, ...] = tuple(
+    P(_LAYERS) if name.endswith("layers") or name.startswith("mlp") else P() for name in L2Consts._fields
+)
+
+
+_layer_row_jit = jax.jit(_layer_row, static_argnames=("cfg",))
+_global_terms_jit = jax.jit(_global_terms, static_argnames=("cfg",))
+
+
+@functools.partial(jax.jit, static_argnames=("shardings",), donate_argnums=(0,))
+def _write_row(stacks: _LayerRow, row: _LayerRow, layer: jax.Array, shardings: _LayerRow) -> _LayerRow:
+    """``stacks`` (donated) with row ``layer`` set to ``row``, kept split over the ``layers`` axis."""
+    out = _LayerRow(*(jax.lax.dynamic_update_index_in_dim(s, r, layer, 0) for s, r in zip(stacks, row)))
+    return jax.lax.with_sharding_constraint(out, shardings)
+
+
+def _on(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` as it is if it lives on ``mesh``'s devices, else copied there (replicated)."""
+    devices = set(mesh.devices.flat)
+    if all(leaf.sharding.device_set == devices for leaf in jax.tree.leaves(tree)):
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens, mesh: Mesh):
+    """The draw kernel's constants on ``mesh``. For "l2" the layer constants are split over its ``layers`` axis
+    (depth padded with zero layers to a multiple of it; a zero layer adds nothing) and built layer by layer, so
+    each device holds ``1/layer_shards`` of the MLP stacks and Grams and no device gathers more than one layer.
+    For "mc" both models are replicated (each draw evaluates a whole averaged model)."""
+    if statistic == "mc":
+        consts = MCConsts(params_a, params_b, jnp.asarray(tokens, dtype=jnp.int32))
+        return jax.device_put(consts, NamedSharding(mesh, P()))
+    depth = -(-cfg.n_layers // mesh.shape[_LAYERS]) * mesh.shape[_LAYERS]
+    shapes = jax.eval_shape(functools.partial(_layer_row, cfg=cfg), params_a["layers"], params_b["layers"], 0)
+    split = NamedSharding(mesh, P(_LAYERS))
+    shardings = _LayerRow._make(split for _ in shapes)
+    stacks = _LayerRow._make(sharding.zeros((depth, *s.shape), s.dtype, split) for s in shapes)
+    for layer in range(cfg.n_layers):
+        row = _on(_layer_row_jit(params_a["layers"], params_b["layers"], np.int32(layer), cfg=cfg), mesh)
+        stacks = _write_row(stacks, row, np.int32(layer), shardings)
+    glob = _on(_global_terms_jit(params_a, params_b, cfg=cfg), mesh)
+    return _assemble_on(mesh)(stacks, glob, _on(experts.l2_consts(params_a, params_b, cfg), mesh))
+
+
+@functools.lru_cache(maxsize=64)
+def _assemble_on(mesh: Mesh) -> Callable:
+    """Jitted :func:`_assemble` whose output lives on ``mesh`` (layer arrays split over ``layers``)."""
+    return jax.jit(_assemble, out_shardings=L2Consts._make(NamedSharding(mesh, spec) for spec in _L2_SPECS))
 
 
 @functools.lru_cache(maxsize=64)
 def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
-    """Jitted ``(consts, key, idx (C,)) -> (stat_layers (C, L), stat_total (C,))`` with ``idx``
-    sharded over the mesh; each device draws and evaluates its own slice of indices."""
-    draw_fn = functools.partial(_DRAW_FNS[statistic], cfg)
+    """Jitted ``(consts, key data, idx (C,)) -> (stat_layers (C, L'), stat_total (C,))`` with ``idx`` split over
+    the ``perm`` axis: each device draws its own indices. For "l2" each device evaluates the layers it holds
+    (``L'`` is the depth padded to the ``layers`` axis) and the per-layer inner products are summed over the
+    ``layers`` axis (``psum``); draw ``t`` is ``draw_permutations(fold_in(key, t))`` on every mesh."""
 
-    def local(consts, key, idx):
-        perms = jax.vmap(lambda i: draw_permutations(jax.random.fold_in(key, i), cfg))(idx)
-        return jax.vmap(lambda p: draw_fn(consts, p))(perms)
+    def local(consts, key_data, idx):
+        key = jax.random.wrap_key_data(key_data)
+        if statistic == "mc":
+            perms = jax.vmap(lambda i: draw_permutations(jax.random.fold_in(key, i), cfg))(idx)
+            return jax.vmap(lambda p: _mc_draw(cfg, consts, p))(perms)
+        n_held = consts.gram_layers.shape[0]
+        held = jax.lax.axis_index(_LAYERS) * n_held + jnp.arange(n_held)
 
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(_AXIS)), out_specs=(P(_AXIS), P(_AXIS)))
+        def inner(i):
+            perm = draw_permutations(jax.random.fold_in(key, i), cfg, held)
+            return _layer_inner(consts, perm), perm.resid
+
+        inners, resids = jax.vmap(inner)(idx)
+        # the sum over every layer, added in mesh order (an all-reduce's order may depend on the process split)
+        sums = jnp.sum(jax.lax.all_gather(inners.sum(axis=1), _LAYERS, to="invarying"), axis=0)
+        return jax.vmap(functools.partial(_l2_stats, consts))(inners, sums, resids)
+
+    specs = L2Consts._make(_L2_SPECS) if statistic == "l2" else P()
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), P(_AXIS)), out_specs=(P(_AXIS, _LAYERS), P(_AXIS)))
     return jax.jit(mapped)
 
 
-def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
+def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None, layer_shards: int = 1) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
-    if statistic == "l2":  # the gathered layer stack and its product (a layer's experts too)
+    if statistic == "l2":  # the gathered layer stack and its product, one layer at a time (a layer's experts too)
         return 2 * 3 * cfg.d_model * (cfg.d_ff + cfg.n_experts * cfg.d_expert) * 4
     assert tokens is not None  # checked by _check_args
     n_tok = int(np.prod(np.shape(tokens)))
@@ -397,7 +522,7 @@ def _result(
 def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
     if statistic == "l2":
         return l2_direct(params_a, params_b, cfg)
-    return None, _mc_stat_jit(params_a, params_b, cfg, jnp.asarray(tokens, dtype=jnp.int32))
+    return None, sharding.to_host(_mc_stat_jit(params_a, params_b, cfg, np.asarray(tokens, dtype=np.int32)))
 
 
 @timed
@@ -413,6 +538,7 @@ def permtest(
     chunk_size: int | None = None,
     memory_budget_bytes: int = 512 * 2**20,
     layers: Sequence[int] | None = None,
+    layer_shards: int = 1,
 ) -> PermTestResult:
     """PERMTEST(statistic, T) with the draws vmapped, chunked and sharded over devices.
 
@@ -427,6 +553,8 @@ def permtest(
       memory_budget_bytes: working memory per device for draws in flight.
       layers: "l2" only: report these layers and test the distance over them alone (default:
         every layer reported, the distance over every parameter tested).
+      layer_shards: "l2" only: split the layers' constants (MLP stacks, Grams) over this many devices
+        per group of draws (mesh ``(perm, layers)``); the statistics of a draw are summed over them.
 
     Returns:
       PermTestResult with the observed and drawn statistics and exact p-values (per layer and
@@ -434,37 +562,44 @@ def permtest(
     """
     _check_args(statistic, num_perms, tokens, layers)
     _check_pair(params_a, params_b, cfg)
-    mesh = make_mesh(devices)
-    n_dev = mesh.size
+    if statistic == "mc" and layer_shards != 1:
+        raise JaxindError("the mc statistic evaluates whole averaged models per draw; it takes no layer sharding")
+    if cfg.moe and layer_shards != 1:
+        raise JaxindError(
+            f"{cfg.family} is a mixture of experts: PERMTEST-L2 keeps its experts whole on every device; "
+            "use --permtest_layer_shards=1"
+        )
+    layout = sharding.layout_of(params_a)
+    if devices is None and layout is not None:
+        devices = list(layout.mesh.devices.flat)  # the params' devices, in their order
+    mesh = make_mesh(devices, layer_shards)
+    n_groups = mesh.shape[_AXIS]
     if chunk_size is None:
-        chunk_size = max(1, memory_budget_bytes // _bytes_per_draw(statistic, cfg, tokens))
+        chunk_size = max(1, memory_budget_bytes // _bytes_per_draw(statistic, cfg, tokens, layer_shards))
     # Per-device chunk: at most what the budget allows, at most the next power of two above
-    # T / n_dev (so that different T reuse the same compiled shapes).
-    needed = -(-num_perms // n_dev)
+    # T / n_groups (so that different T reuse the same compiled shapes).
+    needed = -(-num_perms // n_groups)
     chunk_size = max(1, min(int(chunk_size), 1 << (needed - 1).bit_length()))
-    step = chunk_size * n_dev
+    step = chunk_size * n_groups
 
-    if statistic == "l2":
-        consts = l2_consts(params_a, params_b, cfg)
-    else:
-        consts = MCConsts(params_a, params_b, jnp.asarray(tokens, dtype=jnp.int32))
-    replicated = NamedSharding(mesh, P())
-    consts = jax.device_put(consts, replicated)
-    key_rep = jax.device_put(key, replicated)
+    consts = _place_consts(statistic, params_a, params_b, cfg, tokens, mesh)
+    key_data = jax.device_put(jax.random.key_data(key), NamedSharding(mesh, P()))
     idx_sharding = NamedSharding(mesh, P(_AXIS))
     fn = _sharded_draws(statistic, cfg, mesh)
 
     layer_chunks, total_chunks = [], []
     bar = progress.bar(total=num_perms, desc=f"PERMTEST-{statistic}", unit="perm")
     for start in range(0, num_perms, step):
-        idx = jax.device_put(np.arange(start, start + step, dtype=np.int32), idx_sharding)
-        chunk_layers, total = fn(consts, key_rep, idx)
+        idx = np.arange(start, start + step, dtype=np.int32)
+        chunk_layers, total = fn(
+            consts, key_data, jax.make_array_from_callback(idx.shape, idx_sharding, idx.__getitem__)
+        )
         layer_chunks.append(chunk_layers)
         total_chunks.append(total.block_until_ready() if not bar.disable else total)
         bar.update(min(step, num_perms - start))
     bar.close()
-    stats_layers = np.concatenate([np.asarray(c) for c in layer_chunks])[:num_perms]
-    stats_total = np.concatenate([np.asarray(c) for c in total_chunks])[:num_perms]
+    stats_layers = np.concatenate([sharding.to_host(c) for c in layer_chunks])[:num_perms, : cfg.n_layers]
+    stats_total = np.concatenate([sharding.to_host(c) for c in total_chunks])[:num_perms]
     stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
     return _result(statistic, stat0_layers, stat0_total, stats_layers, stats_total, layers)
 
@@ -476,7 +611,7 @@ def _loop_step(statistic: str, cfg: ModelConfig) -> Callable:
     def step(params_a, params_b, key, t, tokens):
         permuted = apply_permutation(params_b, cfg, draw_permutations(jax.random.fold_in(key, t), cfg))
         if statistic == "l2":
-            return l2_direct(params_a, permuted, cfg)
+            return _l2_direct_traced(params_a, permuted, cfg)
         return jnp.zeros((0,), jnp.float32), mc_stat(params_a, permuted, cfg, tokens)
 
     return jax.jit(step)

@@ -128,11 +128,27 @@ def _match(
 
 @timed
 def _l2(
-    a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, num_perms: int = 999
+    a: Model,
+    b: Model,
+    *,
+    key: jax.Array,
+    data: Any = None,
+    layers: Layers = None,
+    num_perms: int = 999,
+    layer_shards: int = 1,
 ) -> TestResult:
     _same_config(a, b, "l2")
     chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")
-    return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="l2", layers=chosen)
+    return permtest.permtest(
+        a.params,
+        b.params,
+        a.config,
+        key,
+        num_perms=num_perms,
+        statistic="l2",
+        layers=chosen,
+        layer_shards=layer_shards,
+    )
 
 
 @timed
@@ -205,7 +221,7 @@ _RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {
     "csu": (_csu, {}),
     "csh": (_csh, {}),
     "csu_all": (_csu_all, {}),
-    "l2": (_l2, {"num_perms": "num_perms"}),
+    "l2": (_l2, {"num_perms": "num_perms", "layer_shards": "permtest_layer_shards"}),
     "mc": (_mc, {"num_perms": "num_perms", "mc_sequences": "mc_sequences"}),
     "jsd": (_jsd, {}),
     "match": (_match, {}),

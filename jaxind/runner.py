@@ -43,6 +43,7 @@ class Settings:
       alpha: significance level used in the report.
       layers: layers to test (``--layers``; each against the same layer of B), or None.
       layer_pairs: explicit ``(layer_a, layer_b)`` pairs (``--layer_pairs``), or None.
+      permtest_layer_shards: devices per group of PERMTEST-L2 draws that split the layers between them.
     """
 
     tests: tuple[str, ...] = DEFAULT_TESTS
@@ -55,6 +56,7 @@ class Settings:
     alpha: float = 0.05
     layers: tuple[int, ...] | None = None
     layer_pairs: tuple[LayerPair, ...] | None = None
+    permtest_layer_shards: int = 1
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tests if t not in TESTS]

@@ -13,7 +13,7 @@ carries which permutation.
   the columns of ``gate[l]``/``up[l]``, the rows of ``down[l]`` (and GPT-2's ``up_bias[l]``): on a
   stacked leaf, the slice at position ``l`` of its ``"layers"`` axis takes ``t_l``.
 
-Mixtures of experts (:mod:`jaxind.moe`, docs/DESIGN.md §5.12) add two axes:
+Mixtures of experts (:mod:`jaxind.moe`, docs/DESIGN.md §5.13) add two axes:
 
 - ``"expert"``: the expert axis. Layer ``l`` has its own permutation ``pi_l`` of its ``E`` experts,
   acting on the columns of ``router[l]`` and on the expert axis of every expert leaf of layer ``l``.
@@ -270,26 +270,32 @@ def identity(cfg: ModelConfig) -> Perm:
     )
 
 
-def draw_permutations(key: jax.Array, cfg: ModelConfig) -> Perm:
+def draw_permutations(key: jax.Array, cfg: ModelConfig, layers: jax.Array | None = None) -> Perm:
     """A uniformly random group element (independent uniform ``s`` and ``t_0..t_{L-1}``; for a mixture of
     experts also independent uniform ``pi_l`` and ``tau_{l,e}``).
 
     Args:
       key: a PRNG key. Deterministic in ``key``; ``vmap`` over keys for a batch.
+      layers: draw ``t_l`` only for these layer indices (int array, may be traced; indices past the last
+        layer repeat it): the rows equal those of the whole draw, so a device that owns some layers draws
+        exactly their part of the element.
 
     Returns:
-      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32 (and ``experts (L, E)``, ``expert_mlp (L, E, he)``).
+      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32 (and ``experts (L, E)``, ``expert_mlp (L, E, he)``);
+      ``len(layers)`` rows instead of ``L`` with ``layers``.
     """
     k_resid, k_mlp = jax.random.split(key)
     resid = jax.random.permutation(k_resid, cfg.d_model).astype(jnp.int32)
     mlp_keys = jax.random.split(k_mlp, cfg.n_layers)
+    rows = slice(None) if layers is None else jnp.clip(layers, 0, cfg.n_layers - 1)
+    mlp_keys = mlp_keys[rows]
     mlp = jax.vmap(lambda k: jax.random.permutation(k, cfg.d_ff))(mlp_keys).astype(jnp.int32)
     if not cfg.moe:
         return Perm(resid, mlp)
     # Keys folded from `key` (the dense draws above stay what they were).
-    e_keys = jax.random.split(jax.random.fold_in(key, 1), cfg.n_layers)
+    e_keys = jax.random.split(jax.random.fold_in(key, 1), cfg.n_layers)[rows]
     experts = jax.vmap(lambda k: jax.random.permutation(k, cfg.n_experts))(e_keys).astype(jnp.int32)
-    u_keys = jax.random.split(jax.random.fold_in(key, 2), (cfg.n_layers, cfg.n_experts))
+    u_keys = jax.random.split(jax.random.fold_in(key, 2), (cfg.n_layers, cfg.n_experts))[rows]
     permute_units = jax.vmap(jax.vmap(lambda k: jax.random.permutation(k, cfg.d_expert)))
     return Perm(resid, mlp, experts, permute_units(u_keys).astype(jnp.int32))
 

@@ -1,5 +1,3 @@
-"""Running many model pairs: sweeps, multi-host JAX on pods, job scripts.
-
-Empty for now: the scale-out work builds here on jaxind.runner.run_pair and
-jaxind.results.write_json (atomic, one JSON per pair).
-"""
+"""Launchers for multi-host runs (shell scripts beside this file): ``tpu_pod.sh`` (every worker of a Cloud TPU
+slice), ``slurm.sbatch`` (one task per node), ``cpu_processes.sh`` (N local CPU processes). Each starts
+``python -m jaxind.main --flagfile=...`` on every process; see README.md "Pods"."""

@@ -172,6 +172,16 @@ CASES: list[Case] = [
     _flag("--no_such_flag=1", "Unknown command line flag 'no_such_flag'"),
     _flag("--flagfile=/nonexistent/run.flags", "Unable to open flagfile"),
     _flag("--data=csv:x.csv", "not understood"),
+    # --- pods: mesh and multi-host flags ---------------------------------------------------------
+    _flag("--mesh=fsdp:2,tensor:4", "--mesh='fsdp:2,tensor:4': expected axis:size pairs over data, fsdp, model"),
+    _flag("--mesh=fsdp:-1,model:-1", "at most one axis may be -1"),
+    _flag("--mesh=fsdp:3", "needs 3 devices, there are 8"),  # the tests' 8 fake CPU devices
+    _flag("--permtest_layer_shards=3", "--permtest_layer_shards=3 must divide the 8 devices"),
+    _flag("--num_processes=2", "pass --coordinator_address, --num_processes and --process_id together"),
+    _flag(
+        "--coordinator_address=127.0.0.1:1",
+        "pass --coordinator_address, --num_processes and --process_id together",
+    ),
     Case("only_model_a", lambda w, d: [f"--model_a={w.a}"], "pass both"),
     Case("only_model_b", lambda w, d: [f"--model_b={w.a}"], "pass both"),
     # --- defect 8 and 13: data files -------------------------------------------------------------

@@ -192,3 +192,20 @@ def test_no_function_over_80_lines():
                 if length > 80:
                     long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_no_merge_conflict_markers_in_tracked_text():
+    """No file carries a leftover merge-conflict marker (a bad merge once left them in the docs)."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO, check=True).stdout.split()
+    markers = ("<<<<<<< ", ">>>>>>> ")
+    found = []
+    for name in files:
+        if not name.endswith((".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".sbatch", ".flags", ".txt", ".json")):
+            continue
+        with open(os.path.join(REPO, name), encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.startswith(markers) or line.rstrip("\n") == "=======":
+                    found.append(f"{name}:{number}")
+    assert not found, found
