@@ -6,6 +6,8 @@ tree. Work is done group by group -- each top-level leaf, then one decoder layer
 so a caller that writes each group out (the converter) never holds the whole model. Checkpoint
 tensors name one layer each (``"layers.3.q"``); :func:`assemble` writes each layer group into its
 row of the stacked leaves of :mod:`jaxind.model` (``"layers" -> {"q": (L, d, H*hd), ...}``).
+A mixture of experts stores one tensor per expert: an ``expert`` rule writes it into its row of the layer's
+stacked expert leaf (``expert_gate (E, d, he)``), and a layer is complete once every expert arrived.
 Every problem becomes a :class:`CheckpointError` naming the tensor and the fix.
 """
 
@@ -56,6 +58,7 @@ def plan(reader: Reader, source: str, expected: dict[str, tuple[int, ...]]) -> d
     cfg = reader.config
     groups: dict[str, list[tuple[str, Rule, str]]] = {}
     found = set()
+    experts: dict[str, set[int]] = {}  # stacked expert leaves stored one tensor per expert: the experts seen
     for name in reader.names():
         matches = [(r, p) for r in reader.table if (p := r.match(name)) is not None]  # a fused tensor has several
         if not matches:
@@ -74,7 +77,11 @@ def plan(reader: Reader, source: str, expected: dict[str, tuple[int, ...]]) -> d
                     "(layer count or bias settings in the config disagree with the weights)"
                 )
             groups.setdefault(group_of(path), []).append((name, rule, path))
-            found.add(path)
+            if rule.expert:
+                experts.setdefault(path, set()).add(_expert_index(rule, name, path, expected, source))
+            else:
+                found.add(path)
+    found |= {path for path, seen in experts.items() if len(seen) == expected[path][0]}
     missing = sorted(set(expected) - found, key=_path_order)
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -82,6 +89,18 @@ def plan(reader: Reader, source: str, expected: dict[str, tuple[int, ...]]) -> d
             f"{source}: {len(missing)} tensors the config needs are missing: {shown} (incomplete checkpoint?)"
         )
     return dict(sorted(groups.items(), key=lambda kv: _path_order(kv[0])))
+
+
+def _expert_index(rule: Rule, name: str, path: str, expected: dict[str, tuple[int, ...]], source: str) -> int:
+    """The expert a per-expert tensor fills in the stacked leaf ``path`` (checked against the expert count)."""
+    index = rule.index(name)
+    assert index is not None  # an expert rule's pattern has the expert as group 2
+    if index >= expected[path][0]:
+        raise CheckpointError(
+            f"{source}: tensor {name!r} is expert {index} of {path}, but the config has {expected[path][0]} experts: "
+            "the config and the weights disagree"
+        )
+    return index
 
 
 def _path_order(path: str) -> tuple:
@@ -99,20 +118,26 @@ def iter_groups(
     for group, entries in tqdm(
         groups.items(), desc=f"converting {source}", unit="group", disable=not progress, leave=False
     ):
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for name, rule, path in entries:
             value = rule.transform(reader.load(name), cfg)
-            if value.shape != expected[path]:
+            index = rule.index(name)  # one expert's slice of a stacked expert leaf, or None for a whole leaf
+            want = expected[path] if index is None else expected[path][1:]
+            if value.shape != want:
                 raise CheckpointError(
                     f"{source}: tensor {name!r} has shape {tuple(value.shape)} (as {path}) but the config implies "
-                    f"{expected[path]}: "
+                    f"{want}: "
                     "the config and the weights disagree; fix config.json or use the matching checkpoint"
                 )
             if not np.isfinite(value).all():
                 raise CheckpointError(
                     f"{source}: tensor {name!r} contains NaN or Inf values: the checkpoint is corrupt or diverged"
                 )
-            out[path.split(".")[-1]] = value.astype(dtype, copy=False)
+            leaf = path.split(".")[-1]
+            if index is None:
+                out[leaf] = value.astype(dtype, copy=False)
+            else:
+                out.setdefault(leaf, np.empty(expected[path], dtype))[index] = value
         yield group, out
 
 

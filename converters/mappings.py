@@ -89,17 +89,26 @@ def split_qkv(part: int, bias: bool = False) -> Transform:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer)."""
+    """``pattern`` (regex, full match; the layer index is group 1) -> ``path`` (``{}`` = layer).
+
+    ``expert``: the tensor is one expert's slice of the stacked leaf at ``path`` (a mixture of experts stores one
+    tensor per expert); group 2 of the pattern is its index on the leaf's expert axis (:meth:`Rule.index`)."""
 
     pattern: str
     path: str
     transform: Transform = keep
+    expert: bool = False
 
     def match(self, name: str) -> str | None:
         m = re.fullmatch(self.pattern, name)
         if m is None:
             return None
         return self.path.format(*m.groups())
+
+    def index(self, name: str) -> int | None:
+        """The expert index of ``name`` for an ``expert`` rule (None otherwise)."""
+        m = re.fullmatch(self.pattern, name) if self.expert else None
+        return None if m is None else int(m.group(2))
 
 
 _L = r"(\d+)"
@@ -148,6 +157,48 @@ HF_PHI3 = tuple(r for r in HF_DECODER if r.path.rsplit(".", 1)[-1] not in _FUSED
     for fused, parts in ((r"self_attn\.qkv_proj", "qkv"), (r"mlp\.gate_up_proj", ("gate", "up")))
     for n in parts
 )
+
+
+def transpose_experts(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Stacked torch Linear weights ``(E, out, in)`` -> stacked kernels ``(E, in, out)``."""
+    return np.ascontiguousarray(np.swapaxes(w, -1, -2))
+
+
+def fused_expert_gate(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """transformers 5's fused ``experts.gate_up_proj`` ``(E, 2 he, d)`` -> ``expert_gate`` ``(E, d, he)``."""
+    return transpose_experts(w[:, : cfg.d_expert], cfg)
+
+
+def fused_expert_up(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """transformers 5's fused ``experts.gate_up_proj`` ``(E, 2 he, d)`` -> ``expert_up`` ``(E, d, he)``."""
+    return transpose_experts(w[:, cfg.d_expert :], cfg)
+
+
+def flatten(w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """A ``(1, d)`` linear map to one output (Qwen2-MoE's ``shared_expert_gate``) -> ``(d,)``."""
+    return np.ascontiguousarray(w.reshape(-1))
+
+
+_E = r"(\d+)"
+# Mixture of experts (Mixtral, Qwen2-MoE): one tensor per expert as checkpoints store them (Mixtral's
+# `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen2-MoE's `mlp.experts.{e}.gate_proj/up_proj/down_proj`), or the
+# fused `mlp.experts.gate_up_proj`/`down_proj` of a transformers 5 state dict; Qwen2-MoE's shared expert is the
+# dense MLP (`gate`/`up`/`down`) plus `shared_gate`.
+_MOE = rf"model\.layers\.{_L}\.(?:block_sparse_moe|mlp)"
+HF_MOE = HF_DECODER + (
+    Rule(rf"{_MOE}\.gate\.weight", "layers.{}.router", transpose),
+    Rule(rf"{_MOE}\.experts\.{_E}\.(?:w1|gate_proj)\.weight", "layers.{}.expert_gate", transpose, expert=True),
+    Rule(rf"{_MOE}\.experts\.{_E}\.(?:w3|up_proj)\.weight", "layers.{}.expert_up", transpose, expert=True),
+    Rule(rf"{_MOE}\.experts\.{_E}\.(?:w2|down_proj)\.weight", "layers.{}.expert_down", transpose, expert=True),
+    Rule(rf"{_MOE}\.experts\.gate_up_proj", "layers.{}.expert_gate", fused_expert_gate),
+    Rule(rf"{_MOE}\.experts\.gate_up_proj", "layers.{}.expert_up", fused_expert_up),
+    Rule(rf"{_MOE}\.experts\.down_proj", "layers.{}.expert_down", transpose_experts),
+    Rule(rf"{_MOE}\.shared_expert\.gate_proj\.weight", "layers.{}.gate", transpose),
+    Rule(rf"{_MOE}\.shared_expert\.up_proj\.weight", "layers.{}.up", transpose),
+    Rule(rf"{_MOE}\.shared_expert\.down_proj\.weight", "layers.{}.down", transpose),
+    Rule(rf"{_MOE}\.shared_expert_gate\.weight", "layers.{}.shared_gate", flatten),
+)
+
 # Tensors some checkpoints carry that hold no parameters.
 HF_IGNORED = (
     r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
@@ -251,6 +302,30 @@ GGUF_OLMO2 = (
 GGUF_OLMO = tuple(r for r in GGUF_LLAMA if "norm" not in r.path)
 GGUF_IGNORED = (r"rope_freqs\.weight",)  # read into the config instead
 
+# GGUF mixtures of experts (llama.cpp): Mixtral is architecture `llama` with `llama.expert_count`, its experts
+# stacked in `ffn_{gate,up,down}_exps` (older files: one `ffn_gate.{e}` tensor per expert); Qwen2-MoE is
+# `qwen2moe`, whose shared expert is `ffn_*_shexp` with the scalar gate `ffn_gate_inp_shexp`.
+_GGUF_EXPERTS = (
+    Rule(rf"blk\.{_L}\.ffn_gate_inp\.weight", "layers.{}.router", transpose),
+    Rule(rf"blk\.{_L}\.ffn_gate_exps\.weight", "layers.{}.expert_gate", transpose_experts),
+    Rule(rf"blk\.{_L}\.ffn_up_exps\.weight", "layers.{}.expert_up", transpose_experts),
+    Rule(rf"blk\.{_L}\.ffn_down_exps\.weight", "layers.{}.expert_down", transpose_experts),
+    Rule(rf"blk\.{_L}\.ffn_gate\.{_E}\.weight", "layers.{}.expert_gate", transpose, expert=True),
+    Rule(rf"blk\.{_L}\.ffn_up\.{_E}\.weight", "layers.{}.expert_up", transpose, expert=True),
+    Rule(rf"blk\.{_L}\.ffn_down\.{_E}\.weight", "layers.{}.expert_down", transpose, expert=True),
+)
+GGUF_MIXTRAL = GGUF_LLAMA + _GGUF_EXPERTS
+GGUF_QWEN2_MOE = (
+    GGUF_QWEN2
+    + _GGUF_EXPERTS
+    + (
+        Rule(rf"blk\.{_L}\.ffn_gate_inp_shexp\.weight", "layers.{}.shared_gate", flatten),
+        Rule(rf"blk\.{_L}\.ffn_gate_shexp\.weight", "layers.{}.gate", transpose),
+        Rule(rf"blk\.{_L}\.ffn_up_shexp\.weight", "layers.{}.up", transpose),
+        Rule(rf"blk\.{_L}\.ffn_down_shexp\.weight", "layers.{}.down", transpose),
+    )
+)
+
 HF_TABLES = {
     "llama": HF_DECODER,
     "mistral": HF_DECODER,
@@ -263,6 +338,8 @@ HF_TABLES = {
     "gemma3": HF_GEMMA3,
     "phi3": HF_PHI3,
     "gpt2": HF_GPT2,
+    "mixtral": HF_MOE,
+    "qwen2_moe": HF_MOE,
 }
 # Tensors of a multimodal checkpoint outside its text model, per family (text-only inputs never reach them).
 HF_OTHER_MODALITIES = {
@@ -278,4 +355,7 @@ GGUF_TABLES = {
     "phi3": ("phi3", GGUF_PHI3),
     "olmo": ("olmo", GGUF_OLMO),
     "olmo2": ("olmo2", GGUF_OLMO2),
+    "qwen2moe": ("qwen2_moe", GGUF_QWEN2_MOE),
 }
+# GGUF architecture -> (family, table) of its mixture-of-experts files (those with `{arch}.expert_count`).
+GGUF_MOE_TABLES = {"llama": ("mixtral", GGUF_MIXTRAL), "qwen2moe": ("qwen2_moe", GGUF_QWEN2_MOE)}

@@ -202,6 +202,10 @@ _GGUF_READ = (
     "rope.scaling.type",
     "rope.scaling.factor",
     "expert_count",
+    "expert_used_count",
+    "expert_feed_forward_length",
+    "expert_shared_feed_forward_length",
+    "expert_weights_norm",
 )
 # GGUF metadata that llama.cpp itself does not apply, and why it is ignored.
 _GGUF_UNUSED = {
@@ -255,6 +259,35 @@ def _gguf_family_fields(arch: str, r: Any, n_layers: int, d: int, n_heads: int, 
     return {}
 
 
+def _gguf_moe_fields(r: Any, arch: str, family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a GGUF file with ``{arch}.expert_count`` (llama.cpp's keys): Mixtral
+    (``llama``: the experts are ``feed_forward_length`` wide, no dense MLP) or Qwen2-MoE (``qwen2moe``: expert and
+    shared-expert widths of their own). Routing weights are renormalised where llama.cpp does: always for Mixtral,
+    for Qwen2-MoE only with ``{arch}.expert_weights_norm``."""
+    needed = ["expert_count", "expert_used_count"]
+    needed += ["feed_forward_length"] if family == "mixtral" else ["expert_feed_forward_length"]
+    needed += [] if family == "mixtral" else ["expert_shared_feed_forward_length"]
+    missing = [f"{arch}.{key}" for key in needed if _field(r, f"{arch}.{key}") is None]
+    if missing:
+        raise CheckpointError(
+            f"GGUF mixture of experts lacks {', '.join(missing)} (llama.cpp writes them): the file is incomplete"
+        )
+    fields: dict[str, Any] = {
+        "family": family,
+        "n_experts": int(_field(r, f"{arch}.expert_count")),
+        "experts_per_token": int(_field(r, f"{arch}.expert_used_count")),
+    }
+    if family == "mixtral":
+        return {**fields, "d_expert": int(_field(r, f"{arch}.feed_forward_length")), "d_ff": 0, "norm_topk_prob": True}
+    return {
+        **fields,
+        "d_expert": int(_field(r, f"{arch}.expert_feed_forward_length")),
+        "d_ff": int(_field(r, f"{arch}.expert_shared_feed_forward_length")),
+        "shared_expert": True,
+        "norm_topk_prob": bool(_field(r, f"{arch}.expert_weights_norm", False)),
+    }
+
+
 class GGUFFileReader:
     """A ``.gguf`` file (llama.cpp), dequantised to float32 tensor by tensor."""
 
@@ -278,6 +311,9 @@ class GGUFFileReader:
         self._tensors = {t.name: t for t in self.reader.tensors}
         try:
             self.config = self._config(arch, family)
+            if _field(self.reader, f"{arch}.expert_count"):  # a mixture of experts
+                family, self.table = mappings.GGUF_MOE_TABLES[arch]
+                self.config = self.config.replace(**_gguf_moe_fields(self.reader, arch, family))
         except (TypeError, ValueError, ZeroDivisionError, StopIteration):  # a missing (None) or malformed value
             raise CheckpointError(
                 f"GGUF file {path} lacks required {arch}.* metadata (block_count, embedding_length, "
@@ -335,9 +371,10 @@ class GGUFFileReader:
         other ``{arch}.*`` keys it does not read in ``ignored_config_keys`` (they never block)."""
         r = self.reader
         experts = _field(r, f"{arch}.expert_count")
-        if experts:
+        if experts and arch not in mappings.GGUF_MOE_TABLES:
             raise UnsupportedModelError(
-                f"GGUF {arch}.expert_count={experts}: mixture-of-experts models are not supported"
+                f"GGUF {arch}.expert_count={experts}: mixture-of-experts {arch} models are not supported "
+                f"(supported: {', '.join(mappings.GGUF_MOE_TABLES)})"
             )
         rope_dims = _field(r, f"{arch}.rope.dimension_count")
         if rope_dims not in (None, head_dim):

@@ -18,8 +18,13 @@ from typing import Any, Literal, get_args
 from jaxind.errors import CheckpointError, UnsupportedModelError
 
 # Families (jaxind's names; `MODEL_TYPES` maps the HF `model_type` values onto them).
-Family = Literal["llama", "mistral", "qwen2", "gemma", "gpt2", "gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2"]
+Family = Literal[
+    "llama", "mistral", "qwen2", "gemma", "gpt2", "gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2",
+    "mixtral", "qwen2_moe",
+]  # fmt: skip
 FAMILIES: tuple[Family, ...] = get_args(Family)
+# Mixture-of-experts families (routed SwiGLU experts; see jaxind.moe).
+MOE_FAMILIES: tuple[Family, ...] = ("mixtral", "qwen2_moe")
 # HF `model_type` -> family. "gemma3" is the multimodal config: its `text_config` is the text model jaxind reads.
 MODEL_TYPES: dict[str, Family] = {
     **{family: family for family in FAMILIES if family != "gemma3"},
@@ -89,6 +94,24 @@ _READ_KEYS = {
     "phi3": _BASE_KEYS | {"hidden_act", "sliding_window"},
     "olmo": (_BASE_KEYS - {"rms_norm_eps"}) | {"hidden_act", "attention_bias", "clip_qkv"},
     "olmo2": _BASE_KEYS | {"hidden_act", "attention_bias"},
+    # Mixture of experts (read by `_moe_fields`; Qwen2-MoE's `intermediate_size` sizes only the dense layers that
+    # `decoder_sparse_step`/`mlp_only_layers` would create, which are refused).
+    "mixtral": _DECODER_KEYS | {"sliding_window", "num_local_experts", "num_experts_per_tok"},
+    "qwen2_moe": _DECODER_KEYS
+    | {
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "layer_types",
+        "qkv_bias",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    },
     "gpt2": frozenset(
         {
             "vocab_size",
@@ -193,6 +216,10 @@ _INERT_KEYS = frozenset(
         "top_k",
         "top_p",
         "typical_p",
+        # mixture of experts: training-time routing settings (auxiliary loss, router noise applied in training only)
+        "output_router_logits",
+        "router_aux_loss_coef",
+        "router_jitter_noise",
     }
 )
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -234,6 +261,13 @@ class ModelConfig:
       layer_types: per layer, "full_attention" or "sliding_attention" (Gemma 2/3, Qwen3), or ``None``.
       rope_local_theta: RoPE base of the sliding-attention layers, which then use no RoPE scaling (Gemma 3),
         or ``None`` (every layer uses ``rope_theta`` and ``rope_scaling``).
+      n_experts: routed experts per layer (mixture of experts, :mod:`jaxind.moe`); 0 for a dense MLP.
+        A MoE config's ``d_ff`` is the width of its shared expert (Qwen2-MoE), or 0 when it has none (Mixtral).
+      experts_per_token: the top-k experts each token is routed to.
+      d_expert: hidden width of each routed expert.
+      norm_topk_prob: the top-k routing weights are renormalised to sum to 1 (Mixtral always; Qwen2-MoE per config).
+      shared_expert: the dense MLP (``gate``/``up``/``down``, width ``d_ff``) is a shared expert added to every token,
+        scaled by ``sigmoid(x . shared_gate)`` (Qwen2-MoE).
     """
 
     family: Family
@@ -266,6 +300,11 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     layer_types: tuple[LayerType, ...] | None = None
     rope_local_theta: float | None = None
+    n_experts: int = 0
+    experts_per_token: int = 0
+    d_expert: int = 0
+    norm_topk_prob: bool = True
+    shared_expert: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -274,8 +313,11 @@ class ModelConfig:
             )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             value = getattr(self, name)
+            if name == "d_ff" and self.n_experts and value == 0 and not self.shared_expert:
+                continue  # a MoE layer without a dense or shared MLP (Mixtral)
             if not isinstance(value, int) or value <= 0:
                 raise UnsupportedModelError(f"config field {name} must be a positive integer, got {value!r}")
+        self._check_experts()
         if self.n_heads % self.n_kv_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}"
@@ -296,6 +338,27 @@ class ModelConfig:
                 )
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise UnsupportedModelError("sliding-attention layers need a sliding_window")
+
+    def _check_experts(self) -> None:
+        """Refuses inconsistent mixture-of-experts fields (a dense config has them all at their defaults)."""
+        e, k, he = self.n_experts, self.experts_per_token, self.d_expert
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (e, k, he)):
+            raise UnsupportedModelError(f"expert counts and widths must be non-negative integers, got {e}, {k}, {he}")
+        if not e:
+            if k or he or self.shared_expert:
+                raise UnsupportedModelError("experts_per_token, d_expert and shared_expert need n_experts > 0")
+            return
+        if not 1 <= k <= e or he <= 0:
+            raise UnsupportedModelError(
+                f"a mixture of {e} experts needs 1 <= experts_per_token <= {e} (got {k}) and d_expert > 0 (got {he})"
+            )
+        if not self.glu or self.mlp_act != "silu" or self.mlp_bias:
+            raise UnsupportedModelError("mixture-of-experts layers are SwiGLU experts without biases only")
+
+    @property
+    def moe(self) -> bool:
+        """Mixture-of-experts layers (routed experts, :mod:`jaxind.moe`)."""
+        return self.n_experts > 0
 
     @property
     def has_norm_weights(self) -> bool:
@@ -327,6 +390,7 @@ class ModelConfig:
             attn += d
         attn += {"none": 0, "head": 2 * hd, "proj": hd * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
         mlp = (3 if self.glu else 2) * d * h + ((h + d) if self.mlp_bias else 0)
+        mlp += self.n_experts * (d + 3 * d * self.d_expert) + (d if self.shared_expert else 0)  # router, experts
         norm = {"rms": d, "layer": 2 * d, "nonparam": 0}[self.norm_kind]
         per_layer = attn + mlp + {"pre": 2, "sandwich": 4, "post": 2}[self.norm_position] * norm
         head = 0 if self.tie_embeddings else self.vocab_size * d
@@ -623,6 +687,48 @@ def _decoder_config(hf: Mapping[str, Any], model_type: str) -> ModelConfig:
     )
 
 
+def _moe_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral / Qwen2-MoE config (ModelConfig changes to the decoder config
+    :func:`_decoder_config` read), or a refusal of the layouts jaxind does not implement."""
+    if model_type == "mixtral":
+        fields: dict[str, Any] = {
+            "n_experts": _int(hf, "num_local_experts", 8),
+            "experts_per_token": _int(hf, "num_experts_per_tok", 2),
+            "d_expert": _int(hf, "intermediate_size"),
+            "d_ff": 0,
+            "norm_topk_prob": True,  # MixtralTopKRouter always renormalises the top-k weights
+            "sliding_window": _int(hf, "sliding_window") if hf.get("sliding_window") else None,
+        }
+    else:  # qwen2_moe
+        if hf.get("use_sliding_window"):
+            raise UnsupportedModelError(
+                "qwen2_moe with use_sliding_window=True (sliding-window layers) is not supported"
+            )
+        step, dense = _int(hf, "decoder_sparse_step", 1), hf.get("mlp_only_layers") or []
+        if step != 1 or dense:
+            raise UnsupportedModelError(
+                f"qwen2_moe with dense MLP layers between the MoE layers (decoder_sparse_step={step}, "
+                f"mlp_only_layers={dense}) is not supported: jaxind implements models whose every layer is a MoE layer"
+            )
+        if not isinstance(hf.get("norm_topk_prob", False), bool) or not isinstance(hf.get("qkv_bias", True), bool):
+            raise CheckpointError("config.json: norm_topk_prob and qkv_bias must be true or false")
+        shared = _int(hf, "shared_expert_intermediate_size", 5632)
+        if shared == 0:
+            raise UnsupportedModelError("qwen2_moe with shared_expert_intermediate_size=0 is not supported")
+        fields = {
+            "n_experts": _int(hf, "num_experts", 60),
+            "experts_per_token": _int(hf, "num_experts_per_tok", 4),
+            "d_expert": _int(hf, "moe_intermediate_size", 1408),
+            "d_ff": shared,
+            "norm_topk_prob": hf.get("norm_topk_prob", False),
+            "shared_expert": True,
+            "qkv_bias": hf.get("qkv_bias", True),
+        }
+    if fields["n_experts"] < 1:
+        raise UnsupportedModelError(f"{model_type} with {fields['n_experts']} experts (a dense model) is not supported")
+    return fields
+
+
 def _gpt2_config(hf: Mapping[str, Any]) -> ModelConfig:
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise UnsupportedModelError(
@@ -682,7 +788,8 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
     if model_type not in MODEL_TYPES:
         raise UnsupportedModelError(
             f"unsupported model_type {model_type!r}: jaxind converts {', '.join(MODEL_TYPES)} "
-            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3, OLMo, OLMo 2, GPT-2)"
+            "(Llama 1/2/3.x, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3, OLMo, OLMo 2, GPT-2, "
+            "Mixtral, Qwen2-MoE)"
         )
     if model_type == "gemma3":
         return _gemma3_multimodal(hf)
@@ -704,6 +811,8 @@ def parse_hf_config(hf: Any) -> tuple[ModelConfig, dict[str, str]]:
     if hf.get("pruned_heads"):
         raise UnsupportedModelError(f"pruned_heads={hf['pruned_heads']} (heads removed per layer) is not supported")
     cfg = _gpt2_config(hf) if model_type == "gpt2" else _decoder_config(hf, model_type)
+    if model_type in MOE_FAMILIES:
+        cfg = cfg.replace(**_moe_fields(hf, model_type))
     return cfg, _unread_keys(hf, model_type, _READ_KEYS[model_type])
 
 

@@ -79,6 +79,10 @@ def csu(
     Fisher-combined. ``layers``: a layer selection (:mod:`jaxind.layers`), default ``(l, l)`` for
     the shared depth."""
     _check_same_width(cfg_a, cfg_b, "CSU")
+    if cfg_a.moe or cfg_b.moe:
+        raise JaxindError(
+            "CSU on a mixture of experts matches experts first: use jaxind.experts.csu (the registry does)"
+        )
     pairs = resolve_pairs(layers, cfg_a, cfg_b, "CSU")
     records = []
     for (la, lb), k in zip(pairs, jax.random.split(key, len(pairs))):

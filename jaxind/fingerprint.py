@@ -156,6 +156,8 @@ def compute_into(
 
 def compute(params: Params, cfg: ModelConfig, tokens: Any, layers: Sequence[int], batch_size: int = 8, **meta: Any):
     """A fingerprint in memory (not cached): the model ``(params, cfg)`` on ``tokens (N, T)``."""
+    if cfg.moe:
+        raise JaxindError(f"{cfg.family} is a mixture of experts: fingerprints hold dense MLP statistics only")
     tokens = np.asarray(tokens, np.int32)
     chosen = tuple(sorted({int(l) for l in layers}))
     x = np.zeros((len(chosen), tokens.size, cfg.d_model), np.float32)

@@ -374,7 +374,8 @@ def generalized_test(
 
     Args:
       layer_pairs: a layer selection (:mod:`jaxind.layers`); default ``(i, i)``, ``i < min(L_A, L_B)``.
-      width: student width for both models; None uses each model's own ``d_ff``.
+      width: student width for both models; None uses each model's own ``d_ff`` (a mixture of experts: its
+        shared expert's width plus ``experts_per_token * d_expert``).
       Others: see :func:`generalized_from_blocks`.
 
     Returns:
@@ -385,7 +386,12 @@ def generalized_test(
     pairs = resolve_pairs(layer_pairs, cfg_a, cfg_b, "the generalized test")
     blocks_a = ModelBlocks(model_block_fn(cfg_a), params_a)
     blocks_b = ModelBlocks(model_block_fn(cfg_b), params_b)
-    h = (width, width) if width is not None else (cfg_a.d_ff, cfg_b.d_ff)
+    # default: each model's MLP width (for a mixture of experts the hidden units active per token, shared expert too)
+    h = (
+        (width, width)
+        if width is not None
+        else tuple(c.d_ff + c.experts_per_token * c.d_expert for c in (cfg_a, cfg_b))
+    )
     return generalized_from_blocks(
         blocks_a,
         blocks_b,

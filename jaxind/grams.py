@@ -270,6 +270,11 @@ def accumulate(
     """One pass over ``batches`` (each ``(B, T)`` tokens, ``(tokens, mask)`` or ``{"tokens", "mask"}``)
     for both models together, accumulating the input Grams; see :class:`PassStats`."""
     for cfg in (cfg_a, cfg_b):
+        if cfg.moe:
+            raise JaxindError(
+                f"{cfg.family} is a mixture of experts: its activation statistics are jaxind.experts.accumulate's "
+                "(the registry's csh/match choose them)"
+            )
         if not cfg.glu:
             raise JaxindError(
                 f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "

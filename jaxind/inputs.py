@@ -20,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from jaxind import data as data_lib
-from jaxind import fingerprint, grams
+from jaxind import experts, fingerprint, grams
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import LayerPair, Params
+
+PassStats = grams.PassStats | experts.ExpertPass
 
 
 @dataclasses.dataclass(eq=False)
@@ -37,7 +39,7 @@ class TokenData:
 
     tokens: np.ndarray
     batch_size: int = 8
-    _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, grams.PassStats]] = dataclasses.field(
+    _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, PassStats]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
     _fingerprints: dict[int, tuple[Params, fingerprint.Fingerprint]] = dataclasses.field(
@@ -92,14 +94,16 @@ class TokenData:
 
     def pass_stats(
         self, params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, pairs: Sequence[LayerPair]
-    ) -> grams.PassStats:
+    ) -> PassStats:
         """The one-pass statistics of ``pairs`` for these two models: from their fingerprints when
-        both have one covering the pairs' layers, else computed by one pass on first use."""
+        both have one covering the pairs' layers, else computed by one pass on first use (for mixtures of
+        experts, always by a pass: the input Grams of :mod:`jaxind.experts`)."""
         pairs = tuple(pairs)
         key = (id(params_a), id(params_b), pairs)
         cached = self._passes.get(key)
-        fp_a = self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
-        fp_b = self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
+        moe = cfg_a.moe or cfg_b.moe
+        fp_a = None if moe else self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
+        fp_b = None if moe else self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
         if (cached is None or cached[0] is not params_a or cached[1] is not params_b) and fp_a and fp_b:
             cached = (params_a, params_b, fingerprint.pass_stats(fp_a, params_a, fp_b, params_b, pairs))
             self._passes[key] = cached
@@ -107,7 +111,8 @@ class TokenData:
             layers_a = tuple(sorted({a for a, _ in pairs}))
             layers_b = tuple(sorted({b for _, b in pairs}))
             pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
-            stats = grams.accumulate(
+            accumulate = experts.accumulate if moe else grams.accumulate
+            stats = accumulate(
                 params_a,
                 cfg_a,
                 params_b,

@@ -63,7 +63,9 @@ class Model:
         return model.forward_jit(self.params, self.config, placed, x_sharding=x_sharding)[0]
 
     def mlp_activations(self, tokens: Any, layers: Iterable[int] | None = None) -> dict[int, dict[str, jax.Array]]:
-        """``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` from one forward pass (no LM head).
+        """``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` from one forward pass (no LM head); a mixture of
+        experts also gives every expert's ``expert_gate``/``expert_up`` ``(B, T, E, he)`` on all tokens and the
+        ``router_logits`` ``(B, T, E)`` (see :func:`jaxind.model.forward`).
 
         ``layers``: indices (negative allowed) or None for every layer.
         """
@@ -102,6 +104,12 @@ class Model:
             "dtype": str(leaves[0].dtype),
             # config keys of the source that cannot change the function, and why (see jaxind.config.parse_hf_config)
             "ignored_config_keys": dict(self.meta.get("ignored_config_keys") or {}),
+            # a mixture of experts: routed experts per layer, their width, experts per token
+            **(
+                {"experts": c.n_experts, "d_expert": c.d_expert, "experts_per_token": c.experts_per_token}
+                if c.moe
+                else {}
+            ),
         }
 
 

@@ -115,7 +115,12 @@ def describe(name: str, summary: dict) -> str:
     return (
         f"{name}: {summary['source']} [{summary['format']}] family={summary['family']} layers={summary['layers']} "
         f"d={summary['d_model']} h={summary['d_ff']} heads={summary['heads']}/{summary['kv_heads']}kv "
-        f"vocab={summary['vocab']} params={summary['params']:,} dtype={summary['dtype']}"
+        + (
+            f"experts={summary['experts']}x{summary['d_expert']} top-{summary['experts_per_token']} "
+            if "experts" in summary
+            else ""
+        )
+        + f"vocab={summary['vocab']} params={summary['params']:,} dtype={summary['dtype']}"
     )
 
 

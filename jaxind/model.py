@@ -21,6 +21,11 @@ and the layers run under ``jax.lax.scan`` (docs/DESIGN.md §5.9)::
      "final_norm": (d,),
      ["lm_head": (d, V)]}          # absent when cfg.tie_embeddings
 
+Mixture-of-experts families (Mixtral, Qwen2-MoE) add the router and the stacked experts of
+:mod:`jaxind.moe` (``router (L, d, E)``, ``expert_gate``/``expert_up (L, E, d, he)``,
+``expert_down (L, E, he, d)``; Qwen2-MoE's shared expert is the dense ``gate``/``up``/``down`` plus
+``shared_gate (L, d)``; Mixtral has no dense MLP, ``d_ff == 0``).
+
 Family variants: ``q_norm``/``k_norm`` ``(L, hd)`` (per head: Qwen3, Gemma 3) or ``(L, H*hd)``/``(L, K*hd)``
 (over the projection: OLMo 2); ``post_attn_norm``/``post_mlp_norm`` ``(L, d)`` (Gemma 2/3, OLMo 2, which
 has no ``attn_norm``/``mlp_norm``); no norm weights at all for OLMo (no ``final_norm`` either). GPT-2 adds
@@ -45,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxind import moe
 from jaxind.config import Activation, ModelConfig
 from jaxind.types import Params
 
@@ -234,7 +240,10 @@ def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
-    """The MLP block as a function ``x (..., d)`` -> ``(..., d)`` (what distillation imitates)."""
+    """The MLP block as a function ``x (..., d)`` -> ``(..., d)`` (what distillation imitates; for a mixture
+    of experts the whole routed layer, shared expert included)."""
+    if cfg.moe:
+        return moe.moe_mlp(layer, cfg, x)[0]
     return mlp(layer, cfg, x)[0]
 
 
@@ -255,7 +264,9 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return _softcap((x @ head).astype(jnp.float32), cfg.final_softcap)
 
 
-LayerOut = dict[str, jax.Array]  # one layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}
+# One layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}; a MoE layer has "expert_gate" /
+# "expert_up" (B, T, E, he) and "router_logits" (B, T, E) instead, plus "gate"/"up" of its shared expert if any.
+LayerOut = dict[str, jax.Array]
 Collector = Callable[[LayerOut], dict[str, jax.Array]]
 
 
@@ -270,6 +281,9 @@ def block(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.A
     a = attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x) if pre else x)
     x = x + (norm(layer, "post_attn_norm", cfg, a) if post else a)
     mlp_in = norm(layer, "mlp_norm", cfg, x) if pre else x
+    if cfg.moe:
+        y, out = moe.moe_mlp(layer, cfg, mlp_in)
+        return x + (norm(layer, "post_mlp_norm", cfg, y) if post else y), {**out, "x": mlp_in}
     y, gate, up = mlp(layer, cfg, mlp_in)
     x = x + (norm(layer, "post_mlp_norm", cfg, y) if post else y)
     out = {"up": up, "x": mlp_in} if gate is None else {"gate": gate, "up": up, "x": mlp_in}
@@ -386,7 +400,9 @@ def forward(
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
       ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``
-      (no "gate" for a non-GLU family). Memory for the activations: one ``(B, T, h)`` per kept
+      (no "gate" for a non-GLU family; a mixture of experts adds every expert's ``expert_gate``/``expert_up``
+      ``(B, T, E, he)`` on all tokens and ``router_logits`` ``(B, T, E)``, and has "gate"/"up" only for a
+      shared expert). Memory for the activations: one ``(B, T, h)`` per kept
       output per collected layer, plus one scratch layer (:func:`run_layers`).
     """
     wanted = tuple(sorted(set(collect)))
@@ -439,7 +455,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     """Random parameters (normal(0, std) weights, unit norms) for a config, layers stacked:
     independent models are ``init_params(cfg, key)`` for different keys."""
     d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
-    shapes = {
+    shapes: dict[str, tuple[int, ...]] = {
         "q": (d, cfg.n_heads * hd),
         "k": (d, cfg.n_kv_heads * hd),
         "v": (d, cfg.n_kv_heads * hd),
@@ -450,6 +466,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float 
     }
     if not cfg.glu:
         del shapes["gate"]
+    if cfg.moe:  # routed experts; the dense MLP only as a shared expert
+        shapes = {k: v for k, v in shapes.items() if k not in ("gate", "up", "down") or cfg.d_ff}
+        shapes.update(moe.layer_shapes(cfg))
     keys = jax.random.split(key, cfg.n_layers + 2)
     norm_init = 0.0 if cfg.norm_offset else 1.0
 

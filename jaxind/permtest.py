@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxind import progress, pvalues, sharding
+from jaxind import experts, progress, pvalues, sharding
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward
@@ -112,6 +112,7 @@ class L2Consts(NamedTuple):
       gate, up, down^T (k = 3; GPT-2: up, down^T, k = 2).
     mlp_vec_a, mlp_vec_b ``(L, m, h)``: vectors on the MLP axis (GPT-2's up_bias; m = 0 or 1).
     sq_a_layers, sq_b_layers ``(L,)``, sq_a_total, sq_b_total ``()``: squared norms.
+    experts: a mixture of experts' router and expert leaves (:func:`jaxind.experts.l2_consts`), or None.
     """
 
     gram_layers: jax.Array
@@ -126,6 +127,7 @@ class L2Consts(NamedTuple):
     sq_b_layers: jax.Array
     sq_a_total: jax.Array
     sq_b_total: jax.Array
+    experts: experts.ExpertL2 | None = None
 
 
 class _LayerRow(NamedTuple):
@@ -163,6 +165,8 @@ def _layer_row(layers_a: Params, layers_b: Params, layer: jax.Array, cfg: ModelC
         b = layers_b[path[1]][layer].astype(jnp.float32)
         axes = axes[1:]  # this layer's slice
         sq_a, sq_b = sq_a + jnp.sum(a * a), sq_b + jnp.sum(b * b)
+        if "expert" in axes:
+            continue  # router and experts: experts.l2_inner
         if axes == ("mlp",):
             vecs_a.append(a)
             vecs_b.append(b)
@@ -175,14 +179,14 @@ def _layer_row(layers_a: Params, layers_b: Params, layer: jax.Array, cfg: ModelC
             gram += _resid_gram(a, b, axes.index("resid"))
         else:
             const += jnp.sum(a * b)
-    empty = jnp.zeros((0, h), jnp.float32)
+    empty, no_mats = jnp.zeros((0, h), jnp.float32), jnp.zeros((0, d, h), jnp.float32)  # (Mixtral: no dense MLP)
     return _LayerRow(
         gram,
         const,
         sq_a,
         sq_b,
-        jnp.stack(mats_a),
-        jnp.stack(mats_b),
+        jnp.stack(mats_a) if mats_a else no_mats,
+        jnp.stack(mats_b) if mats_b else no_mats,
         jnp.stack(vecs_a) if vecs_a else empty,
         jnp.stack(vecs_b) if vecs_b else empty,
     )
@@ -206,7 +210,7 @@ def _global_terms(params_a: Params, params_b: Params, cfg: ModelConfig) -> tuple
     return gram, const, sq_a, sq_b
 
 
-def _assemble(rows: _LayerRow, glob: tuple[jax.Array, ...]) -> L2Consts:
+def _assemble(rows: _LayerRow, glob: tuple[jax.Array, ...], expert_consts: experts.ExpertL2 | None) -> L2Consts:
     gram_global, const_global, sq_a_global, sq_b_global = glob
     return L2Consts(
         gram_layers=rows.gram,
@@ -221,6 +225,7 @@ def _assemble(rows: _LayerRow, glob: tuple[jax.Array, ...]) -> L2Consts:
         sq_b_layers=rows.sq_b,
         sq_a_total=rows.sq_a.sum() + sq_a_global,
         sq_b_total=rows.sq_b.sum() + sq_b_global,
+        experts=expert_consts,
     )
 
 
@@ -229,12 +234,14 @@ def l2_consts(params_a: Params, params_b: Params, cfg: ModelConfig) -> L2Consts:
     """Precomputes the cross-Grams, MLP stacks and norms of the pair (once per test), on one device
     (:func:`_place_consts` builds the same, layer by layer, split over a mesh)."""
     rows = jax.lax.map(lambda l: _layer_row(params_a["layers"], params_b["layers"], l, cfg), jnp.arange(cfg.n_layers))
-    return _assemble(rows, _global_terms(params_a, params_b, cfg))
+    return _assemble(rows, _global_terms(params_a, params_b, cfg), experts.l2_consts(params_a, params_b, cfg))
 
 
-def _layer_inner(consts: L2Consts, s: jax.Array, t: jax.Array) -> jax.Array:
+def _layer_inner(consts: L2Consts, perm: Perm) -> jax.Array:
     """``<A_l, p(B)_l>`` for the layers ``consts`` holds (all, or one device's share): ``(L_held,)`` for the
-    residual permutation ``s (d,)`` and those layers' MLP permutations ``t (L_held, h)``."""
+    group element ``perm`` (its residual permutation ``s (d,)`` and the held layers' MLP permutations
+    ``t (L_held, h)``; a mixture of experts' expert permutations too, all layers held)."""
+    s, t = perm.resid, perm.mlp
     d = consts.gram_global.shape[0]
     rows = jnp.arange(d)
     resid_layers = consts.gram_layers[:, rows, s].sum(axis=-1)
@@ -247,7 +254,10 @@ def _layer_inner(consts: L2Consts, s: jax.Array, t: jax.Array) -> jax.Array:
 
     xs = (consts.mlp_a, consts.mlp_b, consts.mlp_vec_a, consts.mlp_vec_b, t)
     _, mlp_layers = jax.lax.scan(layer_inner, None, xs)
-    return resid_layers + mlp_layers + consts.const_layers
+    inner = resid_layers + mlp_layers + consts.const_layers
+    if consts.experts is not None:  # a mixture of experts: router and experts under the draw's expert permutations
+        inner = inner + experts.l2_inner(consts.experts, perm)
+    return inner
 
 
 def _l2_stats(consts: L2Consts, inner_layers: jax.Array, inner_sum: jax.Array, s: jax.Array):
@@ -265,7 +275,7 @@ def l2_draw(consts: L2Consts, perm: Perm) -> tuple[jax.Array, jax.Array]:
     Returns:
       ``(stat_layers (L,), stat_total ())``: minus the L2 distances.
     """
-    inner = _layer_inner(consts, perm.resid, perm.mlp)
+    inner = _layer_inner(consts, perm)
     return _l2_stats(consts, inner, inner.sum(), perm.resid)
 
 
@@ -440,7 +450,7 @@ def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: Model
 
     stacks = _stack_rows_split(row, depth, shapes, mesh)
     glob = _on(_global_terms_jit(params_a, params_b, cfg=cfg), mesh)
-    return _assemble_on(mesh)(stacks, glob)
+    return _assemble_on(mesh)(stacks, glob, _on(experts.l2_consts(params_a, params_b, cfg), mesh))
 
 
 @functools.lru_cache(maxsize=64)
@@ -466,7 +476,7 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
 
         def inner(i):
             perm = draw_permutations(jax.random.fold_in(key, i), cfg, held)
-            return _layer_inner(consts, perm.resid, perm.mlp), perm.resid
+            return _layer_inner(consts, perm), perm.resid
 
         inners, resids = jax.vmap(inner)(idx)
         # the sum over every layer, added in mesh order (an all-reduce's order may depend on the process split)
@@ -489,11 +499,11 @@ def _device_budget(mesh: Mesh, memory_budget_bytes: int) -> int:
 
 def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
-    if statistic == "l2":
-        return 2 * 3 * cfg.d_model * cfg.d_ff * 4  # the gathered layer stack and its product (one layer at a time)
+    if statistic == "l2":  # the gathered layer stack and its product, one layer at a time (a layer's experts too)
+        return 2 * 3 * cfg.d_model * (cfg.d_ff + cfg.n_experts * cfg.d_expert) * 4
     assert tokens is not None  # checked by _check_args
     n_tok = int(np.prod(np.shape(tokens)))
-    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * cfg.d_ff) * 4
+    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * (cfg.d_ff + cfg.n_experts * cfg.d_expert)) * 4
     return 3 * cfg.num_params() * 4 + acts
 
 
@@ -613,7 +623,12 @@ def permtest(
     _check_pair(params_a, params_b, cfg)
     if statistic == "mc" and layer_shards > 1:
         raise JaxindError("the mc statistic evaluates whole averaged models per draw; it takes no layer sharding")
-    if statistic == "mc":
+    if cfg.moe and layer_shards > 1:
+        raise JaxindError(
+            f"{cfg.family} is a mixture of experts: PERMTEST-L2 keeps its experts whole on every device; "
+            "use --permtest_layer_shards=1"
+        )
+    if statistic == "mc" or cfg.moe:
         layer_shards = 1
     layout = sharding.layout_of(params_a)
     if devices is None and layout is not None:

@@ -25,7 +25,7 @@ from typing import Any, get_args
 import jax
 import numpy as np
 
-from jaxind import constrained, divergence, generalized, grams, localized, match, permtest
+from jaxind import constrained, divergence, experts, generalized, grams, localized, match, permtest
 from jaxind.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
 from jaxind.errors import JaxindError
 from jaxind.inputs import TokenData
@@ -74,9 +74,14 @@ def _require_glu(a: Model, b: Model, test: str) -> None:
         )
 
 
+def _moe(a: Model, b: Model) -> bool:
+    """Either model is a mixture of experts: the layer-wise tests run their expert versions (jaxind.experts)."""
+    return a.config.moe or b.config.moe
+
+
 def _one_pass(
     a: Model, b: Model, data: Any, layers: Layers, test: str
-) -> tuple[grams.PassStats, tuple[LayerPair, ...]]:
+) -> tuple[grams.PassStats | experts.ExpertPass, tuple[LayerPair, ...]]:
     """The one-pass statistics of the selected layer pairs (shared through ``data``) and the pairs."""
     _require_glu(a, b, test)
     pairs = resolve_pairs(layers, a.config, b.config, test)
@@ -93,6 +98,8 @@ def _same_config(a: Model, b: Model, test: str) -> None:
 
 @timed
 def _csu(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    if _moe(a, b):
+        return experts.csu(a.params, a.config, b.params, b.config, key, layers=layers)
     return constrained.csu(a.params, a.config, b.params, b.config, key, layers=layers)
 
 
@@ -104,6 +111,8 @@ def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: La
 @timed
 def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
     stats, pairs = _one_pass(a, b, data, layers, "csh")
+    if isinstance(stats, experts.ExpertPass):
+        return experts.csh_from_pass(a.params, b.params, stats, pairs, key)
     return constrained.csh_from_pass(stats, pairs, key)
 
 
@@ -112,6 +121,8 @@ def _match(
     a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, return_units: bool = False
 ) -> TestResult:
     stats, pairs = _one_pass(a, b, data, layers, "match")
+    if isinstance(stats, experts.ExpertPass):
+        return experts.match_from_pass(a.params, b.params, stats, pairs, key)
     return match.match_from_pass(stats, pairs, key, return_units)
 
 
@@ -175,6 +186,8 @@ def _localized(
     memory_budget_bytes: int = 2 * 2**30,
 ) -> TestResult:
     _require_glu(a, b, "localized testing")
+    if _moe(a, b):
+        raise JaxindError("localized testing is not implemented for mixtures of experts: use --tests=match per layer")
     batches = TokenData.of(data, "localized testing").batches()
     layers_a = layers_b = None
     if layers is not None:

@@ -2,7 +2,7 @@
 arrays on a mesh (docs/DESIGN.md §5.12).
 
 A device mesh has the axes ``("data", "fsdp", "model")``. Every param leaf names its axes with
-logical names (:data:`PARAM_AXES`: ``vocab``, ``embed``, ``heads``, ``mlp``, ``layers``), and an
+logical names (:data:`PARAM_AXES`: ``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``, ``layers``), and an
 ordered rules table (:data:`RULES`, as in EasyLM and MaxText) maps them to mesh axes. A leaf's
 PartitionSpec comes from walking the rules in order: a rule applies to an axis of the leaf with
 that logical name when the axis is not yet sharded, its mesh axes are not used elsewhere in the
@@ -69,6 +69,11 @@ PARAM_AXES: dict[str, Names] = {
     "layers.down": ("layers", "mlp", "embed"),
     "layers.up_bias": ("layers", "mlp"),
     "layers.down_bias": ("layers", "embed"),
+    "layers.router": ("layers", "embed", "experts"),  # mixtures of experts (jaxind.moe)
+    "layers.expert_gate": ("layers", "experts", "embed", "mlp"),
+    "layers.expert_up": ("layers", "experts", "embed", "mlp"),
+    "layers.expert_down": ("layers", "experts", "mlp", "embed"),
+    "layers.shared_gate": ("layers", "embed"),
 }
 
 # Ordered rules: (logical axis, mesh axes). The first rule that fits an axis shards it.
@@ -77,6 +82,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data",)),
     ("vocab", ("model",)),
     ("heads", ("model",)),
+    ("experts", ("model",)),  # expert parallel: a mixture of experts' experts split over `model`
     ("mlp", ("model",)),
     ("embed", ("fsdp",)),
     ("vocab", ("fsdp",)),  # fallbacks, where the first choice does not divide or is taken

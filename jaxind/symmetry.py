@@ -13,6 +13,15 @@ carries which permutation.
   the columns of ``gate[l]``/``up[l]``, the rows of ``down[l]`` (and GPT-2's ``up_bias[l]``): on a
   stacked leaf, the slice at position ``l`` of its ``"layers"`` axis takes ``t_l``.
 
+Mixtures of experts (:mod:`jaxind.moe`, docs/DESIGN.md §5.13) add two axes:
+
+- ``"expert"``: the expert axis. Layer ``l`` has its own permutation ``pi_l`` of its ``E`` experts,
+  acting on the columns of ``router[l]`` and on the expert axis of every expert leaf of layer ``l``.
+- ``"expert_mlp"``: an expert's hidden (``he``) axis. Each expert *position* ``e`` of layer ``l`` has
+  its own permutation ``tau_{l,e}`` (columns of ``expert_gate[l, e]``/``expert_up[l, e]``, rows of
+  ``expert_down[l, e]``), applied after the experts were reordered: ``w'[l, e] = take(w[l, pi_l[e]],
+  tau_{l,e})``. A shared expert (Qwen2-MoE) is the dense MLP and keeps ``"mlp"``.
+
 So the spec of ``gate`` reads ``("layers", "resid", "mlp")``: one per-layer MLP permutation,
 stated once for the whole stack. Norms on the attention/MLP outputs (``post_attn_norm``,
 ``post_mlp_norm``: Gemma 2/3, OLMo 2) act on the residual stream and carry ``"resid"``; q/k norm
@@ -21,11 +30,14 @@ not move. GPT-2's extra leaves (``pos_embed``, LayerNorm biases,
 ``down_bias``) carry ``"resid"``; LayerNorm is permutation-equivariant but not
 rotation-equivariant, so rotations refuse it.
 
-A group element is a :class:`Perm` ``(resid (d,), mlp (L, h))`` of int32 index arrays.
+A group element is a :class:`Perm` ``(resid (d,), mlp (L, h))`` of int32 index arrays (plus
+``experts (L, E)`` and ``expert_mlp (L, E, he)`` for a mixture of experts, else None).
 Applying it *gathers*: every axis tagged ``"resid"`` becomes ``take(w, s, axis)``, every axis
 tagged ``"mlp"`` becomes ``take(w[l], t_l, axis)`` for each layer ``l``. Under this convention
 
     apply(apply(w, p1), p2) == apply(w, compose(p2, p1)),   compose(p2, p1) = (s1[s2], t1[t2])
+
+and for experts ``pi = pi1[pi2]``, ``tau[l, e] = tau1[l, pi2[l, e]][tau2[l, e]]``.
 
 and ``invert`` is an argsort. Perms are pytrees, so ``draw_permutations``, ``compose``,
 ``invert`` and ``apply_permutation`` all ``vmap`` over a leading batch axis.
@@ -79,6 +91,12 @@ LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
     "mlp_norm_bias": ("layers", "resid"),
     "up_bias": ("layers", "mlp"),
     "down_bias": ("layers", "resid"),
+    # Mixture of experts (jaxind.moe); Qwen2-MoE's shared expert is gate/up/down above.
+    "router": ("layers", "resid", "expert"),
+    "expert_gate": ("layers", "expert", "resid", "expert_mlp"),
+    "expert_up": ("layers", "expert", "resid", "expert_mlp"),
+    "expert_down": ("layers", "expert", "expert_mlp", "resid"),
+    "shared_gate": ("layers", "resid"),
 }
 TOP_SPEC: dict[str, tuple[AxisName, ...]] = {
     "embed": (None, "resid"),
@@ -88,7 +106,10 @@ TOP_SPEC: dict[str, tuple[AxisName, ...]] = {
     "lm_head": ("resid", None),
 }
 # Norm weights, and which linear maps read each norm's output (for folding).
-NORM_READERS: dict[str, tuple[str, ...]] = {"attn_norm": ("q", "k", "v"), "mlp_norm": ("gate", "up")}
+NORM_READERS: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("q", "k", "v"),
+    "mlp_norm": ("gate", "up", "router", "expert_gate", "expert_up", "shared_gate"),
+}
 
 Path = tuple[str, ...]  # ("embed",) or ("layers", "q")
 
@@ -98,11 +119,16 @@ class Perm(NamedTuple):
 
     Attributes:
       resid: ``(..., d)`` int32, the residual permutation ``s``.
-      mlp: ``(..., L, h)`` int32, one hidden-unit permutation ``t_l`` per layer.
+      mlp: ``(..., L, h)`` int32, one hidden-unit permutation ``t_l`` per layer (``h = 0``: no dense MLP).
+      experts: ``(..., L, E)`` int32, one expert permutation ``pi_l`` per layer; None for a dense model (None
+        leaves a mixture of experts' experts and their units in place).
+      expert_mlp: ``(..., L, E, he)`` int32, one hidden-unit permutation per expert position; None likewise.
     """
 
     resid: jax.Array
     mlp: jax.Array
+    experts: jax.Array | None = None
+    expert_mlp: jax.Array | None = None
 
 
 def layer_leaf_names(cfg: ModelConfig) -> list[str]:
@@ -117,7 +143,14 @@ def layer_leaf_names(cfg: ModelConfig) -> list[str]:
         "k_bias": cfg.qkv_bias,
         "v_bias": cfg.qkv_bias,
         "o_bias": cfg.o_bias,
-        "gate": cfg.glu,
+        "gate": cfg.glu and cfg.d_ff > 0,
+        "up": cfg.d_ff > 0,
+        "down": cfg.d_ff > 0,
+        "router": cfg.moe,
+        "expert_gate": cfg.moe,
+        "expert_up": cfg.moe,
+        "expert_down": cfg.moe,
+        "shared_gate": cfg.shared_expert,
         "attn_norm_bias": layer_norm,
         "mlp_norm_bias": layer_norm,
         "up_bias": cfg.mlp_bias,
@@ -209,19 +242,37 @@ def _permute(leaf: jax.Array, axes: tuple[AxisName, ...], perm: Perm) -> jax.Arr
             if axes[0] != "layers":
                 raise JaxindError(f"an MLP axis needs the layer axis first, got {axes}")
             leaf = jax.vmap(lambda w, t, axis=axis: jnp.take(w, t, axis=axis - 1))(leaf, perm.mlp)
+        elif name in ("expert", "expert_mlp") and (perm.experts is None or perm.expert_mlp is None):
+            continue  # a Perm without expert components leaves the experts where they are
+        elif name == "expert":  # per layer: reorder the experts
+            leaf = jax.vmap(lambda w, p, axis=axis: jnp.take(w, p, axis=axis - 1))(leaf, perm.experts)
+        elif name == "expert_mlp":  # per layer, per expert position (after the reordering): its units
+            if axes[:2] != ("layers", "expert"):
+                raise JaxindError(f"an expert's hidden axis needs the layer and expert axes first, got {axes}")
+            per_expert = jax.vmap(lambda w, t, axis=axis: jnp.take(w, t, axis=axis - 2))
+            leaf = jax.vmap(per_expert)(leaf, perm.expert_mlp)
     return leaf
 
 
 def identity(cfg: ModelConfig) -> Perm:
-    """The identity element: ``resid = arange(d)``, ``mlp = arange(h)`` for every layer."""
+    """The identity element: ``resid = arange(d)``, ``mlp = arange(h)`` for every layer (and every expert)."""
+    experts = expert_mlp = None
+    if cfg.moe:
+        experts = jnp.broadcast_to(jnp.arange(cfg.n_experts, dtype=jnp.int32), (cfg.n_layers, cfg.n_experts))
+        expert_mlp = jnp.broadcast_to(
+            jnp.arange(cfg.d_expert, dtype=jnp.int32), (cfg.n_layers, cfg.n_experts, cfg.d_expert)
+        )
     return Perm(
         jnp.arange(cfg.d_model, dtype=jnp.int32),
         jnp.broadcast_to(jnp.arange(cfg.d_ff, dtype=jnp.int32), (cfg.n_layers, cfg.d_ff)),
+        experts,
+        expert_mlp,
     )
 
 
 def draw_permutations(key: jax.Array, cfg: ModelConfig, layers: jax.Array | None = None) -> Perm:
-    """A uniformly random group element (independent uniform ``s`` and ``t_0..t_{L-1}``).
+    """A uniformly random group element (independent uniform ``s`` and ``t_0..t_{L-1}``; for a mixture of
+    experts also independent uniform ``pi_l`` and ``tau_{l,e}``).
 
     Args:
       key: a PRNG key. Deterministic in ``key``; ``vmap`` over keys for a batch.
@@ -230,15 +281,23 @@ def draw_permutations(key: jax.Array, cfg: ModelConfig, layers: jax.Array | None
         exactly their part of the element.
 
     Returns:
-      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32 (``(len(layers), h)`` with ``layers``).
+      Perm with ``resid (d,)`` and ``mlp (L, h)`` int32 (and ``experts (L, E)``, ``expert_mlp (L, E, he)``);
+      ``len(layers)`` rows instead of ``L`` with ``layers``.
     """
     k_resid, k_mlp = jax.random.split(key)
     resid = jax.random.permutation(k_resid, cfg.d_model).astype(jnp.int32)
     mlp_keys = jax.random.split(k_mlp, cfg.n_layers)
-    if layers is not None:
-        mlp_keys = mlp_keys[jnp.clip(layers, 0, cfg.n_layers - 1)]
+    rows = slice(None) if layers is None else jnp.clip(layers, 0, cfg.n_layers - 1)
+    mlp_keys = mlp_keys[rows]
     mlp = jax.vmap(lambda k: jax.random.permutation(k, cfg.d_ff))(mlp_keys).astype(jnp.int32)
-    return Perm(resid, mlp)
+    if not cfg.moe:
+        return Perm(resid, mlp)
+    # Keys folded from `key` (the dense draws above stay what they were).
+    e_keys = jax.random.split(jax.random.fold_in(key, 1), cfg.n_layers)[rows]
+    experts = jax.vmap(lambda k: jax.random.permutation(k, cfg.n_experts))(e_keys).astype(jnp.int32)
+    u_keys = jax.random.split(jax.random.fold_in(key, 2), (cfg.n_layers, cfg.n_experts))[rows]
+    permute_units = jax.vmap(jax.vmap(lambda k: jax.random.permutation(k, cfg.d_expert)))
+    return Perm(resid, mlp, experts, permute_units(u_keys).astype(jnp.int32))
 
 
 def compose(p2: Perm, p1: Perm) -> Perm:
@@ -246,15 +305,34 @@ def compose(p2: Perm, p1: Perm) -> Perm:
     ``apply_permutation(apply_permutation(w, p1), p2) == apply_permutation(w, compose(p2, p1))``.
 
     Works on batches (leading axes broadcast per component)."""
+    experts = expert_mlp = None
+    if p1.experts is not None and p2.experts is not None and p1.expert_mlp is not None and p2.expert_mlp is not None:
+        experts = jnp.take_along_axis(p1.experts, p2.experts, axis=-1)
+        # position e of the result holds p1's expert at position pi2[e], then tau2[e] on top of its tau1
+        moved = jnp.take_along_axis(p1.expert_mlp, p2.experts[..., None], axis=-2)
+        expert_mlp = jnp.take_along_axis(moved, p2.expert_mlp, axis=-1)
     return Perm(
         jnp.take_along_axis(p1.resid, p2.resid, axis=-1),
         jnp.take_along_axis(p1.mlp, p2.mlp, axis=-1),
+        experts,
+        expert_mlp,
     )
 
 
 def invert(p: Perm) -> Perm:
     """The inverse element: ``compose(invert(p), p) == compose(p, invert(p)) == identity``."""
-    return Perm(jnp.argsort(p.resid, axis=-1).astype(jnp.int32), jnp.argsort(p.mlp, axis=-1).astype(jnp.int32))
+    experts = expert_mlp = None
+    if p.experts is not None and p.expert_mlp is not None:
+        experts = jnp.argsort(p.experts, axis=-1).astype(jnp.int32)
+        # position e of the inverse undoes the units of the expert p moved from e: tau'[e] = argsort(tau[pi'[e]])
+        units = jnp.take_along_axis(p.expert_mlp, experts[..., None], axis=-2)
+        expert_mlp = jnp.argsort(units, axis=-1).astype(jnp.int32)
+    return Perm(
+        jnp.argsort(p.resid, axis=-1).astype(jnp.int32),
+        jnp.argsort(p.mlp, axis=-1).astype(jnp.int32),
+        experts,
+        expert_mlp,
+    )
 
 
 def apply_permutation(params: Params, cfg: ModelConfig, perm: Perm) -> Params:
@@ -302,11 +380,11 @@ def _require_rms(cfg: ModelConfig) -> None:
 def fold_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     """Folds every RMSNorm scale into the linear maps that read the normalised stream.
 
-    ``attn_norm`` goes into the input rows of q/k/v, ``mlp_norm`` into gate/up (layer by layer:
-    ``(L, d, 1) * (L, d, n)``), ``final_norm`` into ``lm_head`` (a tied head is untied first:
-    ``lm_head = embed.T``). Norm weights are then set to their neutral value (1, or 0 where
-    ``cfg.norm_offset == 1``), so the norm becomes a plain ``x / rms(x)``. The function is
-    unchanged (up to rounding).
+    ``attn_norm`` goes into the input rows of q/k/v, ``mlp_norm`` into gate/up (and a mixture of
+    experts' router, expert gate/up and shared-expert gate), layer by layer along each leaf's
+    residual axis; ``final_norm`` into ``lm_head`` (a tied head is untied first: ``lm_head =
+    embed.T``). Norm weights are then set to their neutral value (1, or 0 where ``cfg.norm_offset
+    == 1``), so the norm becomes a plain ``x / rms(x)``. The function is unchanged (up to rounding).
 
     Returns:
       ``(params, cfg)``; ``cfg`` has ``tie_embeddings=False`` if the head was untied.
@@ -316,9 +394,12 @@ def fold_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     neutral = 0.0 if off else 1.0
     layers = dict(params["layers"])
     for norm, readers in NORM_READERS.items():
-        scale = (off + layers[norm].astype(jnp.float32))[:, :, None]
-        for name in readers:
-            layers[name] = (scale * layers[name].astype(jnp.float32)).astype(layers[name].dtype)
+        scale = off + layers[norm].astype(jnp.float32)  # (L, d)
+        for name in (r for r in readers if r in layers):
+            leaf, resid = layers[name], LAYER_SPEC[name].index("resid")
+            shape = [scale.shape[0]] + [1] * (leaf.ndim - 1)
+            shape[resid] = scale.shape[1]  # the norm scales the leaf's residual (input) axis, layer by layer
+            layers[name] = (scale.reshape(shape) * leaf.astype(jnp.float32)).astype(leaf.dtype)
         layers[norm] = jnp.full_like(layers[norm], neutral)
     out = dict(params)
     out["layers"] = layers

@@ -137,6 +137,71 @@ def write_gguf_from_torch(model: Any, family: str, path: str, sliding_window: in
             heads = c.num_attention_heads if base.endswith("q_proj") else c.num_key_value_heads
             w = _llama_permute(w, heads)
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(w, np.float32))
+
+
+def write_moe_gguf(path: str, torch_model, per_expert: bool = False) -> str:
+    """Writes a transformers Mixtral (GGUF architecture ``llama`` with ``llama.expert_count``) or Qwen2-MoE
+    (``qwen2moe``) model as llama.cpp's converter lays it out: experts stacked in ``ffn_{gate,up,down}_exps``
+    ``(E, he, d)`` / ``(E, d, he)`` (or, with ``per_expert``, the older ``ffn_gate.{e}`` tensors), the router as
+    ``ffn_gate_inp``, Qwen2-MoE's shared expert as ``*_shexp``; float32, a minimal tokenizer."""
+    from gguf import GGUFWriter
+
+    cfg = torch_model.config
+    arch = "llama" if cfg.model_type == "mixtral" else "qwen2moe"
+    state = {k: v.detach().float().numpy() for k, v in torch_model.state_dict().items()}
+    writer = GGUFWriter(path, arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch == "llama":
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_expert_count(cfg.num_local_experts)
+    else:
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _llama_permute(q, cfg.num_attention_heads), _llama_permute(k, cfg.num_key_value_heads)
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.attn_q.weight", q)
+        writer.add_tensor(f"blk.{i}.attn_k.weight", k)
+        writer.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
+        for name in ("q", "k", "v"):
+            if p + f"self_attn.{name}_proj.bias" in state:
+                writer.add_tensor(f"blk.{i}.attn_{name}.bias", state[p + f"self_attn.{name}_proj.bias"])
+        writer.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", state[p + "mlp.gate.weight"])
+        gate_up, down = state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.down_proj"]
+        he = gate_up.shape[1] // 2
+        stacked = {"gate": gate_up[:, :he], "up": gate_up[:, he:], "down": down}
+        for name, value in stacked.items():
+            if per_expert:
+                for e in range(value.shape[0]):
+                    writer.add_tensor(f"blk.{i}.ffn_{name}.{e}.weight", np.ascontiguousarray(value[e]))
+            else:
+                writer.add_tensor(f"blk.{i}.ffn_{name}_exps.weight", np.ascontiguousarray(value))
+        if arch == "qwen2moe":
+            writer.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", state[p + "mlp.shared_expert_gate.weight"][0])
+            for name in ("gate", "up", "down"):
+                writer.add_tensor(
+                    f"blk.{i}.ffn_{name}_shexp.weight", state[p + f"mlp.shared_expert.{name}_proj.weight"]
+                )
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -77,6 +77,24 @@ FAMILIES = {
     "olmo": ("OlmoConfig", dict(clip_qkv=0.5, eos_token_id=2)),  # clamps active at these weight scales
     "olmo2": ("Olmo2Config", dict(eos_token_id=2)),
 }
+# Mixture-of-experts families (tests/test_moe.py): 8 experts, top-2; Qwen2-MoE with its shared expert.
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2),
+    ),
+    "qwen2_moe_norm_topk": (
+        "Qwen2MoeConfig",
+        dict(
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_experts=6,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+        ),
+    ),
+}
 CAUSAL_LM = {
     "LlamaConfig": "LlamaForCausalLM",
     "MistralConfig": "MistralForCausalLM",
@@ -89,6 +107,8 @@ CAUSAL_LM = {
     "Phi3Config": "Phi3ForCausalLM",
     "OlmoConfig": "OlmoForCausalLM",
     "Olmo2Config": "Olmo2ForCausalLM",
+    "MixtralConfig": "MixtralForCausalLM",
+    "Qwen2MoeConfig": "Qwen2MoeForCausalLM",
 }
 # Families whose norms scale by 1 + w (their random norm weights are centred on 0).
 OFFSET_NORMS = ("gemma", "gemma2", "gemma3")
@@ -98,7 +118,7 @@ def build_torch_model(name: str, seed: int = 0, **overrides):
     """A float32 transformers causal LM of family ``name`` with randomised norms and biases."""
     import transformers
 
-    config_cls, extra = FAMILIES[name]
+    config_cls, extra = {**FAMILIES, **MOE_FAMILIES}[name]
     base = {"vocab_size": TINY["vocab_size"]} if name == "gpt2" else TINY
     config = getattr(transformers, config_cls)(**{**base, **extra, **overrides})
     config._attn_implementation = "eager"
@@ -113,6 +133,41 @@ def build_torch_model(name: str, seed: int = 0, **overrides):
             else:
                 p.copy_(0.15 * torch.randn_like(p))
     return model
+
+
+def moe_reference_activations(model, tokens) -> tuple:
+    """A MoE transformers model's logits and, per layer, what jaxind's ``mlp_activations`` returns: every expert's
+    gate/up projection of the MLP input on ALL tokens (``expert_gate``/``expert_up`` ``(B, T, E, he)``, from the
+    fused ``experts.gate_up_proj`` applied to the captured input) and the shared expert's ``gate``/``up``."""
+    captured: dict[int, dict] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+
+        def grab(module, args, out, i=i):
+            captured.setdefault(i, {})["x"] = args[0].detach()
+
+        hooks.append(layer.mlp.register_forward_hook(grab))
+        if hasattr(layer.mlp, "shared_expert"):
+            for proj in ("gate", "up"):
+                hooks.append(
+                    getattr(layer.mlp.shared_expert, f"{proj}_proj").register_forward_hook(
+                        lambda mod, args, out, i=i, proj=proj: captured.setdefault(i, {}).__setitem__(
+                            proj, out.detach().numpy().reshape(*np.shape(tokens), -1)
+                        )
+                    )
+                )
+    with torch.no_grad():
+        logits = model(torch.tensor(tokens)).logits.numpy()
+        for i, layer in enumerate(model.model.layers):
+            x = captured[i].pop("x")
+            experts = layer.mlp.experts
+            fused = torch.einsum("btd,ehd->bteh", x, experts.gate_up_proj)
+            he = experts.gate_up_proj.shape[1] // 2
+            captured[i]["expert_gate"] = fused[..., :he].numpy()
+            captured[i]["expert_up"] = fused[..., he:].numpy()
+    for h in hooks:
+        h.remove()
+    return logits, captured
 
 
 def mlp_modules(model) -> list[dict]:

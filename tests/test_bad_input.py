@@ -122,6 +122,19 @@ def _edited_hf(text: str | None = None, **config_changes) -> Callable[[World, Pa
     return setup
 
 
+def _moe_checkpoint(drop: str) -> Callable[[World, Path], None]:
+    """Saves a tiny Mixtral (tests/hf_models.py) to ``case_dir/moe`` without the tensor ``drop``."""
+
+    def setup(world: World, d: Path) -> None:
+        from safetensors.numpy import load_file, save_file
+
+        path = save(build_torch_model("mixtral", seed=0, vocab_size=TINY["vocab_size"]), str(d / "moe"))
+        weights = os.path.join(path, "model.safetensors")
+        save_file({k: v for k, v in load_file(weights).items() if k != drop}, weights, metadata={"format": "pt"})
+
+    return setup
+
+
 def _tiny_gguf(**kwargs) -> Callable[[World, Path], None]:
     """Writes a tiny Llama GGUF (tests/gguf_models.py) to ``case_dir/m.gguf``."""
 
@@ -379,9 +392,23 @@ CASES: list[Case] = [
         before_work=False,
     ),
     Case(
+        "hf_config_qwen2_moe_dense_layers",
+        lambda w, d: [*w.pair(str(d / "hf"))],
+        "dense MLP layers between the MoE layers (decoder_sparse_step=2",
+        setup=_edited_hf(model_type="qwen2_moe", decoder_sparse_step=2),
+        before_work=False,
+    ),
+    Case(
+        "hf_mixtral_missing_expert",
+        lambda w, d: [*w.pair(str(d / "moe"))],
+        "1 tensors the config needs are missing: layers.1.expert_up",
+        setup=_moe_checkpoint(drop="model.layers.1.block_sparse_moe.experts.3.w3.weight"),
+        before_work=False,
+    ),
+    Case(
         "gguf_mixture_of_experts",
         lambda w, d: [*w.pair(str(d / "m.gguf"))],
-        "mixture-of-experts models are not supported",
+        "GGUF mixture of experts lacks llama.expert_used_count",
         setup=_tiny_gguf(metadata={"llama.expert_count": 8}),
         before_work=False,
     ),

@@ -149,7 +149,6 @@ def test_unknown_gguf_metadata_never_blocks_and_is_recorded(tmp_path):
 @pytest.mark.parametrize(
     "metadata, named",
     [
-        ({"llama.expert_count": 8}, "expert_count"),
         ({"llama.rope.dimension_count": 4}, "rope.dimension_count"),
         ({"llama.rope.scaling.type": "yarn"}, "yarn"),
     ],

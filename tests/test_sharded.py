@@ -141,16 +141,18 @@ def test_loading_places_layer_shards_without_the_whole_model_on_the_host(tmp_pat
 def _family_config(name: str) -> ModelConfig:
     """A family's tiny test config (tests/hf_models.py), read by jaxind from transformers' config dict."""
     import transformers
-    from hf_models import FAMILIES, TINY
+    from hf_models import FAMILIES, MOE_FAMILIES, TINY
 
     from jaxind.config import parse_hf_config
 
-    config_cls, extra = FAMILIES[name]
+    config_cls, extra = {**FAMILIES, **MOE_FAMILIES}[name]
     base = {"vocab_size": TINY["vocab_size"]} if name == "gpt2" else TINY
     return parse_hf_config(getattr(transformers, config_cls)(**{**base, **extra}).to_dict())[0]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2", "gpt2"])
+@pytest.mark.parametrize(
+    "family", ["gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2", "gpt2", "mixtral", "qwen2_moe"]
+)
 def test_every_family_shards_and_gives_the_same_logits(family):
     """Every family's leaves have logical axes (q/k norms, post-norms included): placed on an 8-way fsdp mesh,
     no leaf is whole on a device and the logits equal the unsharded ones."""
