@@ -137,6 +137,11 @@ def write_gguf_from_torch(model: Any, family: str, path: str, sliding_window: in
             heads = c.num_attention_heads if base.endswith("q_proj") else c.num_key_value_heads
             w = _llama_permute(w, heads)
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def write_moe_gguf(path: str, torch_model, per_expert: bool = False) -> str:
