@@ -79,12 +79,19 @@ class PassStats:
             ia, ib = self.pair_index[pair]
             index = (pair,)
         w_a, w_b = self.weights_a[proj], self.weights_b[proj]
-        c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross, index)
+        c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], *self._cross_at(index))
         return (
             sharding.to_host(c).astype(np.float64),
             self.sq_a[proj][ia].astype(np.float64),
             self.sq_b[proj][ib].astype(np.float64),
         )
+
+    def _cross_at(self, index: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        """``(crosses, index)`` for the jitted projections: the stacked array and the pair's index, or, for a
+        cross that is not an array (:class:`jaxind.fingerprint.CrossGrams`), its item for the pair and ``()``."""
+        if isinstance(self.cross, (jax.Array, np.ndarray)):
+            return self.cross, index
+        return self.cross[index[0] if len(index) == 1 else index], ()
 
     def distances(self, pair: int | tuple[int, int], proj: str) -> np.ndarray:
         """Squared Euclidean distances ``(h_A, h_B)`` between hidden units' activation rows."""
@@ -101,8 +108,7 @@ class PassStats:
             self.weights_b["gate"],
             self.weights_b["up"],
             self.layers_b[ib],
-            self.cross,
-            (pair,),
+            *self._cross_at((pair,)),
         )
 
     def distances_from(self, pair: int, crosses: jax.Array) -> tuple[np.ndarray, np.ndarray]:

@@ -8,10 +8,10 @@ import pytest
 from helpers import near_copy, random_params
 from scipy import stats
 
+from jaxind import permtest as permtest_lib
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward_jit, init_params
-from jaxind import permtest as permtest_lib
 from jaxind.permtest import permtest, permtest_loop
 
 CFG = ModelConfig(
