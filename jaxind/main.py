@@ -18,11 +18,15 @@ import math
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
 from jaxind import caching  # noqa: F401  (defines --cache_dir and --compilation_cache)
 from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
+
+if TYPE_CHECKING:
+    from jaxind.loading import Model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -213,6 +217,21 @@ def settings_from_flags(spec):
     )
 
 
+def _cached_model(name: str, source: str) -> Model | None:
+    """The model from the jaxind cache's converted models (converted and stored on first use), on the device; None
+    where the cache cannot be written (full or read-only disk: the run goes on without it)."""
+    from absl import logging
+
+    from jaxind import modelstore
+
+    try:
+        stored = modelstore.ensure(name, source, dtype=FLAGS.dtype)[0]
+    except OSError as e:
+        logging.warning("model cache not usable for %s (%s); converting it without the cache", source, e)
+        return None
+    return modelstore.on_device(stored.load())
+
+
 def _count_compilation() -> dict[str, float]:
     """A dict that JAX's monitoring events keep up to date for the rest of the run: seconds spent tracing and
     lowering (``trace``) and compiling with XLA (``compile``; 0 for kernels read from the compilation cache)."""
@@ -259,12 +278,10 @@ def run(argv) -> int:
     timing: dict[str, float] = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
         start = time.perf_counter()
-        if FLAGS.model_cache and layout is None:  # (one process: run_layout gives None only then)
-            from jaxind import modelstore
-
-            models[name] = modelstore.on_device(modelstore.ensure(name, source, dtype=FLAGS.dtype)[0].load())
-        else:
-            models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
+        cached = _cached_model(name, source) if FLAGS.model_cache and layout is None else None
+        if cached is None:
+            cached = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
+        models[name] = cached
         timing[f"load_{name}"] = time.perf_counter() - start
         print(describe(name, models[name].summary()), flush=True)
     testhooks.stop_at("models_loaded")

@@ -65,8 +65,8 @@ def test_cli_prints_models_and_writes_results_json(tmp_path, pair):
 
 def test_cli_model_cache_converts_once_and_gives_the_same_results(tmp_path, pair):
     """--model_cache (default): the first run stores both converted models, the next reads them back without
-    converting (their entries untouched), --nomodel_cache converts again; all three give the same results,
-    and each document says where its time went."""
+    converting (their entries untouched), --nomodel_cache converts again, a cache that cannot be written is
+    skipped with a warning; all four give the same results, and each document says where its time went."""
     a, b, _ = pair
     cache = tmp_path / "cache"
     args = [f"--model_a={a}", f"--model_b={b}", "--tests=match,l2", "--num_perms=19", "--num_sequences=4"]
@@ -81,6 +81,11 @@ def test_cli_model_cache_converts_once_and_gives_the_same_results(tmp_path, pair
         assert len([e for e in entries if "." not in e]) == 2
         stamps.append([os.stat(cache / "models" / e / "meta.json").st_mtime_ns for e in entries if "." not in e])
     assert stamps[0] == stamps[1] == stamps[2]  # converted once
+    blocked = tmp_path / "a_file"  # a cache that cannot be written: the run goes on without it
+    blocked.write_text("")
+    r = main_cli(*args[:-1], f"--cache_dir={blocked}", f"--output={tmp_path / 'r3.json'}")
+    assert r.returncode == 0 and "model cache not usable" in r.stderr, r.stderr[-3000:]
+    docs.append(json.loads((tmp_path / "r3.json").read_text()))
     for doc in docs:
         assert {"load_model_a", "load_model_b", "tokens", "test_match", "test_l2", "trace", "compile"} <= set(
             doc["timing"]
