@@ -16,7 +16,8 @@ down^T: ``2 L 3 d h`` float32) and one Gram entry per residual row per layer; th
 The machine's copy bandwidth is measured in the same run on a buffer of the same size (numpy ``copyto`` into a
 preallocated buffer: bytes copied per second, i.e. each byte read once and written once), before and after the
 kernel. Rates: the kernel's steady draws per second (its jitted draw function on chunks of ``CPU_L2_CHUNK``
-draws, constants already built) and a whole ``permtest`` call (constants, draws, observed statistic); the loop
+draws, constants already built; also its CPU seconds per draw and the cores it kept busy, which depend less
+on what else runs on the machine) and a whole ``permtest`` call (constants, draws, observed statistic); the loop
 (``permtest_loop``: each draw materialises ``p_t(B)``) likewise. The fraction reached is
 ``bytes per draw x draws per second / copy bandwidth``. Kernel and loop draws are checked to agree
 (same ``fold_in(key, t)`` draws: statistics to float rounding, identical counts ``stat_t >= stat_0``).
@@ -170,10 +171,11 @@ def bench_permtest(args: argparse.Namespace, noised: str) -> dict:
     key_data = jax.device_put(jax.random.key_data(key), NamedSharding(mesh, P()))
     chunk = pt.CPU_L2_CHUNK if jax.default_backend() == "cpu" else 256
     jax.block_until_ready(fn(consts, key_data, np.arange(chunk, dtype=np.int32)))  # compile
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for c in range(args.kernel_chunks):
         jax.block_until_ready(fn(consts, key_data, np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32)))
-    kernel_steady = args.kernel_chunks * chunk / (time.perf_counter() - start)
+    kernel_wall, kernel_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    kernel_steady = args.kernel_chunks * chunk / kernel_wall
     del consts
 
     # Whole calls (second call of each: compiled).
@@ -209,6 +211,8 @@ def bench_permtest(args: argparse.Namespace, noised: str) -> dict:
         "copy_bandwidth_bytes_per_s": {"before": copy_before, "after": copy_after, "mean": copy_bw},
         "kernel": {
             "steady_perms_per_s": kernel_steady,
+            "steady_cpu_seconds_per_draw": kernel_cpu / (args.kernel_chunks * chunk),
+            "steady_cores_busy": kernel_cpu / kernel_wall,
             "chunk": chunk,
             "call_perms": args.kernel_perms,
             "call_seconds": kernel_call_s,
@@ -263,7 +267,8 @@ def main() -> None:
     print(f"  bytes per draw {perm['bytes_per_draw'] / 1e6:.0f} MB; copy bandwidth {copy_bw / gb:.2f} GB/s")
     print(
         f"  kernel: {k['steady_perms_per_s']:.2f} perms/s steady "
-        f"({k['fraction_of_copy_bandwidth']:.0%} of copy bandwidth); "
+        f"({k['fraction_of_copy_bandwidth']:.0%} of copy bandwidth; {k['steady_cpu_seconds_per_draw'] * 1e3:.0f} "
+        f"CPU ms per draw on {k['steady_cores_busy']:.2f} cores); "
         f"whole call {k['call_perms_per_s']:.2f} perms/s ({k['call_perms']} draws in {k['call_seconds']:.2f} s)"
     )
     print(
