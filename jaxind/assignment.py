@@ -871,8 +871,10 @@ def solve_lap(
         kr, kc = jax.random.split(key)
         perm_r = np.asarray(jax.random.permutation(kr, n))
         perm_c = np.asarray(jax.random.permutation(kc, m))
-        xp = np if isinstance(cost, np.ndarray) else jnp
-        cost = xp.take(xp.take(cost, perm_r, axis=0), perm_c, axis=1)
+        if isinstance(cost, np.ndarray):
+            cost = cost[np.ix_(perm_r, perm_c)]  # one pass over the costs
+        else:
+            cost = jnp.take(jnp.take(cost, perm_r, axis=0), perm_c, axis=1)
     transpose = n > m
     c = cost.T if transpose else cost
     cols = np.asarray(_solve_oriented(c, maximize, method, rtol, block, max_iter), np.int64)

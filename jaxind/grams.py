@@ -11,7 +11,8 @@ instead of two ``h_A x h_B`` output Grams: for Llama-2-7B (``d = 4,096``, ``h = 
 memory and 14x fewer multiply-adds per token. Each batch runs both forwards (activation-only, no
 LM head) and one jitted, donated step adds its Grams to the running state; no token's activations
 are stored. The ``h x h`` Grams are formed one layer pair at a time, on the device, when the LAPs
-need them (:meth:`PassStats.grams`). Why this design: docs/DESIGN.md §5.1.
+need them (:meth:`PassStats.grams`; :meth:`PassStats.project_both` dispatches a pair's two projections
+at once, for MATCH to run ahead of its LAPs). Why this design: docs/DESIGN.md §5.1.
 
 Inside the scanned forward (:func:`jaxind.model.run_layers`) each collected layer keeps only its
 masked MLP input ``(N, d)`` and its units' sums of squares ``(h,)`` in a preallocated buffer, so a
@@ -78,19 +79,46 @@ class PassStats:
             ia, ib = self.pair_index[pair]
             index = (pair,)
         w_a, w_b = self.weights_a[proj], self.weights_b[proj]
-        if isinstance(self.cross, (jax.Array, np.ndarray)):
-            c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross, index)
-        else:  # computed per pair on first use (fingerprint.CrossGrams): indexed here, one pair at a time
-            c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], self.cross[index[0]][None], (0,))
+        c = _project(w_a, self.layers_a[ia], w_b, self.layers_b[ib], *self._cross_at(index))
         return (
             sharding.to_host(c).astype(np.float64),
             self.sq_a[proj][ia].astype(np.float64),
             self.sq_b[proj][ib].astype(np.float64),
         )
 
+    def _cross_at(self, index: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+        """``(crosses, index)`` for the jitted projections: the stacked array and the pair's index, or, for a
+        cross that is not an array (:class:`jaxind.fingerprint.CrossGrams`), its item for the pair and ``()``."""
+        if isinstance(self.cross, (jax.Array, np.ndarray)):
+            return self.cross, index
+        return self.cross[index[0] if len(index) == 1 else index], ()
+
     def distances(self, pair: int | tuple[int, int], proj: str) -> np.ndarray:
         """Squared Euclidean distances ``(h_A, h_B)`` between hidden units' activation rows."""
         return sq_distances(*self.grams(pair, proj))
+
+    def project_both(self, pair: int) -> jax.Array:
+        """Dispatches (asynchronously) the gate and up output cross-Grams ``(2, h_A, h_B)`` of explicit pair
+        ``pair``, in one device call: a caller starts the next pair's Grams before it solves this pair's LAPs."""
+        ia, ib = self.pair_index[pair]
+        return _project_both(
+            self.weights_a["gate"],
+            self.weights_a["up"],
+            self.layers_a[ia],
+            self.weights_b["gate"],
+            self.weights_b["up"],
+            self.layers_b[ib],
+            *self._cross_at((pair,)),
+        )
+
+    def distances_from(self, pair: int, crosses: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        """``(d_gate, d_up)`` squared distances of explicit pair ``pair`` from :meth:`PassStats.project_both`'s result:
+        the same float64 numbers as :meth:`PassStats.distances` (one transfer for both projections)."""
+        ia, ib = self.pair_index[pair]
+        host = sharding.to_host(crosses)
+        return tuple(  # type: ignore[return-value]
+            sq_distances(host[k], self.sq_a[proj][ia], self.sq_b[proj][ib]) for k, proj in enumerate(("gate", "up"))
+        )
 
 
 @jax.jit
@@ -101,6 +129,19 @@ def _project(w_a: jax.Array, layer_a, w_b: jax.Array, layer_b, crosses: jax.Arra
     hi = jax.lax.Precision.HIGHEST
     wa, wb = w_a[layer_a].astype(jnp.float32), w_b[layer_b].astype(jnp.float32)
     return jnp.matmul(jnp.matmul(wa.T, crosses[tuple(index)], precision=hi), wb, precision=hi)
+
+
+@jax.jit
+def _project_both(gate_a, up_a, layer_a, gate_b, up_b, layer_b, crosses: jax.Array, index) -> jax.Array:
+    """:func:`_project` for gate and up at once: ``(2, h_A, h_B)``, each computed exactly as :func:`_project`
+    computes it (same products in the same order), so the numbers are identical."""
+    hi = jax.lax.Precision.HIGHEST
+    c = crosses[tuple(index)]
+    out = []
+    for w_a, w_b in ((gate_a, gate_b), (up_a, up_b)):
+        wa, wb = w_a[layer_a].astype(jnp.float32), w_b[layer_b].astype(jnp.float32)
+        out.append(jnp.matmul(jnp.matmul(wa.T, c, precision=hi), wb, precision=hi))
+    return jnp.stack(out)
 
 
 def init_state(
@@ -229,8 +270,13 @@ def accumulate_step(
 def sq_distances(cross: np.ndarray, norm_a: np.ndarray, norm_b: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances ``(h_A, h_B)`` float64 from a cross Gram ``(h_A, h_B)`` and row
     norms ``(h_A,)``, ``(h_B,)``; clipped at 0 (rounding can make the expansion slightly negative)."""
-    d = norm_a.astype(np.float64)[:, None] + norm_b.astype(np.float64)[None, :] - 2.0 * cross.astype(np.float64)
-    return np.maximum(d, 0.0)
+    # the same operations as ``max(norm_a[:, None] + norm_b[None, :] - 2 cross, 0)`` in float64 (doubling is exact),
+    # in place: two (h_A, h_B) float64 buffers instead of five
+    d = np.add.outer(norm_a.astype(np.float64), norm_b.astype(np.float64))
+    twice = cross.astype(np.float64)
+    twice *= 2.0
+    d -= twice
+    return np.maximum(d, 0.0, out=d)
 
 
 def row_distances(xa: Any, xb: Any) -> np.ndarray:

@@ -17,11 +17,16 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
 from jaxind import caching  # noqa: F401  (defines --cache_dir and --compilation_cache)
 from jaxind.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
+
+if TYPE_CHECKING:
+    from jaxind.loading import Model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -61,6 +66,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float("alpha", 0.05, "Significance level used to phrase the verdicts, strictly between 0 and 1.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype on the device.")
+flags.DEFINE_bool(
+    "model_cache",
+    True,
+    "Keep each converted model in the jaxind cache (<cache_dir>/models, float32 .npy) and read it back memory-mapped "
+    "on later runs instead of converting it again (one device, one process; --nomodel_cache: convert every run).",
+)
 flags.DEFINE_bool("demo_quick", False, "Demo only: fewer training steps and permutations (for smoke tests).")
 flags.DEFINE_string(
     "reference",
@@ -212,6 +223,48 @@ def settings_from_flags(spec):
     )
 
 
+def _cached_model(name: str, source: str) -> Model | None:
+    """The model from the jaxind cache's converted models (converted and stored on first use), on the device; None
+    where the cache cannot be written (full or read-only disk: the run goes on without it)."""
+    from absl import logging
+
+    from jaxind import modelstore
+
+    try:
+        stored, converted = modelstore.ensure(name, source, dtype=FLAGS.dtype)
+    except OSError as e:
+        logging.warning("model cache not usable for %s (%s); converting it without the cache", source, e)
+        return None
+    if converted:
+        logging.warning(
+            "stored %s converted in the model cache (%s, %.2f GiB): later runs read it; --nomodel_cache skips this",
+            source,
+            stored.folder,
+            sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stored.folder) for f in files) / 2**30,
+        )
+    return modelstore.on_device(stored.load())
+
+
+def _count_compilation() -> dict[str, float]:
+    """A dict that JAX's monitoring events keep up to date for the rest of the run: seconds spent tracing and
+    lowering (``trace``) and compiling with XLA (``compile``; 0 for kernels read from the compilation cache)."""
+    import jax.monitoring
+
+    seconds = {"trace": 0.0, "compile": 0.0}
+    events = {
+        "/jax/core/compile/jaxpr_trace_duration": "trace",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "trace",
+        "/jax/core/compile/backend_compile_duration": "compile",
+    }
+
+    def on_duration(event: str, duration_secs: float, **kwargs: str | int) -> None:
+        if event in events:
+            seconds[events[event]] += duration_secs
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    return seconds
+
+
 def run(argv) -> int:
     del argv
     spec = preflight()
@@ -233,12 +286,22 @@ def run(argv) -> int:
         output = FLAGS.output if writer else None
         return demo.run_demo(settings_from_flags(spec), output=output, quick=FLAGS.demo_quick, layout=layout)
     settings = settings_from_flags(spec)
+    compile_seconds = _count_compilation()
     models = {}
+    timing: dict[str, float] = {}
     for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
-        models[name] = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
+        start = time.perf_counter()
+        cached = _cached_model(name, source) if FLAGS.model_cache and layout is None else None
+        if cached is None:
+            cached = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
+        models[name] = cached
+        timing[f"load_{name}"] = time.perf_counter() - start
         print(describe(name, models[name].summary()), flush=True)
     testhooks.stop_at("models_loaded")
-    document = runner.run_pair(models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True))
+    document = runner.run_pair(
+        models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True), timing=timing
+    )
+    document["timing"] = {**timing, **compile_seconds}
     if settings.heatmap_path:
         _written.append(settings.heatmap_path)
     print()

@@ -16,6 +16,7 @@ the library core imports it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -101,6 +102,18 @@ def open_stored(name: str, source: str, key: str, cache_root: str | None = None)
     return _read(folder, name, source, key)
 
 
+def _check_room(root: str, params: Any, source: str) -> None:
+    """Refuses (``OSError`` ENOSPC) to store ``params`` where the disk would keep less than 1 GiB free after them."""
+    need = sum(int(x.nbytes) for x in jax.tree.leaves(params))
+    free = shutil.disk_usage(root).free
+    if free < need + 2**30:
+        raise OSError(
+            errno.ENOSPC,
+            f"{source} needs {need / 2**30:.1f} GiB in the model cache and {root} has {free / 2**30:.1f} GiB free "
+            "(set JAXIND_CACHE to a larger disk)",
+        )
+
+
 def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | None = None) -> tuple[StoredModel, bool]:
     """The stored model of ``source``: from the cache, or converted now and stored atomically
     (concurrent callers convert once). Returns ``(model, converted)``.
@@ -118,6 +131,7 @@ def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | Non
         store.clean_stale(final)
         start = time.perf_counter()
         model = load_model(source, dtype=dtype)
+        _check_room(os.path.dirname(final), model.params, source)
         tmp = store.make_temp(final)
         try:
             store.save_tree(os.path.join(tmp, "weights"), model.params)

@@ -56,6 +56,9 @@ from jaxind.types import Params
 
 Statistic = Literal["l2", "mc"]
 STATISTICS: tuple[Statistic, ...] = get_args(Statistic)
+# Draws per CPU device per step for "l2": on CPU a draw is bound by its gathers (BENCHMARKS.md, PERMTEST-L2), and
+# bigger chunks gain nothing but the padding of the last one.
+CPU_L2_CHUNK = 8
 _AXIS = "perm"
 _LAYERS = "layers"
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -437,6 +440,8 @@ def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: Model
     if statistic == "mc":
         consts = MCConsts(params_a, params_b, jnp.asarray(tokens, dtype=jnp.int32))
         return jax.device_put(consts, NamedSharding(mesh, P()))
+    if mesh.size == 1:  # one program for every layer: the same numbers as below, without 2 L dispatches
+        return _on(l2_consts(params_a, params_b, cfg), mesh)
     depth = -(-cfg.n_layers // mesh.shape[_LAYERS]) * mesh.shape[_LAYERS]
     shapes = jax.eval_shape(functools.partial(_layer_row, cfg=cfg), params_a["layers"], params_b["layers"], 0)
 
@@ -606,7 +611,8 @@ def permtest(
       statistic: "l2" or "mc".
       tokens: ``(N, T)`` int tokens for "mc".
       devices: devices to shard the draws over (default: all devices).
-      chunk_size: draws per device per step (default: from ``memory_budget_bytes``).
+      chunk_size: draws per device per step (default: from ``memory_budget_bytes``; for "l2" on CPU at most
+        :data:`CPU_L2_CHUNK`).
       memory_budget_bytes: working memory per device for draws in flight (on CPU, for the devices of a
         process together: they share its memory).
       layers: "l2" only: report these layers and test the distance over them alone (default:
@@ -637,6 +643,8 @@ def permtest(
     n_groups = mesh.shape[_AXIS]
     if chunk_size is None:
         chunk_size = max(1, _device_budget(mesh, memory_budget_bytes) // _bytes_per_draw(statistic, cfg, tokens))
+        if statistic == "l2" and mesh.devices.flat[0].platform == "cpu":
+            chunk_size = min(chunk_size, CPU_L2_CHUNK)
     # Per-device chunk: at most what the budget allows, at most the next power of two above
     # T / n_groups (so that different T reuse the same compiled shapes).
     needed = -(-num_perms // n_groups)

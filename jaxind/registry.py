@@ -18,6 +18,7 @@ test's randomness does not depend on which other tests run or on their order.
 from __future__ import annotations
 
 import dataclasses
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, get_args
@@ -120,10 +121,14 @@ def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers
 def _match(
     a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, return_units: bool = False
 ) -> TestResult:
+    start = time.perf_counter()
     stats, pairs = _one_pass(a, b, data, layers, "match")
+    seconds_pass = time.perf_counter() - start  # 0 when CSH (or a fingerprint) made the pass already
     if isinstance(stats, experts.ExpertPass):
-        return experts.match_from_pass(a.params, b.params, stats, pairs, key)
-    return match.match_from_pass(stats, pairs, key, return_units)
+        result = experts.match_from_pass(a.params, b.params, stats, pairs, key)
+    else:
+        result = match.match_from_pass(stats, pairs, key, return_units)
+    return result.replace(extra={**result.extra, "seconds_pass": seconds_pass})
 
 
 @timed

@@ -94,20 +94,26 @@ def run_pair(
     settings: Settings,
     log: Callable[[str], None] = print,
     tokens: np.ndarray | TokenData | None = None,
+    timing: dict[str, float] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Runs ``settings.tests`` on models A and B; returns the results document. ``tokens (N, T)``
     overrides ``settings.data`` (the demo's byte-level corpus); a :class:`TokenData` may carry the
-    models' fingerprints (a sweep). ``extra``: more top-level keys of the document."""
+    models' fingerprints (a sweep). ``timing``: gets the seconds spent making the tokens (``tokens``) and in
+    each test (``test_<name>``). ``extra``: more top-level keys of the document."""
+    start = time.perf_counter()
     if tokens is None:
         tokenizers = (a.tokenizer, b.tokenizer) if settings.data.kind != "random" else (None, None)
         tokens = data.make_tokens(settings.data, a.config.vocab_size, b.config.vocab_size, *tokenizers)
     token_data = tokens if isinstance(tokens, TokenData) else TokenData(tokens, settings.batch_size)
     tokens = token_data.tokens
+    timing = {} if timing is None else timing
+    timing["tokens"] = time.perf_counter() - start
     tests: dict[str, TestResult] = {}
     for name in dict.fromkeys(settings.tests):
         log(f"running {name} ...")
         tests[name] = run_test(TESTS[name], a, b, settings, token_data)
+        timing[f"test_{name}"] = tests[name].seconds
     data_info = {**settings.data.describe(), "tokens_shape": list(tokens.shape)}
     return results.make_results(
         a.summary(),

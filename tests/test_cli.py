@@ -63,6 +63,42 @@ def test_cli_prints_models_and_writes_results_json(tmp_path, pair):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic write left nothing behind
 
 
+def test_cli_model_cache_converts_once_and_gives_the_same_results(tmp_path, pair):
+    """--model_cache (default): the first run stores both converted models, the next reads them back without
+    converting (their entries untouched), --nomodel_cache converts again, a cache that cannot be written is
+    skipped with a warning; all four give the same results, and each document says where its time went."""
+    a, b, _ = pair
+    cache = tmp_path / "cache"
+    args = [f"--model_a={a}", f"--model_b={b}", "--tests=match,l2", "--num_perms=19", "--num_sequences=4"]
+    args += ["--seq_len=16", f"--cache_dir={cache}"]
+    docs, stamps = [], []
+    for i, extra in enumerate(([], [], ["--nomodel_cache"])):
+        out = tmp_path / f"r{i}.json"
+        r = main_cli(*args, f"--output={out}", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stderr.count("in the model cache (") == (2 if i == 0 else 0)  # says what it stored, and where
+        docs.append(json.loads(out.read_text()))
+        entries = sorted(os.listdir(cache / "models"))
+        assert len([e for e in entries if "." not in e]) == 2
+        stamps.append([os.stat(cache / "models" / e / "meta.json").st_mtime_ns for e in entries if "." not in e])
+    assert stamps[0] == stamps[1] == stamps[2]  # converted once
+    blocked = tmp_path / "a_file"  # a cache that cannot be written: the run goes on without it
+    blocked.write_text("")
+    r = main_cli(*args[:-1], f"--cache_dir={blocked}", f"--output={tmp_path / 'r3.json'}")
+    assert r.returncode == 0 and "model cache not usable" in r.stderr, r.stderr[-3000:]
+    docs.append(json.loads((tmp_path / "r3.json").read_text()))
+    for doc in docs:
+        assert {"load_model_a", "load_model_b", "tokens", "test_match", "test_l2", "trace", "compile"} <= set(
+            doc["timing"]
+        )
+        assert doc["model_a"] == docs[0]["model_a"] and doc["model_b"]["source"] == b
+        for name in ("match", "l2"):
+            assert doc["tests"][name]["log10_pvalue"] == docs[0]["tests"][name]["log10_pvalue"], name
+            assert [x["statistic"] for x in doc["tests"][name]["layers"]] == [
+                x["statistic"] for x in docs[0]["tests"][name]["layers"]
+            ]
+
+
 def test_cli_localized_writes_matrix_map_and_heatmap(tmp_path, pair):
     a, b, _ = pair
     out = tmp_path / "loc.json"

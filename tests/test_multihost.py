@@ -16,7 +16,7 @@ from converters import checkpoint
 from jaxind.config import ModelConfig
 
 CFG = ModelConfig("qwen2", vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
-VOLATILE = ("created", "seconds", "seconds_pass", "seconds_lap")
+VOLATILE = ("created", "seconds", "seconds_pass", "seconds_grams", "seconds_lap", "timing")
 
 
 def _main(flagfile: str, devices: int, *extra: str) -> subprocess.Popen:

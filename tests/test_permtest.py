@@ -8,6 +8,7 @@ import pytest
 from helpers import near_copy, random_params
 from scipy import stats
 
+from jaxind import permtest as permtest_lib
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.model import forward_jit, init_params
@@ -120,6 +121,28 @@ def test_chunking_does_not_change_results():
     np.testing.assert_allclose(chunked.stats, whole.stats, rtol=1e-6)
     np.testing.assert_allclose(chunked.stats_layers, whole.stats_layers, rtol=1e-6)
     assert chunked.pvalue == whole.pvalue
+
+
+def test_one_device_consts_and_cpu_chunks_change_nothing():
+    """On one device the L2 constants come from one program (``l2_consts``): bit-identical to the layer-by-layer
+    build the mesh path uses; and the CPU's default chunk (``CPU_L2_CHUNK``) gives the same draws, statistics and
+    counts as one chunk holding every draw."""
+    a, b = model(CFG, 15), model(CFG, 16)
+    one = permtest_lib.make_mesh(jax.devices()[:1])
+    fast = permtest_lib._place_consts("l2", a, b, CFG, None, one)
+    two = permtest_lib.make_mesh(jax.devices()[:2], layer_shards=2)  # conftest: 8 CPU devices
+    slow = permtest_lib._place_consts("l2", a, b, CFG, None, two)  # built layer by layer, split over 2 devices
+    for name, x, y in zip(permtest_lib.L2Consts._fields, fast, slow):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), name)
+    key = jax.random.key(17)
+    default = permtest(a, b, CFG, key, num_perms=3 * permtest_lib.CPU_L2_CHUNK + 1, devices=jax.devices()[:1])
+    whole = permtest(
+        a, b, CFG, key, num_perms=3 * permtest_lib.CPU_L2_CHUNK + 1, devices=jax.devices()[:1], chunk_size=64
+    )
+    np.testing.assert_allclose(default.stats, whole.stats, rtol=1e-6)
+    assert default.pvalue == whole.pvalue and default.stat0 == whole.stat0
+    np.testing.assert_array_equal(default.pvalue_layers, whole.pvalue_layers)
+    np.testing.assert_array_equal(default.stats >= default.stat0, whole.stats >= whole.stat0)
 
 
 def greedy_tokens(params, cfg, n_seq=2, length=6):

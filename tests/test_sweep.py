@@ -283,3 +283,18 @@ def test_report_renders_in_headless_chromium(reference, tmp_path):
         assert positions[-1] - positions[0] == 2
     markdown = (output / "report.md").read_text()
     assert all(f"| {a} | {b} |" in markdown for a, b in rows)
+
+
+def test_a_model_that_does_not_fit_the_cache_disk_is_refused_before_writing(zoo, tmp_path, monkeypatch):
+    """The model cache stores a model only where the disk keeps 1 GiB free after it: otherwise OSError (ENOSPC,
+    naming the sizes and JAXIND_CACHE), and nothing is left in the cache."""
+    import errno
+
+    from jaxind import modelstore
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(modelstore.shutil, "disk_usage", lambda _: usage._replace(free=2**30 + 1000))
+    with pytest.raises(OSError, match="GiB in the model cache.*JAXIND_CACHE") as raised:
+        modelstore.ensure("base1", zoo.paths["base1"], cache_root=str(tmp_path / "cache"))
+    assert raised.value.errno == errno.ENOSPC
+    assert [n for n in os.listdir(tmp_path / "cache" / "models") if not n.endswith(".lock")] == []
