@@ -1,6 +1,15 @@
 """Test setup: 8 fake CPU devices (sharding tests), float32 everywhere, shared fixtures."""
 
+import atexit
 import os
+import shutil
+import tempfile
+
+# The tests' CLI runs keep converted models and compiled kernels in a cache of their own, removed at exit
+# (never the user's ~/.cache/jaxind).
+if "JAXIND_CACHE" not in os.environ:
+    os.environ["JAXIND_CACHE"] = tempfile.mkdtemp(prefix="jaxind-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXIND_CACHE"], True)
 
 # Must be set before JAX initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
