@@ -89,7 +89,7 @@ flags.DEFINE_integer(
     "permtest_layer_shards",
     0,
     "PERMTEST-L2: devices per group of draws that split the layers between them (divides the device count). "
-    "0: on CPU the devices of a process (they share its memory), on accelerators 1.",
+    "0: 1, and a one-process run on CPU draws on one device (CPU devices share its memory and cores).",
     lower_bound=0,
 )
 flags.DEFINE_string(

@@ -346,22 +346,16 @@ def _mc_draw(cfg: ModelConfig, consts: MCConsts, perm: Perm) -> tuple[jax.Array,
 # The sharded, chunked driver.
 
 
-def auto_layer_shards(devices: Sequence[jax.Device]) -> int:
-    """The default PERMTEST-L2 layer split for ``devices``: CPU devices of one process share its memory, so
-    there the devices of a process split the layers' constants between them (a replicated copy per device
-    would multiply the host memory they take by the device count); accelerators, each with its own memory,
-    keep a whole copy each (1) and split only the draws."""
-    first = devices[0]
-    if first.platform != "cpu":
-        return 1
-    local = sum(1 for d in devices if d.process_index == first.process_index)
-    return local if len(devices) % local == 0 else 1
+def default_draw_devices(devices: Sequence[jax.Device]) -> list[jax.Device]:
+    """The devices a one-process PERMTEST draws on when none are given: all of them on accelerators (each has its
+    own memory), the first one on CPU. CPU devices share the process's memory and cores: splitting the draws over
+    them would hold a copy of the constants per device and add collectives, and no compute."""
+    return list(devices) if devices[0].platform != "cpu" else [devices[0]]
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 0) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 1) -> Mesh:
     """A ``(perm, layers)`` mesh over ``devices`` (default: all devices): draws are split over ``perm``,
-    the layers' constants over ``layers`` (``layer_shards`` devices per group of draws; 0: the default of
-    :func:`auto_layer_shards`).
+    the layers' constants over ``layers`` (``layer_shards`` devices per group of draws).
 
     Raises:
       JaxindError: no devices, or a device count that ``layer_shards`` does not divide.
@@ -369,8 +363,6 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 0
     devs = list(jax.devices() if devices is None else devices)
     if not devs:
         raise JaxindError("permtest needs at least one device")
-    if layer_shards == 0:
-        layer_shards = auto_layer_shards(devs)
     if layer_shards < 1 or len(devs) % layer_shards:
         raise JaxindError(
             f"--permtest_layer_shards={layer_shards} must divide the {len(devs)} devices PERMTEST runs on"
@@ -619,7 +611,8 @@ def permtest(
         every layer reported, the distance over every parameter tested).
       layer_shards: "l2" only: split the layers' constants (MLP stacks, Grams) over this many devices
         per group of draws (mesh ``(perm, layers)``); the statistics of a draw are summed over them.
-        0 (default): :func:`auto_layer_shards` (the devices of a process on CPU, else 1).
+        0 (default): 1, and in one process without ``devices`` the draws run on :func:`default_draw_devices`
+        (one device on CPU).
 
     Returns:
       PermTestResult with the observed and drawn statistics and exact p-values (per layer and
@@ -634,11 +627,14 @@ def permtest(
             f"{cfg.family} is a mixture of experts: PERMTEST-L2 keeps its experts whole on every device; "
             "use --permtest_layer_shards=1"
         )
-    if statistic == "mc" or cfg.moe:
-        layer_shards = 1
     layout = sharding.layout_of(params_a)
-    if devices is None and layout is not None:
-        devices = list(layout.mesh.devices.flat)  # the params' devices, in their order
+    chosen = devices is not None
+    if devices is None:
+        devices = list(layout.mesh.devices.flat) if layout is not None else jax.devices()  # the params' devices
+    if layer_shards == 0:
+        if not chosen and jax.process_count() == 1:
+            devices = default_draw_devices(devices)
+        layer_shards = 1
     mesh = make_mesh(devices, layer_shards)
     n_groups = mesh.shape[_AXIS]
     if chunk_size is None:
@@ -664,7 +660,9 @@ def permtest(
             consts, key_data, jax.make_array_from_callback(idx.shape, idx_sharding, idx.__getitem__)
         )
         layer_chunks.append(chunk_layers)
-        total_chunks.append(total.block_until_ready() if not bar.disable else total)
+        # one chunk in flight at a time: concurrent executions of the collectives of a multi-device CPU mesh can
+        # deadlock XLA's in-process rendezvous (each waits for device threads the other holds)
+        total_chunks.append(total.block_until_ready())
         bar.update(min(step, num_perms - start))
     bar.close()
     stats_layers = np.concatenate([sharding.to_host(c) for c in layer_chunks])[:num_perms, : cfg.n_layers]

@@ -44,7 +44,7 @@ class Settings:
       layers: layers to test (``--layers``; each against the same layer of B), or None.
       layer_pairs: explicit ``(layer_a, layer_b)`` pairs (``--layer_pairs``), or None.
       permtest_layer_shards: devices per group of PERMTEST-L2 draws that split the layers between them
-        (0: :func:`jaxind.permtest.auto_layer_shards`).
+        (0: 1, and one device on CPU: :func:`jaxind.permtest.default_draw_devices`).
     """
 
     tests: tuple[str, ...] = DEFAULT_TESTS

@@ -93,24 +93,29 @@ def test_same_result_on_1_and_8_devices(statistic):
     np.testing.assert_allclose(on8.stats, on1.stats, rtol=1e-6)
     if statistic == "l2":
         np.testing.assert_array_equal(on8.pvalue_layers, on1.pvalue_layers)
-        # the default on CPU splits the layers over the 8 devices; draws split over them give the same counts
-        draws8 = permtest(a, b, CFG, key, devices=jax.devices()[:8], layer_shards=1, **kwargs)
-        assert draws8.pvalue == on1.pvalue
-        np.testing.assert_array_equal(draws8.pvalue_layers, on1.pvalue_layers)
+        # the layers split over the 8 devices give the same counts as well
+        layers8 = permtest(a, b, CFG, key, devices=jax.devices()[:8], layer_shards=8, **kwargs)
+        assert layers8.pvalue == on1.pvalue
+        np.testing.assert_array_equal(layers8.pvalue_layers, on1.pvalue_layers)
     # a different seed gives different draws
     other = permtest(a, b, CFG, jax.random.key(11), devices=jax.devices()[:1], **kwargs)
     assert not np.allclose(other.stats, on1.stats)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
-def test_cpu_devices_split_the_layers_by_default():
-    """CPU devices share the host's memory: by default they split the L2 constants (1/8 each) instead of each
-    holding a replicated copy (8x the host memory)."""
-    from jaxind.permtest import auto_layer_shards, make_mesh
+def test_cpu_draws_run_on_one_device_per_process_by_default():
+    """A process's CPU devices share its memory and cores: by default PERMTEST-L2 draws on one of them (one copy of
+    the constants, no collectives), with the counts the 8-device meshes give."""
+    from jaxind.permtest import default_draw_devices
 
-    assert auto_layer_shards(jax.devices()[:8]) == 8
-    assert dict(make_mesh(jax.devices()[:8]).shape) == {"perm": 1, "layers": 8}
-    assert dict(make_mesh(jax.devices()[:8], layer_shards=2).shape) == {"perm": 4, "layers": 2}
+    assert default_draw_devices(jax.devices()[:8]) == [jax.devices()[0]]
+    a, b = model(CFG, 8), model(CFG, 9)
+    key = jax.random.key(10)
+    auto = permtest(a, b, CFG, key, num_perms=T_SMALL)
+    for layer_shards in (1, 8):
+        on8 = permtest(a, b, CFG, key, num_perms=T_SMALL, devices=jax.devices()[:8], layer_shards=layer_shards)
+        assert on8.pvalue == auto.pvalue
+        np.testing.assert_array_equal(on8.pvalue_layers, auto.pvalue_layers)
 
 
 def test_chunking_does_not_change_results():
