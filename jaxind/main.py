@@ -236,11 +236,11 @@ def _cached_model(name: str, source: str) -> Model | None:
         logging.warning("model cache not usable for %s (%s); converting it without the cache", source, e)
         return None
     if converted:
-        logging.warning(
-            "stored %s converted in the model cache (%s, %.2f GiB): later runs read it; --nomodel_cache skips this",
-            source,
-            stored.folder,
-            sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stored.folder) for f in files) / 2**30,
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(stored.folder) for f in files)
+        print(
+            f"{name}: converted and stored in the model cache ({stored.folder}, {size / 2**30:.2f} GiB): "
+            "later runs read it back; --nomodel_cache skips the cache",
+            flush=True,
         )
     return modelstore.on_device(stored.load())
 

@@ -353,6 +353,17 @@ def default_draw_devices(devices: Sequence[jax.Device]) -> list[jax.Device]:
     return list(devices) if devices[0].platform != "cpu" else [devices[0]]
 
 
+def _draw_mesh(params: Params, devices: Sequence[jax.Device] | None, layer_shards: int) -> Mesh:
+    """The ``(perm, layers)`` mesh of a :func:`permtest` call: over ``devices``, else the params' devices (all
+    devices for unplaced params; with the default ``layer_shards=0`` in one process, :func:`default_draw_devices`)."""
+    if devices is None:
+        layout = sharding.layout_of(params)
+        devices = list(layout.mesh.devices.flat) if layout is not None else jax.devices()
+        if layer_shards == 0 and jax.process_count() == 1:
+            devices = default_draw_devices(devices)
+    return make_mesh(devices, max(layer_shards, 1))
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None, layer_shards: int = 1) -> Mesh:
     """A ``(perm, layers)`` mesh over ``devices`` (default: all devices): draws are split over ``perm``,
     the layers' constants over ``layers`` (``layer_shards`` devices per group of draws).
@@ -494,6 +505,20 @@ def _device_budget(mesh: Mesh, memory_budget_bytes: int) -> int:
     return memory_budget_bytes // sum(1 for d in devices if d.process_index == devices[0].process_index)
 
 
+def _chunk_size(
+    statistic: str, cfg: ModelConfig, tokens: Any, mesh: Mesh, num_perms: int, chunk_size: int | None, budget: int
+) -> int:
+    """Draws per device per step: ``chunk_size``, else what ``budget`` allows (for "l2" on CPU at most
+    :data:`CPU_L2_CHUNK`); at most the next power of two above ``T / n_groups`` (so that different ``T`` reuse the
+    same compiled shapes)."""
+    if chunk_size is None:
+        chunk_size = max(1, _device_budget(mesh, budget) // _bytes_per_draw(statistic, cfg, tokens))
+        if statistic == "l2" and mesh.devices.flat[0].platform == "cpu":
+            chunk_size = min(chunk_size, CPU_L2_CHUNK)
+    needed = -(-num_perms // mesh.shape[_AXIS])
+    return max(1, min(int(chunk_size), 1 << (needed - 1).bit_length()))
+
+
 def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
     """Rough peak working memory of one draw in flight (float32)."""
     if statistic == "l2":  # the gathered layer stack and its product, one layer at a time (a layer's experts too)
@@ -627,25 +652,8 @@ def permtest(
             f"{cfg.family} is a mixture of experts: PERMTEST-L2 keeps its experts whole on every device; "
             "use --permtest_layer_shards=1"
         )
-    layout = sharding.layout_of(params_a)
-    chosen = devices is not None
-    if devices is None:
-        devices = list(layout.mesh.devices.flat) if layout is not None else jax.devices()  # the params' devices
-    if layer_shards == 0:
-        if not chosen and jax.process_count() == 1:
-            devices = default_draw_devices(devices)
-        layer_shards = 1
-    mesh = make_mesh(devices, layer_shards)
-    n_groups = mesh.shape[_AXIS]
-    if chunk_size is None:
-        chunk_size = max(1, _device_budget(mesh, memory_budget_bytes) // _bytes_per_draw(statistic, cfg, tokens))
-        if statistic == "l2" and mesh.devices.flat[0].platform == "cpu":
-            chunk_size = min(chunk_size, CPU_L2_CHUNK)
-    # Per-device chunk: at most what the budget allows, at most the next power of two above
-    # T / n_groups (so that different T reuse the same compiled shapes).
-    needed = -(-num_perms // n_groups)
-    chunk_size = max(1, min(int(chunk_size), 1 << (needed - 1).bit_length()))
-    step = chunk_size * n_groups
+    mesh = _draw_mesh(params_a, devices, layer_shards)
+    step = _chunk_size(statistic, cfg, tokens, mesh, num_perms, chunk_size, memory_budget_bytes) * mesh.shape[_AXIS]
 
     consts = _place_consts(statistic, params_a, params_b, cfg, tokens, mesh)
     key_data = jax.device_put(jax.random.key_data(key), NamedSharding(mesh, P()))

@@ -76,7 +76,7 @@ def test_cli_model_cache_converts_once_and_gives_the_same_results(tmp_path, pair
         out = tmp_path / f"r{i}.json"
         r = main_cli(*args, f"--output={out}", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
-        assert r.stderr.count("in the model cache (") == (2 if i == 0 else 0)  # says what it stored, and where
+        assert r.stdout.count("stored in the model cache (") == (2 if i == 0 else 0)  # says what it stored, where
         docs.append(json.loads(out.read_text()))
         entries = sorted(os.listdir(cache / "models"))
         assert len([e for e in entries if "." not in e]) == 2
