@@ -225,6 +225,10 @@ _INERT_KEYS = frozenset(
 _SUPPORTED_ROPE = ("default", "linear", "llama3")
 
 
+# The mixture-of-experts fields of ModelConfig (a dense model's JSON leaves them out).
+_MOE_FIELDS = ("n_experts", "experts_per_token", "d_expert", "norm_topk_prob", "shared_expert")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and behaviour of a decoder-only transformer (Llama-style, pre-norm, GLU MLP, and the variants below).
@@ -397,7 +401,14 @@ class ModelConfig:
         return self.vocab_size * d + self.max_positions * d + self.n_layers * per_layer + norm + head
 
     def to_json(self) -> str:
+        """The config as JSON (a dense model's leaves out the mixture-of-experts fields, at their defaults, so that
+        its checkpoints stay readable by jaxind versions before mixtures of experts)."""
         data = dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if not self.moe:
+            for name in _MOE_FIELDS:
+                if data[name] == defaults[name]:
+                    data.pop(name)
         data["rope_scaling"] = self.rope_scaling_dict
         return json.dumps(data, indent=2, sort_keys=True)
 

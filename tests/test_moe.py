@@ -145,6 +145,13 @@ def test_config_reading():
     assert (qwen.n_experts, qwen.d_expert, qwen.d_ff, qwen.shared_expert, qwen.qkv_bias) == (8, 24, 40, True, True)
     assert not qwen.norm_topk_prob and from_hf_config(_qwen_config(norm_topk_prob=True)).norm_topk_prob
     assert jaxind.ModelConfig.from_json(qwen.to_json()) == qwen
+    assert {"n_experts", "shared_expert"} <= set(json.loads(qwen.to_json()))
+    # a dense config's JSON leaves the expert fields out (checkpoints readable by jaxind before MoE), and reads back
+    dense = qwen.replace(
+        family="qwen2", n_experts=0, experts_per_token=0, d_expert=0, shared_expert=False, norm_topk_prob=True
+    )
+    assert not {"n_experts", "d_expert", "shared_expert"} & set(json.loads(dense.to_json()))
+    assert jaxind.ModelConfig.from_json(dense.to_json()) == dense
     per_layer = 2 * 48 * 48 + 2 * 48 * 16 + 2 * 48 + 8 * 3 * 48 * 24 + 8 * 48 + 3 * 48 * 40 + 48 + 16 + 16 + 48
     assert qwen.num_params() == 97 * 48 * 2 + 48 + 2 * per_layer
 
