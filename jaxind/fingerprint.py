@@ -10,8 +10,10 @@ layer pair follow by one matmul, ``X_A[i]^T X_B[j] (d_A, d_B)`` (:class:`CrossGr
 
 Fingerprints on different tokens are incomparable and refused (:func:`check_comparable`). On disk
 (``<cache>/fingerprints/<key>/``, see :mod:`jaxind.store`) a fingerprint is ``x.npy``, ``sq.npy``,
-``tokens.npy`` and ``meta.json`` (written last), published by one rename; its key is a hash of the
-model's content key, the token ids' hash, the layers and the format version.
+``tokens.npy`` and ``meta.json`` (written last, with each array's checksum), published by one rename;
+its key is a hash of the model's content key, the token ids' hash, the layers and the format version.
+:func:`load` verifies the checksums (once per process) and the token ids' hash; :func:`ensure`
+discards an entry that does not verify, with one warning, and computes it again.
 """
 
 from __future__ import annotations
@@ -174,28 +176,32 @@ def path_for(cache_root: str | None, key: str) -> str:
 
 
 def load(folder: str) -> Fingerprint:
-    """Reads a published fingerprint (arrays memory-mapped).
+    """Reads a published fingerprint (arrays memory-mapped), every array's checksum verified.
 
     Raises:
-      JaxindError: missing or malformed (another format version, a missing or mis-shaped file).
+      store.DamagedEntry: missing, malformed or damaged (another format version, a missing, mis-shaped
+        or changed file, bad JSON).
     """
+    meta = store.read_json_entry(os.path.join(folder, "meta.json"))
     try:
-        with open(os.path.join(folder, "meta.json")) as f:
-            meta = json.load(f)
         if meta.get("version") != VERSION:
-            raise JaxindError(f"fingerprint {folder} has format {meta.get('version')}, not {VERSION}")
-        x, sq, tokens = (np.load(os.path.join(folder, name), mmap_mode="r") for name in _FILES)
-    except (OSError, ValueError, KeyError) as e:
-        raise JaxindError(
-            f"cannot read fingerprint {folder} ({type(e).__name__}: {e}); delete it to recompute"
-        ) from None
-    cfg = ModelConfig.from_dict(meta["config"])
-    layers = tuple(meta["layers"])
+            raise store.DamagedEntry(f"fingerprint {folder} has format {meta.get('version')}, not {VERSION}")
+        sums = meta.get("checksums") or {}
+        x, sq, tokens = (store.verify_array(os.path.join(folder, name), sums.get(name)) for name in _FILES)
+        cfg = ModelConfig.from_dict(meta["config"])
+        layers = tuple(int(l) for l in meta["layers"])
+        fp = Fingerprint(
+            meta["key"], meta["model_key"], cfg, layers, np.asarray(tokens), meta["token_hash"], x, sq, meta["info"]
+        )
+    except store.DamagedEntry as e:
+        raise store.DamagedEntry(f"fingerprint {folder}: {e}") from None
+    except (TypeError, KeyError, ValueError, AttributeError, JaxindError) as e:
+        raise store.DamagedEntry(f"fingerprint {folder}: meta.json is malformed ({type(e).__name__}: {e})") from None
     if x.shape != (len(layers), tokens.size, cfg.d_model) or sq.shape != (2, len(layers), cfg.d_ff):
-        raise JaxindError(f"fingerprint {folder} has arrays of the wrong shape; delete it to recompute")
-    return Fingerprint(
-        meta["key"], meta["model_key"], cfg, layers, np.asarray(tokens), meta["token_hash"], x, sq, meta["info"]
-    )
+        raise store.DamagedEntry(f"fingerprint {folder} has arrays of the wrong shape")
+    if token_hash(fp.tokens) != fp.token_hash or os.path.basename(folder) != fp.key:
+        raise store.DamagedEntry(f"fingerprint {folder} records other tokens or another key than it holds")
+    return fp
 
 
 def _write(tmp: str, params: Params, cfg: ModelConfig, tokens: np.ndarray, layers: tuple[int, ...], **kw: Any):
@@ -210,7 +216,8 @@ def _write(tmp: str, params: Params, cfg: ModelConfig, tokens: np.ndarray, layer
     np.save(os.path.join(tmp, "sq.npy"), sq)
     np.save(os.path.join(tmp, "tokens.npy"), tokens)
     testhooks.stop_at(f"fingerprint_writing:{kw['info'].get('name', '')}")
-    meta = {**kw, "version": VERSION, "config": json.loads(cfg.to_json()), "layers": list(layers)}
+    sums = {name: store.checksum(np.load(os.path.join(tmp, name), mmap_mode="r")) for name in _FILES}
+    meta = {**kw, "version": VERSION, "config": json.loads(cfg.to_json()), "layers": list(layers), "checksums": sums}
     meta["info"] = {**meta["info"], "seconds": time.perf_counter() - start}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -239,11 +246,11 @@ def ensure(
     key = fingerprint_key(model_key, th, chosen)
     final = path_for(cache_root, key)
     with store.lock(final):
-        if os.path.isdir(final):
+        if os.path.lexists(final):
             try:
                 return load(final), False
-            except JaxindError:
-                shutil.rmtree(final, ignore_errors=True)  # another format or damaged: recompute
+            except store.DamagedEntry as e:  # another format or damaged: recompute
+                store.discard(final, str(e))
         store.clean_stale(final)
         tmp = store.make_temp(final)
         try:

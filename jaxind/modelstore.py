@@ -4,8 +4,11 @@ tested without converting or running either again (docs/DESIGN.md §5.10).
 A model source (any kind :func:`converters.sources.load_model` reads) is identified by its content
 key: a hash of its files' bytes (:func:`jaxind.store.content_hash`, memoised by stat) and the param
 dtype. :func:`ensure` converts the source once and stores its param tree as ``.npy`` files under
-``<cache>/models/<key>/``; :meth:`StoredModel.load` reads them back memory-mapped, so a pair's tests
-touch only the arrays they use. :func:`ensure_fingerprint` computes the model's fingerprint on a
+``<cache>/models/<key>/``, with the content hash and every array's checksum; :meth:`StoredModel.load`
+reads them back memory-mapped after verifying the checksums (once per process). :func:`ensure`
+verifies an existing entry before using it: one that is damaged (noise, flipped bits, a truncated,
+missing or replaced file, bad JSON) is discarded with one warning and converted again
+(:func:`jaxind.store.discard`). :func:`ensure_fingerprint` computes the model's fingerprint on a
 token set once (:mod:`jaxind.fingerprint`), and :func:`run_stored_pair` tests two stored models with
 their fingerprints: the per-pair work is matmuls and LAPs, no forward pass for MATCH and CSH.
 
@@ -83,23 +86,46 @@ def model_key(source: str, dtype: str = "float32", cache_root: str | None = None
 
 
 def _read(folder: str, name: str, source: str, key: str) -> StoredModel:
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = ModelConfig.from_json(f.read())
+    """The entry's JSON files, checked against ``key``.
+
+    Raises:
+      store.DamagedEntry: a file is missing or unreadable, or the entry records another key.
+    """
+    meta = store.read_json_entry(os.path.join(folder, "meta.json"))
+    if not isinstance(meta, dict) or meta.get("key") != key:
+        found = meta.get("key") if isinstance(meta, dict) else None
+        raise store.DamagedEntry(f"meta.json records key {found}, not {key} (no checksums: an older jaxind)")
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = ModelConfig.from_json(f.read())
+    except (OSError, ValueError, TypeError, KeyError, JaxindError) as e:
+        raise store.DamagedEntry(f"cannot read config.json ({type(e).__name__}: {e})") from None
     return StoredModel(name, source, key, folder, cfg, meta)
 
 
-def open_stored(name: str, source: str, key: str, cache_root: str | None = None) -> StoredModel:
-    """A model :func:`ensure` stored, by its content key.
+def _verified(stored: StoredModel) -> StoredModel:
+    """``stored`` after reading its param tree once (every checksum; remembered for this process).
 
     Raises:
-      JaxindError: no such entry in the cache.
+      store.DamagedEntry: a leaf does not verify, or the tree has another number of leaves than recorded.
+    """
+    params = store.load_tree(os.path.join(stored.folder, "weights"))
+    if len(jax.tree.leaves(params)) != stored.meta.get("leaves"):
+        raise store.DamagedEntry(f"weights/tree.json lists {len(jax.tree.leaves(params))} leaves, "
+                                 f"meta.json {stored.meta.get('leaves')}")  # fmt: skip
+    return stored
+
+
+def open_stored(name: str, source: str, key: str, cache_root: str | None = None) -> StoredModel:
+    """A model :func:`ensure` stored, by its content key (verified).
+
+    Raises:
+      JaxindError: no such entry in the cache; store.DamagedEntry: it does not verify.
     """
     folder = os.path.join(store.root(cache_root), "models", key)
-    if not os.path.isfile(os.path.join(folder, "meta.json")):
+    if not os.path.isdir(folder):
         raise JaxindError(f"model {name} ({source}) is not in the cache {store.root(cache_root)}: convert it again")
-    return _read(folder, name, source, key)
+    return _verified(_read(folder, name, source, key))
 
 
 def _check_room(root: str, params: Any, source: str) -> None:
@@ -114,23 +140,37 @@ def _check_room(root: str, params: Any, source: str) -> None:
         )
 
 
+def _existing(final: str, name: str, source: str, key: str) -> StoredModel | None:
+    """The verified entry at ``final``; None when there is none or it was damaged (then discarded)."""
+    if not os.path.lexists(final):
+        return None
+    try:
+        return _verified(_read(final, name, source, key))
+    except store.DamagedEntry as e:
+        store.discard(final, str(e))
+        return None
+
+
 def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | None = None) -> tuple[StoredModel, bool]:
-    """The stored model of ``source``: from the cache, or converted now and stored atomically
-    (concurrent callers convert once). Returns ``(model, converted)``.
+    """The stored model of ``source``: from the cache (verified), or converted now and stored
+    atomically (concurrent callers convert once; a damaged entry is replaced). Returns ``(model, converted)``.
 
     Raises:
       JaxindError: the source is missing, unsupported, corrupt or inconsistent.
     """
-    from converters.sources import load_model
+    from converters import sources
 
-    key = model_key(source, dtype, cache_root)
+    path = sources.resolve(source)
+    content = store.content_hash(path, cache_root)
+    key = store.key_of(v=STORE_VERSION, content=content, dtype=dtype)
     final = os.path.join(store.root(cache_root), "models", key)
     with store.lock(final):
-        if os.path.isfile(os.path.join(final, "meta.json")):
-            return _read(final, name, source, key), False
+        found = _existing(final, name, source, key)
+        if found is not None:
+            return found, False
         store.clean_stale(final)
         start = time.perf_counter()
-        model = load_model(source, dtype=dtype)
+        model = sources.load_model(source, dtype=dtype)
         _check_room(os.path.dirname(final), model.params, source)
         tmp = store.make_temp(final)
         try:
@@ -139,6 +179,7 @@ def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | Non
                 f.write(model.config.to_json())
             meta = {k: v for k, v in model.meta.items() if k != "source"}
             meta.update(summary=model.summary(), converted_from=source, seconds=time.perf_counter() - start)
+            meta.update(key=key, content_sha256=content, dtype=dtype, leaves=len(jax.tree.leaves(model.params)))
             with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks the entry
                 json.dump(meta, f, indent=1, default=str)
             store.publish(tmp, final)
@@ -146,7 +187,7 @@ def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | Non
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     testhooks.stop_at(f"converted:{name}")
-    return _read(final, name, source, key), True
+    return _verified(_read(final, name, source, key)), True
 
 
 def ensure_fingerprint(

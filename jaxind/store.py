@@ -3,8 +3,8 @@ written once, published atomically and read many times (docs/DESIGN.md §5.10).
 
 Layout under the cache root (``$JAXIND_CACHE``, default ``~/.cache/jaxind``)::
 
-    hashes/<signature>.txt        content hash of a model source, memoised by its files' stat
-    models/<model key>/           a converted model: config.json, meta.json, tree.json, leaves/*.npy
+    hashes/<signature>.txt        content hash of a model source, memoised by its files' stat (ctime included)
+    models/<model key>/           a converted model: config.json, meta.json, weights/tree.json, weights/leaves/*.npy
     fingerprints/<key>/           a model's fingerprint on a token set (jaxind.fingerprint)
     jax/                          JAX's persistent compilation cache (jaxind.cli_utils)
 
@@ -12,9 +12,20 @@ Layout under the cache root (``$JAXIND_CACHE``, default ``~/.cache/jaxind``)::
 (every regular file of a directory, or the ``.gguf`` file), so two paths to the same model share
 their cache entries and an edited model never reuses a stale one. Hashing reads the files once
 (about the cost of the conversion that a cache hit then skips); the result is memoised under a
-signature of the files' paths, sizes, mtimes and inodes, so later lookups cost one ``stat`` per
-file. A hash of the param arrays would need the conversion before the lookup, which is the work
-the cache exists to skip.
+signature of the files' paths, sizes, mtimes, ctimes, inodes and devices, so later lookups cost one
+``stat`` per file. The ctime is what makes the memo safe: any write to a file moves it, and unlike
+the mtime it cannot be set back (``touch -r``, ``cp -p``, ``rsync -t`` restore mtimes). A file whose
+ctime is less than :data:`MEMO_MIN_AGE_S` old when it is hashed is not memoised (a second write in
+the same clock tick would leave its stat unchanged: git's "racily clean" case), and a file whose
+stat changes while it is read is hashed again next time. A hash of the param arrays would need
+the conversion before the lookup, which is the work the cache exists to skip.
+
+**Verified entries.** Every stored array records a checksum of its bytes (:func:`checksum`, CRC-32,
+about 2 GB/s per core); reading an entry recomputes the checksums of the arrays it uses (once per
+file per process: :func:`verify_array` remembers what it verified by the file's stat) and anything
+that does not verify or cannot be read raises :class:`DamagedEntry`. The owner of the entry then
+moves it aside atomically (:func:`discard`, under the entry's lock), logs one warning naming it,
+and rebuilds it. A cache makes a run faster, never different.
 
 **Atomic entries.** An entry is built in a hidden sibling directory named after its writer
 (``.tmp-<key>@<host>@<pid>@<random>``), its files fsynced, then renamed into place; an entry
@@ -33,17 +44,25 @@ import json
 import os
 import shutil
 import socket
+import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from jaxind import assets, destinations
 from jaxind.errors import JaxindError
 
-HASH_VERSION = 1
+HASH_VERSION = 2  # 2: the memo's stat signature includes ctime and device
+MEMO_MIN_AGE_S = 1.0
 _CHUNK = 1 << 24
+
+
+class DamagedEntry(JaxindError):
+    """A cache entry that cannot be read or does not verify (its owner discards and rebuilds it)."""
 
 
 def root(override: str | None = None) -> str:
@@ -71,10 +90,17 @@ def _files(path: str) -> list[tuple[str, str]]:
     return sorted(out)
 
 
+def _signature(files: list[tuple[str, str]]) -> list[tuple[str, int, int, int, int, int]]:
+    """``[(name, size, mtime_ns, ctime_ns, inode, device)]`` of ``files``."""
+    stats = ((name, os.stat(full)) for name, full in files)
+    return [(n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) for n, st in stats]
+
+
 def content_hash(path: str, cache_root: str | None = None) -> str:
     """sha256 (hex) of a model source's files: names, sizes and bytes, in name order.
 
-    Memoised under ``hashes/`` by the files' stat signature, so a second call reads no data.
+    Memoised under ``hashes/`` by the files' stat signature (:func:`_signature`, ctime included), so a
+    second call reads no data; files changed less than :data:`MEMO_MIN_AGE_S` ago are not memoised.
 
     Raises:
       JaxindError: the path has no files.
@@ -83,13 +109,14 @@ def content_hash(path: str, cache_root: str | None = None) -> str:
     files = _files(path)
     if not files:
         raise JaxindError(f"model source {path} has no files to read")
-    signature = [(name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in ((n, os.stat(p)) for n, p in files)]
+    signature = _signature(files)
     memo = os.path.join(root(cache_root), "hashes", key_of(v=HASH_VERSION, path=path, files=signature) + ".txt")
     with contextlib.suppress(OSError):
         with open(memo) as f:
             known = f.read().strip()
         if len(known) == 64:
             return known
+    started = time.time_ns()
     digest = hashlib.sha256()
     for name, full in files:
         digest.update(f"{name}\0{os.path.getsize(full)}\0".encode())
@@ -97,8 +124,10 @@ def content_hash(path: str, cache_root: str | None = None) -> str:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
     value = digest.hexdigest()
-    with contextlib.suppress(OSError):
-        write_text(memo, value)
+    settled = all(started - ctime >= MEMO_MIN_AGE_S * 1e9 for _, _, _, ctime, _, _ in signature)
+    if settled and _signature(files) == signature:  # not changed while read, not racily recent
+        with contextlib.suppress(OSError):
+            write_text(memo, value)
     return value
 
 
@@ -198,6 +227,75 @@ def publish(tmp: str, final: str) -> bool:
     return True
 
 
+def discard(final: str, why: str) -> None:
+    """Moves the damaged entry ``final`` aside by one rename (readers see it whole or not at all),
+    deletes it and logs one warning naming it; the caller holds the entry's lock and rebuilds it."""
+    logging.warning("cache entry %s is damaged (%s): discarding it and rebuilding", final, why)
+    aside = make_temp(final)
+    os.rename(final, aside + "/entry")  # the writer's own hidden name: cleaned up like a killed writer's
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_writable(folder: str, what: str) -> None:
+    """Raises a one-line :class:`JaxindError` unless files can be created in ``folder`` (created if missing)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe@{socket.gethostname()}@{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise JaxindError(
+            f"{what} {folder} is not writable ({e.strerror or e}): point --cache_dir (or $JAXIND_CACHE) at a "
+            "writable disk with room"
+        ) from None
+
+
+def checksum(array: np.ndarray) -> str:
+    """``"crc32:<8 hex>"`` of an array's bytes in C order (reads it once, about 2 GB/s per core)."""
+    array = np.ascontiguousarray(array)
+    return f"crc32:{zlib.crc32(memoryview(array.reshape(-1).view(np.uint8))) & 0xFFFFFFFF:08x}"
+
+
+_verified: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def verify_array(path: str, expected: str | None, *, mmap: bool = True) -> np.ndarray:
+    """``np.load(path)`` (memory-mapped when ``mmap``), its bytes checked against the checksum
+    ``expected`` once per process and file version (stat signature, ctime included).
+
+    Raises:
+      DamagedEntry: unreadable, no recorded checksum, or a checksum that differs.
+    """
+    if not expected:
+        raise DamagedEntry(f"{os.path.basename(path)} has no recorded checksum (written by an older jaxind)")
+    try:
+        st = os.stat(path)
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DamagedEntry(f"cannot read {os.path.basename(path)}: {type(e).__name__}: {e}") from None
+    stamp = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+    if _verified.get(stamp) != expected:
+        found = checksum(array)
+        if found != expected:
+            raise DamagedEntry(f"{os.path.basename(path)} has checksum {found}, recorded {expected}")
+        _verified[stamp] = expected
+    return array
+
+
+def read_json_entry(path: str) -> Any:
+    """A cache entry's JSON file.
+
+    Raises:
+      DamagedEntry: missing, unreadable or not JSON.
+    """
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DamagedEntry(f"cannot read {os.path.basename(path)}: {type(e).__name__}: {e}") from None
+
+
 # --- param trees as .npy files (layout-agnostic: paths of dict keys and sequence indices) ---
 
 
@@ -215,19 +313,19 @@ def _path_json(path: tuple) -> list[list[Any]]:
 
 def save_tree(folder: str, tree: Any) -> int:
     """Writes every leaf of a nested dict/list tree as ``leaves/<i>.npy`` plus ``tree.json`` (the
-    leaves' paths, dtypes and shapes); returns the bytes written. bfloat16 leaves are stored as
-    their uint16 bits."""
+    leaves' paths, dtypes, shapes and checksums); returns the bytes written. bfloat16 leaves are
+    stored as their uint16 bits."""
     import jax
 
     os.makedirs(os.path.join(folder, "leaves"), exist_ok=True)
     records, total = [], 0
     for i, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
-        array = np.asarray(leaf)
+        array = np.ascontiguousarray(np.asarray(leaf))
         dtype = str(array.dtype)
         if dtype == "bfloat16":
             array = array.view(np.uint16)
         np.save(os.path.join(folder, "leaves", f"{i}.npy"), array)
-        records.append({"path": _path_json(path), "dtype": dtype, "shape": list(array.shape)})
+        records.append({"path": _path_json(path), "dtype": dtype, "shape": list(array.shape), "sum": checksum(array)})
         total += array.nbytes
     with open(os.path.join(folder, "tree.json"), "w") as f:
         json.dump(records, f)
@@ -235,19 +333,39 @@ def save_tree(folder: str, tree: Any) -> int:
 
 
 def load_tree(folder: str, mmap: bool = True) -> Any:
-    """The tree :func:`save_tree` wrote, leaves as (memory-mapped) numpy arrays."""
-    with open(os.path.join(folder, "tree.json")) as f:
-        records = json.load(f)
+    """The tree :func:`save_tree` wrote, leaves as (memory-mapped) numpy arrays, every leaf's
+    checksum verified (leaves in parallel threads: CRC-32 releases the GIL).
+
+    Raises:
+      DamagedEntry: ``tree.json`` or a leaf is missing, unreadable, mis-shaped or does not verify.
+    """
+    records = read_json_entry(os.path.join(folder, "tree.json"))
+    try:
+        paths = [(r["path"], str(r["dtype"]), list(r["shape"]), r.get("sum")) for r in records]
+    except (TypeError, KeyError, AttributeError) as e:
+        raise DamagedEntry(f"tree.json is malformed ({type(e).__name__}: {e})") from None
+
+    def read(i: int) -> np.ndarray:
+        _, dtype, shape, expected = paths[i]
+        array = verify_array(os.path.join(folder, "leaves", f"{i}.npy"), expected, mmap=mmap)
+        if list(array.shape) != shape or str(array.dtype) != ("uint16" if dtype == "bfloat16" else dtype):
+            raise DamagedEntry(f"leaf {i} is {array.dtype} {list(array.shape)}, recorded {dtype} {shape}")
+        return array
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(read, range(len(paths))))
     tree: Any = None
-    for i, record in enumerate(records):
-        array = np.load(os.path.join(folder, "leaves", f"{i}.npy"), mmap_mode="r" if mmap else None)
-        if record["dtype"] == "bfloat16":
+    for (path, dtype, _, _), array in zip(paths, arrays):
+        if dtype == "bfloat16":
             import ml_dtypes
 
             array = array.view(ml_dtypes.bfloat16)
-        if list(array.shape) != record["shape"]:
-            raise JaxindError(f"{folder}: leaf {i} has shape {array.shape}, expected {record['shape']}")
-        tree = _insert(tree, record["path"], array)
+        try:
+            tree = _insert(tree, path, array)
+        except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+            raise DamagedEntry(f"tree.json has a malformed path {path!r} ({type(e).__name__})") from None
     return tree
 
 

@@ -152,7 +152,9 @@ def shared_tokens(config: SweepConfig, output: str) -> Any:
                     f"{output} holds a sweep made with other data settings ({info['data']}): "
                     "use a new --output, or the data settings it was made with"
                 )
-            return np.load(path)
+            found = _read_tokens(path, info.get("token_hash"))
+            if found is not None:
+                return found
         tokens, info = make_tokens(config.models, config.data)
         np.save(path + ".tmp.npy", tokens)
         os.replace(path + ".tmp.npy", path)
@@ -160,6 +162,25 @@ def shared_tokens(config: SweepConfig, output: str) -> Any:
             os.path.join(output, "sweep.json"), _dumps({**info, "token_hash": fingerprint.token_hash(tokens)})
         )
         return tokens
+
+
+def _read_tokens(path: str, recorded: str | None) -> Any:
+    """The sweep's reference tokens if ``path`` holds the ids whose hash ``sweep.json`` records; else
+    None, after one warning (they are made again from the data settings)."""
+    import numpy as np
+    from absl import logging
+
+    from jaxind import fingerprint
+
+    try:
+        tokens = np.load(path, allow_pickle=False)
+        if tokens.ndim == 2 and fingerprint.token_hash(tokens) == recorded:
+            return tokens
+        why = "its token ids differ from the hash sweep.json records"
+    except (OSError, ValueError, EOFError) as e:
+        why = f"{type(e).__name__}: {e}"
+    logging.warning("%s is damaged (%s): making the reference tokens again", path, why)
+    return None
 
 
 def _dumps(value: Any) -> str:
@@ -249,10 +270,35 @@ def model_job(job: Job) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4)
-def _loaded(name: str, source: str, key: str, cache_root: str) -> Any:
+def _stored(name: str, source: str, key: str, dtype: str, cache_root: str) -> Any:
+    """The stored model of a pair's model job, verified (a damaged entry is rebuilt under its lock).
+
+    Raises:
+      JaxindError: the source changed since its model job (another content key).
+    """
     from jaxind import modelstore
 
-    return modelstore.open_stored(name, source, key, cache_root).load()
+    stored, _ = modelstore.ensure(name, source, dtype, cache_root)
+    if stored.key != key:
+        raise JaxindError(f"model {name} changed while the sweep ran (content key {stored.key}, not {key}): rerun")
+    return stored
+
+
+def _fingerprint(job: Job, state: dict[str, Any]) -> Any:
+    """The fingerprint of a pair's model job, verified (a damaged one is computed again under its lock)."""
+    from jaxind import modelstore
+
+    if state["fingerprint"] is None:
+        return None
+    stored = _stored(state["name"], state["source"], state["key"], job.config.dtype, job.cache_root)
+    chosen = _fingerprint_layers(job.config, stored.config.n_layers)
+    fp, _ = modelstore.ensure_fingerprint(
+        stored, job.tokens, chosen, batch_size=job.config.batch_size, cache_root=job.cache_root,
+        data_info=job.config.data,
+    )  # fmt: skip
+    if fp.key != state["fingerprint"]:
+        raise JaxindError(f"model {state['name']}'s fingerprint changed while the sweep ran: rerun")
+    return fp
 
 
 def settings_for(config: SweepConfig, output: str, a: str, b: str) -> Any:
@@ -297,13 +343,9 @@ def pair_job(job: Job) -> dict[str, Any]:
     error_path = os.path.join(job.output, "errors", name + ".json")
     start = time.perf_counter()
     try:
-        models = [_loaded(s["name"], s["source"], s["key"], job.cache_root) for s in job.states]
-        fa, fb = (
-            None
-            if s["fingerprint"] is None
-            else fingerprint.load(fingerprint.path_for(job.cache_root, s["fingerprint"]))
-            for s in job.states
-        )
+        fa, fb = (_fingerprint(job, s) for s in job.states)
+        stored = [_stored(s["name"], s["source"], s["key"], job.config.dtype, job.cache_root) for s in job.states]
+        models = [m.load() for m in stored]
         record = pair_record(job.config, job.states, fingerprint.token_hash(job.tokens))
         settings = settings_for(job.config, job.output, a, b)
         document = modelstore.run_stored_pair(models[0], models[1], settings, job.tokens, (fa, fb), sweep=record)
@@ -395,6 +437,7 @@ def run_sweep(
     from jaxind import fingerprint, store
 
     cache_root = store.root(config.cache_dir)
+    store.check_writable(cache_root, "the jaxind cache")
     for sub in ("pairs", "models", "errors", "log"):
         os.makedirs(os.path.join(output, sub), exist_ok=True)
     EventLog(output).add("run", shard=f"{shard[0]}/{shard[1]}", workers=workers, argv=sys.argv[1:])
