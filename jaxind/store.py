@@ -245,8 +245,9 @@ def check_writable(folder: str, what: str) -> None:
             f.write("ok")
         os.unlink(probe)
     except OSError as e:
+        why = "not a directory" if os.path.lexists(folder) and not os.path.isdir(folder) else e.strerror or e
         raise JaxindError(
-            f"{what} {folder} is not writable ({e.strerror or e}): point --cache_dir (or $JAXIND_CACHE) at a "
+            f"{what} {folder} is not writable ({why}): point --cache_dir (or $JAXIND_CACHE) at a "
             "writable disk with room"
         ) from None
 

@@ -605,6 +605,16 @@ SWEEP_CASES: list[Case] = [
     ),
 ]
 CASES += SWEEP_CASES
+# --- issue 19: cache ---
+CASES += [
+    Case(
+        "sweep_cache_not_writable",
+        lambda w, d: [*_sweep()(w, d), f"--cache_dir={d / 'cache_file'}"],
+        "is not writable",
+        cli="sweep",
+        setup=lambda w, d: (_sweep_yaml()(w, d), _write("cache_file", "x")(w, d)),
+    ),
+]
 
 
 def _copy(src: str, dst: Path, **config_changes) -> str:

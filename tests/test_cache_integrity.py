@@ -166,8 +166,8 @@ def _before_checksums(folder: str) -> None:
     for k in ("key", "content_sha256", "dtype", "leaves"):
         meta.pop(k)
     Path(folder, "meta.json").write_text(json.dumps(meta))
-    tree = json.loads(Path(folder, "weights", "tree.json").read_text())
-    Path(folder, "weights", "tree.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "sum"} for r in tree]))
+    tree = Path(folder, "weights", "tree.json")
+    tree.write_text(json.dumps([{k: v for k, v in r.items() if k != "sum"} for r in json.loads(tree.read_text())]))
 
 
 def _entry_is_a_file(folder: str) -> None:

@@ -298,3 +298,45 @@ def test_a_model_that_does_not_fit_the_cache_disk_is_refused_before_writing(zoo,
         modelstore.ensure("base1", zoo.paths["base1"], cache_root=str(tmp_path / "cache"))
     assert raised.value.errno == errno.ENOSPC
     assert [n for n in os.listdir(tmp_path / "cache" / "models") if not n.endswith(".lock")] == []
+
+
+def test_a_damaged_fingerprint_and_tokens_file_are_rebuilt(zoo, reference, tmp_path, caplog):
+    """Noise in a cached fingerprint's x.npy: the next sweep on that cache logs one warning naming it, computes
+    it again and gives the reference MATCH p-value; tokens.npy overwritten with other ids: the next run logs one
+    warning, makes the same tokens again and finds every pair finished."""
+    import logging
+
+    from jaxind import store
+
+    _, ref_output, ref_cache = reference
+    cache = tmp_path / "cache"
+    shutil.copytree(ref_cache, cache, ignore=shutil.ignore_patterns("jax"))
+    names = ["base1", "ft1", "ind1"]
+    state = json.loads((ref_output / "models" / "ft1.json").read_text())
+    x_path = Path(fingerprint.path_for(str(cache), state["fingerprint"])) / "x.npy"
+    x = np.load(x_path, mmap_mode="r+")
+    x[...] = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    x.flush()
+    del x
+    store._verified.clear()
+    body = yaml.safe_load(Path(zoo.config_path).read_text())
+    body["models"] = [m for m in body["models"] if m["name"] in names]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(body))
+    config = dataclasses.replace(sweep_config.load(str(tmp_path / "s.yaml")), cache_dir=str(cache))
+    output = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        sweep.run_sweep(config, str(output), log=lambda m: None)
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and state["fingerprint"] in warnings[0] and "x.npy" in warnings[0], warnings
+    for a, b in (("base1", "ft1"), ("ft1", "ind1")):
+        got, want = (json.loads((o / "pairs" / f"{a}__{b}.json").read_text())["tests"] for o in (output, ref_output))
+        assert got["match"]["log10_pvalue"] == want["match"]["log10_pvalue"], (a, b)
+    tokens = np.load(output / "tokens.npy")
+    np.save(output / "tokens.npy", (tokens + 1) % 64)
+    caplog.clear()
+    lines: list[str] = []
+    with caplog.at_level(logging.WARNING):
+        sweep.run_sweep(config, str(output), log=lines.append)
+    assert [r.getMessage() for r in caplog.records if "tokens.npy is damaged" in r.getMessage()] != []
+    np.testing.assert_array_equal(np.load(output / "tokens.npy"), tokens)
+    assert "3 of 3 pairs already finished or blocked; 0 to run" in lines
