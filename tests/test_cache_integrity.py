@@ -62,8 +62,7 @@ def test_the_hash_memo_sees_an_in_place_edit_with_the_mtime_restored(tmp_path, m
     source.mkdir()
     weights = source / "model.safetensors"
     weights.write_bytes(bytes(range(256)) * 64)
-    assert store.content_hash(str(source), cache) and not os.path.isdir(os.path.join(cache, "hashes"))  # too recent
-    monkeypatch.setattr(store, "MEMO_MIN_AGE_S", 0.05)
+    monkeypatch.setattr(store, "MEMO_MIN_AGE_S", 0.05, raising=False)
     time.sleep(0.1)
     first = store.content_hash(str(source), cache)
     (memo,) = os.listdir(os.path.join(cache, "hashes"))
@@ -72,6 +71,15 @@ def test_the_hash_memo_sees_an_in_place_edit_with_the_mtime_restored(tmp_path, m
     _rewrite_in_place(weights, bytes(reversed(range(256))) * 64)
     expected = hashlib.sha256(f"model.safetensors\0{64 * 256}\0".encode() + weights.read_bytes()).hexdigest()
     assert store.content_hash(str(source), cache) == expected != first
+    monkeypatch.undo()  # files changed within MEMO_MIN_AGE_S of hashing are not memoised (racily recent)
+    shutil.rmtree(os.path.join(cache, "hashes"))
+    weights.write_bytes(bytes(range(256)) * 64)
+    assert store.content_hash(str(source), cache) == first and not os.path.isdir(os.path.join(cache, "hashes"))
+
+
+def _forget_verified() -> None:
+    """As in a new process: nothing verified yet."""
+    getattr(store, "_verified", {}).clear()
 
 
 def _main(*args: str) -> tuple[dict, str]:
@@ -164,7 +172,7 @@ def _before_checksums(folder: str) -> None:
     """An entry as the release before checksums wrote it: no key in meta.json, no checksum in tree.json."""
     meta = json.loads(Path(folder, "meta.json").read_text())
     for k in ("key", "content_sha256", "dtype", "leaves"):
-        meta.pop(k)
+        meta.pop(k, None)
     Path(folder, "meta.json").write_text(json.dumps(meta))
     tree = Path(folder, "weights", "tree.json")
     tree.write_text(json.dumps([{k: v for k, v in r.items() if k != "sum"} for r in json.loads(tree.read_text())]))
@@ -214,7 +222,7 @@ def test_a_damaged_model_entry_is_discarded_and_rebuilt(models, converted, tmp_p
     key = modelstore.model_key(models["a"], cache_root=cache)
     folder = os.path.join(cache, "models", key)
     DAMAGE[kind](folder)
-    store._verified.clear()
+    _forget_verified()
     with caplog.at_level(logging.WARNING):
         stored, rebuilt = modelstore.ensure("a", models["a"], cache_root=cache)
     warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
@@ -224,7 +232,7 @@ def test_a_damaged_model_entry_is_discarded_and_rebuilt(models, converted, tmp_p
     for path, leaf in converted[1].items():
         np.testing.assert_array_equal(params[path], leaf, err_msg=path)
     caplog.clear()
-    store._verified.clear()
+    _forget_verified()
     with caplog.at_level(logging.WARNING):
         _, again = modelstore.ensure("a", models["a"], cache_root=cache)
     assert not again and not [r for r in caplog.records if "is damaged" in r.getMessage()]
@@ -238,7 +246,7 @@ def test_checksums_are_verified_once_per_file_version(tmp_path, monkeypatch):
     calls = []
     real = store.checksum
     monkeypatch.setattr(store, "checksum", lambda a: calls.append(1) or real(a))
-    store._verified.clear()
+    _forget_verified()
     store.load_tree(folder)
     store.load_tree(folder)
     assert len(calls) == 1
