@@ -30,7 +30,8 @@ from bench_limits import _cli_match, _noised_copy  # noqa: E402
 def _summary(runs: list[dict]) -> dict:
     walls = [r["wall"] for r in runs]
     loads = [r["breakdown"]["load_model_a"] + r["breakdown"]["load_model_b"] for r in runs]
-    return {"walls": walls, "best": min(walls), "median": statistics.median(walls), "loads_median": statistics.median(loads)}
+    median = statistics.median
+    return {"walls": walls, "best": min(walls), "median": median(walls), "loads_median": median(loads)}
 
 
 def _verify_cost(cache: str) -> dict:
@@ -52,7 +53,8 @@ def _verify_cost(cache: str) -> dict:
         store.load_tree(folder)
         remembered.append(time.perf_counter() - start)
     crc = min(verified) - min(remembered)
-    return {"bytes": nbytes, "verified_s": min(verified), "remembered_s": min(remembered), "crc_gb_per_s": nbytes / crc / 1e9}
+    rate = nbytes / crc / 1e9
+    return {"bytes": nbytes, "verified_s": min(verified), "remembered_s": min(remembered), "crc_gb_per_s": rate}
 
 
 def main() -> None:
@@ -90,8 +92,8 @@ def main() -> None:
     print(f"MATCH CLI, warm cache, {args.runs} runs each: before {b['best']:.2f} s best / {b['median']:.2f} s median")
     print(f"  after {a['best']:.2f} s best / {a['median']:.2f} s median; ratio {result['ratio_median']:.3f} (median)")
     print(f"  model loads (median): before {b['loads_median']:.2f} s, after {a['loads_median']:.2f} s")
-    print(f"  same p-value: {result['same_log10_pvalue']}; verifying {v['bytes'] / 1e6:.0f} MB in process: "
-          f"{v['verified_s']:.3f} s vs {v['remembered_s']:.3f} s remembered ({v['crc_gb_per_s']:.2f} GB/s)")  # fmt: skip
+    print(f"  same p-value: {result['same_log10_pvalue']}; verifying {v['bytes'] / 1e6:.0f} MB in process:")
+    print(f"  {v['verified_s']:.3f} s vs {v['remembered_s']:.3f} s remembered ({v['crc_gb_per_s']:.2f} GB/s)")
 
 
 if __name__ == "__main__":

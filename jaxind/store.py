@@ -255,7 +255,7 @@ def check_writable(folder: str, what: str) -> None:
 def checksum(array: np.ndarray) -> str:
     """``"crc32:<8 hex>"`` of an array's bytes in C order (reads it once, about 2 GB/s per core)."""
     array = np.ascontiguousarray(array)
-    return f"crc32:{zlib.crc32(memoryview(array.reshape(-1).view(np.uint8))) & 0xFFFFFFFF:08x}"
+    return f"crc32:{zlib.crc32(array.reshape(-1).view(np.uint8).data) & 0xFFFFFFFF:08x}"
 
 
 _verified: dict[tuple[str, int, int, int, int, int], str] = {}
