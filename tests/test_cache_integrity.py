@@ -254,3 +254,26 @@ def test_checksums_are_verified_once_per_file_version(tmp_path, monkeypatch):
     np.save(os.path.join(folder, "leaves", "0.npy"), np.arange(1000, dtype=np.float32)[::-1].copy())
     with pytest.raises(store.DamagedEntry, match="checksum"):
         store.load_tree(folder)
+
+
+def test_two_processes_finding_one_damaged_entry_rebuild_it_once(models, converted, tmp_path):
+    """Two processes (spawned, so each has its own verification memo) open the same damaged entry at once: the
+    entry's lock lets one discard and rebuild it and the other read the rebuilt one; both get the right params."""
+    import multiprocessing
+
+    cache = str(tmp_path / "cache")
+    shutil.copytree(converted[0], cache)
+    folder = os.path.join(cache, "models", modelstore.model_key(models["a"], cache_root=cache))
+    _noise(folder)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(_ensure_in_child, [(models["a"], cache)] * 2)
+    assert sorted(rebuilt for rebuilt, _ in results) == [False, True]
+    for _, params in results:
+        for path, leaf in converted[1].items():
+            np.testing.assert_array_equal(params[path], leaf, err_msg=path)
+    assert [n for n in os.listdir(os.path.join(cache, "models")) if n.startswith(".tmp-")] == []
+
+
+def _ensure_in_child(source: str, cache: str) -> tuple[bool, dict[str, np.ndarray]]:
+    stored, rebuilt = modelstore.ensure("a", source, cache_root=cache)
+    return rebuilt, _by_path(stored.load().params)
