@@ -156,6 +156,8 @@ def preflight():
     spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
     if spec.path is not None:
         data.check_texts(spec)
+    if FLAGS.output == "":
+        destinations.resolve_output("", "--output")  # --output= (empty): one line, not a silent "no output"
     if FLAGS.output and not FLAGS.model_a:
         destinations.check_directory(FLAGS.output, "--output")  # the demo writes one JSON per pair into it
     elif FLAGS.output:
