@@ -634,7 +634,13 @@ def _still(name: str, kind: Callable[[int], bool]) -> Callable[[World, Path], No
 _is_link, _is_fifo = stat.S_ISLNK, stat.S_ISFIFO
 
 
-ISSUE_19_OUTPUT_CASES: list[Case] = [
+def _coordinator(address: str, expected: str) -> Case:
+    """A bad --coordinator_address with the other two multi-host flags: refused at once (issue 19)."""
+    flags = [f"--coordinator_address={address}", "--num_processes=2", "--process_id=0", "--distributed_timeout=20"]
+    return Case(f"coordinator_{address}", lambda w, d: [*w.pair(), *flags], expected)
+
+
+ISSUE_19_CASES: list[Case] = [
     # --- issue 19: outputs and the distributed start ---
     Case("output_empty", lambda w, d: [*w.pair(), "--output="], "--output= is empty"),
     Case(
@@ -658,13 +664,13 @@ ISSUE_19_OUTPUT_CASES: list[Case] = [
         setup=_symlink("out.json", "/proc/self/fd/1"),
         check=_still("out.json", _is_link),
     ),
-    Case(
-        "demo_output_empty",
-        lambda w, d: ["--demo_quick", "--output="],
-        "--output= is empty",
-    ),
+    Case("demo_output_empty", lambda w, d: ["--demo_quick", "--output="], "--output= is empty"),
+    _coordinator("host0", "--coordinator_address=host0: expected HOST:PORT of process 0"),
+    _coordinator("127.0.0.1:99999", "with a port in 1..65535"),
+    _coordinator("127.0.0.1:", "expected HOST:PORT"),
+    _coordinator("no-such-host.invalid:1234", "host 'no-such-host.invalid' does not resolve"),
 ]
-CASES += ISSUE_19_OUTPUT_CASES
+CASES += ISSUE_19_CASES
 
 
 def _copy(src: str, dst: Path, **config_changes) -> str:
