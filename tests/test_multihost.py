@@ -174,3 +174,13 @@ def test_rendezvous_names_refuses_and_lets_go():
         assert not host.done()
         rendezvous.join(address, 3, 2, 30.0)
         assert host.result(timeout=30) is None and first.result(timeout=30) is None
+
+
+def test_the_watchdog_ends_a_call_stuck_in_native_code_with_one_line():
+    """What bounds jax.distributed's own connection: a call that does not return (here a sleep; there C++ that
+    would abort much later) ends the process with one error line and exit 1 at the deadline."""
+    script = "import time\nfrom jaxind import rendezvous\nrendezvous.bounded(lambda: time.sleep(99), 2, 'w', 'gave up')"
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert r.returncode == 1 and r.stderr.strip() == "error: gave up", r.stderr[-2000:]
+    assert time.monotonic() - start < 60
