@@ -114,7 +114,7 @@ def resolve_output(path: str, flag: str = "--output") -> str:
         raise JaxindError(f"{flag}={path}: too many levels of symbolic links; name a file")
     try:
         mode = os.stat(current).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a new file; a folder that is a file is refused later
         return current
     except OSError as e:
         raise JaxindError(f"{flag}={path} cannot be written ({e.strerror}): choose another path") from None
