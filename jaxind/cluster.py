@@ -9,10 +9,13 @@ jitted programs, gets the same statistics back on its host, and only process 0 w
 from __future__ import annotations
 
 import os
+import time
 
 from jaxind.errors import JaxindError
 
 MESH_AXES = ("data", "fsdp", "model")
+DEFAULT_TIMEOUT_S = 300  # --distributed_timeout: how long a multi-process start may wait for every process
+_JAX_MIN_S = 30  # the least time left to jax.distributed's own connection after the rendezvous
 
 # Environments in which jax.distributed.initialize() finds the coordinator, process count and id by itself
 # (JAXIND_DISTRIBUTED=1 asks for it in any environment JAX supports, e.g. from a launcher).
@@ -59,11 +62,15 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def check_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Refuses a partial set of the distributed flags (before anything is loaded).
+    """Refuses a partial set of the distributed flags, and a coordinator address that is not HOST:PORT or
+    whose host does not resolve (before anything is loaded).
 
     Raises:
-      JaxindError: some but not all of the three are given, or the process id is out of range.
+      JaxindError: some but not all of the three are given, the process id is out of range, or the address
+      is malformed or unresolvable.
     """
+    from jaxind import rendezvous
+
     given = [v is not None for v in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
         raise JaxindError(
@@ -72,25 +79,83 @@ def check_flags(coordinator_address: str | None, num_processes: int | None, proc
         )
     if all(given) and not 0 <= process_id < num_processes:  # type: ignore[operator]
         raise JaxindError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
+    if coordinator_address is not None:
+        rendezvous.check_address(coordinator_address)
 
 
 def initialize(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> bool:
     """Starts ``jax.distributed`` from the flags, or from the environment where :func:`detected_cluster` finds
-    one; does nothing for a single process. Must run before any JAX computation. Returns whether it started."""
-    import jax
+    one; does nothing for a single process. Must run before any JAX computation. Returns whether it started.
+
+    Bounded: from the flags, the processes first meet in :mod:`jaxind.rendezvous` (process 0 names the missing
+    ones every 10 s); the start, and JAX's own connection after it, end within ``timeout`` seconds (at least
+    30 s for JAX's part) with one ``error:`` line and exit 1, never JAX's C++ abort.
+
+    Raises:
+      JaxindError: bad flags, or a process missing after ``timeout`` seconds (before JAX's part).
+    """
+    from jaxind import rendezvous
 
     check_flags(coordinator_address, num_processes, process_id)
     if coordinator_address is not None:
         if num_processes == 1:
             return False
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        assert num_processes is not None and process_id is not None
+        start = time.monotonic()
+        if process_id == 0:
+            rendezvous.host(coordinator_address, num_processes, timeout)
+        else:
+            rendezvous.join(coordinator_address, num_processes, process_id, timeout)
+        left = max(timeout - (time.monotonic() - start), _JAX_MIN_S)
+        _start_jax(
+            left,
+            f"process {process_id}: every process is here; connecting to JAX's coordination service at "
+            f"{coordinator_address}",
+            f"process {process_id}: JAX's coordination service at {coordinator_address} did not start within "
+            f"{left:.0f}s although every process had met: a process failed while connecting (see its log)",
+            coordinator_address,
+            num_processes,
+            process_id,
+        )
         return True
-    if detected_cluster() is not None:
-        jax.distributed.initialize()
+    name = detected_cluster()
+    if name is not None:
+        _start_jax(
+            timeout,
+            f"waiting for the other processes of this {name} job (JAX does not say which ones are missing)",
+            f"the processes of this {name} job did not all start within --distributed_timeout={timeout:.0f}s: "
+            "check that every task runs the same command, or raise --distributed_timeout",
+        )
         return True
     return False
+
+
+def _start_jax(
+    timeout: float,
+    waiting: str,
+    failed: str,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` (from these arguments, or the environment where they are None) under a
+    watchdog that ends the process with the line ``failed`` after ``timeout`` seconds, before JAX's own timeout
+    (30 s later) would abort it from C++."""
+    import jax
+
+    from jaxind import rendezvous
+
+    def start() -> None:
+        jax.distributed.initialize(
+            coordinator_address, num_processes, process_id, initialization_timeout=int(timeout) + _JAX_MIN_S
+        )
+
+    rendezvous.bounded(start, timeout, waiting, failed)
 
 
 def process_index() -> int:

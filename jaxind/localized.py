@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxind import grams, progress, pvalues
+from jaxind import destinations, grams, progress, pvalues
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.layers import check_pairs
@@ -262,9 +262,8 @@ def plot_heatmap(
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        destinations.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), "--output (its heatmap)")
+    finally:
+        plt.close(fig)
     return path

@@ -100,6 +100,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Multi-host: the number of processes.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.", lower_bound=0)
+flags.DEFINE_integer(
+    "distributed_timeout",
+    300,
+    "Multi-host: seconds every process may take to start; then one error line (process 0 names the missing ones).",
+    lower_bound=1,
+)
 
 flags.register_validator(
     "alpha",
@@ -156,6 +162,8 @@ def preflight():
     spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
     if spec.path is not None:
         data.check_texts(spec)
+    if FLAGS.output == "":
+        destinations.resolve_output("", "--output")  # --output= (empty): one line, not a silent "no output"
     if FLAGS.output and not FLAGS.model_a:
         destinations.check_directory(FLAGS.output, "--output")  # the demo writes one JSON per pair into it
     elif FLAGS.output:
@@ -270,7 +278,9 @@ def run(argv) -> int:
     spec = preflight()
     from jaxind import cluster
 
-    cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)  # before any computation
+    cluster.initialize(  # before any computation
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, timeout=FLAGS.distributed_timeout
+    )
     caching.setup_from_flags()
     from converters.sources import load_model
     from jaxind import report, results, runner, sharding, testhooks

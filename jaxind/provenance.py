@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxind import store, sweep_summary
+from jaxind import destinations, sweep_summary
 
 CLIP = 50.0  # -log10 p above this shows as the darkest colour
 
@@ -58,10 +58,11 @@ def cluster_order(matrix: np.ndarray) -> list[int]:
 
 def _save(fig: Any, path: str, models: list[str], title: str) -> None:
     plt = _plt()
-    tmp = f"{path}.{os.getpid()}.tmp.png"  # shards may write the report at the same time
-    fig.savefig(tmp, metadata={"Title": title, "Models": ",".join(models)})
-    plt.close(fig)
-    os.replace(tmp, path)
+    metadata = {"Title": title, "Models": ",".join(models)}
+    try:  # a temporary of its own per writer: shards may write the report at the same time
+        destinations.write_file(path, lambda tmp: fig.savefig(tmp, format="png", metadata=metadata), "--output")
+    finally:
+        plt.close(fig)
 
 
 def plot_heatmap(path: str, names: list[str], matrix: np.ndarray, order: list[int], title: str, hits: Any) -> str:
@@ -166,8 +167,8 @@ def write_report(summary: dict[str, Any], output: str) -> dict[str, Any]:
         "heatmaps": {t: os.path.basename(p) for t, p in heatmaps.items()},
         "order": [names[i] for i in order],
     }
-    store.write_text(os.path.join(output, "report.html"), render_html(summary, output, files))
-    store.write_text(os.path.join(output, "report.md"), render_markdown(summary, files))
+    destinations.write_text(os.path.join(output, "report.html"), render_html(summary, output, files))
+    destinations.write_text(os.path.join(output, "report.md"), render_markdown(summary, files))
     return files
 
 

@@ -316,25 +316,13 @@ RESULTS_SCHEMA = {
 
 
 def write_json(path: str, document: dict) -> None:
-    """Writes ``document`` to ``path`` atomically (temporary file in the same folder, fsync, rename).
+    """Writes ``document`` to ``path`` atomically (:func:`jaxind.destinations.write_file`: a temporary
+    file beside the target, fsync, rename; a symlink is written through, a special file refused).
 
     The file gets the mode a plain ``open()`` would give it (``0o666`` less the umask), also when
     it replaces an existing file.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        os.fchmod(fd, destinations.file_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(document), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    destinations.write_text(path, json.dumps(_jsonable(document), indent=2))
 
 
 def rescue_path(path: str) -> str:
@@ -357,10 +345,12 @@ def write_json_or_rescue(path: str, document: dict) -> None:
         return
     except OSError as e:
         problem = f"cannot write {path} ({e.strerror or type(e).__name__})"
+    except jaxind.JaxindError as e:  # it became a special file after the check before the run
+        problem = f"cannot write {path} ({e})"
     fallback = rescue_path(path)
     try:
         write_json(fallback, document)
-    except OSError:
+    except (OSError, jaxind.JaxindError):
         print(json.dumps(_jsonable(document), indent=2), flush=True)
         raise jaxind.JaxindError(
             f"{problem}, nor {fallback}: the results JSON is printed on stdout instead; "

@@ -475,12 +475,12 @@ def run_sweep(
 
 def finish(config: SweepConfig, output: str, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Writes ``summary.json`` and the report from what ``output`` holds; returns the summary."""
-    from jaxind import provenance, store, sweep_summary, testhooks
+    from jaxind import destinations, provenance, sweep_summary, testhooks
 
     summary = sweep_summary.build(config, output)
     summary["report"] = provenance.write_report(summary, output)
     testhooks.stop_at("summary_writing")
-    store.write_text(os.path.join(output, "summary.json"), _dumps(summary))
+    destinations.write_text(os.path.join(output, "summary.json"), _dumps(summary))
     _written.append(os.path.join(output, "summary.json"))
     log(provenance.text_summary(summary))
     return summary

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -617,6 +618,71 @@ CASES += [
 ]
 
 
+def _symlink(name: str, target: str) -> Callable[[World, Path], None]:
+    def setup(world: World, d: Path) -> None:
+        os.symlink(target if target.startswith("/") else str(d / target), d / name)
+
+    return setup
+
+
+def _fifo(name: str) -> Callable[[World, Path], None]:
+    def setup(world: World, d: Path) -> None:
+        os.mkfifo(d / name)
+
+    return setup
+
+
+def _still(name: str, kind: Callable[[int], bool]) -> Callable[[World, Path], None]:
+    """``case_dir/name`` still is what it was (a link, a FIFO): never replaced by a regular file."""
+
+    def check(world: World, d: Path) -> None:
+        assert kind(os.lstat(d / name).st_mode)
+
+    return check
+
+
+_is_link, _is_fifo = stat.S_ISLNK, stat.S_ISFIFO
+
+
+def _coordinator(address: str, expected: str) -> Case:
+    """A bad --coordinator_address with the other two multi-host flags: refused at once (issue 19)."""
+    flags = [f"--coordinator_address={address}", "--num_processes=2", "--process_id=0", "--distributed_timeout=20"]
+    return Case(f"coordinator_{address}", lambda w, d: [*w.pair(), *flags], expected)
+
+
+ISSUE_19_CASES: list[Case] = [
+    # --- issue 19: outputs and the distributed start ---
+    Case("output_empty", lambda w, d: [*w.pair(), "--output="], "--output= is empty"),
+    Case(
+        "output_fifo",
+        lambda w, d: [*w.pair(), f"--output={d / 'p.json'}"],
+        "is not a regular file",
+        setup=_fifo("p.json"),
+        check=_still("p.json", _is_fifo),
+    ),
+    Case(
+        "output_link_to_fifo",
+        lambda w, d: [*w.pair(), f"--output={d / 'r.json'}"],
+        "is not a regular file",
+        setup=lambda w, d: (_fifo("p")(w, d), _symlink("r.json", "p")(w, d)),
+        check=_still("r.json", _is_link),
+    ),
+    Case(
+        "output_link_to_stdout",  # /dev/stdout's kind of link (stdout is a pipe here; a file: see below)
+        lambda w, d: [*w.pair(), f"--output={d / 'out.json'}"],
+        "is not a regular file",
+        setup=_symlink("out.json", "/proc/self/fd/1"),
+        check=_still("out.json", _is_link),
+    ),
+    Case("demo_output_empty", lambda w, d: ["--demo_quick", "--output="], "--output= is empty"),
+    _coordinator("host0", "--coordinator_address=host0: expected HOST:PORT of process 0"),
+    _coordinator("127.0.0.1:99999", "with a port in 1..65535"),
+    _coordinator("127.0.0.1:", "expected HOST:PORT"),
+    _coordinator("no-such-host.invalid:1234", "host 'no-such-host.invalid' does not resolve"),
+]
+CASES += ISSUE_19_CASES
+
+
 def _copy(src: str, dst: Path, **config_changes) -> str:
     shutil.copytree(src, dst)
     if config_changes:
@@ -988,3 +1054,76 @@ def test_results_json_mode_follows_the_umask(tmp_path, mask):
         os.umask(old)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask == os.stat(fresh).st_mode & 0o777
     assert json.loads(path.read_text()) == {"x": 1}
+
+
+# --- issue 19: outputs never clobber a link or a special file -----------------------------------------
+
+
+def test_output_through_a_symlink_replaces_its_target(world, tmp_path):
+    """--output=res/link.json pointing elsewhere: the target gets the results, the link stays a link, nothing
+    else appears in either folder."""
+    (tmp_path / "res").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "target.json"
+    target.write_text("old")
+    os.symlink("../elsewhere/target.json", tmp_path / "res" / "link.json")
+    r = run_cli("main", [*world.pair(), "--tests=csu", f"--output={tmp_path / 'res' / 'link.json'}"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.islink(tmp_path / "res" / "link.json")
+    assert os.readlink(tmp_path / "res" / "link.json") == "../elsewhere/target.json"
+    assert json.loads(target.read_text())["tests"]["csu"]["pvalue"] < 1e-3
+    assert os.listdir(tmp_path / "res") == ["link.json"] and os.listdir(tmp_path / "elsewhere") == ["target.json"]
+
+
+def test_output_to_stdout_redirected_to_a_file_is_refused(world, tmp_path):
+    """A link to /proc/self/fd/1 (what /dev/stdout is) with stdout redirected to a regular file: refused before
+    any model is loaded; the link stays, the redirected file holds no results (the real /dev/stdout is not used:
+    the tests may run as root, and before the fix it was replaced by a regular file)."""
+    link = tmp_path / "stdout.json"
+    os.symlink("/proc/self/fd/1", link)
+    with open(tmp_path / "redirected.txt", "w") as out:
+        r = subprocess.run(
+            [sys.executable, "-m", "jaxind.main", *world.pair(), "--tests=csu", f"--output={link}"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=cli_env(),
+            timeout=600,
+        )
+    errors = error_lines(r.stderr)
+    assert r.returncode == 1 and len(errors) == 1 and "is not a regular file" in errors[0], r.stderr[-3000:]
+    assert os.path.islink(link) and os.readlink(link) == "/proc/self/fd/1"
+    assert "model_a:" not in (tmp_path / "redirected.txt").read_text()
+
+
+def test_every_output_writer_writes_through_links_and_refuses_special_files(tmp_path):
+    """results JSON, text reports, the localized heatmap and the sweep heatmaps: through a symlink the target is
+    replaced (the link stays); a FIFO is refused with a JaxindError and stays a FIFO; no temporary is left."""
+    from jaxind import destinations, localized, provenance, results
+    from jaxind.errors import JaxindError
+
+    writers = {
+        "r.json": lambda p: results.write_json(p, {"x": 1}),
+        "report.md": lambda p: destinations.write_text(p, "# report\n"),
+        "l.png": lambda p: localized.plot_heatmap([[-3.0, -1.0], [-1.0, -4.0]], [0, 1], [0, 1], -2.0, p),
+        "h.png": lambda p: provenance.plot_heatmap(
+            p, ["a", "b"], np.array([[np.nan, 3.0], [3.0, np.nan]]), [0, 1], "csu", np.eye(2, dtype=bool)
+        ),
+    }
+    (tmp_path / "real").mkdir()
+    for name, write in writers.items():
+        target = tmp_path / "real" / name
+        target.write_bytes(b"old")
+        os.symlink(target, tmp_path / name)
+        write(str(tmp_path / name))
+        assert os.path.islink(tmp_path / name) and target.read_bytes() != b"old", name
+        os.mkfifo(tmp_path / f"fifo-{name}")
+        with pytest.raises(JaxindError, match="is not a regular file"):
+            write(str(tmp_path / f"fifo-{name}"))
+        assert _is_fifo(os.lstat(tmp_path / f"fifo-{name}").st_mode)
+    assert json.loads((tmp_path / "real" / "r.json").read_text()) == {"x": 1}
+    assert (
+        (tmp_path / "real" / "l.png").read_bytes()[:4] == (tmp_path / "real" / "h.png").read_bytes()[:4] == b"\x89PNG"
+    )
+    assert not [n for d in (tmp_path, tmp_path / "real") for n in os.listdir(d) if n.startswith(".tmp-")]

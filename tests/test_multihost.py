@@ -5,8 +5,10 @@ process 0 writes it. The pod flagfiles in configs/ parse, and the launchers are 
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -97,3 +99,88 @@ def test_pod_flagfiles_parse_and_their_meshes_fit():
     assert r.stdout.split() == ["llama2_7b_8gpu", "8", "0", "0", "llama2_70b_tpu_pod", "64", "0", "0"]
     for script_path in ("launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/cpu_processes.sh"):
         assert subprocess.run(["bash", "-n", os.path.join(REPO, script_path)]).returncode == 0, script_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_start_with_a_missing_process_ends_with_one_line_within_the_timeout():
+    """Issue 19: --num_processes=2 with only one process started. Process 0 alone says which process is missing
+    while it waits and ends with one error line naming it; process 1 alone says it waits for process 0 and ends
+    with one line; both within --distributed_timeout (12 s here; before: a silent wait of minutes, then JAX's
+    C++ abort with a stack dump)."""
+    timeout = 12
+    started = {}
+    for process_id in (0, 1):  # two separate runs (other ports), each missing its peer
+        argv = [
+            "--demo_quick",
+            f"--coordinator_address=127.0.0.1:{_free_port()}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+            f"--distributed_timeout={timeout}",
+        ]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxind.main", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+            env=cli_env(JAX_PLATFORMS="cpu"),
+        )
+        started[process_id] = (proc, time.monotonic())
+    expected = {
+        0: ("waiting for 1 of 2 processes (process id 1) at 127.0.0.1:", "1 of 2 processes (process id 1) did not"),
+        1: ("process 1 waiting for process 0 to listen at 127.0.0.1:", "process 1 of 2: process 0 at 127.0.0.1:"),
+    }
+    for process_id, (proc, start) in started.items():
+        out, err = proc.communicate(timeout=timeout + 120)
+        seconds = time.monotonic() - start
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        progress, error = expected[process_id]
+        assert proc.returncode == 1, err[-3000:]
+        assert len(errors) == 1 and error in errors[0] and f"--distributed_timeout={timeout}s" in errors[0], err
+        assert progress in err, err[-3000:]
+        assert "Traceback" not in err and "Check failure" not in err and "building a small model zoo" not in out
+        assert timeout <= seconds < timeout + 60, seconds  # the imports before the wait take seconds on a busy CI
+
+
+def test_rendezvous_names_refuses_and_lets_go():
+    """The handshake before jax.distributed (in threads of one process): addresses parsed, a process with another
+    --num_processes or a taken --process_id refused with the reason, and the start goes on once all are there."""
+    import concurrent.futures
+
+    import pytest
+
+    from jaxind import rendezvous
+    from jaxind.errors import JaxindError
+
+    assert rendezvous.parse_address("[::1]:1234") == ("::1", 1234)
+    assert rendezvous.parse_address("node-7.cluster:65535") == ("node-7.cluster", 65535)
+    for bad in ("host", "host:0", "host:65536", ":80", "host:http"):
+        with pytest.raises(JaxindError, match="expected HOST:PORT"):
+            rendezvous.parse_address(bad)
+    address = f"127.0.0.1:{_free_port()}"
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        host = pool.submit(rendezvous.host, address, 3, 60.0)
+        with pytest.raises(JaxindError, match="refused this process: --num_processes=2 here but 3 on process 0"):
+            rendezvous.join(address, 2, 1, 30.0)
+        first = pool.submit(rendezvous.join, address, 3, 1, 60.0)
+        time.sleep(1.0)
+        with pytest.raises(JaxindError, match="--process_id=1 is taken by another process"):
+            rendezvous.join(address, 3, 1, 30.0)
+        assert not host.done()
+        rendezvous.join(address, 3, 2, 30.0)
+        assert host.result(timeout=30) is None and first.result(timeout=30) is None
+
+
+def test_the_watchdog_ends_a_call_stuck_in_native_code_with_one_line():
+    """What bounds jax.distributed's own connection: a call that does not return (here a sleep; there C++ that
+    would abort much later) ends the process with one error line and exit 1 at the deadline."""
+    script = "import time\nfrom jaxind import rendezvous\nrendezvous.bounded(lambda: time.sleep(99), 2, 'w', 'gave up')"
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=cli_env())
+    assert r.returncode == 1 and r.stderr.strip() == "error: gave up", r.stderr[-2000:]
+    assert time.monotonic() - start < 60
