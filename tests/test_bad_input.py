@@ -548,6 +548,21 @@ def _other_sweep_in_output(world: World, d: Path) -> None:
     np.save(d / "out" / "tokens.npy", np.zeros((64, 128), np.int32))
 
 
+def _alias_bomb(levels: int = 9) -> str:
+    """A sweep file of under 1 KB whose aliases expand a parent into 9**levels strings."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    first = f"{{name: a, source: x, family: [{', '.join(parts)}], parent: *a{levels}}}"
+    return f"models:\n  - {first}\n  - {{name: b, source: y}}\n"
+
+
+ALIAS_BOMB = _alias_bomb()
+
+
+def _assert_no_output(d: Path) -> None:
+    assert not (d / "out").exists()
+
+
 SWEEP_CASES: list[Case] = [
     Case("sweep_no_flags", lambda w, d: [], "pass --config=SWEEP.yaml and --output=DIR", cli="sweep"),
     _sweep_case("config_missing", "does not exist or is not a file", setup=lambda w, d: None),
@@ -589,6 +604,40 @@ SWEEP_CASES: list[Case] = [
     ),
     _sweep_case("report_only_without_sweep", "holds no sweep", extra=("--report_only",)),
     _sweep_case("other_data_in_output", "holds a sweep made with other data settings", setup=_other_sweep_in_output),
+    # --- issue 19: sweep config ---
+    _sweep_case("yaml_alias", "anchors and aliases (&name, *name) are not allowed", setup=_sweep_yaml(ALIAS_BOMB)),
+    _sweep_case("yaml_too_deep", "is nested too deeply", setup=_sweep_yaml("models: " + "[" * 3000 + "]" * 3000)),
+    _sweep_case(
+        "name_with_newline",
+        "needs a name of at most 64 letters",
+        setup=_sweep_yaml('models: [{name: "a\\n", source: x}, {name: b, source: y}]\n'),
+    ),
+    _sweep_case(
+        "name_too_long",
+        "needs a name of at most 64 letters",
+        setup=_sweep_yaml(f"models: [{{name: {'n' * 200}, source: x}}, {{name: b, source: y}}]\n"),
+    ),
+    _sweep_case(
+        "parent_not_a_name",
+        "has parent [0, 1, 2, 3, ...]: give the name of another model",
+        setup=_sweep_yaml(f"models: [{{name: a, source: x, parent: {list(range(500))}}}, {{name: b, source: y}}]"),
+    ),
+    _sweep_case("pairs_wrong_type", "'pairs' must be all", setup=_sweep_yaml(pairs={"bases": "a", "derived": 5})),
+    _sweep_case("keys_of_mixed_types", "unknown key(s) 1, foo", setup=_sweep_yaml("models: []\n1: 2\nfoo: 3\n")),
+    _sweep_case("layer_pairs_triple", "layer_pairs must be like", setup=_sweep_yaml(layer_pairs=[[0, 1, 2]])),
+    _sweep_case(
+        "cache_dir_is_a_file",
+        "is a file, not a directory",
+        setup=lambda w, d: (_sweep_yaml(cache_dir=str(d / "c"))(w, d), _write("c", "x")(w, d)),
+    ),
+    Case(
+        "sweep_cache_dir_flag_is_a_file",
+        lambda w, d: [*_sweep()(w, d), f"--cache_dir={d / 'c'}"],
+        "is a file, not a directory",
+        cli="sweep",
+        setup=lambda w, d: (_sweep_yaml()(w, d), _write("c", "x")(w, d)),
+        check=lambda w, d: _assert_no_output(d),
+    ),
     # --- one-vs-many scans (jaxind.main --reference) ---
     Case("scan_reference_missing", lambda w, d: [f"--model_a={w.a}", f"--reference={d / 'nope'}"], "does not exist"),
     Case(
