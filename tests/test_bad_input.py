@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, Frozen, cli_env, error_lines, run_cli
+from helpers import REPO, Frozen, alias_bomb, cli_env, error_lines, run_cli
 from hf_models import build_torch_model, edit_config, save
 
 TINY = dict(
@@ -548,15 +548,7 @@ def _other_sweep_in_output(world: World, d: Path) -> None:
     np.save(d / "out" / "tokens.npy", np.zeros((64, 128), np.int32))
 
 
-def _alias_bomb(levels: int = 9) -> str:
-    """A sweep file of under 1 KB whose aliases expand a parent into 9**levels strings."""
-    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
-    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
-    first = f"{{name: a, source: x, family: [{', '.join(parts)}], parent: *a{levels}}}"
-    return f"models:\n  - {first}\n  - {{name: b, source: y}}\n"
-
-
-ALIAS_BOMB = _alias_bomb()
+ALIAS_BOMB = alias_bomb()
 
 
 def _assert_no_output(d: Path) -> None:
