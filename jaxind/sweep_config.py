@@ -18,7 +18,8 @@ More keys: ``num_perms`` (l2/mc draws, default 999), ``batch_size`` (8), ``layer
 smallest vocabulary of the models) and ``tokenizer`` (the model whose tokenizer cuts text data;
 default: the first model). Per model: ``family`` (checked against the loaded config) and ``parent``
 (the model it derives from, if known: the ground truth the report compares against). Relative
-paths are taken from the folder of the YAML file when they exist there.
+paths are taken from the folder of the YAML file when they exist there. Names (of models, parents,
+families) are at most 64 letters, digits and ``. _ + -``; YAML anchors and aliases are refused.
 """
 
 from __future__ import annotations
