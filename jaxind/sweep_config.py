@@ -37,6 +37,7 @@ from jaxind.errors import JaxindError
 
 NAME_MAX = 64  # a pair's files are named <a>__<b>_localized.png: well under 255 bytes
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX - 1}}}")  # (fullmatch: no trailing newline)
+MAX_TOKENS = 2**28  # reference tokens of a sweep (8,192 are typical; each model's fingerprint grows with them)
 _MAX_BYTES = 4 << 20  # a sweep file of 10,000 models is about 1 MB
 _TOP_KEYS = {
     "models",
@@ -230,6 +231,12 @@ def _data(where: str, raw: Any, base: str, names: list[str]) -> dict[str, Any]:
         "tokenizer": raw.get("tokenizer"),
         "path": None,
     }
+    if out["num_sequences"] * out["seq_len"] > MAX_TOKENS:
+        raise _fail(
+            where,
+            f"data asks for {out['num_sequences']} x {out['seq_len']} tokens: at most {MAX_TOKENS:,} "
+            "(a few thousand sequences suffice; every model's fingerprint grows with them)",
+        )
     if kind != "random":
         if not isinstance(raw.get("path"), str) or not raw["path"] or "\0" in raw["path"]:
             raise _fail(where, f"data.kind={kind} needs data.path (the {kind} file)")
