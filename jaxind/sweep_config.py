@@ -133,6 +133,17 @@ def _integer(where: str, key: str, value: Any, low: int, high: int = 2**63 - 1) 
     return value
 
 
+def _is_path(value: Any) -> TypeGuard[str]:
+    """A path or model source: non-empty text that a file name can hold (no NUL, no lone surrogate)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_name(value: Any) -> TypeGuard[str]:
     """A model name: letters, digits and . _ + - (first a letter or digit, no '__'), at most NAME_MAX."""
     return isinstance(value, str) and _NAME.fullmatch(value) is not None and "__" not in value
@@ -161,7 +172,7 @@ def _models(where: str, raw: Any, base: str, least: int = 2) -> tuple[ModelEntry
                 where,
                 f"{at} needs a name of at most {NAME_MAX} letters, digits and . _ + - (no '__'), got {show(name)}",
             )
-        if not isinstance(source, str) or not source or "\0" in source:
+        if not _is_path(source):
             raise _fail(where, f"{at} ({name}) needs a 'source' (a model path, .gguf file, hub id or smollm2)")
         family, parent = entry.get("family"), entry.get("parent")
         if family is not None and not _is_name(family):
@@ -238,7 +249,7 @@ def _data(where: str, raw: Any, base: str, names: list[str]) -> dict[str, Any]:
             "(a few thousand sequences suffice; every model's fingerprint grows with them)",
         )
     if kind != "random":
-        if not isinstance(raw.get("path"), str) or not raw["path"] or "\0" in raw["path"]:
+        if not _is_path(raw.get("path")):
             raise _fail(where, f"data.kind={kind} needs data.path (the {kind} file)")
         out["path"] = _local(base, raw["path"])
         if not os.path.isfile(out["path"]):
@@ -357,7 +368,7 @@ def _cache_dir(where: str, value: Any, base: str) -> str | None:
     """The file's ``cache_dir`` (a folder path, relative to the file's folder when it exists there)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not value or "\0" in value:
+    if not _is_path(value):
         raise _fail(where, f"cache_dir must be a folder path, got {show(value)}")
     path = _local(base, value)
     if os.path.lexists(path) and not os.path.isdir(path):

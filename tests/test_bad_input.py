@@ -618,6 +618,11 @@ SWEEP_CASES: list[Case] = [
     _sweep_case("keys_of_mixed_types", "unknown key(s) 1, foo", setup=_sweep_yaml("models: []\n1: 2\nfoo: 3\n")),
     _sweep_case("layer_pairs_triple", "layer_pairs must be like", setup=_sweep_yaml(layer_pairs=[[0, 1, 2]])),
     _sweep_case(
+        "source_not_a_file_name",  # a lone surrogate: printing the model's error line raised UnicodeEncodeError
+        "models[0] (a) needs a 'source'",
+        setup=lambda w, d: _sweep_yaml(f'models: [{{name: a, source: "x\\ud800"}}, {{name: b, source: {w.a}}}]')(w, d),
+    ),
+    _sweep_case(
         "too_many_tokens",
         "data asks for 1000000 x 100000 tokens",
         setup=_sweep_yaml(data={"num_sequences": 10**6, "seq_len": 10**5}),

@@ -54,7 +54,7 @@ JUNK = st.one_of(
     st.booleans(),
     st.integers(-3, 2**70),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+    st.text(max_size=8),  # lone surrogates included: YAML escapes them
     st.lists(st.integers(0, 3), max_size=3),
     st.dictionaries(st.sampled_from(["a", "kind", "1"]), st.integers(), max_size=2),
 )
@@ -125,7 +125,7 @@ def _break(pair: tuple[dict[str, Any], tuple[Any, Any] | None]) -> dict[str, Any
 
 
 def _yaml_text(content: dict[str, Any], mangle: int) -> str:
-    text = yaml.safe_dump(content, allow_unicode=True, sort_keys=False)
+    text = yaml.safe_dump(content, sort_keys=False)
     if mangle == 1:
         return alias_bomb(mangle + 2)
     if mangle == 2:
