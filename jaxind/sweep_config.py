@@ -129,7 +129,8 @@ def _keys(mapping: dict[Any, Any], allowed: set[str]) -> str:
 
 def _integer(where: str, key: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _fail(where, f"{key} must be an integer from {low} to {high}, got {show(value)}")
+        limits = f">= {low}" if isinstance(value, bool) or not isinstance(value, int) or value < low else f"<= {high}"
+        raise _fail(where, f"{key} must be an integer {limits}, got {show(value)}")
     return value
 
 
@@ -170,7 +171,7 @@ def _models(where: str, raw: Any, base: str, least: int = 2) -> tuple[ModelEntry
         if not _is_name(name):
             raise _fail(
                 where,
-                f"{at} needs a name of at most {NAME_MAX} letters, digits and . _ + - (no '__'), got {show(name)}",
+                f"{at} needs a name of letters, digits and . _ + - (no '__'), at most {NAME_MAX}, got {show(name)}",
             )
         if not _is_path(source):
             raise _fail(where, f"{at} ({name}) needs a 'source' (a model path, .gguf file, hub id or smollm2)")

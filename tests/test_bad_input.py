@@ -601,12 +601,12 @@ SWEEP_CASES: list[Case] = [
     _sweep_case("yaml_too_deep", "is nested too deeply", setup=_sweep_yaml("models: " + "[" * 3000 + "]" * 3000)),
     _sweep_case(
         "name_with_newline",
-        "needs a name of at most 64 letters",
+        "needs a name of letters, digits and . _ + - (no '__'), at most 64",
         setup=_sweep_yaml('models: [{name: "a\\n", source: x}, {name: b, source: y}]\n'),
     ),
     _sweep_case(
         "name_too_long",
-        "needs a name of at most 64 letters",
+        "needs a name of letters, digits and . _ + - (no '__'), at most 64",
         setup=_sweep_yaml(f"models: [{{name: {'n' * 200}, source: x}}, {{name: b, source: y}}]\n"),
     ),
     _sweep_case(
