@@ -36,7 +36,7 @@ from absl import app, flags
 from jaxind import caching  # noqa: F401  (defines --cache_dir and --compilation_cache)
 from jaxind.errors import JaxindError
 from jaxind.sweep_config import ModelEntry, SweepConfig
-from jaxind.sweep_summary import EventLog, pair_name, read_json
+from jaxind.sweep_summary import EventLog, pair_name, read_json, read_pair
 
 FLAGS = flags.FLAGS
 DATA_TESTS = frozenset({"match", "csh"})  # the tests that read fingerprints
@@ -364,9 +364,10 @@ def pair_job(job: Job) -> dict[str, Any]:
 
 
 def pair_finished(config: SweepConfig, output: str, states: tuple[dict[str, Any], ...], token_hash: str) -> bool:
-    """Whether the pair's JSON exists and was made from these model contents and settings."""
-    doc = read_json(os.path.join(output, "pairs", pair_name(states[0]["name"], states[1]["name"]) + ".json"))
-    return doc is not None and doc.get("sweep") == pair_record(config, states, token_hash)
+    """Whether the pair's JSON exists, is whole and was made from these model contents and settings
+    (a damaged one is computed again and replaced)."""
+    doc, _ = read_pair(output, pair_name(states[0]["name"], states[1]["name"]), config.tests)
+    return doc is not None and doc["sweep"] == pair_record(config, states, token_hash)
 
 
 # --- running the jobs ------------------------------------------------------------------------------------
@@ -504,10 +505,15 @@ def preflight() -> tuple[SweepConfig, tuple[int, int]]:
 
 
 def run(argv: list[str]) -> int:
+    from jaxind import assets
+
     del argv
     config, shard = preflight()
     if FLAGS.cache_dir:  # the flag overrides the file's cache_dir
         config = dataclasses.replace(config, cache_dir=os.path.abspath(os.path.expanduser(FLAGS.cache_dir)))
+    store_root = os.path.abspath(os.path.expanduser(config.cache_dir or assets.cache_dir()))
+    if os.path.lexists(store_root) and not os.path.isdir(store_root):
+        raise JaxindError(f"the jaxind cache {store_root} is a file, not a directory: pass another --cache_dir")
     caching.apply_cache_dir(config.cache_dir)
     caching.enable_compilation_cache(caching.compilation_cache_dir(FLAGS.compilation_cache))
     if FLAGS.report_only:

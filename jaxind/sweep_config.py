@@ -18,21 +18,27 @@ More keys: ``num_perms`` (l2/mc draws, default 999), ``batch_size`` (8), ``layer
 smallest vocabulary of the models) and ``tokenizer`` (the model whose tokenizer cuts text data;
 default: the first model). Per model: ``family`` (checked against the loaded config) and ``parent``
 (the model it derives from, if known: the ground truth the report compares against). Relative
-paths are taken from the folder of the YAML file when they exist there.
+paths are taken from the folder of the YAML file when they exist there. Names (of models, parents,
+families) are at most 64 letters, digits and ``. _ + -``; YAML anchors and aliases are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
-from typing import Any
+import reprlib
+from typing import Any, TypeGuard
 
 from jaxind.catalog import ALL_TESTS
 from jaxind.errors import JaxindError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+NAME_MAX = 64  # a pair's files are named <a>__<b>_localized.png: well under 255 bytes
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX - 1}}}")  # (fullmatch: no trailing newline)
+MAX_TOKENS = 2**28  # reference tokens of a sweep (8,192 are typical; each model's fingerprint grows with them)
+_MAX_BYTES = 4 << 20  # a sweep file of 10,000 models is about 1 MB
 _TOP_KEYS = {
     "models",
     "pairs",
@@ -107,10 +113,41 @@ def _fail(where: str, problem: str) -> SweepConfigError:
     return SweepConfigError(f"{where}: {problem}")
 
 
-def _integer(where: str, key: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _fail(where, f"{key} must be an integer >= {low}, got {value!r}")
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
+
+
+def show(value: Any) -> str:
+    """A value of the file for an error message: its repr, cut to a few dozen characters."""
+    return _SHORT.repr(value)
+
+
+def _keys(mapping: dict[Any, Any], allowed: set[str]) -> str:
+    """The keys of ``mapping`` not in ``allowed``, listed for an error message ('' if none)."""
+    return ", ".join(sorted(show(k) if not isinstance(k, str) else k[:40] for k in mapping if k not in allowed))
+
+
+def _integer(where: str, key: str, value: Any, low: int, high: int = 2**63 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        limits = f">= {low}" if isinstance(value, bool) or not isinstance(value, int) or value < low else f"<= {high}"
+        raise _fail(where, f"{key} must be an integer {limits}, got {show(value)}")
     return value
+
+
+def _is_path(value: Any) -> TypeGuard[str]:
+    """A path or model source: non-empty text that a file name can hold (no NUL, no lone surrogate)."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _is_name(value: Any) -> TypeGuard[str]:
+    """A model name: letters, digits and . _ + - (first a letter or digit, no '__'), at most NAME_MAX."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None and "__" not in value
 
 
 def _local(base: str, value: str) -> str:
@@ -126,18 +163,24 @@ def _models(where: str, raw: Any, base: str, least: int = 2) -> tuple[ModelEntry
     for i, entry in enumerate(raw):
         at = f"models[{i}]"
         if not isinstance(entry, dict):
-            raise _fail(where, f"{at} must be a mapping like {{name: base, source: path}}, got {entry!r}")
-        unknown = sorted(set(entry) - _MODEL_KEYS)
+            raise _fail(where, f"{at} must be a mapping like {{name: base, source: path}}, got {show(entry)}")
+        unknown = _keys(entry, _MODEL_KEYS)
         if unknown:
-            raise _fail(
-                where, f"{at} has unknown key(s) {', '.join(unknown)}: allowed {', '.join(sorted(_MODEL_KEYS))}"
-            )
+            raise _fail(where, f"{at} has unknown key(s) {unknown}: allowed {', '.join(sorted(_MODEL_KEYS))}")
         name, source = entry.get("name"), entry.get("source")
-        if not isinstance(name, str) or not _NAME.match(name) or "__" in name:
-            raise _fail(where, f"{at} needs a name of letters, digits and . _ + - (no '__'), got {name!r}")
-        if not isinstance(source, str) or not source:
+        if not _is_name(name):
+            raise _fail(
+                where,
+                f"{at} needs a name of letters, digits and . _ + - (no '__'), at most {NAME_MAX}, got {show(name)}",
+            )
+        if not _is_path(source):
             raise _fail(where, f"{at} ({name}) needs a 'source' (a model path, .gguf file, hub id or smollm2)")
-        out.append(ModelEntry(name, _local(base, source), entry.get("family"), entry.get("parent")))
+        family, parent = entry.get("family"), entry.get("parent")
+        if family is not None and not _is_name(family):
+            raise _fail(where, f"{at} ({name}) has family {show(family)}: give a family name such as llama")
+        if parent is not None and not _is_name(parent):
+            raise _fail(where, f"{at} ({name}) has parent {show(parent)}: give the name of another model")
+        out.append(ModelEntry(name, _local(base, source), family, parent))
     names = [m.name for m in out]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -145,20 +188,27 @@ def _models(where: str, raw: Any, base: str, least: int = 2) -> tuple[ModelEntry
     for m in out:
         if m.parent is not None and m.parent not in names:
             raise _fail(where, f"model {m.name} has parent {m.parent!r}, which is not a model of the sweep")
+        if m.parent == m.name:
+            raise _fail(where, f"model {m.name} has itself as parent: give the model it derives from")
     return tuple(out)
 
 
 def _pairs(where: str, raw: Any, names: list[str]) -> tuple[tuple[str, str], ...]:
     def known(name: Any, role: str) -> str:
-        if name not in names:
-            raise _fail(where, f"{role} {name!r} is not a model of the sweep (models: {', '.join(names)})")
+        if not isinstance(name, str) or name not in names:
+            listed = ", ".join(names) if len(names) <= 10 else ", ".join(names[:10]) + ", ..."
+            raise _fail(where, f"{role} {show(name)} is not a model of the sweep (models: {listed})")
         return name
 
     if raw is None or raw == "all":
         return tuple((a, b) for i, a in enumerate(names) for b in names[i + 1 :])
-    if isinstance(raw, dict) and set(raw) == {"bases", "derived"}:
-        bases = [known(n, "pairs.bases entry") for n in raw["bases"] or []]
-        derived = [known(n, "pairs.derived entry") for n in raw["derived"] or []]
+    if (
+        isinstance(raw, dict)
+        and set(raw) == {"bases", "derived"}
+        and all(isinstance(raw[k], list) for k in ("bases", "derived"))
+    ):
+        bases = [known(n, "pairs.bases entry") for n in raw["bases"]]
+        derived = [known(n, "pairs.derived entry") for n in raw["derived"]]
         pairs = [(a, b) for a in bases for b in derived if a != b]
     elif isinstance(raw, list) and all(isinstance(p, list) and len(p) == 2 for p in raw):
         pairs = [(known(a, "pair member"), known(b, "pair member")) for a, b in raw]
@@ -178,12 +228,12 @@ def _data(where: str, raw: Any, base: str, names: list[str]) -> dict[str, Any]:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise _fail(where, "'data' must be a mapping like {kind: random, num_sequences: 8, seq_len: 128}")
-    unknown = sorted(set(raw) - _DATA_KEYS)
+    unknown = _keys(raw, _DATA_KEYS)
     if unknown:
-        raise _fail(where, f"data has unknown key(s) {', '.join(unknown)}: allowed {', '.join(sorted(_DATA_KEYS))}")
+        raise _fail(where, f"data has unknown key(s) {unknown}: allowed {', '.join(sorted(_DATA_KEYS))}")
     kind = raw.get("kind", "random")
     if kind not in ("random", "text", "jsonl"):
-        raise _fail(where, f"data.kind must be random, text or jsonl, got {kind!r}")
+        raise _fail(where, f"data.kind must be random, text or jsonl, got {show(kind)}")
     out: dict[str, Any] = {
         "kind": kind,
         "num_sequences": _integer(where, "data.num_sequences", raw.get("num_sequences", 64), 1),
@@ -193,32 +243,77 @@ def _data(where: str, raw: Any, base: str, names: list[str]) -> dict[str, Any]:
         "tokenizer": raw.get("tokenizer"),
         "path": None,
     }
+    if out["num_sequences"] * out["seq_len"] > MAX_TOKENS:
+        raise _fail(
+            where,
+            f"data asks for {out['num_sequences']} x {out['seq_len']} tokens: at most {MAX_TOKENS:,} "
+            "(a few thousand sequences suffice; every model's fingerprint grows with them)",
+        )
     if kind != "random":
-        if not isinstance(raw.get("path"), str):
+        if not _is_path(raw.get("path")):
             raise _fail(where, f"data.kind={kind} needs data.path (the {kind} file)")
         out["path"] = _local(base, raw["path"])
         if not os.path.isfile(out["path"]):
             raise _fail(where, f"data file {out['path']} does not exist or is not a file")
-    if out["tokenizer"] is not None and out["tokenizer"] not in names:
-        raise _fail(where, f"data.tokenizer {out['tokenizer']!r} is not a model of the sweep")
+    if out["tokenizer"] is not None and (not isinstance(out["tokenizer"], str) or out["tokenizer"] not in names):
+        raise _fail(where, f"data.tokenizer {show(out['tokenizer'])} is not a model of the sweep")
     return out
 
 
+class _AliasFound(Exception):
+    """An anchor or alias at line ``args[0]`` of a sweep file."""
+
+
+@functools.cache
+def _loader() -> type:
+    """PyYAML's safe loader without anchors and aliases (``&x`` / ``*x``): nested aliases expand
+    a few hundred bytes into billions of nodes, and a sweep file has no use for them."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise _AliasFound(event.start_mark.line + 1)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def _read_yaml(path: str) -> Any:
+    """The file's YAML (no anchors or aliases, at most 4 MiB, nested at most ~500 deep).
+
+    Raises:
+      SweepConfigError: missing, too big, not UTF-8 YAML, or with an anchor or alias.
+    """
     import yaml
 
     if not os.path.isfile(path):
         raise SweepConfigError(f"sweep config {path} does not exist or is not a file: check --config")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+            text = f.read(_MAX_BYTES + 1)
+    except (OSError, UnicodeDecodeError) as e:
+        problem = getattr(e, "strerror", None) or " ".join(str(e).split())[:160]
+        raise SweepConfigError(f"sweep config {path} cannot be read ({problem}): check --config") from None
+    if len(text) > _MAX_BYTES:
+        raise SweepConfigError(f"sweep config {path} is over {_MAX_BYTES >> 20} MiB: is it the right file?")
+    try:
+        return yaml.load(text, Loader=_loader())  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or " ".join(str(e).split())[:160]
         raise SweepConfigError(
             f"{path} is not valid YAML{at} ({problem}): fix the file (see jaxind.sweep_config)"
         ) from None
+    except _AliasFound as e:
+        raise SweepConfigError(
+            f"sweep config {path} line {e.args[0]}: YAML anchors and aliases (&name, *name) are not allowed "
+            "in a sweep file: write each value out"
+        ) from None
+    except RecursionError:
+        raise SweepConfigError(f"sweep config {path} is nested too deeply: fix the file") from None
 
 
 def load(path: str) -> SweepConfig:
@@ -231,9 +326,9 @@ def load(path: str) -> SweepConfig:
     where = f"sweep config {path}"
     if not isinstance(raw, dict):
         raise _fail(where, "must be a YAML mapping with at least a 'models' list")
-    unknown = sorted(set(raw) - _TOP_KEYS)
+    unknown = _keys(raw, _TOP_KEYS)
     if unknown:
-        raise _fail(where, f"unknown key(s) {', '.join(unknown)}: allowed {', '.join(sorted(_TOP_KEYS))}")
+        raise _fail(where, f"unknown key(s) {unknown}: allowed {', '.join(sorted(_TOP_KEYS))}")
     base = os.path.dirname(os.path.abspath(path))
     models = _models(where, raw.get("models"), base)
     names = [m.name for m in models]
@@ -241,16 +336,16 @@ def load(path: str) -> SweepConfig:
     tests = [t.strip() for t in tests.split(",")] if isinstance(tests, str) else tests
     if not isinstance(tests, list) or not tests or any(t not in ALL_TESTS for t in tests):
         bad = [t for t in tests if t not in ALL_TESTS] if isinstance(tests, list) else [tests]
-        raise _fail(where, f"unknown or no test(s) {bad}: choose from {', '.join(ALL_TESTS)}")
+        raise _fail(where, f"unknown or no test(s) {show(bad)}: choose from {', '.join(ALL_TESTS)}")
     alpha = raw.get("alpha", 0.05)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and 0 < alpha < 1):
-        raise _fail(where, f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+        raise _fail(where, f"alpha must lie strictly between 0 and 1, got {show(alpha)}")
     correction = raw.get("correction", "holm")
     if correction not in CORRECTIONS:
-        raise _fail(where, f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+        raise _fail(where, f"correction must be one of {', '.join(CORRECTIONS)}, got {show(correction)}")
     dtype = raw.get("dtype", "float32")
     if dtype not in ("float32", "bfloat16"):
-        raise _fail(where, f"dtype must be float32 or bfloat16, got {dtype!r}")
+        raise _fail(where, f"dtype must be float32 or bfloat16, got {show(dtype)}")
     layers, layer_pairs = _layer_flags(where, raw.get("layers"), raw.get("layer_pairs"))
     return SweepConfig(
         path=os.path.abspath(path),
@@ -265,9 +360,21 @@ def load(path: str) -> SweepConfig:
         layers=layers,
         layer_pairs=layer_pairs,
         dtype=dtype,
-        cache_dir=None if raw.get("cache_dir") is None else _local(base, str(raw["cache_dir"])),
+        cache_dir=_cache_dir(where, raw.get("cache_dir"), base),
         generalized_steps=_integer(where, "generalized_steps", raw.get("generalized_steps", 2000), 1),
     )
+
+
+def _cache_dir(where: str, value: Any, base: str) -> str | None:
+    """The file's ``cache_dir`` (a folder path, relative to the file's folder when it exists there)."""
+    if value is None:
+        return None
+    if not _is_path(value):
+        raise _fail(where, f"cache_dir must be a folder path, got {show(value)}")
+    path = _local(base, value)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise _fail(where, f"cache_dir {path} is a file, not a directory: choose another path")
+    return path
 
 
 def _layer_flags(where: str, layers: Any, layer_pairs: Any) -> tuple[str | None, str | None]:
@@ -276,10 +383,17 @@ def _layer_flags(where: str, layers: Any, layer_pairs: Any) -> tuple[str | None,
 
     if layers is not None and layer_pairs is not None:
         raise _fail(where, "give layers or layer_pairs, not both")
-    if isinstance(layers, list):
+    plain = (int, str)
+    if isinstance(layers, list) and layers and all(isinstance(l, plain) and not isinstance(l, bool) for l in layers):
         layers = ",".join(str(l) for l in layers)
-    if isinstance(layer_pairs, list):
+    if isinstance(layer_pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(l, int) and not isinstance(l, bool) for l in p)
+        for p in layer_pairs
+    ):
         layer_pairs = ",".join(f"{a}:{b}" for a, b in layer_pairs)
+    for key, value, example in (("layers", layers, "0,5,14 or [0, 5]"), ("layer_pairs", layer_pairs, "[[3, 5]]")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, plain)):
+            raise _fail(where, f"{key} must be like {example}, got {show(value)}")
     try:
         if layers is not None:
             layers_lib.parse_layers(str(layers), "layers")

@@ -40,7 +40,7 @@ from jaxind.sweep_config import SweepConfig
 SUMMARY_VERSION = 1
 
 
-def pair_name(a: str, b: str) -> str:
+def pair_name(a: Any, b: Any) -> str:
     return f"{a}__{b}"
 
 
@@ -51,6 +51,58 @@ def read_json(path: str) -> Any:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def _log10_problem(value: Any) -> bool:
+    """Whether ``value`` is not a (log10) p-value as results JSONs hold them (None, a number, "-inf")."""
+    if value is None or value == "-inf":
+        return False
+    return isinstance(value, bool) or not isinstance(value, (int, float)) or not value < math.inf
+
+
+def _record_problem(test: Any, record: Any) -> str | None:
+    """What is wrong with one test's record of a pair's results JSON (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"test {test} is not a record"
+    for key in ("pvalue", "log10_pvalue"):
+        if _log10_problem(record.get(key)):
+            return f"test {test} has {key} {str(record.get(key))[:40]!r}"
+    if record.get("error") is not None and not isinstance(record["error"], str):
+        return f"test {test} has a non-text error"
+    layers = record.get("layers", [])
+    if not isinstance(layers, list) or not all(
+        isinstance(l, dict) and {"layer_a", "layer_b"} <= set(l) and not _log10_problem(l.get("log10_pvalue"))
+        for l in layers
+    ):
+        return f"test {test} has damaged layer records"
+    return None
+
+
+def pair_problem(doc: Any, tests: tuple[str, ...] | list[str]) -> str | None:
+    """What keeps ``doc`` from being a pair's results JSON with a record for each of ``tests``
+    (None: it is one). The file may be damaged, cut short or written by something else."""
+    if not isinstance(doc, dict):
+        return "not a results JSON object"
+    records = doc.get("tests")
+    if not isinstance(records, dict):
+        return "no 'tests' mapping"
+    missing = [t for t in tests if t not in records]
+    if missing:
+        return f"no record of test(s) {', '.join(missing)}"
+    if not isinstance(doc.get("sweep"), dict):
+        return "no 'sweep' record"
+    return next((p for t in tests if (p := _record_problem(t, records[t])) is not None), None)
+
+
+def read_pair(output: str, name: str, tests: tuple[str, ...] | list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """Pair ``name``'s results JSON in ``output``: ``(doc, None)``; ``(None, None)`` when there is
+    none; ``(None, why)`` when it is unreadable or not of a results JSON's shape."""
+    path = os.path.join(output, "pairs", name + ".json")
+    if not os.path.lexists(path):
+        return None, None
+    doc = read_json(path)
+    problem = "unreadable or not JSON" if doc is None else pair_problem(doc, tests)
+    return (None, problem) if problem else (doc, None)
 
 
 class EventLog:
@@ -74,21 +126,23 @@ def read_events(output: str) -> list[dict[str, Any]]:
     """Every event of every process, by time (a line cut short by a kill is skipped)."""
     events = []
     for path in sorted(glob.glob(os.path.join(output, "log", "*.jsonl"))):
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             for line in f:
                 with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
+                    event = json.loads(line)
+                    if isinstance(event, dict) and isinstance(event.get("time", 0), (int, float)):
+                        events.append(event)
     return sorted(events, key=lambda e: e.get("time", 0))
 
 
 def counters(events: list[dict[str, Any]]) -> dict[str, Any]:
     """How often each model was converted / fingerprinted and each pair computed, over all runs
     (``*_cached``: found in the cache instead), and the number of runs."""
-    out: dict[str, Any] = {"runs": sum(e["event"] == "run" for e in events)}
+    out: dict[str, Any] = {"runs": sum(e.get("event") == "run" for e in events)}
     for event in ("converted", "model_cached", "fingerprinted", "fingerprint_cached", "model_error"):
-        out[event] = dict(Counter(e["name"] for e in events if e["event"] == event))
+        out[event] = dict(Counter(str(e.get("name")) for e in events if e.get("event") == event))
     for event in ("pair", "pair_error", "pair_skipped"):
-        out[event] = dict(Counter(pair_name(e["a"], e["b"]) for e in events if e["event"] == event))
+        out[event] = dict(Counter(pair_name(e.get("a"), e.get("b")) for e in events if e.get("event") == event))
     return out
 
 
@@ -108,14 +162,16 @@ def pair_row(config: SweepConfig, output: str, a: str, b: str) -> dict[str, Any]
     """One pair's summary row: status, per-test p-values, the pair's Bonferroni-over-tests p-value."""
     name = pair_name(a, b)
     row: dict[str, Any] = {"a": a, "b": b, "file": f"pairs/{name}.json", "status": "pending", "error": None}
-    doc = read_json(os.path.join(output, "pairs", name + ".json"))
+    doc, damaged = read_pair(output, name, config.tests)
     if doc is None:
         failure = read_json(os.path.join(output, "errors", name + ".json"))
-        if failure is not None:
-            row.update(status="error", error=failure.get("error"))
+        if damaged is not None:
+            row.update(status="error", error=f"{row['file']} is damaged ({damaged}): rerun the sweep to recompute it")
+        elif isinstance(failure, dict):
+            row.update(status="error", error=str(failure.get("error")))
         row.update(tests={}, pvalue=None, log10_pvalue=None)
         return row
-    tests = {t: _test_entry(doc["tests"][t]) for t in config.tests if t in doc["tests"]}
+    tests = {t: _test_entry(doc["tests"][t]) for t in config.tests}
     logs = [
         float(_finite(v["log10_pvalue"]) or 0.0)
         for v in tests.values()
@@ -127,6 +183,8 @@ def pair_row(config: SweepConfig, output: str, a: str, b: str) -> dict[str, Any]
     )
     if log10 is None:
         row["error"] = "no test gave a p-value: " + "; ".join(f"{t}: {v['error']}" for t, v in tests.items())
+        if all(v["error"] for v in tests.values()):
+            row["status"] = "error"  # not one test ran: nothing was found out about the pair
     return row
 
 
@@ -185,7 +243,8 @@ def build(config: SweepConfig, output: str) -> dict[str, Any]:
             row["expected_dependent"] = frozenset((row["a"], row["b"])) in truth
     models = []
     for m in config.models:
-        state = read_json(os.path.join(output, "models", m.name + ".json")) or {"status": "pending"}
+        state = read_json(os.path.join(output, "models", m.name + ".json"))
+        state = state if isinstance(state, dict) and state else {"status": "pending"}
         models.append({"name": m.name, "source": m.source, "family": m.family, "parent": m.parent, **state})
     statuses = Counter(r["status"] for r in rows)
     tested = sum(r["log10_pvalue"] is not None for r in rows)

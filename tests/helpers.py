@@ -90,6 +90,14 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+def alias_bomb(levels: int = 9) -> str:
+    """A sweep file of under 600 bytes whose nested YAML aliases make a parent of 9**levels strings."""
+    parts = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    parts += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    first = f"{{name: a, source: x, family: [{', '.join(parts)}], parent: *a{levels}}}"
+    return f"models:\n  - {first}\n  - {{name: b, source: y}}\n"
+
+
 class Frozen:
     """A CLI process started with ``JAXIND_TEST_STOP_AT=point`` and waited for until it stops there.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, Frozen, cli_env, error_lines, run_cli
+from helpers import REPO, Frozen, alias_bomb, cli_env, error_lines, run_cli
 from hf_models import build_torch_model, edit_config, save
 
 TINY = dict(
@@ -549,6 +549,13 @@ def _other_sweep_in_output(world: World, d: Path) -> None:
     np.save(d / "out" / "tokens.npy", np.zeros((64, 128), np.int32))
 
 
+ALIAS_BOMB = alias_bomb()
+
+
+def _assert_no_output(d: Path) -> None:
+    assert not (d / "out").exists()
+
+
 SWEEP_CASES: list[Case] = [
     Case("sweep_no_flags", lambda w, d: [], "pass --config=SWEEP.yaml and --output=DIR", cli="sweep"),
     _sweep_case("config_missing", "does not exist or is not a file", setup=lambda w, d: None),
@@ -590,6 +597,50 @@ SWEEP_CASES: list[Case] = [
     ),
     _sweep_case("report_only_without_sweep", "holds no sweep", extra=("--report_only",)),
     _sweep_case("other_data_in_output", "holds a sweep made with other data settings", setup=_other_sweep_in_output),
+    # --- issue 19: sweep config ---
+    _sweep_case("yaml_alias", "anchors and aliases (&name, *name) are not allowed", setup=_sweep_yaml(ALIAS_BOMB)),
+    _sweep_case("yaml_too_deep", "is nested too deeply", setup=_sweep_yaml("models: " + "[" * 3000 + "]" * 3000)),
+    _sweep_case(
+        "name_with_newline",
+        "needs a name of letters, digits and . _ + - (no '__'), at most 64",
+        setup=_sweep_yaml('models: [{name: "a\\n", source: x}, {name: b, source: y}]\n'),
+    ),
+    _sweep_case(
+        "name_too_long",
+        "needs a name of letters, digits and . _ + - (no '__'), at most 64",
+        setup=_sweep_yaml(f"models: [{{name: {'n' * 200}, source: x}}, {{name: b, source: y}}]\n"),
+    ),
+    _sweep_case(
+        "parent_not_a_name",
+        "has parent [0, 1, 2, 3, ...]: give the name of another model",
+        setup=_sweep_yaml(f"models: [{{name: a, source: x, parent: {list(range(500))}}}, {{name: b, source: y}}]"),
+    ),
+    _sweep_case("pairs_wrong_type", "'pairs' must be all", setup=_sweep_yaml(pairs={"bases": "a", "derived": 5})),
+    _sweep_case("keys_of_mixed_types", "unknown key(s) 1, foo", setup=_sweep_yaml("models: []\n1: 2\nfoo: 3\n")),
+    _sweep_case("layer_pairs_triple", "layer_pairs must be like", setup=_sweep_yaml(layer_pairs=[[0, 1, 2]])),
+    _sweep_case(
+        "source_not_a_file_name",  # a lone surrogate: printing the model's error line raised UnicodeEncodeError
+        "models[0] (a) needs a 'source'",
+        setup=lambda w, d: _sweep_yaml(f'models: [{{name: a, source: "x\\ud800"}}, {{name: b, source: {w.a}}}]')(w, d),
+    ),
+    _sweep_case(
+        "too_many_tokens",
+        "data asks for 1000000 x 100000 tokens",
+        setup=_sweep_yaml(data={"num_sequences": 10**6, "seq_len": 10**5}),
+    ),
+    _sweep_case(
+        "cache_dir_is_a_file",
+        "is a file, not a directory",
+        setup=lambda w, d: (_sweep_yaml(cache_dir=str(d / "c"))(w, d), _write("c", "x")(w, d)),
+    ),
+    Case(
+        "sweep_cache_dir_flag_is_a_file",
+        lambda w, d: [*_sweep()(w, d), f"--cache_dir={d / 'c'}"],
+        "is a file, not a directory",
+        cli="sweep",
+        setup=lambda w, d: (_sweep_yaml()(w, d), _write("c", "x")(w, d)),
+        check=lambda w, d: _assert_no_output(d),
+    ),
     # --- one-vs-many scans (jaxind.main --reference) ---
     Case("scan_reference_missing", lambda w, d: [f"--model_a={w.a}", f"--reference={d / 'nope'}"], "does not exist"),
     Case(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import Frozen, cli_env, numpy_noise, numpy_params, run_cli, save_jaxind, sweep_zoo
+from helpers import Frozen, alias_bomb, cli_env, numpy_noise, numpy_params, run_cli, save_jaxind, sweep_zoo
 
 from jaxind import fingerprint, sweep, sweep_config
 
@@ -141,6 +141,23 @@ def test_fingerprints_give_the_one_pass_statistics(zoo, reference):
         TokenData(tokens).add_fingerprint(b.params, other)
 
 
+def _assert_same_results(mine: dict, theirs: dict) -> None:
+    """Two summaries hold the same pairs, statuses and per-test p-values (None where a test did not
+    run on a pair, e.g. L2 across widths: pytest.approx refuses None since pytest 9.2)."""
+    assert mine["dependent_pairs"] == theirs["dependent_pairs"]
+    assert len(mine["pairs"]) == len(theirs["pairs"])
+    for got, want in zip(mine["pairs"], theirs["pairs"]):
+        assert (got["a"], got["b"], got["status"]) == (want["a"], want["b"], want["status"])
+        assert set(got["tests"]) == set(want["tests"])
+        for test, entry in want["tests"].items():
+            value, where = got["tests"][test]["log10_pvalue"], (want["a"], want["b"], test)
+            assert (got["tests"][test]["error"] is None) == (entry["error"] is None), where
+            if entry["log10_pvalue"] is None:
+                assert value is None, where
+            else:
+                assert value == pytest.approx(entry["log10_pvalue"], rel=1e-9, abs=1e-12), where
+
+
 def _tmp_entries(cache: Path) -> list[str]:
     return glob.glob(str(cache / "*" / ".tmp-*"))
 
@@ -168,11 +185,7 @@ def test_a_killed_sweep_resumes_to_the_same_results(zoo, reference, tmp_path):
     assert final.returncode == 0, final.stderr[-3000:]
     resumed = json.loads((output / "summary.json").read_text())
     assert not _tmp_entries(cache)  # the killed writer's leftovers were removed
-    assert resumed["dependent_pairs"] == summary["dependent_pairs"]
-    for mine, theirs in zip(resumed["pairs"], summary["pairs"]):
-        assert (mine["a"], mine["b"], mine["status"]) == (theirs["a"], theirs["b"], theirs["status"])
-        for test, entry in theirs["tests"].items():
-            assert mine["tests"][test]["log10_pvalue"] == pytest.approx(entry["log10_pvalue"], rel=1e-9, abs=1e-12)
+    _assert_same_results(resumed, summary)
     counters = resumed["counters"]
     assert counters["runs"] == 4
     assert counters["converted"] == {n: 1 for n in ZOO} and counters["fingerprinted"] == {n: 1 for n in ZOO}
@@ -192,6 +205,91 @@ def test_shards_and_workers_compose(zoo, reference, tmp_path):
     assert second["complete"] and second["dependent_pairs"] == summary["dependent_pairs"]
     assert set(second["counters"]["pair"].values()) == {1} and len(second["counters"]["pair"]) == 28
     assert second["counters"]["converted"] == {} and second["counters"]["fingerprinted"] == {}  # all cached
+
+
+# --- issue 19: damaged pair JSONs, pairs where no test ran, alias bombs ---------------------------------------
+
+DAMAGED = {
+    "base1__ft1": "[]",  # valid JSON of the wrong shape
+    "ind1__ind2": json.dumps({"tests": {"csu": {"log10_pvalue": "abc"}, "l2": {}, "match": {}}, "sweep": {}}),
+    "base1__base2": json.dumps({"tests": {"csu": {"log10_pvalue": -1.0}}, "sweep": {}}),  # l2, match missing
+}
+
+
+def _damage(output: Path, reference_output: Path) -> None:
+    """``output``: a copy of the reference sweep with three pair JSONs replaced and one cut short."""
+    shutil.copytree(reference_output, output)
+    for name, text in DAMAGED.items():
+        (output / "pairs" / f"{name}.json").write_text(text)
+    cut = output / "pairs" / "base2__ft2.json"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+
+
+def test_damaged_pair_jsons_are_reported_then_recomputed(zoo, reference, tmp_path):
+    """Summarising a sweep with damaged pair JSONs marks those pairs as errors that say so; a rerun
+    computes them again (and only them) and ends with the uninterrupted run's results."""
+    from jaxind import sweep_summary
+
+    summary, reference_output, cache = reference
+    config = dataclasses.replace(sweep_config.load(zoo.config_path), cache_dir=str(cache))
+    output = tmp_path / "out"
+    _damage(output, reference_output)
+    damaged = {*DAMAGED, "base2__ft2"}
+    rows = {f"{r['a']}__{r['b']}": r for r in sweep_summary.build(config, str(output))["pairs"]}
+    for name, row in rows.items():
+        if name in damaged:
+            assert row["status"] == "error" and f"pairs/{name}.json is damaged" in row["error"], row
+            assert row["log10_pvalue"] is None and row["dependent"] is None
+    assert sum(r["status"] == "done" for r in rows.values()) == 28 - len(damaged)
+    resumed = sweep.run_sweep(config, str(output), log=lambda m: None)
+    _assert_same_results(resumed, summary)
+    recomputed = {n: c for n, c in resumed["counters"]["pair"].items() if c > 1}
+    assert recomputed == {n: 2 for n in damaged}  # once in the reference run, once here
+    assert len(resumed["counters"]["pair_skipped"]) == 28 - len(damaged)
+
+
+def test_a_pair_where_no_test_ran_is_not_done(zoo, reference, tmp_path):
+    """Every test of a pair recorded as not run (e.g. none applies to the two architectures): the pair
+    is an error with the tests' reasons, not a finished pair without a p-value."""
+    from jaxind import sweep_summary
+
+    _, reference_output, cache = reference
+    config = sweep_config.load(zoo.config_path)
+    output = tmp_path / "out"
+    shutil.copytree(reference_output, output)
+    path = output / "pairs" / "ft1__permrot1.json"
+    doc = json.loads(path.read_text())
+    for test, record in doc["tests"].items():
+        record.update(pvalue=None, log10_pvalue=None, statistic=None, layers=[], error=f"{test} does not apply")
+    path.write_text(json.dumps(doc))
+    built = sweep_summary.build(config, str(output))
+    row = next(r for r in built["pairs"] if (r["a"], r["b"]) == ("ft1", "permrot1"))
+    assert row["status"] == "error" and row["log10_pvalue"] is None
+    assert row["error"].startswith("no test gave a p-value") and "csu: csu does not apply" in row["error"]
+    assert built["counts"]["done"] == 27 and ["ft1", "permrot1"] not in built["dependent_pairs"]
+
+
+def test_an_alias_bomb_is_refused_within_a_second(tmp_path):
+    """573 bytes whose nested YAML aliases expand to 9**9 strings: refused while reading, with the
+    line of the first anchor (it hung the config check, which expanded them into an error message)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    timed = (
+        "import sys, time; from jaxind import sweep_config; start = time.perf_counter()\n"
+        "try:\n    sweep_config.load(sys.argv[1])\nexcept sweep_config.SweepConfigError as e:\n"
+        "    print(time.perf_counter() - start); print(e)"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", timed, str(path)], capture_output=True, text=True, env=cli_env(), timeout=30
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a 573-byte sweep file took over 30 s")
+    seconds, message = done.stdout.splitlines()
+    assert float(seconds) < 1.0 and "line 2: YAML anchors and aliases (&name, *name) are not allowed" in message
 
 
 def _references(zoo: Zoo, names: list[str], path: Path) -> str:
