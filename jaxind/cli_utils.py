@@ -20,14 +20,25 @@ def one_line(message: object) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl ``flags_parser`` for ``app.run``: a bad flag value, an unknown flag or an unreadable
-    flagfile ends in one ``error:`` line and exit status 1 (absl's default prints usage text)."""
+    """absl ``flags_parser`` for ``app.run``: a bad flag value, an unknown flag, an unreadable
+    flagfile or a positional argument (the CLIs take none) ends in one ``error:`` line and exit
+    status 1 (absl's default prints usage text); ``--help`` prints the help and exits 0."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         message = one_line(e).removeprefix("ERROR:: ")
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(1)
+    except SystemExit as e:  # absl's --help/--helpfull/--helpxml print the help, then exit 1: asking is no error
+        sys.exit(0 if e.code == 1 else e.code)
+    if len(rest) > 1:
+        words = " ".join(repr(a) for a in rest[1:4]) + (" ..." if len(rest) > 4 else "")
+        print(
+            f"error: unexpected argument(s) {words}: every setting is a flag written --name=value (see --help)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    return rest
 
 
 def quiet_logging() -> None:

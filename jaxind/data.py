@@ -70,6 +70,71 @@ class DataSpec:
         return dataclasses.asdict(self)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can still get: /proc/meminfo's MemAvailable, capped by the cgroup
+    (container) limit where one is set; None where neither can be read (not Linux)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+        if cap != "max":
+            limits.append(max(0, int(cap) - used))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def gib(n: float) -> str:
+    """A byte count for people: ``3.2 GiB``, ``1.4 PiB``."""
+    for unit, size in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**20:.2f} MiB"
+
+
+def memory_needed(spec: DataSpec, configs: Any = (), batch_size: int = 8, fingerprint: bool = False) -> dict[str, int]:
+    """About the bytes of host memory a run needs, from the flags and the model configs (nothing loaded):
+    ``tokens`` (the ``(N, T)`` ids, drawn as int64 and kept as int32; text windows also keep their
+    text and ids as Python objects), ``activations`` (one batch through every model: residual stream,
+    MLP units, logits, one layer's attention scores) and, for a scan's fingerprints, ``fingerprints``
+    (each layer's normed MLP inputs over every token, float32)."""
+    n_tok = spec.num_sequences * spec.seq_len
+    need = {"tokens": n_tok * (12 if spec.kind != "text" else 64)}
+    rows = min(batch_size, spec.num_sequences)
+    if configs:
+        need["activations"] = sum(
+            4 * rows * spec.seq_len * (4 * c.d_model + 2 * c.d_ff + c.vocab_size + c.n_heads * spec.seq_len)
+            for c in configs
+        )
+    if fingerprint and configs:
+        need["fingerprints"] = sum(4 * n_tok * c.d_model * c.n_layers for c in configs)
+    return need
+
+
+def check_memory(spec: DataSpec, configs: Any = (), batch_size: int = 8, fingerprint: bool = False) -> None:
+    """Refuses, before any model loads, a ``--num_sequences`` x ``--seq_len`` whose tokens and activations
+    (:func:`memory_needed`) cannot fit in the memory available.
+
+    Raises:
+      JaxindError: naming the size needed, its parts, and the memory available.
+    """
+    need = memory_needed(spec, configs, batch_size, fingerprint)
+    total, limit = sum(need.values()), available_memory()
+    if limit is not None and total > limit:
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items())
+        raise JaxindError(
+            f"--num_sequences={spec.num_sequences} x --seq_len={spec.seq_len} needs about {gib(total)} of memory "
+            f"({parts}) and {gib(limit)} is available: lower --num_sequences, --seq_len or --batch_size"
+        )
+
+
 def read_texts(spec: DataSpec) -> list[str]:
     """The documents of a text (whole file) or JSONL (one ``text`` field per line) source.
 

@@ -92,6 +92,9 @@ def normalize_layers(cfg: ModelConfig, layers: Iterable[int] | None) -> tuple[in
     return tuple(sorted(set(out)))
 
 
+MAX_LAYERS = 100_000  # more than any model has: a larger index is refused before any range is expanded
+
+
 def _index(text: str, flag: str) -> int:
     try:
         value = int(text)
@@ -99,26 +102,35 @@ def _index(text: str, flag: str) -> int:
         raise LayerSelectionError(f"{flag}: {text!r} is not a layer index (use e.g. 0,5,14 or 10:20)") from None
     if value < 0:
         raise LayerSelectionError(f"{flag}: layer indices start at 0, got {value}")
+    if value > MAX_LAYERS:
+        raise LayerSelectionError(
+            f"{flag}: layer index {value} is past any model's depth (at most {MAX_LAYERS:,} layers here): "
+            "pick layers below the models' layer count"
+        )
     return value
 
 
 def parse_layers(text: str, flag: str = "--layers") -> tuple[int, ...]:
     """``"0,5,14"`` -> ``(0, 5, 14)``; ``"10:20"`` -> ``(10, ..., 19)``; parts combine: ``"0,10:12"``.
 
+    Every index is checked (at most :data:`MAX_LAYERS`) before a range is expanded, so a huge range
+    is refused at once instead of filling memory.
+
     Raises:
-      LayerSelectionError: an unreadable part, a negative index or an empty range.
+      LayerSelectionError: an unreadable part, a negative or huge index, or an empty range.
     """
-    out: list[int] = []
+    spans: list[tuple[int, int]] = []
     for part in (p.strip() for p in text.split(",")):
         if ":" in part:
             start, _, stop = part.partition(":")
             lo, hi = _index(start, flag), _index(stop, flag)
             if hi <= lo:
                 raise LayerSelectionError(f"{flag}: range {part!r} is empty (a:b means layers a to b-1)")
-            out.extend(range(lo, hi))
+            spans.append((lo, hi))
         else:
-            out.append(_index(part, flag))
-    return tuple(dict.fromkeys(out))
+            index = _index(part, flag)
+            spans.append((index, index + 1))
+    return tuple(dict.fromkeys(i for lo, hi in spans for i in range(lo, hi)))
 
 
 def parse_layer_pairs(text: str, flag: str = "--layer_pairs") -> tuple[LayerPair, ...]:
@@ -134,3 +146,29 @@ def parse_layer_pairs(text: str, flag: str = "--layer_pairs") -> tuple[LayerPair
             raise LayerSelectionError(f"{flag}: {part!r} is not a pair layer_a:layer_b (use e.g. 14:14,3:5)")
         out.append((_index(a, flag), _index(b, flag)))
     return tuple(dict.fromkeys(out))
+
+
+def check_flags(
+    layers: Sequence[int] | None, layer_pairs: Sequence[LayerPair] | None, cfg_a: ModelConfig, cfg_b: ModelConfig
+) -> None:
+    """Checks parsed ``--layers`` / ``--layer_pairs`` against the two models' configs (before their weights load).
+
+    Raises:
+      LayerSelectionError: an index past a model's last layer, naming the flag and the layer counts.
+    """
+    if layers:
+        top, depth = max(layers), min(cfg_a.n_layers, cfg_b.n_layers)
+        if top >= depth:
+            have = (
+                f"the models have {depth} layers"
+                if cfg_a.n_layers == cfg_b.n_layers
+                else f"model A has {cfg_a.n_layers} layers and model B {cfg_b.n_layers}"
+            )
+            raise LayerSelectionError(f"--layers names layer {top}, but {have}: pick layers 0 to {depth - 1}")
+    if layer_pairs:
+        bad = [(a, b) for a, b in layer_pairs if a >= cfg_a.n_layers or b >= cfg_b.n_layers]
+        if bad:
+            raise LayerSelectionError(
+                f"--layer_pairs names pair {bad[0][0]}:{bad[0][1]}, but model A has {cfg_a.n_layers} layers and "
+                f"model B {cfg_b.n_layers}: pick pairs a:b with a < {cfg_a.n_layers} and b < {cfg_b.n_layers}"
+            )

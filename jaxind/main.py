@@ -160,6 +160,7 @@ def preflight():
     if bool(FLAGS.model_a) != bool(FLAGS.model_b) and not FLAGS.reference:
         raise JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
     spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
+    data.check_memory(spec)  # tokens that cannot fit, before anything is read
     if spec.path is not None:
         data.check_texts(spec)
     if FLAGS.output == "":
@@ -204,6 +205,22 @@ def layer_selection():
         None if FLAGS.layers is None else layers.parse_layers(FLAGS.layers),
         None if FLAGS.layer_pairs is None else layers.parse_layer_pairs(FLAGS.layer_pairs),
     )
+
+
+def check_against_configs(spec, model_sources: list[str], fingerprint: bool = False) -> None:
+    """Checks that need the models' configs but not their weights: ``--layers``/``--layer_pairs`` within the
+    models' depth, and tokens plus activations (and a scan's fingerprints) within the memory available.
+
+    Raises:
+      JaxindError: one line naming the flag, the models' sizes and the fix.
+    """
+    from converters.sources import read_config
+    from jaxind import data, layers
+
+    configs = [read_config(source)[0] for source in model_sources]
+    chosen_layers, chosen_pairs = layer_selection()
+    layers.check_flags(chosen_layers, None if fingerprint else chosen_pairs, configs[0], configs[-1])
+    data.check_memory(spec, configs, FLAGS.batch_size, fingerprint=fingerprint)
 
 
 def settings_from_flags(spec):
@@ -286,6 +303,8 @@ def run(argv) -> int:
     from jaxind import report, results, runner, sharding, testhooks
 
     writer = cluster.is_writer()
+    if FLAGS.model_a:
+        check_against_configs(spec, [FLAGS.model_a, *([FLAGS.model_b] if FLAGS.model_b else [])], bool(FLAGS.reference))
     if FLAGS.reference:
         return run_scan(settings_from_flags(spec), writer)
     layout = sharding.run_layout(FLAGS.mesh)
@@ -333,7 +352,9 @@ def run_scan(settings, writer: bool) -> int:
     process writes the ranking."""
     from jaxind import results, scan
 
-    document = scan.scan(FLAGS.model_a, scan.read_references(FLAGS.reference), settings, dtype=FLAGS.dtype)
+    data_flags = any(FLAGS[name].present for name in ("data", "num_sequences", "seq_len"))
+    refs = scan.read_references(FLAGS.reference)
+    document = scan.scan(FLAGS.model_a, refs, settings, dtype=FLAGS.dtype, data_flags=data_flags)
     print(scan.format_ranking(document))
     if FLAGS.output and writer:
         results.write_json_or_rescue(FLAGS.output, document)

@@ -135,8 +135,8 @@ def _check_room(root: str, params: Any, source: str) -> None:
     if free < need + 2**30:
         raise OSError(
             errno.ENOSPC,
-            f"{source} needs {need / 2**30:.1f} GiB in the model cache and {root} has {free / 2**30:.1f} GiB free "
-            "(set JAXIND_CACHE to a larger disk)",
+            f"{source} needs {need / 2**30:.1f} GiB in the model cache plus 1 GiB kept free on the disk, and {root} "
+            f"has {free / 2**30:.1f} GiB free (free space there, or set JAXIND_CACHE to a larger disk)",
         )
 
 

@@ -21,6 +21,7 @@ import base64
 import html
 import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -307,6 +308,16 @@ def render_html(summary: dict[str, Any], output: str, files: dict[str, Any]) -> 
     return "\n".join(parts)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#|~])")
+
+
+def _md(value: Any) -> str:
+    """Text from outside (an error message, a path) as inert Markdown: one line, HTML characters as entities,
+    Markdown's punctuation backslash-escaped (no link, table cell break, heading or raw HTML can come of it)."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
 def render_markdown(summary: dict[str, Any], files: dict[str, Any]) -> str:
     """The report as Markdown (pictures and pair JSONs linked, not embedded)."""
     tests = summary["tests"]
@@ -337,5 +348,5 @@ def render_markdown(summary: dict[str, Any], files: dict[str, Any]) -> str:
     ]
     if failed:
         lines += ["", "## Failures", ""]
-        lines += [f"- {x.get('name') or x['a'] + ' vs ' + x['b']}: {x.get('error')}" for x in failed]
+        lines += [f"- {_md(x.get('name') or x['a'] + ' vs ' + x['b'])}: {_md(x.get('error'))}" for x in failed]
     return "\n".join(lines) + "\n"

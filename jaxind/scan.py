@@ -10,8 +10,11 @@ conversion and one forward pass, and each reference then matmuls and LAPs.
 A reference's evidence is its pair p-value, the Bonferroni minimum over the tests that gave one
 (``min(1, k * min_t p_t)``); the references' p-values are adjusted with Holm's step-down and a
 reference is ``dependent`` when its adjusted p-value is at most ``--alpha``. The ranking lists the
-strongest evidence first (p-values at the same floor, e.g. the exact bound ``2/n!`` per layer, by the
-mean per-layer Spearman rho of the matching tests: a copy's is 1); references that failed come last.
+strongest evidence first: a byte-identical copy of the suspect (same content key) first, then by p-value
+(p-values at the same floor, e.g. the exact bound ``2/n!`` per layer, by the mean per-layer Spearman rho
+of the matching tests: a copy's is 1); references that failed come last. A folder's entries whose names
+sanitise alike get distinct names (``a_b``, ``a_b-2``). Explicit data flags (``--data``,
+``--num_sequences``, ``--seq_len``) win over the tokens a sweep folder or a YAML ``data:`` brings.
 """
 
 from __future__ import annotations
@@ -45,6 +48,24 @@ def _entry_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name.removesuffix(".gguf")) or "model"
 
 
+def _entry_names(entries: list[str]) -> list[str]:
+    """Distinct names for a folder's entries: each sanitised (:func:`_entry_name`); an entry whose name was
+    already clean keeps it, and one whose sanitised name is taken gets the first free ``-2``, ``-3``, ...
+    (``a b`` beside ``a_b`` becomes ``a_b-2``)."""
+    clean = {n for n in entries if _entry_name(n) == n}
+    taken: set[str] = set(clean)
+    out = []
+    for entry in entries:
+        name = _entry_name(entry)
+        if entry not in clean:
+            base, k = name, 2
+            while name in taken:
+                name, k = f"{base}-{k}", k + 1
+            taken.add(name)
+        out.append(name)
+    return out
+
+
 def read_references(arg: str) -> References:
     """Reads ``--reference`` (see the module doc); no model is loaded.
 
@@ -66,7 +87,7 @@ def read_references(arg: str) -> References:
     else:
         names = sorted(n for n in os.listdir(path) if not n.startswith("."))
         chosen = [n for n in names if os.path.isdir(os.path.join(path, n)) or n.endswith(".gguf")]
-        models = tuple(ModelEntry(_entry_name(n), os.path.join(path, n)) for n in chosen)
+        models = tuple(ModelEntry(name, os.path.join(path, n)) for name, n in zip(_entry_names(chosen), chosen))
         tokens = None
     if not models:
         raise JaxindError(f"--reference={arg} holds no model (a folder, a .gguf file or a sweep's models/ per entry)")
@@ -86,18 +107,26 @@ def _data_settings(spec: Any, suspect: str) -> dict[str, Any]:
     }
 
 
-def _tokens(refs: References, suspect: ModelEntry, spec: Any) -> tuple[Any, dict[str, Any]]:
+def _tokens(
+    refs: References, suspect: ModelEntry, spec: Any, data_flags: bool, log: Callable[[str], None]
+) -> tuple[Any, dict[str, Any]]:
     """The reference tokens: a sweep's stored ones, the YAML's data settings over the references
-    (the sweep's tokens, so its fingerprints are reused), or the flags' over suspect and references."""
+    (the sweep's tokens, so its fingerprints are reused), or the flags' over suspect and references:
+    always the flags' when ``data_flags`` (the user gave data flags explicitly). ``log`` says which."""
     import numpy as np
 
     from jaxind import fingerprint, sweep
     from jaxind.sweep_summary import read_json
 
-    if refs.tokens_path is not None:
+    stored = "its sweep's stored tokens" if refs.tokens_path is not None else "its data: settings"
+    if data_flags and (refs.tokens_path is not None or refs.data is not None):
+        log(f"reference tokens: from the data flags, not {stored} (fingerprints are made on them once)")
+    elif refs.tokens_path is not None or refs.data is not None:
+        log(f"reference tokens: --reference's, from {stored} (pass --data/--num_sequences/--seq_len to use others)")
+    if refs.tokens_path is not None and not data_flags:
         info = read_json(os.path.join(os.path.dirname(refs.tokens_path), "sweep.json"))
         return np.load(refs.tokens_path), info
-    if refs.data is not None:
+    if refs.data is not None and not data_flags:
         tokens, info = sweep.make_tokens(refs.models, refs.data)
     else:
         tokens, info = sweep.make_tokens((suspect, *refs.models), _data_settings(spec, suspect.name))
@@ -144,6 +173,14 @@ def _closeness(document: dict[str, Any]) -> float:
     return sum(rhos) / len(rhos) if rhos else 0.0
 
 
+def _rank_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Strongest evidence first: a byte-identical copy of the suspect (its p-value sits at the tests' floor, which
+    a fine-tune reaches too), then the p-value (its log10, which does not underflow), then, where p-values meet at
+    the same floor, the matching tests' mean rho, then the name; failures last."""
+    tested = row["log10_pvalue"] is not None
+    return (not tested, not row["identical"], row["log10_pvalue"] or 0.0, -(row["closeness"] or 0.0), row["name"])
+
+
 def scan(
     suspect: str,
     refs: References,
@@ -151,8 +188,10 @@ def scan(
     *,
     dtype: str = "float32",
     log: Callable[[str], None] = print,
+    data_flags: bool = False,
 ) -> dict[str, Any]:
     """Tests the suspect against every reference; returns the scan document (``ranking`` first to last).
+    ``data_flags``: make the tokens from ``settings.data`` even where ``refs`` brings its own.
 
     Raises:
       JaxindError: the suspect cannot be loaded or fingerprinted, or no tokens can be made.
@@ -160,7 +199,7 @@ def scan(
     from jaxind import data, modelstore, pvalues
 
     entry = ModelEntry("suspect", suspect)
-    tokens, info = _tokens(refs, entry, settings.data)
+    tokens, info = _tokens(refs, entry, settings.data, data_flags, log)
     d = info["data"]
     spec = data.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"])
     settings = dataclasses.replace(settings, data=spec, heatmap_path=None)
@@ -170,8 +209,10 @@ def scan(
     rows, documents = [], {}
     for ref in refs.models:
         row: dict[str, Any] = {"name": ref.name, "source": ref.source, "error": None, "tests": {}, "closeness": None}
+        row["identical"] = False
         try:
             stored_r, fp_r = _prepare(ref, tokens, info, settings, dtype, computed)
+            row["identical"] = stored_r.key == stored_s.key  # byte-identical files (the content key)
             document = modelstore.run_stored_pair(stored_r.load(), model_s, settings, tokens, (fp_r, fp_s))
             documents[ref.name] = document
             row["tests"] = {
@@ -194,10 +235,9 @@ def scan(
             adjusted_log10_pvalue=float(value),
             dependent=bool(value <= math.log10(settings.alpha)),
         )
-    ranking = sorted(
-        rows, key=lambda r: (r["log10_pvalue"] is None, r["log10_pvalue"] or 0.0, -(r["closeness"] or 0.0), r["name"])
-    )
-    keys = ["name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "closeness", "tests"]
+    ranking = sorted(rows, key=_rank_key)
+    keys = ["name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "closeness"]
+    keys += ["identical", "tests"]
     keys.append("error")
     return {
         "schema_version": 2,
@@ -226,6 +266,8 @@ def format_ranking(document: dict[str, Any]) -> str:
             lines.append(f"{rank:>3}. {r['name']:<{width}}  error: {r['error']}")
             continue
         verdict = "dependent" if r["dependent"] else "no evidence"
+        if r.get("identical"):
+            verdict += " (identical files to the suspect)"
         tests = ", ".join(
             f"{t} {fmt_p(v['log10_pvalue'])}" for t, v in r["tests"].items() if v["log10_pvalue"] is not None
         )

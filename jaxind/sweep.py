@@ -225,7 +225,9 @@ def check_tokenizer(stored: Any, d: dict[str, Any], info: dict[str, Any]) -> Non
         else:
             data.make_tokens(spec, info["vocab"], info["vocab"], reference, own)
     except JaxindError as e:
-        raise JaxindError(f"its tokenizer differs from {info['tokenizer_model']}'s, which cut the text: {e}") from None
+        raise JaxindError(
+            f"model {stored.name}'s tokenizer differs from model {info['tokenizer_model']}'s, which cut the text: {e}"
+        ) from None
 
 
 def model_job(job: Job) -> dict[str, Any]:

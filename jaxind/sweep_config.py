@@ -404,6 +404,28 @@ def _layer_flags(where: str, layers: Any, layer_pairs: Any) -> tuple[str | None,
     return (None if layers is None else str(layers)), (None if layer_pairs is None else str(layer_pairs))
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as converters.sources reads it
+
+
+def _from_yaml_folder(base: str, source: str) -> str:
+    """A reference list's ``source`` with a relative path taken from the YAML's folder ``base`` whatever the
+    working directory (a missing one then fails naming that folder); built-in aliases and ``org/name`` hub ids
+    that are not a folder there stay as written."""
+    from jaxind.assets import BUILTIN_ALIASES
+
+    expanded = os.path.expanduser(source)
+    if os.path.isabs(expanded) or source in BUILTIN_ALIASES:
+        return expanded
+    joined = os.path.join(base, expanded)
+    if (
+        not os.path.lexists(joined)
+        and _HUB_ID.match(source)
+        and not os.path.lexists(os.path.join(base, source.split("/")[0]))
+    ):
+        return source
+    return joined
+
+
 def load_references(path: str) -> tuple[tuple[ModelEntry, ...], dict[str, Any] | None]:
     """The ``models:`` list (at least one) and the ``data:`` settings, if any, of a YAML file: the
     references of a one-vs-many scan (other keys, e.g. a whole sweep's, are allowed and ignored).
@@ -416,6 +438,9 @@ def load_references(path: str) -> tuple[tuple[ModelEntry, ...], dict[str, Any] |
     if not isinstance(raw, dict):
         raise _fail(where, "must be a YAML mapping with a 'models' list")
     base = os.path.dirname(os.path.abspath(path))
-    models = _models(where, raw.get("models"), base, least=1)
+    models = tuple(
+        dataclasses.replace(m, source=_from_yaml_folder(base, raw_m["source"]))
+        for m, raw_m in zip(_models(where, raw.get("models"), base, least=1), raw["models"])
+    )
     data = None if raw.get("data") is None else _data(where, raw["data"], base, [m.name for m in models])
     return models, data

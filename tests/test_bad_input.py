@@ -655,6 +655,15 @@ SWEEP_CASES: list[Case] = [
         "'models' must be a list of at least 1",
         setup=_sweep_yaml("models: []\n"),
     ),
+    # --- issue 19: the rest of the 40 (sizes, layers, positional arguments) ---
+    _flag("--num_sequences=1000000000000", "--num_sequences=1000000000000 x --seq_len=32 needs about"),
+    _flag("--layers=0:999999999", "--layers: layer index 999999999 is past any model's depth"),
+    _flag("--layers=99999999999999999999", "layer index 99999999999999999999 is past any model's depth"),
+    _flag("--layers=0,5", "--layers names layer 5, but the models have 2 layers: pick layers 0 to 1"),
+    _flag("--layer_pairs=0:0,1:9", "--layer_pairs names pair 1:9, but model A has 2 layers and model B 2"),
+    Case("positional_argument", lambda w, d: ["--demo_quick", "demo"], "unexpected argument(s) 'demo'"),
+    Case("positional_argument_pair", lambda w, d: [*w.pair(), "csu"], "unexpected argument(s) 'csu'"),
+    _sweep_case("positional_argument", "unexpected argument(s) 'x'", extra=("x",)),
 ]
 CASES += SWEEP_CASES
 # --- issue 19: cache ---
@@ -1178,3 +1187,150 @@ def test_every_output_writer_writes_through_links_and_refuses_special_files(tmp_
         (tmp_path / "real" / "l.png").read_bytes()[:4] == (tmp_path / "real" / "h.png").read_bytes()[:4] == b"\x89PNG"
     )
     assert not [n for d in (tmp_path, tmp_path / "real") for n in os.listdir(d) if n.startswith(".tmp-")]
+
+
+# --- issue 19: the rest of the 40 (help, scans, messages) -------------------------------------------
+
+
+@pytest.mark.parametrize("cli", ["main", "sweep", "convert"])
+def test_help_exits_0(cli):
+    """--help prints the flags on stdout and exits 0 (absl's own help flag exits 1)."""
+    result = run_cli(cli, ["--help"], timeout=120)
+    assert result.returncode == 0 and "error" not in result.stderr, result.stderr[-2000:]
+    assert {"main": "--model_a", "sweep": "--config", "convert": "--src"}[cli] in result.stdout
+
+
+def test_scan_of_a_reference_folder(world, tmp_path):
+    """Entries whose names sanitise alike keep distinct names and results; a damaged reference is reported
+    as failed and the rest ranked; a byte-identical copy of the suspect ranks first, though a fine-tune's
+    p-value reaches the same floor and its name sorts last."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    shutil.copytree(world.a_ft, refs / "x y")
+    shutil.copytree(world.b, refs / "x_y")
+    shutil.copytree(world.a, refs / "zz_copy")
+    shutil.copytree(world.bad["truncated"], refs / "damaged")
+    out = tmp_path / "scan.json"
+    result = run_cli("main", [f"--model_a={world.a}", f"--reference={refs}", *SHORT, f"--output={out}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    ranking = {r["name"]: r for r in doc["ranking"]}
+    assert [r["name"] for r in doc["ranking"]] == ["zz_copy", "x_y-2", "x_y", "damaged"], doc["ranking"]
+    assert ranking["zz_copy"]["identical"] and not ranking["x_y-2"]["identical"]
+    assert ranking["zz_copy"]["log10_pvalue"] == ranking["x_y-2"]["log10_pvalue"] < -50  # the same floor
+    assert ranking["x_y-2"]["source"].endswith("x y") and ranking["x_y"]["source"].endswith("x_y")
+    assert ranking["x_y"]["log10_pvalue"] > -2 and set(doc["results"]) == {"zz_copy", "x_y-2", "x_y"}
+    assert ranking["damaged"]["pvalue"] is None and "truncated or corrupt" in ranking["damaged"]["error"]
+    assert "identical files to the suspect" in result.stdout.splitlines()[1]
+
+
+def test_scan_of_a_sweep_uses_explicit_data_flags(world, tmp_path):
+    """--reference=<sweep folder> brings its stored tokens; data flags given explicitly win, and the run says so."""
+    sweep = tmp_path / "sweep"
+    (sweep / "models").mkdir(parents=True)
+    data = {"kind": "random", "num_sequences": 4, "seq_len": 32, "seed": 5, "tokenizer": None, "path": None}
+    info = {"data": data, "vocab": 256, "tokenizer": None, "tokenizer_model": None}
+    (sweep / "sweep.json").write_text(json.dumps(info))
+    np.save(sweep / "tokens.npy", np.random.default_rng(5).integers(0, 256, (4, 32)).astype(np.int32))
+    (sweep / "models" / "ft.json").write_text(json.dumps({"name": "ft", "source": world.a_ft, "status": "ok"}))
+    out = tmp_path / "scan.json"
+    argv = [f"--model_a={world.a}", f"--reference={sweep}", "--num_sequences=6", "--seq_len=16", f"--output={out}"]
+    result = run_cli("main", argv, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["data"]["tokens_shape"] == [6, 16]
+    assert "reference tokens: from the data flags, not its sweep's stored tokens" in result.stdout
+
+
+def test_reference_yaml_sources_resolve_against_its_folder(tmp_path, monkeypatch):
+    """A relative source in a --reference YAML is taken from the YAML's folder whatever the working directory,
+    even where it is missing there and the working directory happens to hold that path."""
+    from jaxind import sweep_config
+
+    yaml_dir, cwd = tmp_path / "lists" / "sub", tmp_path / "work" / "here"
+    yaml_dir.mkdir(parents=True)
+    (tmp_path / "lists" / "ref").mkdir()
+    (tmp_path / "work" / "decoy").mkdir(parents=True)
+    cwd.mkdir()
+    (yaml_dir / "refs.yaml").write_text(
+        "models:\n  - {name: near, source: ../ref}\n  - {name: missing, source: ../decoy}\n"
+        "  - {name: hub, source: org/model}\n  - {name: alias, source: smollm2}\n"
+    )
+    monkeypatch.chdir(cwd)
+    models, _ = sweep_config.load_references(os.path.relpath(yaml_dir / "refs.yaml"))
+    sources = {m.name: m.source for m in models}
+    assert os.path.realpath(sources["near"]) == str(tmp_path / "lists" / "ref")
+    assert os.path.isabs(sources["missing"]) and not os.path.exists(sources["missing"])  # not ../decoy of the cwd
+    assert sources["missing"].startswith(str(yaml_dir)) and sources["hub"] == "org/model"
+    assert sources["alias"] == "smollm2"
+
+
+def test_memory_check_names_the_size_and_the_limit(monkeypatch):
+    from jaxind import data
+    from jaxind.config import ModelConfig
+    from jaxind.errors import JaxindError
+
+    cfg = ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                      d_ff=128)  # fmt: skip
+    spec = data.DataSpec(num_sequences=1000, seq_len=100)
+    need = data.memory_needed(spec, [cfg], batch_size=8, fingerprint=True)
+    assert need["tokens"] == 12 * 100_000 and need["fingerprints"] == 4 * 100_000 * 64 * 2
+    assert need["activations"] == 4 * 8 * 100 * (4 * 64 + 2 * 128 + 256 + 4 * 100)
+    monkeypatch.setattr(data, "available_memory", lambda: 2**20)
+    expected = r"needs about 53\.5 MiB of memory \(tokens .*fingerprints .*\) and 1\.0 MiB is available"
+    with pytest.raises(JaxindError, match=expected):
+        data.check_memory(spec, [cfg], batch_size=8, fingerprint=True)
+    monkeypatch.setattr(data, "available_memory", lambda: 2**30)
+    data.check_memory(spec, [cfg], batch_size=8, fingerprint=True)
+
+
+def test_report_md_escapes_error_text(tmp_path):
+    """Error text in report.md cannot open a heading, a table cell, a link or raw HTML."""
+    from jaxind import provenance
+
+    evil = "<img src=x onerror=alert(1)> a | b [click](javascript:alert(1))\n# Owned *x*"
+    summary = {
+        "counts": {"models": 2, "pairs": 1},
+        "verdict": "no dependent pair",
+        "dependent_pairs": [],
+        "tests": ["csu"],
+        "pairs": [{"a": "m1", "b": "m2", "status": "error", "error": evil, "dependent": False}],
+        "models": [{"name": "m1", "status": "error", "error": evil}, {"name": "m2", "status": "ok"}],
+    }
+    md = provenance.render_markdown(summary, {"graph": "provenance.png", "heatmaps": {}})
+    failures = md[md.index("## Failures") :].splitlines()[2:]
+    assert len(failures) == 2 and all(line.startswith(("- m1 vs m2: ", "- m1: ")) for line in failures), failures
+    for line in failures:
+        assert "<img" not in line and "](" not in line and " | " not in line and "&lt;img" in line
+    assert not any(line.startswith("#") and "Owned" in line for line in md.splitlines())
+
+
+def test_disk_warning_names_the_1_gib_reserve(tmp_path, monkeypatch):
+    import collections
+
+    from jaxind import modelstore
+
+    params = {"w": np.zeros((1024, 1024), np.float32)}  # 4 MiB
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(modelstore.shutil, "disk_usage", lambda path: usage(2**40, 0, 2**29))  # 0.5 GiB free
+    with pytest.raises(OSError) as e:
+        modelstore._check_room(str(tmp_path), params, "src")
+    assert "plus 1 GiB kept free" in str(e.value) and "0.5 GiB free" in str(e.value)
+
+
+def test_sweep_tokenizer_error_names_both_models(monkeypatch):
+    import types
+
+    from jaxind import data, sweep, tokenizer
+    from jaxind.errors import JaxindError
+
+    class Differs:
+        def check(self, a, b):
+            raise JaxindError("window 1 (byte offset 0): token 3 differs")
+
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda spec: object())
+    monkeypatch.setattr(data, "text_windows", lambda spec, tok: Differs())
+    stored = types.SimpleNamespace(name="tuned", meta={"tokenizer": {"kind": "dir", "path": "/t"}})
+    d = {"kind": "text", "path": "x.txt", "num_sequences": 2, "seq_len": 8, "seed": 0}
+    info = {"tokenizer": {"kind": "dir", "path": "/b"}, "tokenizer_model": "base", "vocab": 256}
+    with pytest.raises(JaxindError, match="model tuned's tokenizer differs from model base's, which cut the text"):
+        sweep.check_tokenizer(stored, d, info)
