@@ -246,7 +246,7 @@ def join(address: str, num_processes: int, process_id: int, timeout: float, ever
 
 
 class Watchdog:
-    """Ends the process with one ``error:`` line (exit 1) unless :meth:`done` is called within ``timeout``
+    """Ends the process with one ``error:`` line (exit 1) unless :meth:`Watchdog.done` is called within ``timeout``
     seconds; says every ``every`` seconds that it is still waiting. For calls that block in C++."""
 
     def __init__(self, timeout: float, waiting: str, failed: str, every: float = 10.0):

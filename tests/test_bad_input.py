@@ -670,7 +670,7 @@ CASES += SWEEP_CASES
 CASES += [
     Case(
         "sweep_cache_not_writable",
-        lambda w, d: [*_sweep()(w, d), f"--cache_dir={d / 'cache_file'}"],
+        lambda w, d: [*_sweep()(w, d), f"--cache_dir={d / 'cache_file' / 'sub'}"],  # a file is refused earlier
         "is not writable",
         cli="sweep",
         setup=lambda w, d: (_sweep_yaml()(w, d), _write("cache_file", "x")(w, d)),
