@@ -191,3 +191,19 @@ def test_readme_library_example_runs_as_a_doctest():
 def test_num_params_is_the_sum_of_declared_shapes():
     for cfg in ALL.values():
         assert cfg.num_params() == sum(math.prod(s) for s in model.param_shapes_flat(cfg).values())
+
+
+def test_a_checkpoint_written_by_the_previous_release_loads_into_the_module(tmp_path):
+    """tests/fixtures/checkpoint_0_1: a Qwen2-style checkpoint written by jaxind 0.1.0 (commit 91ebdc8, before the
+    module and the table) from ``init_params(cfg, key(7))``: it loads, bit for bit, and runs as the module."""
+    import shutil
+
+    from converters.checkpoint import load_checkpoint
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "checkpoint_0_1", src)
+    cfg, params, meta = load_checkpoint(str(src))
+    assert cfg == ModelConfig("qwen2", 32, 16, 2, 4, 2, 4, 24, qkv_bias=True)
+    jax.tree.map(np.testing.assert_array_equal, params, model.init_params(cfg, jax.random.key(7)))
+    logits, _ = model.Decoder(cfg, params)(jnp.zeros((1, 4), jnp.int32))
+    assert logits.shape == (1, 4, 32) and bool(jnp.isfinite(logits).all())
