@@ -54,15 +54,21 @@ def worker(layers: list[int]) -> dict:
     pb = jax.jit(lambda k: model.init_params(cfg, k))(jax.random.key(1))
     draws = 64
     permtest.permtest(pa, pb, cfg, jax.random.key(3), num_perms=draws)  # compile
-    t0 = time.perf_counter()
-    res = permtest.permtest(pa, pb, cfg, jax.random.key(3), num_perms=draws)
-    out["permtest_l2_draws_per_s"] = draws / (time.perf_counter() - t0)
+    times = []
+    for _ in range(3):  # best of three (the machine is shared)
+        t0 = time.perf_counter()
+        res = permtest.permtest(pa, pb, cfg, jax.random.key(3), num_perms=draws)
+        times.append(time.perf_counter() - t0)
+    out["permtest_l2_draws_per_s"] = draws / min(times)
     out["permtest_l2_pvalue"] = float(res.pvalue)
     batches = [np.asarray(jax.random.randint(jax.random.key(i), (4, 64), 0, 1024)) for i in range(4)]
     match.match_test(pa, cfg, pb, cfg, batches, key=jax.random.key(4))  # compile
-    t0 = time.perf_counter()
-    res = match.match_test(pa, cfg, pb, cfg, batches, key=jax.random.key(4))
-    out["match_tokens_per_s"] = 4 * 4 * 64 / (time.perf_counter() - t0)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        res = match.match_test(pa, cfg, pb, cfg, batches, key=jax.random.key(4))
+        times.append(time.perf_counter() - t0)
+    out["match_tokens_per_s"] = 4 * 4 * 64 / min(times)
     out["match_log10_pvalue"] = float(res.log10_pvalue)
     return out
 
