@@ -10,6 +10,7 @@ def test_strip_keeps_numbers_and_drops_only_timing_fields():
         "created": "x",
         "jaxind_version": "0.1",
         "tests": {"l2": {"seconds": 1.0, "seconds_pass": 2.0, "pvalue": 0.1}},
+        "timing": {"trace": 1.0},
     }
     assert stored_results.strip(doc) == {"tests": {"l2": {"pvalue": 0.1}}}
     assert stored_results.strip({"source": "/tmp/a/m"}, {"/tmp/a": "<w>"}) == {"source": "<w>/m"}
