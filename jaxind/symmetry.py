@@ -2,7 +2,9 @@
 
 Everything is driven by one declarative **permutation spec** (git-re-basin style): for every
 leaf of the param tree (layout in :mod:`jaxind.model`: the decoder layers stacked), which axis
-carries which permutation.
+carries which permutation. The spec is a view of the parameter table (:mod:`jaxind.paramspec`), where each leaf
+declares its logical axes once: the group names the table's ``"embed"`` axis ``"resid"`` and its ``"experts"``
+axis ``"expert"``; ``"mlp"``, ``"expert_mlp"`` and ``"layers"`` keep their names.
 
 - ``"resid"``: the residual-stream (``d``) axis. One permutation ``s`` of ``d`` acts on every
   residual axis at once: embedding and LM-head columns/rows, the input axis of q/k/v/gate/up,
