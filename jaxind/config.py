@@ -385,20 +385,10 @@ class ModelConfig:
         return self.max_positions == 0
 
     def num_params(self) -> int:
-        """Number of parameters (tied embeddings counted once)."""
-        d, h, hd = self.d_model, self.d_ff, self.head_dim
-        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        if self.qkv_bias:
-            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
-        if self.o_bias:
-            attn += d
-        attn += {"none": 0, "head": 2 * hd, "proj": hd * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
-        mlp = (3 if self.glu else 2) * d * h + ((h + d) if self.mlp_bias else 0)
-        mlp += self.n_experts * (d + 3 * d * self.d_expert) + (d if self.shared_expert else 0)  # router, experts
-        norm = {"rms": d, "layer": 2 * d, "nonparam": 0}[self.norm_kind]
-        per_layer = attn + mlp + {"pre": 2, "sandwich": 4, "post": 2}[self.norm_position] * norm
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.max_positions * d + self.n_layers * per_layer + norm + head
+        """Number of parameters (tied embeddings counted once), from the parameter table."""
+        from jaxind import paramspec  # the table imports this module
+
+        return paramspec.num_params(self)
 
     def to_json(self) -> str:
         """The config as JSON (a dense model's leaves out the mixture-of-experts fields, at their defaults, so that

@@ -1,4 +1,5 @@
-"""The decoder-only transformer as pure functions over a param pytree.
+"""The decoder-only transformer: a Flax NNX module (:class:`Decoder`) over the functions of its layers, and
+:func:`forward`, the same pass on a raw param pytree.
 
 One forward pass covers the Llama family (Llama 1/2/3/3.1/3.2, SmolLM2), Mistral, Qwen2/3, Phi-3,
 Gemma 1/2/3 and OLMo/OLMo 2: rotary attention with grouped KV heads and a gated (GLU) MLP, with the
@@ -49,8 +50,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jaxind import moe
+from jaxind import moe, paramspec
 from jaxind.config import Activation, ModelConfig
 from jaxind.types import Params
 
@@ -376,6 +378,85 @@ def run_layers(
     return x, ({} if buf is None else jax.tree.map(lambda b: b[: len(collect)], buf))
 
 
+def _param(value: Any, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter with its logical axes as Flax partitioning metadata (``nnx.get_partition_spec`` reads them;
+    placing is left to :class:`jaxind.sharding.Layout`, which maps them through its rules)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class Decoder(nnx.Module):
+    """The decoder as a Flax NNX module: every family of this module, mixtures of experts included.
+
+    Its parameters are the leaves of the parameter table (:mod:`jaxind.paramspec`), each created with its logical
+    axes as partitioning metadata; the decoder layers are stacked (a leading ``"layers"`` axis) and run under
+    ``lax.scan`` (:func:`run_layers`). Its pure state is the param tree every kernel, converter and checkpoint
+    takes: ``nnx.to_pure_dict(nnx.state(decoder))`` is ``{"embed": ..., "layers": {"q": ...}, ...}`` (the layout
+    documented above), and :func:`forward` on that tree is this module's ``__call__``.
+
+    Args:
+      cfg: the model config (static: part of the graph definition).
+      params: an existing param tree to wrap (no copy); default: random parameters from ``key`` or ``rngs``.
+      key: a PRNG key for the random parameters (``init_params(cfg, key)``'s draws).
+      rngs: Flax's random streams (``rngs.params()`` is used as ``key``) when no ``key`` is given.
+      dtype, std: of the random parameters (:func:`init_params`).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params | None = None,
+        *,
+        key: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+        dtype: Any = jnp.float32,
+        std: float = 0.02,
+    ):
+        self.cfg = cfg
+        if params is None:
+            if key is None:
+                key = rngs.params() if rngs is not None else jax.random.key(0)
+            params = paramspec.init(cfg, key, dtype, std)
+        for leaf in paramspec.top_leaves(cfg):
+            setattr(self, leaf.name, _param(params[leaf.name], leaf.full_axes()))
+        self.layers = nnx.Dict(
+            {leaf.name: _param(params["layers"][leaf.name], leaf.full_axes()) for leaf in paramspec.layer_leaves(cfg)}
+        )
+
+    def params(self) -> Params:
+        """The module's parameters as the plain param tree (the arrays themselves, no copy)."""
+        tree: Params = {leaf.name: getattr(self, leaf.name)[...] for leaf in paramspec.top_leaves(self.cfg)}
+        tree["layers"] = {name: p[...] for name, p in self.layers.items()}
+        return tree
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        collect: tuple[int, ...] = (),
+        return_logits: bool = True,
+        collect_inputs: bool = False,
+        unroll: bool = False,
+        x_sharding: Any = None,
+    ) -> tuple[jax.Array | None, Activations]:
+        """Runs the model on ``tokens (B, T)`` int: ``(logits (B, T, V) float32 or None, activations)``; the
+        arguments and the result are :func:`forward`'s."""
+        cfg = self.cfg
+        params = self.params()
+        wanted = tuple(sorted(set(collect)))
+        n_run = wanted[-1] + 1 if wanted and not return_logits else cfg.n_layers
+        if not cfg.rope and tokens.shape[1] > cfg.max_positions:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's {cfg.max_positions} positions")
+        x = embed(params, cfg, tokens)
+
+        def keep(out: LayerOut) -> dict[str, jax.Array]:
+            return {name: value for name, value in out.items() if name != "x" or collect_inputs}
+
+        x, stored = run_layers(params["layers"], cfg, x, wanted, keep, n_run, unroll, x_sharding=x_sharding)
+        acts: Activations = {
+            layer: {name: value[i] for name, value in stored.items()} for i, layer in enumerate(wanted)
+        }
+        return (unembed(params, cfg, x) if return_logits else None), acts
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
@@ -386,7 +467,8 @@ def forward(
     unroll: bool = False,
     x_sharding: Any = None,
 ) -> tuple[jax.Array | None, Activations]:
-    """Runs the model on ``tokens (B, T)`` int.
+    """Runs the model on ``tokens (B, T)`` int: :class:`Decoder` ``__call__`` on a raw param tree (for code that
+    holds trees rather than modules; the module wraps the arrays, nothing is copied).
 
     Args:
       collect: layer indices whose MLP gate/up outputs to return.
@@ -405,18 +487,7 @@ def forward(
       shared expert). Memory for the activations: one ``(B, T, h)`` per kept
       output per collected layer, plus one scratch layer (:func:`run_layers`).
     """
-    wanted = tuple(sorted(set(collect)))
-    n_run = wanted[-1] + 1 if wanted and not return_logits else cfg.n_layers
-    if not cfg.rope and tokens.shape[1] > cfg.max_positions:
-        raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's {cfg.max_positions} positions")
-    x = embed(params, cfg, tokens)
-
-    def keep(out: LayerOut) -> dict[str, jax.Array]:
-        return {name: value for name, value in out.items() if name != "x" or collect_inputs}
-
-    x, stored = run_layers(params["layers"], cfg, x, wanted, keep, n_run, unroll, x_sharding=x_sharding)
-    acts: Activations = {layer: {name: value[i] for name, value in stored.items()} for i, layer in enumerate(wanted)}
-    return (unembed(params, cfg, x) if return_logits else None), acts
+    return Decoder(cfg, params)(tokens, collect, return_logits, collect_inputs, unroll, x_sharding)
 
 
 @functools.partial(
@@ -452,66 +523,10 @@ def layer_norm_names(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
-    """Random parameters (normal(0, std) weights, unit norms) for a config, layers stacked:
-    independent models are ``init_params(cfg, key)`` for different keys."""
-    d, h, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "q": (d, cfg.n_heads * hd),
-        "k": (d, cfg.n_kv_heads * hd),
-        "v": (d, cfg.n_kv_heads * hd),
-        "o": (cfg.n_heads * hd, d),
-        "gate": (d, h),
-        "up": (d, h),
-        "down": (h, d),
-    }
-    if not cfg.glu:
-        del shapes["gate"]
-    if cfg.moe:  # routed experts; the dense MLP only as a shared expert
-        shapes = {k: v for k, v in shapes.items() if k not in ("gate", "up", "down") or cfg.d_ff}
-        shapes.update(moe.layer_shapes(cfg))
-    keys = jax.random.split(key, cfg.n_layers + 2)
-    norm_init = 0.0 if cfg.norm_offset else 1.0
-
-    def layer(k):
-        ks = jax.random.split(k, len(shapes))
-        out = {
-            name: (std * jax.random.normal(kk, shape)).astype(dtype) for (name, shape), kk in zip(shapes.items(), ks)
-        }
-        for name in layer_norm_names(cfg):
-            out[name] = jnp.full((d,), norm_init, dtype)
-        if cfg.qk_norm != "none":
-            q_width, k_width = (hd, hd) if cfg.qk_norm == "head" else (cfg.n_heads * hd, cfg.n_kv_heads * hd)
-            out["q_norm"] = jnp.full((q_width,), norm_init, dtype)
-            out["k_norm"] = jnp.full((k_width,), norm_init, dtype)
-        if cfg.qkv_bias:
-            out["q_bias"] = jnp.zeros((cfg.n_heads * hd,), dtype)
-            out["k_bias"] = jnp.zeros((cfg.n_kv_heads * hd,), dtype)
-            out["v_bias"] = jnp.zeros((cfg.n_kv_heads * hd,), dtype)
-        if cfg.o_bias:
-            out["o_bias"] = jnp.zeros((d,), dtype)
-        if cfg.mlp_bias:
-            out["up_bias"] = jnp.zeros((h,), dtype)
-            out["down_bias"] = jnp.zeros((d,), dtype)
-        if cfg.norm_kind == "layer":
-            out["attn_norm_bias"] = jnp.zeros((d,), dtype)
-            out["mlp_norm_bias"] = jnp.zeros((d,), dtype)
-        return out
-
-    params: Params = {
-        "embed": (std * jax.random.normal(keys[0], (cfg.vocab_size, d))).astype(dtype),
-        "layers": jax.vmap(layer)(keys[2:]),  # the same draws as one call per layer key, stacked
-    }
-    if cfg.has_norm_weights:
-        params["final_norm"] = jnp.full((d,), norm_init, dtype)
-    if not cfg.tie_embeddings:
-        params["lm_head"] = (std * jax.random.normal(keys[1], (d, cfg.vocab_size))).astype(dtype)
-    if not cfg.rope:
-        params["pos_embed"] = (std * jax.random.normal(jax.random.fold_in(keys[1], 1), (cfg.max_positions, d))).astype(
-            dtype
-        )
-    if cfg.norm_kind == "layer":
-        params["final_norm_bias"] = jnp.zeros((d,), dtype)
-    return params
+    """Random parameters (normal(0, std) weights, unit norms) for a config, layers stacked, built from the parameter
+    table (:func:`jaxind.paramspec.init`): independent models are ``init_params(cfg, key)`` for different keys. The
+    same tree as ``nnx.to_pure_dict(nnx.state(Decoder(cfg, key=key)))``."""
+    return paramspec.init(cfg, key, dtype, std)
 
 
 def flatten_paths(tree: Any) -> dict[str, Any]:
@@ -522,9 +537,14 @@ def flatten_paths(tree: Any) -> dict[str, Any]:
 
 def param_shapes_flat(cfg: ModelConfig, per_layer: bool = False) -> dict[str, tuple[int, ...]]:
     """Every leaf's path and shape: ``{"embed": (V, d), "layers.q": (L, d, H*hd), ...}``; with ``per_layer``
-    the layer leaves one layer at a time, as checkpoints store them: ``{"layers.0.q": (d, H*hd), ...}``."""
-    tree = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    flat = {path: tuple(leaf.shape) for path, leaf in flatten_paths(tree).items()}
+    the layer leaves one layer at a time, as checkpoints store them: ``{"layers.0.q": (d, H*hd), ...}`` (from the
+    parameter table; what the converters check each tensor against)."""
+    tree = jax.tree.map(
+        lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32),
+        paramspec.shapes(cfg),
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    flat = {path: tuple(leaf.shape) for path, leaf in flatten_paths(tree).items()}  # the tree's flattening order
     if not per_layer:
         return flat
     out: dict[str, tuple[int, ...]] = {}

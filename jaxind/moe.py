@@ -37,12 +37,12 @@ EXPERT_LEAVES = ("expert_gate", "expert_up", "expert_down")
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The MoE leaves of ONE layer and their shapes (no layer axis): ``{"router": (d, E), ...}``."""
-    d, e, he = cfg.d_model, cfg.n_experts, cfg.d_expert
-    shapes = {"router": (d, e), "expert_gate": (e, d, he), "expert_up": (e, d, he), "expert_down": (e, he, d)}
-    if cfg.shared_expert:
-        shapes["shared_gate"] = (d,)
-    return shapes
+    """The MoE leaves of ONE layer and their shapes (no layer axis): ``{"router": (d, E), ...}`` (a view of the
+    parameter table, :mod:`jaxind.paramspec`)."""
+    from jaxind import paramspec
+
+    moe_leaves = ("router", *EXPERT_LEAVES, "shared_gate")
+    return {leaf.name: leaf.shape(cfg) for leaf in paramspec.layer_leaves(cfg) if leaf.name in moe_leaves}
 
 
 def route(router: jax.Array, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

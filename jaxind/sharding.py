@@ -2,7 +2,9 @@
 arrays on a mesh (docs/DESIGN.md §5.12).
 
 A device mesh has the axes ``("data", "fsdp", "model")``. Every param leaf names its axes with
-logical names (:data:`PARAM_AXES`: ``vocab``, ``embed``, ``heads``, ``mlp``, ``experts``, ``layers``), and an
+logical names (declared where each is defined, in the parameter table :mod:`jaxind.paramspec`, and carried by the
+Flax module's params as partitioning metadata; :data:`PARAM_AXES` is its view by path: ``vocab``, ``embed``,
+``heads``, ``mlp``, ``experts``, ``expert_mlp``, ``layers``), and an
 ordered rules table (:data:`RULES`, as in EasyLM and MaxText) maps them to mesh axes. A leaf's
 PartitionSpec comes from walking the rules in order: a rule applies to an axis of the leaf with
 that logical name when the axis is not yet sharded, its mesh axes are not used elsewhere in the
@@ -33,7 +35,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxind import model
+from jaxind import model, paramspec
 from jaxind.cluster import MESH_AXES, parse_mesh
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
@@ -41,40 +43,9 @@ from jaxind.types import Params
 
 Names = tuple[str | None, ...]
 
-# Logical axis names of every param leaf, by flat path (layer leaves stacked, "layers" first).
-PARAM_AXES: dict[str, Names] = {
-    "embed": ("vocab", "embed"),
-    "pos_embed": (None, "embed"),
-    "final_norm": ("embed",),
-    "final_norm_bias": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "layers.attn_norm": ("layers", "embed"),
-    "layers.attn_norm_bias": ("layers", "embed"),
-    "layers.q": ("layers", "embed", "heads"),
-    "layers.k": ("layers", "embed", "heads"),
-    "layers.v": ("layers", "embed", "heads"),
-    "layers.q_bias": ("layers", "heads"),
-    "layers.k_bias": ("layers", "heads"),
-    "layers.v_bias": ("layers", "heads"),
-    "layers.o": ("layers", "heads", "embed"),
-    "layers.o_bias": ("layers", "embed"),
-    "layers.q_norm": ("layers", None),  # head_dim (Qwen3, Gemma 3) or the whole q/k projection (OLMo 2): tiny
-    "layers.k_norm": ("layers", None),
-    "layers.post_attn_norm": ("layers", "embed"),
-    "layers.post_mlp_norm": ("layers", "embed"),
-    "layers.mlp_norm": ("layers", "embed"),
-    "layers.mlp_norm_bias": ("layers", "embed"),
-    "layers.gate": ("layers", "embed", "mlp"),
-    "layers.up": ("layers", "embed", "mlp"),
-    "layers.down": ("layers", "mlp", "embed"),
-    "layers.up_bias": ("layers", "mlp"),
-    "layers.down_bias": ("layers", "embed"),
-    "layers.router": ("layers", "embed", "experts"),  # mixtures of experts (jaxind.moe)
-    "layers.expert_gate": ("layers", "experts", "embed", "mlp"),
-    "layers.expert_up": ("layers", "experts", "embed", "mlp"),
-    "layers.expert_down": ("layers", "experts", "mlp", "embed"),
-    "layers.shared_gate": ("layers", "embed"),
-}
+# Logical axis names of every param leaf, by flat path (layer leaves stacked, "layers" first): a view of the parameter
+# table (jaxind.paramspec), where each leaf declares its axes once.
+PARAM_AXES: dict[str, Names] = paramspec.logical_axes()
 
 # Ordered rules: (logical axis, mesh axes). The first rule that fits an axis shards it.
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -84,10 +55,12 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("heads", ("model",)),
     ("experts", ("model",)),  # expert parallel: a mixture of experts' experts split over `model`
     ("mlp", ("model",)),
+    ("expert_mlp", ("model",)),  # an expert's hidden units, where `model` did not take the experts
     ("embed", ("fsdp",)),
     ("vocab", ("fsdp",)),  # fallbacks, where the first choice does not divide or is taken
     ("heads", ("fsdp",)),
     ("mlp", ("fsdp",)),
+    ("expert_mlp", ("fsdp",)),
     ("layers", ("fsdp",)),
 )
 
@@ -120,8 +93,9 @@ def logical_spec(shape: Sequence[int], names: Names, mesh: Mesh | AbstractMesh, 
 
 
 def param_names(cfg: ModelConfig) -> dict[str, Names]:
-    """Logical axis names of every leaf of a ``cfg`` param tree, by flat path."""
-    return {path: PARAM_AXES[path] for path in model.param_shapes_flat(cfg)}
+    """Logical axis names of every leaf of a ``cfg`` param tree, by flat path (in the tree's flattening order)."""
+    axes = paramspec.logical_axes()
+    return {path: axes[path] for path in model.param_shapes_flat(cfg)}
 
 
 def make_mesh(sizes: dict[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -2,7 +2,9 @@
 
 Everything is driven by one declarative **permutation spec** (git-re-basin style): for every
 leaf of the param tree (layout in :mod:`jaxind.model`: the decoder layers stacked), which axis
-carries which permutation.
+carries which permutation. The spec is a view of the parameter table (:mod:`jaxind.paramspec`), where each leaf
+declares its logical axes once: the group names the table's ``"embed"`` axis ``"resid"`` and its ``"experts"``
+axis ``"expert"``; ``"mlp"``, ``"expert_mlp"`` and ``"layers"`` keep their names.
 
 - ``"resid"``: the residual-stream (``d``) axis. One permutation ``s`` of ``d`` acts on every
   residual axis at once: embedding and LM-head columns/rows, the input axis of q/k/v/gate/up,
@@ -58,7 +60,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxind import model
+from jaxind import paramspec
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
 from jaxind.types import Params
@@ -66,50 +68,16 @@ from jaxind.types import Params
 # Axis name of one array axis: "resid", "mlp", "layers" (the stacked layer axis) or None (untouched).
 AxisName = str | None
 
-# The permutation spec of the stacked layer leaves (layer axis first) and of the top-level leaves.
+# The permutation spec of the stacked layer leaves (layer axis first) and of the top-level leaves, and the linear
+# maps that read each norm's output (for folding): views of the parameter table (jaxind.paramspec), which declares
+# each leaf's axes once.
 LAYER_SPEC: dict[str, tuple[AxisName, ...]] = {
-    "attn_norm": ("layers", "resid"),
-    "q": ("layers", "resid", None),
-    "k": ("layers", "resid", None),
-    "v": ("layers", "resid", None),
-    "q_bias": ("layers", None),
-    "k_bias": ("layers", None),
-    "v_bias": ("layers", None),
-    "o": ("layers", None, "resid"),
-    "o_bias": ("layers", "resid"),
-    # q/k RMSNorm weights act on head_dim (Qwen3, Gemma 3) or on the q/k projection (OLMo 2): no residual axis
-    "q_norm": ("layers", None),
-    "k_norm": ("layers", None),
-    "post_attn_norm": ("layers", "resid"),  # norms on the attention / MLP outputs (Gemma 2/3, OLMo 2)
-    "mlp_norm": ("layers", "resid"),
-    "gate": ("layers", "resid", "mlp"),
-    "up": ("layers", "resid", "mlp"),
-    "down": ("layers", "mlp", "resid"),
-    "post_mlp_norm": ("layers", "resid"),
-    # GPT-2 (LayerNorm biases, MLP biases)
-    "attn_norm_bias": ("layers", "resid"),
-    "mlp_norm_bias": ("layers", "resid"),
-    "up_bias": ("layers", "mlp"),
-    "down_bias": ("layers", "resid"),
-    # Mixture of experts (jaxind.moe); Qwen2-MoE's shared expert is gate/up/down above.
-    "router": ("layers", "resid", "expert"),
-    "expert_gate": ("layers", "expert", "resid", "expert_mlp"),
-    "expert_up": ("layers", "expert", "resid", "expert_mlp"),
-    "expert_down": ("layers", "expert", "expert_mlp", "resid"),
-    "shared_gate": ("layers", "resid"),
+    leaf.name: paramspec.group_axes(leaf) for leaf in paramspec.TABLE if leaf.stacked
 }
 TOP_SPEC: dict[str, tuple[AxisName, ...]] = {
-    "embed": (None, "resid"),
-    "pos_embed": (None, "resid"),  # GPT-2 learned positions
-    "final_norm": ("resid",),
-    "final_norm_bias": ("resid",),  # GPT-2
-    "lm_head": ("resid", None),
+    leaf.name: paramspec.group_axes(leaf) for leaf in paramspec.TABLE if not leaf.stacked
 }
-# Norm weights, and which linear maps read each norm's output (for folding).
-NORM_READERS: dict[str, tuple[str, ...]] = {
-    "attn_norm": ("q", "k", "v"),
-    "mlp_norm": ("gate", "up", "router", "expert_gate", "expert_up", "shared_gate"),
-}
+NORM_READERS: dict[str, tuple[str, ...]] = paramspec.norm_readers()
 
 Path = tuple[str, ...]  # ("embed",) or ("layers", "q")
 
@@ -133,30 +101,7 @@ class Perm(NamedTuple):
 
 def layer_leaf_names(cfg: ModelConfig) -> list[str]:
     """The names of the stacked layer leaves a model with ``cfg`` has, in the order of :data:`LAYER_SPEC`."""
-    layer_norm = cfg.norm_kind == "layer"
-    norms = set(model.layer_norm_names(cfg))
-    present = {
-        **{name: name in norms for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")},
-        "q_norm": cfg.qk_norm != "none",
-        "k_norm": cfg.qk_norm != "none",
-        "q_bias": cfg.qkv_bias,
-        "k_bias": cfg.qkv_bias,
-        "v_bias": cfg.qkv_bias,
-        "o_bias": cfg.o_bias,
-        "gate": cfg.glu and cfg.d_ff > 0,
-        "up": cfg.d_ff > 0,
-        "down": cfg.d_ff > 0,
-        "router": cfg.moe,
-        "expert_gate": cfg.moe,
-        "expert_up": cfg.moe,
-        "expert_down": cfg.moe,
-        "shared_gate": cfg.shared_expert,
-        "attn_norm_bias": layer_norm,
-        "mlp_norm_bias": layer_norm,
-        "up_bias": cfg.mlp_bias,
-        "down_bias": cfg.mlp_bias,
-    }
-    return [name for name in LAYER_SPEC if present.get(name, True)]
+    return [leaf.name for leaf in paramspec.layer_leaves(cfg)]
 
 
 def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
@@ -165,19 +110,10 @@ def permutation_spec(cfg: ModelConfig) -> dict[Path, tuple[AxisName, ...]]:
     Paths are ``(name,)`` for top-level leaves and ``("layers", name)`` for the stacked layer leaves
     (whose first axis is ``"layers"``).
     """
-    layer_norm = cfg.norm_kind == "layer"
-    spec: dict[Path, tuple[AxisName, ...]] = {("embed",): TOP_SPEC["embed"]}
-    if not cfg.rope:
-        spec[("pos_embed",)] = TOP_SPEC["pos_embed"]
-    for name in layer_leaf_names(cfg):
-        spec[("layers", name)] = LAYER_SPEC[name]
-    if cfg.has_norm_weights:
-        spec[("final_norm",)] = TOP_SPEC["final_norm"]
-    if layer_norm:
-        spec[("final_norm_bias",)] = TOP_SPEC["final_norm_bias"]
-    if not cfg.tie_embeddings:
-        spec[("lm_head",)] = TOP_SPEC["lm_head"]
-    return spec
+    return {
+        (("layers", leaf.name) if leaf.stacked else (leaf.name,)): paramspec.group_axes(leaf)
+        for leaf in paramspec.leaves(cfg)
+    }
 
 
 def get_leaf(params: Params, path: Path) -> jax.Array:
@@ -197,7 +133,8 @@ def check_tree(params: Params, cfg: ModelConfig, spec: dict[Path, tuple[AxisName
         extra to or missing from the spec.
     """
     spec = permutation_spec(cfg) if spec is None else spec
-    unknown_top = set(params) - set(TOP_SPEC) - {"layers"}
+    top = {leaf.name for leaf in paramspec.table_or_default() if not leaf.stacked}
+    unknown_top = set(params) - top - {"layers"}
     if unknown_top:
         raise JaxindError(
             f"param tree has top-level entries the permutation spec does not cover: {sorted(unknown_top)}"
@@ -393,10 +330,11 @@ def fold_norms(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     off = cfg.norm_offset
     neutral = 0.0 if off else 1.0
     layers = dict(params["layers"])
-    for norm, readers in NORM_READERS.items():
+    layer_spec = {leaf.name: paramspec.group_axes(leaf) for leaf in paramspec.layer_leaves(cfg)}
+    for norm, readers in paramspec.norm_readers().items():
         scale = off + layers[norm].astype(jnp.float32)  # (L, d)
         for name in (r for r in readers if r in layers):
-            leaf, resid = layers[name], LAYER_SPEC[name].index("resid")
+            leaf, resid = layers[name], layer_spec[name].index("resid")
             shape = [scale.shape[0]] + [1] * (leaf.ndim - 1)
             shape[resid] = scale.shape[1]  # the norm scales the leaf's residual (input) axis, layer by layer
             layers[name] = (scale.reshape(shape) * leaf.astype(jnp.float32)).astype(leaf.dtype)

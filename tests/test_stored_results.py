@@ -1,0 +1,26 @@
+"""The demo and a real SmolLM2 pair give the results JSON of the release before the Flax module and the parameter
+table, bit for bit (floats included), apart from timing and version fields (tests/stored_results.py)."""
+
+import pytest
+import stored_results
+
+
+def test_strip_keeps_numbers_and_drops_only_timing_fields():
+    doc = {
+        "created": "x",
+        "jaxind_version": "0.1",
+        "tests": {"l2": {"seconds": 1.0, "seconds_pass": 2.0, "pvalue": 0.1}},
+        "timing": {"trace": 1.0},
+    }
+    assert stored_results.strip(doc) == {"tests": {"l2": {"pvalue": 0.1}}}
+    assert stored_results.strip({"source": "/tmp/a/m"}, {"/tmp/a": "<w>"}) == {"source": "<w>/m"}
+
+
+@pytest.mark.slow  # the demo trains its model zoo: about 2 minutes
+def test_demo_results_unchanged(tmp_path):
+    assert stored_results.demo_results(str(tmp_path)) == stored_results.stored("demo.json")
+
+
+@pytest.mark.slow  # the real model, converted twice: about 3 minutes
+def test_smollm2_pair_results_unchanged(tmp_path):
+    assert stored_results.smollm2_pair_results(str(tmp_path)) == stored_results.stored("smollm2_pair.json")
