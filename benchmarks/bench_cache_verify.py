@@ -38,7 +38,8 @@ def _verify_cost(cache: str) -> dict:
     """Seconds to read SmolLM2's stored tree verifying every leaf, and with the checksums remembered."""
     import jax
 
-    from jaxind import modelstore, store
+    from jaxind.io import store
+    from jaxind.many import modelstore
 
     stored, _ = modelstore.ensure("a", "smollm2", cache_root=cache)
     folder = os.path.join(stored.folder, "weights")

@@ -38,7 +38,7 @@ monitoring.register_event_listener(on_event)
 monitoring.register_event_duration_secs_listener(on_duration)
 atexit.register(lambda: print("COMPILE_COUNTS " + json.dumps(counts), file=sys.stderr, flush=True))
 sys.argv = ["jaxind.main", *sys.argv[1:]]
-from jaxind.main import entry_point
+from jaxind.cli.main import entry_point
 entry_point()
 """
 

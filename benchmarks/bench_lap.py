@@ -19,7 +19,7 @@ Cost kinds:
             config (seed 1), "trained" against the same GGUF one layer further on (two trained
             unit sets that are not permutations of each other), on ``--real_tokens`` random
             token sequences of 128 (the CLI's default data kind). Built with the public API
-            (converters.sources.load_model, jaxind.grams) and cached as .npy under
+            (converters.sources.load_model, jaxind.stats.grams) and cached as .npy under
             ``--cache_dir``; ``--sizes`` does not apply.
 
 Solvers: scipy, lapjv_raw (the ``lap`` package called directly: the path before the exactness
@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.optimize  # noqa: E402
 
-from jaxind import assignment  # noqa: E402
+from jaxind.stats import assignment  # noqa: E402
 
 REAL_LAYERS = (0, 10, 20, 28)
 
@@ -73,8 +73,10 @@ def real_costs(cache_dir: str, layers: tuple[int, ...], num_sequences: int) -> l
     path = lambda name: os.path.join(cache_dir, f"smollm2_{num_sequences}x128_{name}.npy")  # noqa: E731
     if not all(os.path.exists(path(name)) for name in names):
         from converters.sources import load_model
-        from jaxind import data, grams, model
-        from jaxind.assets import smollm2_gguf
+        from jaxind.io import data
+        from jaxind.io.assets import smollm2_gguf
+        from jaxind.models import model
+        from jaxind.stats import grams
 
         smol = load_model(smollm2_gguf())
         cfg = smol.config

@@ -152,8 +152,8 @@ def bench_permtest(args: argparse.Namespace, noised: str) -> dict:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxind import modelstore
-    from jaxind import permtest as pt
+    from jaxind.many import modelstore
+    from jaxind.stats import permtest as pt
 
     a = modelstore.on_device(modelstore.ensure("a", "smollm2")[0].load())
     b = modelstore.on_device(modelstore.ensure("b", noised)[0].load())

@@ -1,4 +1,4 @@
-"""MATCH end to end: one pass over the data for all layers and both projections (jaxind.match)
+"""MATCH end to end: one pass over the data for all layers and both projections (jaxind.stats.match)
 vs the naive baseline that re-runs the data per layer and per projection (match_test_slow).
 
 Model: a SmolLM2-135M-sized random Llama (30 layers, d=576, h=1536, 9 heads / 3 KV heads of 64,
@@ -24,8 +24,9 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxind import match, model  # noqa: E402
-from jaxind.config import ModelConfig  # noqa: E402
+from jaxind.models import model  # noqa: E402
+from jaxind.models.config import ModelConfig  # noqa: E402
+from jaxind.stats import match  # noqa: E402
 
 SMOLLM2 = ModelConfig(
     family="llama",

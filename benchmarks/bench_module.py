@@ -26,8 +26,9 @@ def worker(layers: list[int]) -> dict:
     import jax
     import numpy as np
 
-    from jaxind import grams, match, model, permtest
-    from jaxind.config import ModelConfig
+    from jaxind.models import model
+    from jaxind.models.config import ModelConfig
+    from jaxind.stats import grams, match, permtest
 
     def cfg_of(n: int) -> ModelConfig:
         return ModelConfig("llama", 1024, 256, n, 4, 2, 64, 512)

@@ -50,9 +50,9 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from jaxind.config import ModelConfig
-    from jaxind.model import init_params
-    from jaxind.permtest import l2_consts, permtest, permtest_loop
+    from jaxind.models.config import ModelConfig
+    from jaxind.models.model import init_params
+    from jaxind.stats.permtest import l2_consts, permtest, permtest_loop
 
     cfg = ModelConfig(
         family="llama",

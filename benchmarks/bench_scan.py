@@ -1,7 +1,7 @@
 """Compile time of the MATCH pass with the layers scanned (``lax.scan``) vs unrolled (a Python loop,
 the program before the layers were stacked), for 4, 16 and 64 layers, in one run.
 
-The pass is :func:`jaxind.grams.accumulate_step` for a pair of equal random Llama models, every layer
+The pass is :func:`jaxind.stats.grams.accumulate_step` for a pair of equal random Llama models, every layer
 paired with itself (MATCH's default). For each depth and each way, the step is traced and lowered
 (``lower``) and compiled by XLA (``compile``) from a cold cache; one step then runs once and its state is
 compared between the two ways (the same numbers up to float rounding). The ratio is unrolled / scanned.
@@ -24,8 +24,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxind import grams, model  # noqa: E402
-from jaxind.config import ModelConfig  # noqa: E402
+from jaxind.models import model  # noqa: E402
+from jaxind.models.config import ModelConfig  # noqa: E402
+from jaxind.stats import grams  # noqa: E402
 
 BASE = ModelConfig(
     family="llama", vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=512

@@ -2,7 +2,8 @@
 
 Measured: a SmolLM2-135M-sized random Llama (float32) placed with ``Layout.place`` on ``fsdp`` meshes of 1, 2, 4
 and 8 fake CPU devices (``--xla_force_host_platform_device_count=8``, set here); the bytes of each device's
-addressable shards are summed, and compared with :func:`jaxind.sharding.param_bytes_per_device` (the rules applied
+addressable shards are summed, and compared with :func:`jaxind.parallel.sharding.param_bytes_per_device` (the
+rules applied
 to an abstract mesh). Planned: the same function for Llama-2-7B and Llama-2-70B (float32, one model; a pair is
 twice that) on 1/2/4/8-way ``fsdp`` and on the meshes of ``configs/``.
 
@@ -23,8 +24,9 @@ import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxind import model, sharding  # noqa: E402
-from jaxind.config import ModelConfig  # noqa: E402
+from jaxind.models import model  # noqa: E402
+from jaxind.models.config import ModelConfig  # noqa: E402
+from jaxind.parallel import sharding  # noqa: E402
 
 SMOLLM2 = ModelConfig("llama", 49152, 576, 30, 9, 3, 64, 1536, rope_theta=100000.0, tie_embeddings=True)
 LLAMA2_7B = ModelConfig("llama", 32000, 4096, 32, 32, 32, 128, 11008)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from helpers import numpy_noise, numpy_params, save_jaxind  # noqa: E402
 
-from jaxind.config import ModelConfig  # noqa: E402
+from jaxind.models.config import ModelConfig  # noqa: E402
 
 CFG = ModelConfig(
     family="llama", vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=64, d_ff=704

@@ -1,4 +1,4 @@
-"""Time to tokens for ``--data=text:PATH``: the windowed reader (``jaxind.data.make_tokens``: seeded byte
+"""Time to tokens for ``--data=text:PATH``: the windowed reader (``jaxind.io.data.make_tokens``: seeded byte
 offsets, only the windows' bytes read and tokenised) against the old reader (tokenise the whole file, then
 cut windows from the token stream), on a 1 MB and a 100 MB file, in one run.
 
@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxind import data, tokenizer  # noqa: E402
-from jaxind.assets import smollm2_gguf  # noqa: E402
+from jaxind.io import data, tokenizer  # noqa: E402
+from jaxind.io.assets import smollm2_gguf  # noqa: E402
 
 MB = 1 << 20
 

@@ -5,7 +5,7 @@ applies each rule's transform, checks shape and finiteness against the config, a
 tree. Work is done group by group -- each top-level leaf, then one decoder layer at a time --
 so a caller that writes each group out (the converter) never holds the whole model. Checkpoint
 tensors name one layer each (``"layers.3.q"``); :func:`assemble` writes each layer group into its
-row of the stacked leaves of :mod:`jaxind.model` (``"layers" -> {"q": (L, d, H*hd), ...}``).
+row of the stacked leaves of :mod:`jaxind.models.model` (``"layers" -> {"q": (L, d, H*hd), ...}``).
 A mixture of experts stores one tensor per expert: an ``expert`` rule writes it into its row of the layer's
 stacked expert leaf (``expert_gate (E, d, he)``), and a layer is complete once every expert arrived.
 Every problem becomes a :class:`CheckpointError` naming the tensor and the fix.
@@ -21,9 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from converters.mappings import Rule
-from jaxind import model
-from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
 
 
 class Reader(Protocol):
@@ -142,7 +142,7 @@ def iter_groups(
 
 
 def assemble(groups: Iterable[tuple[str, dict[str, Any]]], cfg: ModelConfig, dtype: Any = np.float32) -> dict[str, Any]:
-    """Collects :func:`iter_groups` output into the stacked param tree of :mod:`jaxind.model`: each
+    """Collects :func:`iter_groups` output into the stacked param tree of :mod:`jaxind.models.model`: each
     ``layers.l`` group is copied into row ``l`` of the stacked numpy leaves (allocated once, when the
     first layer arrives), so the tree never holds a layer twice.
 

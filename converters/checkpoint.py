@@ -30,8 +30,8 @@ import numpy as np
 
 from converters import publish
 from jaxind import testhooks
-from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError, JaxindError
+from jaxind.models.config import ModelConfig
 
 CONFIG_FILE = "jaxind_config.json"
 META_FILE = "jaxind_meta.json"
@@ -251,7 +251,7 @@ def check_stored(path: str, cfg: ModelConfig, meta: dict[str, Any]) -> dict[str,
         or an array whose stored shape differs from the config's (named, with both shapes).
     """
     from converters.build import group_of
-    from jaxind import model
+    from jaxind.models import model
 
     fix = f"the config ({CONFIG_FILE}) and the stored weights disagree: restore the original config or convert again"
     try:

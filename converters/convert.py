@@ -44,8 +44,8 @@ def preflight(src: str, out: str, overwrite: bool) -> str:
       JaxindError: one line saying what is wrong.
     """
     from converters import publish, sources
-    from jaxind import destinations
     from jaxind.errors import CheckpointError
+    from jaxind.io import destinations
 
     destinations.check_directory(out, "--out", in_place=False)
     path = sources.resolve(src)
@@ -106,8 +106,8 @@ def source_tokenizer(src: str, reader: Any, meta: dict) -> Any:
     Raises:
       CheckpointError: the source's tokenizer exists but cannot be read.
     """
-    from jaxind import tokenizer as tok
     from jaxind.errors import CheckpointError, JaxindError
+    from jaxind.io import tokenizer as tok
 
     if not reader.has_tokenizer():
         reason = f"the source {src} has no tokenizer"
@@ -124,7 +124,7 @@ def source_tokenizer(src: str, reader: Any, meta: dict) -> Any:
 
 def main(argv):
     del argv
-    from jaxind.cli_utils import run_reporting_errors
+    from jaxind.cli.cli_utils import run_reporting_errors
     from jaxind.errors import JaxindError
 
     def body() -> int:
@@ -145,7 +145,7 @@ def main(argv):
 
 
 def entry_point():
-    from jaxind.cli_utils import parse_flags
+    from jaxind.cli.cli_utils import parse_flags
 
     app.run(main, flags_parser=parse_flags)
 

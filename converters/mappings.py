@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxind.config import ModelConfig
+from jaxind.models.config import ModelConfig
 
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 

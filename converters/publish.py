@@ -35,7 +35,8 @@ from collections.abc import Iterator
 
 from absl import logging
 
-from jaxind import destinations, testhooks
+from jaxind import testhooks
+from jaxind.io import destinations
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1

@@ -21,8 +21,9 @@ import numpy as np
 from absl import logging
 
 from converters import mappings
-from jaxind.config import Family, ModelConfig, parse_hf_config
 from jaxind.errors import CheckpointError, UnsupportedModelError
+from jaxind.io.hf_config import parse_hf_config
+from jaxind.models.config import Family, ModelConfig
 
 
 def _log_ignored(where: str, ignored: dict[str, str]) -> None:
@@ -120,7 +121,7 @@ class HFDirReader:
 
     def has_tokenizer(self) -> bool:
         """Whether the directory ships tokenizer files at all (their contents are not read)."""
-        from jaxind.tokenizer import TOKENIZER_FILES
+        from jaxind.io.tokenizer import TOKENIZER_FILES
 
         return any(os.path.isfile(os.path.join(self.path, name)) for name in TOKENIZER_FILES)
 

@@ -14,14 +14,14 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jaxind
-from jaxind import assets
-from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError, JaxindError
+from jaxind.io import assets
+from jaxind.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from converters.readers import GGUFFileReader, HFDirReader
-    from jaxind.loading import Model
-    from jaxind.sharding import Layout
+    from jaxind.io.loading import Model
+    from jaxind.parallel.sharding import Layout
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -167,7 +167,7 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False, layo
         ``smollm2`` (the real SmolLM2-135M-Instruct GGUF from PyPI), ``gemma3-270m`` (the real
         Gemma 3 270M Q4_K_M GGUF, assembled from PyPI), or a hub id (only where the network allows).
       dtype: "float32" (default), "bfloat16" or "float16" for the params on device.
-      layout: a mesh to shard the params over (:class:`jaxind.sharding.Layout`): each layer group is read
+      layout: a mesh to shard the params over (:class:`jaxind.parallel.sharding.Layout`): each layer group is read
         on the host and its shards are written straight to their devices, so neither a host nor a device
         holds the whole model. None: one device.
 
@@ -177,7 +177,7 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False, layo
     import jax
     import jax.numpy as jnp
 
-    from jaxind.loading import Model
+    from jaxind.io.loading import Model
 
     if dtype not in _DTYPES:
         raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")

@@ -1,9 +1,9 @@
 """Type aliases shared across jaxind (one definition each).
 
-``Params`` is the param pytree of :mod:`jaxind.model` (layout in its module docstring);
+``Params`` is the param pytree of :mod:`jaxind.models.model` (layout in its module docstring);
 ``LayerPair`` is ``(layer of A, layer of B)``. Enumerations of the model config (family,
-activation, norm) live with :class:`jaxind.config.ModelConfig`; test names with the registry
-(:data:`jaxind.registry.TestName`).
+activation, norm) live with :class:`jaxind.models.config.ModelConfig`; test names with the registry
+(:data:`jaxind.pair.registry.TestName`).
 """
 
 from __future__ import annotations

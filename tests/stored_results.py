@@ -103,7 +103,7 @@ def noised_smollm2(path: str, out_dir: str) -> str:
 
 def smollm2_pair_results(workdir: str) -> dict:
     """The results JSON of SmolLM2 against its noised copy (:func:`noised_smollm2`), small data."""
-    from jaxind.assets import smollm2_gguf
+    from jaxind.io.assets import smollm2_gguf
 
     path = smollm2_gguf()
     other = noised_smollm2(path, os.path.join(workdir, "smollm2-noised"))

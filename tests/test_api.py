@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from helpers import REPO, perturb
 
-from jaxind import grams, layers, model, registry, results, runner
-from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from jaxind.loading import from_params
-from jaxind.registry import TESTS, key_for
-from jaxind.results import RESULTS_SCHEMA, TEST_SCHEMA, TestResult
+from jaxind.io.loading import from_params
+from jaxind.models import layers, model
+from jaxind.models.config import ModelConfig
+from jaxind.pair import registry, runner
+from jaxind.pair.registry import TESTS, key_for
+from jaxind.stats import grams, results
+from jaxind.stats.results import RESULTS_SCHEMA, TEST_SCHEMA, TestResult
 
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
 # Small options so that every test runs in seconds on tiny models.

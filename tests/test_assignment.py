@@ -1,4 +1,4 @@
-"""Tests for jaxind.assignment: optimality against scipy, exactness on near-permutations,
+"""Tests for jaxind.stats.assignment: optimality against scipy, exactness on near-permutations,
 equivariance, batching, jit, input errors."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from jaxind import assignment
-from jaxind.assignment import assignment_cost, solve_lap, solve_lap_batched
+from jaxind.stats import assignment
+from jaxind.stats.assignment import assignment_cost, solve_lap, solve_lap_batched
 
 RTOL = 1e-6
 # A scipy fallback inside the auction would make these tests vacuous: make it an error.
@@ -355,7 +355,7 @@ def test_auto_picks_warm_on_competitive_costs():
 def test_match_and_csu_pvalues_unchanged_by_warm(monkeypatch):
     """MATCH's and CSU's per-layer tests give identical statistics whether the LAPs are solved by
     scipy or by "warm", on a fixed seed and competitive costs."""
-    from jaxind import constrained, match
+    from jaxind.stats import constrained, match
 
     d_gate, d_up = low_rank_distances(520, 520, 13), low_rank_distances(520, 520, 14)
     sim = -low_rank_distances(520, 520, 15)
@@ -389,7 +389,9 @@ def test_real_smollm2_match_and_csu_unchanged_by_warm(smollm2, monkeypatch):
     """On the real SmolLM2 against an independently initialised model (the issue's case), "auto"
     picks "warm" for MATCH's distance matrices, and MATCH's and CSU's matchings and p-values are
     identical to scipy's on a fixed seed."""
-    from jaxind import constrained, data, grams, match, model
+    from jaxind.io import data
+    from jaxind.models import model
+    from jaxind.stats import constrained, grams, match
 
     cfg = smollm2.config
     other = model.init_params(cfg, jax.random.key(1))

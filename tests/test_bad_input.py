@@ -1100,7 +1100,7 @@ def _umask() -> int:
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_results_json_mode_follows_the_umask(tmp_path, mask):
-    from jaxind import results
+    from jaxind.stats import results
 
     path = tmp_path / "r.json"
     path.write_text("{}")
@@ -1160,8 +1160,10 @@ def test_output_to_stdout_redirected_to_a_file_is_refused(world, tmp_path):
 def test_every_output_writer_writes_through_links_and_refuses_special_files(tmp_path):
     """results JSON, text reports, the localized heatmap and the sweep heatmaps: through a symlink the target is
     replaced (the link stays); a FIFO is refused with a JaxindError and stays a FIFO; no temporary is left."""
-    from jaxind import destinations, localized, provenance, results
     from jaxind.errors import JaxindError
+    from jaxind.io import destinations
+    from jaxind.many import provenance
+    from jaxind.stats import localized, results
 
     writers = {
         "r.json": lambda p: results.write_json(p, {"x": 1}),
@@ -1244,7 +1246,7 @@ def test_scan_of_a_sweep_uses_explicit_data_flags(world, tmp_path):
 def test_reference_yaml_sources_resolve_against_its_folder(tmp_path, monkeypatch):
     """A relative source in a --reference YAML is taken from the YAML's folder whatever the working directory,
     even where it is missing there and the working directory happens to hold that path."""
-    from jaxind import sweep_config
+    from jaxind.many import sweep_config
 
     yaml_dir, cwd = tmp_path / "lists" / "sub", tmp_path / "work" / "here"
     yaml_dir.mkdir(parents=True)
@@ -1265,9 +1267,9 @@ def test_reference_yaml_sources_resolve_against_its_folder(tmp_path, monkeypatch
 
 
 def test_memory_check_names_the_size_and_the_limit(monkeypatch):
-    from jaxind import data
-    from jaxind.config import ModelConfig
     from jaxind.errors import JaxindError
+    from jaxind.io import data
+    from jaxind.models.config import ModelConfig
 
     cfg = ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                       d_ff=128)  # fmt: skip
@@ -1285,7 +1287,7 @@ def test_memory_check_names_the_size_and_the_limit(monkeypatch):
 
 def test_report_md_escapes_error_text(tmp_path):
     """Error text in report.md cannot open a heading, a table cell, a link or raw HTML."""
-    from jaxind import provenance
+    from jaxind.many import provenance
 
     evil = "<img src=x onerror=alert(1)> a | b [click](javascript:alert(1))\n# Owned *x*"
     summary = {
@@ -1307,7 +1309,7 @@ def test_report_md_escapes_error_text(tmp_path):
 def test_disk_warning_names_the_1_gib_reserve(tmp_path, monkeypatch):
     import collections
 
-    from jaxind import modelstore
+    from jaxind.many import modelstore
 
     params = {"w": np.zeros((1024, 1024), np.float32)}  # 4 MiB
     usage = collections.namedtuple("usage", "total used free")
@@ -1320,8 +1322,9 @@ def test_disk_warning_names_the_1_gib_reserve(tmp_path, monkeypatch):
 def test_sweep_tokenizer_error_names_both_models(monkeypatch):
     import types
 
-    from jaxind import data, sweep, tokenizer
     from jaxind.errors import JaxindError
+    from jaxind.io import data, tokenizer
+    from jaxind.many import sweep
 
     class Differs:
         def check(self, a, b):

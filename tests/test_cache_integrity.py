@@ -24,7 +24,8 @@ import pytest
 from helpers import run_module
 from hf_models import build_torch_model, save
 
-from jaxind import modelstore, store
+from jaxind.io import store
+from jaxind.many import modelstore
 
 
 @pytest.fixture(scope="module")

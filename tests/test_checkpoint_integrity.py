@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from converters import checkpoint
-from jaxind import model
-from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(

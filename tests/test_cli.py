@@ -9,8 +9,8 @@ import pytest
 from helpers import run_module, run_python
 from hf_models import build_torch_model, save
 
-from jaxind import data
 from jaxind.errors import JaxindError
+from jaxind.io import data
 
 
 def main_cli(*args):
@@ -220,7 +220,7 @@ def test_demo_quick_runs_and_detects(tmp_path):
 def test_demo_flagfile_matches_the_defaults():
     """configs/demo.flags is the demo spelled out: every flag it sets equals the built-in default."""
     script = (
-        "import jaxind.main; from absl import flags; F = flags.FLAGS;"
+        "import jaxind.cli.main; from absl import flags; F = flags.FLAGS;"
         "F(['jaxind', '--flagfile=configs/demo.flags']);"
         "names = [n for n in F if F[n].present and n != 'flagfile'];"
         "print(len(names), all(F[n].value == F[n].default for n in names), F.model_a)"

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxind import constrained, demo, divergence, model, permtest, symmetry
-from jaxind.config import ModelConfig
+from jaxind.cli import demo
+from jaxind.models import model, symmetry
+from jaxind.models.config import ModelConfig
+from jaxind.stats import constrained, divergence, permtest
 
 TINY = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=48)
 
@@ -90,7 +92,8 @@ def test_permuted_and_rotated_copy_escapes_the_weight_tests(zoo):
 
 @pytest.mark.slow  # trains the model zoo (module fixture)
 def test_csh_detects_fine_tune_from_activations(zoo):
-    from jaxind import grams, layers
+    from jaxind.models import layers
+    from jaxind.stats import grams
 
     cfg, base = zoo["base"]
     tokens = demo.corpus_bytes()[: 16 * 32].reshape(16, 32)
@@ -115,7 +118,7 @@ def test_csh_detects_fine_tune_from_activations(zoo):
 
 @pytest.mark.slow  # trains the model zoo (module fixture)
 def test_jsd_is_zero_for_the_same_function_and_positive_otherwise(zoo):
-    from jaxind.data import batches
+    from jaxind.io.data import batches
 
     cfg, base = zoo["base"]
     dcfg, disguised = zoo["permuted+rotated"]
@@ -141,7 +144,7 @@ def test_real_smollm2_fine_tune_is_detected(smollm2, smollm2_finetuned):
 @pytest.mark.slow  # trains the model zoo (module fixture)
 def test_match_on_the_trained_zoo(zoo):
     """MATCH sees through the disguise that defeats CSU, and stays quiet on the independent model."""
-    from jaxind import match
+    from jaxind.stats import match
 
     cfg, base = zoo["base"]
     tokens = demo.corpus_bytes()[: 16 * 32].reshape(16, 32)

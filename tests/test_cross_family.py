@@ -7,9 +7,10 @@ import pytest
 from helpers import random_params
 
 import jaxind
-from jaxind import data, runner
-from jaxind.catalog import ALL_TESTS
-from jaxind.config import ModelConfig
+from jaxind.io import data
+from jaxind.models.config import ModelConfig
+from jaxind.pair import runner
+from jaxind.pair.catalog import ALL_TESTS
 
 
 def run_all(a, b, layer_pairs=None, num_sequences=8, seq_len=16) -> dict:

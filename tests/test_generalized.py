@@ -1,4 +1,4 @@
-"""Generalized robust test (jaxind.generalized): retrained blocks, non-GLU blocks, independent nulls.
+"""Generalized robust test (jaxind.stats.generalized): retrained blocks, non-GLU blocks, independent nulls.
 
 The teachers here have "trained-ish" MLP scales (gate pre-activations of order 2-3 on unit
 Gaussian inputs). At the 0.02 init scale of ``init_params`` a GLU block is an almost exactly
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from helpers import layer_list, stack_layers
 
-from jaxind import generalized, model
-from jaxind.config import ModelConfig
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
+from jaxind.stats import generalized
 
 D, H = 32, 64
 CFG = ModelConfig(family="llama", vocab_size=64, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=H)

@@ -96,7 +96,7 @@ def test_without_torch_the_tokenizer_is_read_and_saved(tiny_gguf, reference_toke
 
 
 def test_the_torch_free_builder_equals_transformers_gguf_tokenizer(smollm2_path, reference_tokenizer):
-    from jaxind.tokenizer import gguf_tokenizer_without_torch
+    from jaxind.io.tokenizer import gguf_tokenizer_without_torch
 
     ours, ref = gguf_tokenizer_without_torch(smollm2_path), reference_tokenizer
     assert ours.get_vocab() == ref.get_vocab()

@@ -18,7 +18,7 @@ ROOT = Path(REPO)
 
 
 def module_files(root: Path, packages=PACKAGES) -> dict[str, Path]:
-    """``{"jaxind.model": path, "jaxind": path of __init__.py, ...}`` for every module of ``packages``."""
+    """``{"jaxind.models.model": path, "jaxind": path of __init__.py, ...}`` for every module of ``packages``."""
     out = {}
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
@@ -87,7 +87,7 @@ def test_no_import_cycle():
     graph = import_graph(ROOT)
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     # The graph sees function-level imports and package __init__ edges (else this test proves nothing).
-    assert "converters.sources" in graph["jaxind.main"]  # imported inside run()
+    assert "converters.sources" in graph["jaxind.cli.main"]  # imported inside run()
     assert "jaxind" in graph["converters.sources"]
     # One-way: the library core never reaches the converters.
     reach, todo = set(), ["jaxind"]
@@ -96,6 +96,51 @@ def test_no_import_cycle():
             reach.add(dep)
             todo.append(dep)
     assert not {m for m in reach if m.startswith("converters")}, sorted(reach)
+
+
+# The floors of the package, bottom up (docs/DESIGN.md §2): a module imports only from its own floor or below.
+FLOORS = ("base", "models", "parallel", "io", "converters", "stats", "pair", "many", "cli", "entry")
+BASE = {"jaxind._compat", "jaxind.errors", "jaxind.progress", "jaxind.testhooks", "jaxind.types"}
+ENTRIES = {"jaxind.main", "jaxind.sweep", "converters.convert"}  # what ``python -m`` runs
+
+
+def floor(module: str) -> str:
+    """The floor of a module: its folder under ``jaxind/``, ``converters``, ``base`` or ``entry``."""
+    if module in ENTRIES:
+        return "entry"
+    if module == "jaxind":  # the face: imports errors and ModelConfig; everything else by name, lazily
+        return "models"
+    if module.startswith("converters"):
+        return "converters"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in FLOORS else "base"
+
+
+def test_no_arrow_up():
+    graph = import_graph(ROOT)
+    up = [
+        f"{m} ({floor(m)}) -> {d} ({floor(d)})"
+        for m, deps in graph.items()
+        for d in deps
+        if FLOORS.index(floor(d)) > FLOORS.index(floor(m))
+    ]
+    assert not up, up
+    folders = {m.split(".")[1] for m in graph if m.count(".") == 2 and m.startswith("jaxind.")}
+    flat = {m for m in graph if m.count(".") == 1 and m.startswith("jaxind.") and m.split(".")[1] not in folders}
+    flat -= BASE | ENTRIES
+    assert not flat, f"modules outside the folders: {sorted(flat)}"
+    assert folders == set(FLOORS) - {"base", "converters", "entry"}, folders
+
+
+def test_floor_check_sees_an_arrow_up(tmp_path):
+    (tmp_path / "jaxind" / "models").mkdir(parents=True)
+    (tmp_path / "jaxind" / "cli").mkdir()
+    for init in ("jaxind", "jaxind/models", "jaxind/cli"):
+        (tmp_path / init / "__init__.py").write_text("")
+    (tmp_path / "jaxind" / "cli" / "main.py").write_text("X = 1\n")
+    (tmp_path / "jaxind" / "models" / "model.py").write_text("def f():\n    from jaxind.cli import main\n")
+    graph = import_graph(tmp_path, ("jaxind",))
+    assert {(floor(m), floor(d)) for m, deps in graph.items() for d in deps if d != "jaxind"} == {("models", "cli")}
 
 
 def test_cycle_finder_sees_function_level_and_package_imports(tmp_path):

@@ -1,4 +1,4 @@
-"""Localized testing (jaxind.localized): layer maps of pruned / partly shared models, heatmap."""
+"""Localized testing (jaxind.stats.localized): layer maps of pruned / partly shared models, heatmap."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from helpers import layer_list, perturb, stack_layers
 
-from jaxind import localized, model
-from jaxind.config import ModelConfig
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
+from jaxind.stats import localized
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 

@@ -1,4 +1,4 @@
-"""MATCH (jaxind.match): detection of derived models, null behaviour, calibration, one-pass parity."""
+"""MATCH (jaxind.stats.match): detection of derived models, null behaviour, calibration, one-pass parity."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import scipy.stats
 from helpers import layer_list, perturb, stack_layers
 
-from jaxind import grams, match, model, symmetry
-from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
+from jaxind.models import model, symmetry
+from jaxind.models.config import ModelConfig
+from jaxind.stats import grams, match
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 

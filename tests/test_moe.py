@@ -12,9 +12,9 @@ from hf_models import MOE_FAMILIES, build_torch_model, moe_reference_activations
 
 import jaxind
 from converters.sources import load_model
-from jaxind import model, moe
-from jaxind.config import from_hf_config
 from jaxind.errors import JaxindError, UnsupportedModelError
+from jaxind.io.hf_config import from_hf_config
+from jaxind.models import model, moe
 
 TOL = 1e-4
 
@@ -226,7 +226,7 @@ def _random_params(cfg: jaxind.ModelConfig, seed: int = 0):
 
 def _apply(params, cfg, perm):
     """``symmetry.apply_permutation``, compiled once per config and Perm layout."""
-    from jaxind import symmetry as S
+    from jaxind.models import symmetry as S
 
     return jax.jit(S.apply_permutation, static_argnums=1)(params, cfg, perm)
 
@@ -246,7 +246,7 @@ def _eq(p, q) -> bool:
 
 
 def test_group_element_preserves_logits_and_moves_every_leaf(moe_model):
-    from jaxind import symmetry as S
+    from jaxind.models import symmetry as S
 
     cfg, params = moe_model
     perm = S.draw_permutations(jax.random.key(1), cfg)
@@ -279,7 +279,7 @@ def test_group_element_preserves_logits_and_moves_every_leaf(moe_model):
 def test_a_broken_expert_action_changes_the_function(moe_model):
     """Sensitivity: moving the experts without the router's columns, or one expert's gate units without its
     down rows, is not a symmetry."""
-    from jaxind import symmetry as S
+    from jaxind.models import symmetry as S
 
     cfg, params = moe_model
     perm = S.draw_permutations(jax.random.key(2), cfg)
@@ -295,7 +295,7 @@ def test_a_broken_expert_action_changes_the_function(moe_model):
 
 
 def test_group_laws_with_experts():
-    from jaxind import symmetry as S
+    from jaxind.models import symmetry as S
 
     cfg = MOE_CONFIGS["qwen2_moe"]  # (Mixtral's layout is exercised by the tests above)
     params = _random_params(cfg)
@@ -319,7 +319,7 @@ def test_group_laws_with_experts():
 
 
 def test_rotation_and_fold_norms_with_experts(moe_model):
-    from jaxind import symmetry as S
+    from jaxind.models import symmetry as S
 
     cfg, params = moe_model
     folded, fcfg = S.fold_norms(params, cfg)
@@ -335,7 +335,7 @@ def test_rotation_and_fold_norms_with_experts(moe_model):
 
 @pytest.mark.parametrize("family", [pytest.param("mixtral", marks=pytest.mark.slow), "qwen2_moe"])
 def test_permtest_kernel_equals_loop_l2(family):
-    from jaxind.permtest import permtest, permtest_loop
+    from jaxind.stats.permtest import permtest, permtest_loop
 
     cfg = MOE_CONFIGS[family]
     a, b = _random_params(cfg, 1), _random_params(cfg, 2)
@@ -351,7 +351,7 @@ def test_permtest_kernel_equals_loop_l2(family):
 
 @pytest.mark.slow  # a second PERMTEST compilation (a forward per draw)
 def test_permtest_kernel_equals_loop_mc():
-    from jaxind.permtest import permtest, permtest_loop
+    from jaxind.stats.permtest import permtest, permtest_loop
 
     cfg = MOE_CONFIGS["qwen2_moe"]
     a, b = _random_params(cfg, 4), _random_params(cfg, 5)
@@ -377,8 +377,9 @@ def _trained_config(family: str) -> jaxind.ModelConfig:
 def trained(request):
     """Byte-level MoE models trained on the bundled corpus: a base, a fine-tuned copy (20 more AdamW steps on the
     second half), an independently initialised and trained model, and the fine-tune permuted and rotated."""
-    from jaxind import demo, train
-    from jaxind import symmetry as S
+    from jaxind.cli import demo
+    from jaxind.models import symmetry as S
+    from jaxind.models import train
 
     cfg = _trained_config(request.param)
     corpus = demo.corpus_bytes()
@@ -399,8 +400,8 @@ def trained(request):
 
 
 def _run(a, b, tokens, tests, num_perms=99):
-    from jaxind.inputs import TokenData
-    from jaxind.registry import TESTS, key_for
+    from jaxind.pair.inputs import TokenData
+    from jaxind.pair.registry import TESTS, key_for
 
     data = TokenData(tokens)
     out = {}
@@ -441,7 +442,7 @@ def test_calibration_under_the_null(family):
     MATCH's per-record p-values hold the 5% level. One compiled function per test, reused across pairs."""
     from scipy import stats
 
-    from jaxind import experts, permtest
+    from jaxind.stats import experts, permtest
 
     cfg = MOE_CONFIGS[family].replace(n_layers=2, n_experts=8, experts_per_token=2, d_expert=12, sliding_window=None)
     init = jax.jit(lambda k: model.init_params(cfg, k, std=0.3))
@@ -469,7 +470,7 @@ def test_calibration_under_the_null(family):
 def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
     """The registry sends MoE pairs to the expert versions; a MoE vs a dense model, or localized testing, is
     refused with a reason (recorded as that test's error by the runner)."""
-    from jaxind.registry import TESTS, key_for
+    from jaxind.pair.registry import TESTS, key_for
 
     cfg = MOE_CONFIGS["qwen2_moe"]
     a = jaxind.from_params(cfg, _random_params(cfg, 1))
@@ -487,9 +488,9 @@ def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
     with pytest.raises(JaxindError, match="not implemented for mixtures of experts"):
         TESTS["localized"](a, near, key=key_for(0, "localized"), data=tokens)
     # the dense kernels refuse MoE params instead of silently testing the shared expert alone
-    from jaxind import constrained, grams
+    from jaxind.stats import constrained, grams
 
-    with pytest.raises(JaxindError, match="jaxind.experts.csu"):
+    with pytest.raises(JaxindError, match="jaxind.stats.experts.csu"):
         constrained.csu(a.params, cfg, near.params, cfg, jax.random.key(0))
     with pytest.raises(JaxindError, match="mixture of experts"):
         grams.accumulate(a.params, cfg, near.params, cfg, [tokens], layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
@@ -500,8 +501,8 @@ def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
 
 def test_expert_similarity_ignores_unit_order_and_follows_the_experts():
     """S is invariant under permutations of each expert's units and equivariant under expert permutations:
-    what makes CSU/CSH exact (jaxind.experts module doc)."""
-    from jaxind import experts
+    what makes CSU/CSH exact (jaxind.stats.experts module doc)."""
+    from jaxind.stats import experts
 
     w_a = jax.random.normal(jax.random.key(0), (5, 16, 12))
     w_b = jax.random.normal(jax.random.key(1), (5, 16, 12))
@@ -605,7 +606,7 @@ def test_cli_on_moe_models(tmp_path):
     import jsonschema
     from helpers import run_module
 
-    from jaxind.results import RESULTS_SCHEMA
+    from jaxind.stats.results import RESULTS_SCHEMA
 
     base = build_torch_model("mixtral", seed=9, num_hidden_layers=2)
     a = save(base, str(tmp_path / "a"))

@@ -15,7 +15,7 @@ import numpy as np
 from helpers import REPO, cli_env, perturb, random_params
 
 from converters import checkpoint
-from jaxind.config import ModelConfig
+from jaxind.models.config import ModelConfig
 
 CFG = ModelConfig("qwen2", vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 VOLATILE = ("created", "seconds", "seconds_pass", "seconds_grams", "seconds_lap", "timing")
@@ -88,7 +88,7 @@ def test_pod_flagfiles_parse_and_their_meshes_fit():
     """configs/ pod examples: every flag is known and valid, the PERMTEST layer shards divide the mesh and the
     batch splits over data x fsdp."""
     script = (
-        "import math, jaxind.main; from absl import flags; from jaxind import cluster; F = flags.FLAGS\n"
+        "import math, jaxind.cli.main; from absl import flags; from jaxind.parallel import cluster; F = flags.FLAGS\n"
         "for name in ('llama2_7b_8gpu', 'llama2_70b_tpu_pod'):\n"
         "    F.unparse_flags(); F(['jaxind', f'--flagfile=configs/{name}.flags'])\n"
         "    mesh = cluster.parse_mesh(F.mesh); n = math.prod(mesh.values())\n"
@@ -154,8 +154,8 @@ def test_rendezvous_names_refuses_and_lets_go():
 
     import pytest
 
-    from jaxind import rendezvous
     from jaxind.errors import JaxindError
+    from jaxind.parallel import rendezvous
 
     assert rendezvous.parse_address("[::1]:1234") == ("::1", 1234)
     assert rendezvous.parse_address("node-7.cluster:65535") == ("node-7.cluster", 65535)
@@ -179,7 +179,10 @@ def test_rendezvous_names_refuses_and_lets_go():
 def test_the_watchdog_ends_a_call_stuck_in_native_code_with_one_line():
     """What bounds jax.distributed's own connection: a call that does not return (here a sleep; there C++ that
     would abort much later) ends the process with one error line and exit 1 at the deadline."""
-    script = "import time\nfrom jaxind import rendezvous\nrendezvous.bounded(lambda: time.sleep(99), 2, 'w', 'gave up')"
+    script = (
+        "import time\nfrom jaxind.parallel import rendezvous\n"
+        "rendezvous.bounded(lambda: time.sleep(99), 2, 'w', 'gave up')"
+    )
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=cli_env())
     assert r.returncode == 1 and r.stderr.strip() == "error: gave up", r.stderr[-2000:]

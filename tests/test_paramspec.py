@@ -17,9 +17,10 @@ from test_symmetry import CONFIGS
 
 from converters.build import plan
 from converters.mappings import HF_DECODER, HF_MOE, Rule
-from jaxind import model, paramspec, sharding, symmetry
-from jaxind.config import ModelConfig
 from jaxind.errors import CheckpointError
+from jaxind.models import model, paramspec, symmetry
+from jaxind.models.config import ModelConfig
+from jaxind.parallel import sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ModelConfig("llama", 32, 16, 2, 4, 2, 4, 24)

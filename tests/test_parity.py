@@ -8,7 +8,7 @@ from hf_models import FAMILIES, build_torch_model, mlp_modules, save, split_gate
 
 import jaxind
 from converters.sources import load_model
-from jaxind.config import MODEL_TYPES
+from jaxind.models.config import MODEL_TYPES
 
 TOL = 1e-4
 

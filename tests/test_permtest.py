@@ -8,11 +8,11 @@ import pytest
 from helpers import near_copy, random_params
 from scipy import stats
 
-from jaxind import permtest as permtest_lib
-from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from jaxind.model import forward_jit, init_params
-from jaxind.permtest import permtest, permtest_loop
+from jaxind.models.config import ModelConfig
+from jaxind.models.model import forward_jit, init_params
+from jaxind.stats import permtest as permtest_lib
+from jaxind.stats.permtest import permtest, permtest_loop
 
 CFG = ModelConfig(
     "qwen2",
@@ -106,7 +106,7 @@ def test_same_result_on_1_and_8_devices(statistic):
 def test_cpu_draws_run_on_one_device_per_process_by_default():
     """A process's CPU devices share its memory and cores: by default PERMTEST-L2 draws on one of them (one copy of
     the constants, no collectives), with the counts the 8-device meshes give."""
-    from jaxind.permtest import default_draw_devices
+    from jaxind.stats.permtest import default_draw_devices
 
     assert default_draw_devices(jax.devices()[:8]) == [jax.devices()[0]]
     a, b = model(CFG, 8), model(CFG, 9)

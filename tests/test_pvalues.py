@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import integrate, special, stats
 
-from jaxind.pvalues import (
+from jaxind.stats.pvalues import (
     fisher_combine,
     log10_min_spearman_pvalue,
     permtest_pvalue,

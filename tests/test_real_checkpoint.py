@@ -69,7 +69,8 @@ def test_loads_and_matches_transformers(ours, smollm2_torch, smollm2):
 
 
 def test_ignored_keys_land_in_the_results_json(ours, smollm2):
-    from jaxind import data, runner
+    from jaxind.io import data
+    from jaxind.pair import runner
 
     doc = runner.run_pair(
         ours, smollm2, runner.Settings(tests=(), data=data.DataSpec(num_sequences=1, seq_len=2)), log=lambda _: None

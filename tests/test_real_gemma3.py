@@ -11,8 +11,8 @@ import pytest
 from test_parity import rel_err, torch_reference
 
 import jaxind
-from jaxind import assets
 from jaxind.errors import JaxindError
+from jaxind.io import assets
 
 
 def test_chunks_assemble_atomically_and_a_wrong_checksum_caches_nothing(tmp_path, monkeypatch):
@@ -82,7 +82,7 @@ def test_logits_and_activations_match_transformers(gemma3, gemma3_torch):
 
 @slow
 def test_a_random_group_element_leaves_the_logits_unchanged(gemma3):
-    from jaxind import model, symmetry
+    from jaxind.models import model, symmetry
 
     cfg = gemma3.config
     perm = symmetry.draw_permutations(jax.random.key(3), cfg)
@@ -113,7 +113,7 @@ def test_converts_to_orbax_and_loads_back_bit_identical(tmp_path, gemma3_path, g
 @pytest.fixture(scope="module")
 def finetuned(gemma3, gemma3_corpus_ids):
     """Gemma 3 270M after three real AdamW steps on real text."""
-    from jaxind import train
+    from jaxind.models import train
 
     params, losses = train.train(
         gemma3.params, gemma3.config, gemma3_corpus_ids, steps=3, batch_size=2, seq_len=32, learning_rate=1e-5
@@ -127,8 +127,8 @@ def finetuned(gemma3, gemma3_corpus_ids):
 
 @slow
 def test_fine_tuned_copy_detected_independent_model_not(gemma3, finetuned, gemma3_corpus_ids):
-    from jaxind import model
-    from jaxind.registry import TESTS
+    from jaxind.models import model
+    from jaxind.pair.registry import TESTS
 
     independent = jaxind.from_params(
         gemma3.config, model.init_params(gemma3.config, jax.random.key(11)), "gemma3-270m config, random init"

@@ -59,7 +59,8 @@ def test_match_detects_disguised_and_fine_tuned_smollm2(smollm2, smollm2_finetun
     stream rotated, and a fine-tuned copy, are both detected from activations on real text."""
     import jax
 
-    from jaxind import match, model, symmetry
+    from jaxind.models import model, symmetry
+    from jaxind.stats import match
 
     cfg = smollm2.config
     k_perm, k_rot = jax.random.split(jax.random.key(7))

@@ -12,11 +12,13 @@ from helpers import perturb, random_params
 
 from converters import checkpoint
 from converters.sources import load_model
-from jaxind import grams, model, permtest, sharding
-from jaxind.config import ModelConfig
-from jaxind.inputs import TokenData
-from jaxind.loading import from_params
-from jaxind.registry import TESTS, key_for
+from jaxind.io.loading import from_params
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
+from jaxind.pair.inputs import TokenData
+from jaxind.pair.registry import TESTS, key_for
+from jaxind.parallel import sharding
+from jaxind.stats import grams, permtest
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
 
@@ -143,7 +145,7 @@ def _family_config(name: str) -> ModelConfig:
     import transformers
     from hf_models import FAMILIES, MOE_FAMILIES, TINY
 
-    from jaxind.config import parse_hf_config
+    from jaxind.io.hf_config import parse_hf_config
 
     config_cls, extra = {**FAMILIES, **MOE_FAMILIES}[name]
     base = {"vocab_size": TINY["vocab_size"]} if name == "gpt2" else TINY

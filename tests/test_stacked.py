@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import random_params
 
-from jaxind import model
-from jaxind.config import ModelConfig
+from jaxind.models import model
+from jaxind.models.config import ModelConfig
 
 CFG = ModelConfig("mistral", 64, 16, 3, 4, 2, 4, 24, sliding_window=4)
 TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)

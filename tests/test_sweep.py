@@ -1,4 +1,4 @@
-"""Many models (jaxind.sweep, jaxind.scan, jaxind.fingerprint, jaxind.provenance).
+"""Many models (jaxind.sweep, jaxind.many.scan, jaxind.stats.fingerprint, jaxind.many.provenance).
 
 A zoo of eight tiny models built here (tests/helpers.py ``sweep_zoo``): two derived families (a base,
 a fine-tune proxy and a permuted+rotated copy of the fine-tune; a base, a fine-tune proxy and a
@@ -26,7 +26,8 @@ import pytest
 import yaml
 from helpers import Frozen, alias_bomb, cli_env, numpy_noise, numpy_params, run_cli, save_jaxind, sweep_zoo
 
-from jaxind import fingerprint, sweep, sweep_config
+from jaxind.many import sweep, sweep_config
+from jaxind.stats import fingerprint
 
 ZOO = ["base1", "ft1", "permrot1", "base2", "ft2", "pruned2", "ind1", "ind2"]
 EXPECTED = {
@@ -102,7 +103,7 @@ def test_sweep_reports_exactly_the_dependent_pairs(reference):
     # every pair JSON is the usual results document, with the models' keys for resuming
     import jsonschema
 
-    from jaxind.results import RESULTS_SCHEMA
+    from jaxind.stats.results import RESULTS_SCHEMA
 
     for path in glob.glob(str(output / "pairs" / "*.json")):
         doc = json.loads(Path(path).read_text())
@@ -135,7 +136,7 @@ def test_fingerprints_give_the_one_pass_statistics(zoo, reference):
     other = fingerprint.compute(b.params, b.config, tokens[:, :8], range(2), name="pruned2")
     with pytest.raises(fingerprint.IncomparableError, match="different tokens .* incomparable"):
         fingerprint.pass_stats(fp, a.params, other, b.params, [(0, 0)])
-    from jaxind.inputs import TokenData
+    from jaxind.pair.inputs import TokenData
 
     with pytest.raises(fingerprint.IncomparableError, match="other tokens"):
         TokenData(tokens).add_fingerprint(b.params, other)
@@ -228,7 +229,7 @@ def _damage(output: Path, reference_output: Path) -> None:
 def test_damaged_pair_jsons_are_reported_then_recomputed(zoo, reference, tmp_path):
     """Summarising a sweep with damaged pair JSONs marks those pairs as errors that say so; a rerun
     computes them again (and only them) and ends with the uninterrupted run's results."""
-    from jaxind import sweep_summary
+    from jaxind.many import sweep_summary
 
     summary, reference_output, cache = reference
     config = dataclasses.replace(sweep_config.load(zoo.config_path), cache_dir=str(cache))
@@ -251,7 +252,7 @@ def test_damaged_pair_jsons_are_reported_then_recomputed(zoo, reference, tmp_pat
 def test_a_pair_where_no_test_ran_is_not_done(zoo, reference, tmp_path):
     """Every test of a pair recorded as not run (e.g. none applies to the two architectures): the pair
     is an error with the tests' reasons, not a finished pair without a p-value."""
-    from jaxind import sweep_summary
+    from jaxind.many import sweep_summary
 
     _, reference_output, cache = reference
     config = sweep_config.load(zoo.config_path)
@@ -278,7 +279,7 @@ def test_an_alias_bomb_is_refused_within_a_second(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(alias_bomb())
     timed = (
-        "import sys, time; from jaxind import sweep_config; start = time.perf_counter()\n"
+        "import sys, time; from jaxind.many import sweep_config; start = time.perf_counter()\n"
         "try:\n    sweep_config.load(sys.argv[1])\nexcept sweep_config.SweepConfigError as e:\n"
         "    print(time.perf_counter() - start); print(e)"
     )
@@ -325,7 +326,8 @@ def test_scan_ranks_the_true_base_first(zoo, reference, tmp_path):
 def test_scan_finds_nothing_for_an_independent_suspect(zoo, reference, tmp_path, monkeypatch):
     from helpers import SWEEP_CFG
 
-    from jaxind import runner, scan
+    from jaxind.many import scan
+    from jaxind.pair import runner
 
     _, _, cache = reference
     monkeypatch.setenv("JAXIND_CACHE", str(cache))
@@ -388,7 +390,7 @@ def test_a_model_that_does_not_fit_the_cache_disk_is_refused_before_writing(zoo,
     naming the sizes and JAXIND_CACHE), and nothing is left in the cache."""
     import errno
 
-    from jaxind import modelstore
+    from jaxind.many import modelstore
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(modelstore.shutil, "disk_usage", lambda _: usage._replace(free=2**30 + 1000))
@@ -404,7 +406,7 @@ def test_a_damaged_fingerprint_and_tokens_file_are_rebuilt(zoo, reference, tmp_p
     warning, makes the same tokens again and finds every pair finished."""
     import logging
 
-    from jaxind import store
+    from jaxind.io import store
 
     _, ref_output, ref_cache = reference
     cache = tmp_path / "cache"

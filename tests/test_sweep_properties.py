@@ -23,8 +23,8 @@ from helpers import REPO, SWEEP_CFG, alias_bomb, cli_env, error_lines, numpy_noi
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from jaxind import sweep_config
 from jaxind.errors import JaxindError
+from jaxind.many import sweep_config
 
 IN_PROCESS = settings(
     max_examples=40, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck)
@@ -194,10 +194,10 @@ def _flag_sets(paths: dict[str, str], tmp: Path) -> st.SearchStrategy[list[str]]
 
 def _main_checks(argv: list[str]) -> str | None:
     """The main CLI's checks before any model loads, in this process: None when they pass, else the
-    one line the CLI would print (flag errors as :func:`jaxind.cli_utils.parse_flags` reports them)."""
+    one line the CLI would print (flag errors as :func:`jaxind.cli.cli_utils.parse_flags` reports them)."""
     from absl import flags
 
-    from jaxind import main
+    from jaxind.cli import main
 
     main.FLAGS.unparse_flags()
     try:
@@ -258,7 +258,7 @@ def test_generated_sweeps_run_or_give_one_line(models, tmp_path_factory):
     generated value: a finished sweep whose pair JSONs are results JSONs, or one error line."""
     import jsonschema
 
-    from jaxind.results import RESULTS_SCHEMA
+    from jaxind.stats.results import RESULTS_SCHEMA
 
     valid = {
         "models": [{"name": n, "source": models[n]} for n in ("base", "ft")],
@@ -307,7 +307,7 @@ def test_generated_main_runs_finish_or_give_one_line(models, tmp_path_factory):
     in-process checks agree with the CLI about flags that fail before any model loads."""
     import jsonschema
 
-    from jaxind.results import RESULTS_SCHEMA
+    from jaxind.stats.results import RESULTS_SCHEMA
 
     tmp = _tmp_with_files(tmp_path_factory)
     runs: list[bool] = []

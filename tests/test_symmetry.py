@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from helpers import random_params
 
-from jaxind import symmetry as S
-from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
-from jaxind.model import forward_jit
+from jaxind.models import symmetry as S
+from jaxind.models.config import ModelConfig
+from jaxind.models.model import forward_jit
 
 V, D, L, H_HEADS, KV, HD, H = 64, 16, 2, 4, 2, 4, 24
 

@@ -1,6 +1,6 @@
 """Text data is fed to model B only if B's tokenizer turns all of it into A's ids: a tokenizer that swaps two
 token ids is refused even when the difference lies beyond the first 2,000 characters (the old check). Text files
-are read window by window (jaxind.data.text_windows), and exactly the text fed is compared; JSONL whole."""
+are read window by window (jaxind.io.data.text_windows), and exactly the text fed is compared; JSONL whole."""
 
 import dataclasses
 import json
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from jaxind import data
 from jaxind.errors import JaxindError
+from jaxind.io import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320

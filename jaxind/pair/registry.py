@@ -1,0 +1,240 @@
+"""Every test behind one calling convention, and the registry the CLI, the runner and the README
+are generated from (docs/DESIGN.md §5.3).
+
+    result = TESTS[name](a, b, *, key, data=None, layers=None, **options) -> TestResult
+
+``a`` and ``b`` are :class:`jaxind.io.loading.Model` objects; ``key`` a PRNG key; ``data`` token ids
+``(N, T)`` (or a :class:`jaxind.pair.inputs.TokenData`, which lets CSH and MATCH share one pass) for the
+tests that run the models; ``layers`` a layer selection (:mod:`jaxind.models.layers`) for the layer-wise
+tests; ``options`` the test's own settings (``num_perms`` for the PERMTESTs, ``steps`` for the
+generalized test, ...). The array-level kernels underneath (:func:`jaxind.stats.constrained.csu`,
+:func:`jaxind.stats.permtest.permtest`, :func:`jaxind.stats.match.match_test`, ...) stay public for code
+that holds raw param trees.
+
+:func:`key_for` derives each test's PRNG key from the seed and a CRC-32 of the test's name, so a
+test's randomness does not depend on which other tests run or on their order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, get_args
+
+import jax
+import numpy as np
+
+from jaxind.errors import JaxindError
+from jaxind.io.loading import Model
+from jaxind.models.layers import Layers, resolve_pairs, same_layer_pairs
+from jaxind.pair.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
+from jaxind.pair.inputs import TokenData
+from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest
+from jaxind.stats.results import TestResult, timed
+from jaxind.types import LayerPair
+
+# The one calling convention: (a: Model, b: Model, *, key, data=None, layers=None, **options) -> TestResult.
+TestFn = Callable[..., TestResult]
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSpec(TestInfo):
+    """A registered test: its description (:class:`jaxind.pair.catalog.TestInfo`) and how to run it.
+
+    Attributes:
+      run: the test, called as ``run(a, b, key=..., data=..., layers=..., **options)``.
+      cli_options: ``{option: attribute of jaxind.pair.runner.Settings}`` the runner passes.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    run: TestFn
+    cli_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __call__(
+        self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
+    ) -> TestResult:
+        """Runs the test (see the module doc); a layer selection for a whole-model test is an error."""
+        if layers is not None and not self.layerwise:
+            raise JaxindError(f"{self.name} compares whole models; it takes no layer selection")
+        return self.run(a, b, key=key, data=data, layers=layers, **options)
+
+
+def key_for(seed: int, name: str) -> jax.Array:
+    """The PRNG key of test ``name`` for ``seed``: ``fold_in(key(seed), crc32(name))``."""
+    return jax.random.fold_in(jax.random.key(seed), np.uint32(zlib.crc32(name.encode())))
+
+
+def _require_glu(a: Model, b: Model, test: str) -> None:
+    if not (a.config.glu and b.config.glu):
+        raise JaxindError(
+            f"{test} reads gate/up activations and needs gated (GLU) MLPs in both models; "
+            "use --tests=generalized for GPT-2-style MLPs"
+        )
+
+
+def _moe(a: Model, b: Model) -> bool:
+    """Either model is a mixture of experts: the layer-wise tests run their expert versions (jaxind.stats.experts)."""
+    return a.config.moe or b.config.moe
+
+
+def _one_pass(
+    a: Model, b: Model, data: Any, layers: Layers, test: str
+) -> tuple[grams.PassStats | experts.ExpertPass, tuple[LayerPair, ...]]:
+    """The one-pass statistics of the selected layer pairs (shared through ``data``) and the pairs."""
+    _require_glu(a, b, test)
+    pairs = resolve_pairs(layers, a.config, b.config, test)
+    return TokenData.of(data, test).pass_stats(a.params, a.config, b.params, b.config, pairs), pairs
+
+
+def _same_config(a: Model, b: Model, test: str) -> None:
+    if a.config != b.config:
+        raise JaxindError(
+            f"{test} (PERMTEST on weights) needs two models of the same architecture and config; "
+            "use csu/match for models that differ"
+        )
+
+
+@timed
+def _csu(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    if _moe(a, b):
+        return experts.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+    return constrained.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+
+
+@timed
+def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    return constrained.csu_all(a.params, a.config, b.params, b.config, key)
+
+
+@timed
+def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    stats, pairs = _one_pass(a, b, data, layers, "csh")
+    if isinstance(stats, experts.ExpertPass):
+        return experts.csh_from_pass(a.params, b.params, stats, pairs, key)
+    return constrained.csh_from_pass(stats, pairs, key)
+
+
+@timed
+def _match(
+    a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, return_units: bool = False
+) -> TestResult:
+    start = time.perf_counter()
+    stats, pairs = _one_pass(a, b, data, layers, "match")
+    seconds_pass = time.perf_counter() - start  # 0 when CSH (or a fingerprint) made the pass already
+    if isinstance(stats, experts.ExpertPass):
+        result = experts.match_from_pass(a.params, b.params, stats, pairs, key)
+    else:
+        result = match.match_from_pass(stats, pairs, key, return_units)
+    return result.replace(extra={**result.extra, "seconds_pass": seconds_pass})
+
+
+@timed
+def _l2(
+    a: Model,
+    b: Model,
+    *,
+    key: jax.Array,
+    data: Any = None,
+    layers: Layers = None,
+    num_perms: int = 999,
+    layer_shards: int = 0,
+) -> TestResult:
+    _same_config(a, b, "l2")
+    chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")
+    return permtest.permtest(
+        a.params,
+        b.params,
+        a.config,
+        key,
+        num_perms=num_perms,
+        statistic="l2",
+        layers=chosen,
+        layer_shards=layer_shards,
+    )
+
+
+@timed
+def _mc(
+    a: Model,
+    b: Model,
+    *,
+    key: jax.Array,
+    data: Any = None,
+    layers: Layers = None,
+    num_perms: int = 999,
+    mc_sequences: int = 4,
+) -> TestResult:
+    _same_config(a, b, "mc")
+    tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
+    return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="mc", tokens=tokens)
+
+
+@timed
+def _jsd(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    vocab = min(a.config.vocab_size, b.config.vocab_size)
+    return divergence.jsd(a.logits, b.logits, TokenData.of(data, "jsd").batches(), vocab)
+
+
+@timed
+def _localized(
+    a: Model,
+    b: Model,
+    *,
+    key: jax.Array,
+    data: Any = None,
+    layers: Layers = None,
+    alpha: float = 0.01,
+    heatmap_path: str | None = None,
+    memory_budget_bytes: int = 2 * 2**30,
+) -> TestResult:
+    _require_glu(a, b, "localized testing")
+    if _moe(a, b):
+        raise JaxindError("localized testing is not implemented for mixtures of experts: use --tests=match per layer")
+    batches = TokenData.of(data, "localized testing").batches()
+    layers_a = layers_b = None
+    if layers is not None:
+        pairs = resolve_pairs(layers, a.config, b.config, "localized testing")
+        layers_a, layers_b = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+    labels = (str(a.meta.get("source", "model A")), str(b.meta.get("source", "model B")))
+    return localized.localized_test(
+        a.params,
+        a.config,
+        b.params,
+        b.config,
+        batches,
+        key=key,
+        alpha=alpha,
+        layers_a=layers_a,
+        layers_b=layers_b,
+        memory_budget_bytes=memory_budget_bytes,
+        heatmap_path=heatmap_path,
+        labels=labels,
+    )
+
+
+@timed
+def _generalized(
+    a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
+) -> TestResult:
+    return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layer_pairs=layers, **options)
+
+
+_RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {
+    "csu": (_csu, {}),
+    "csh": (_csh, {}),
+    "csu_all": (_csu_all, {}),
+    "l2": (_l2, {"num_perms": "num_perms", "layer_shards": "permtest_layer_shards"}),
+    "mc": (_mc, {"num_perms": "num_perms", "mc_sequences": "mc_sequences"}),
+    "jsd": (_jsd, {}),
+    "match": (_match, {}),
+    "localized": (_localized, {"heatmap_path": "heatmap_path"}),
+    "generalized": (_generalized, {"steps": "generalized_steps"}),
+}
+TESTS: Mapping[str, TestSpec] = {
+    name: TestSpec(**dataclasses.asdict(info), run=_RUNS[name][0], cli_options=_RUNS[name][1])
+    for name, info in CATALOG.items()
+}
+assert set(TESTS) == set(get_args(TestName)), "every TestName is registered, and only those"

@@ -1,0 +1,66 @@
+"""Human-readable report of a results document: one table row per test."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from jaxind.pair.registry import TESTS
+
+
+def verdict(test: dict[str, Any], alpha: float) -> str:
+    """What the p-value means at level ``alpha``."""
+    if test.get("error"):
+        return "error"
+    if test.get("pvalue") is None:
+        return "n/a (not a test)"
+    return "dependent (reject H0)" if test["log10_pvalue"] <= math.log10(alpha) else "no evidence of dependence"
+
+
+def _p(test: dict[str, Any]) -> str:
+    if test.get("error"):
+        return "-"
+    if test.get("pvalue") is None:
+        return f"stat={test['statistic']:.4g}" if test.get("statistic") is not None else "-"
+    log10 = test["log10_pvalue"]
+    if test["pvalue"] and test["pvalue"] >= 1e-4:
+        return f"{test['pvalue']:.4f}"
+    return f"10^{log10:.1f}"
+
+
+def format_table(results: dict[str, Any], title: str | None = None) -> str:
+    """The results' tests as an aligned text table (test, p-value, verdict, seconds, meaning)."""
+    alpha = results.get("alpha", 0.05)
+    rows = [("test", "p-value", f"at alpha={alpha}", "seconds", "what it measures")]
+    for name, test in results["tests"].items():
+        meaning = test.get("error") or (TESTS[name].meaning if name in TESTS else "")
+        rows.append((name, _p(test), verdict(test, alpha), f"{test.get('seconds', 0.0):.1f}", meaning))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [title] if title else []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_localized(loc: dict[str, Any]) -> str:
+    """The localized-testing summary: which layer of B comes from which layer of A."""
+    lines = [
+        f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
+        f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"
+    ]
+    units = {u["layer_b"]: u for u in loc.get("matched_units", [])}
+    matrix = loc["log10_pvalue_matrix"]
+    for col, b in enumerate(loc["layers_b"]):
+        a = loc["layer_map"][str(b)]
+        if a is None:
+            lines.append(f"  B layer {b:>3}: no layer of A")
+            continue
+        row = loc["layers_a"].index(a)
+        kept = units.get(b)
+        extra = f", {len(kept['units_a'])} units matched" if kept else ""
+        lines.append(f"  B layer {b:>3} <- A layer {a:>3} (log10 p = {matrix[row][col]:.1f}{extra})")
+    if loc.get("heatmap"):
+        lines.append(f"  heatmap: {loc['heatmap']}")
+    return "\n".join(lines)
