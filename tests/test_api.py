@@ -3,6 +3,7 @@ validates against its schema, per-test keys, shared passes, layer selections."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_results_document_validates_and_the_schema_bites(pair, tmp_path):
     settings = runner.Settings(
         tests=("csu", "jsd", "match", "l2"), num_perms=19, data=runner.data.DataSpec(num_sequences=4, seq_len=8)
     )
-    doc = runner.run_pair(a, b, settings, log=lambda _: None)
+    doc = runner.run_pair(a, b, settings, log=lambda _: None).to_json()
     path = tmp_path / "r.json"
     results.write_json(str(path), doc)
     written = json.loads(path.read_text())
@@ -111,7 +112,7 @@ def test_a_failed_test_is_a_record_with_the_same_fields(pair):
     other_cfg = CFG.replace(d_model=24, head_dim=12)
     other = from_params(other_cfg, model.init_params(other_cfg, jax.random.key(3)))
     settings = runner.Settings(tests=("csu", "l2"), data=runner.data.DataSpec(num_sequences=2, seq_len=8))
-    doc = runner.run_pair(a, other, settings, log=lambda _: None)
+    doc = runner.run_pair(a, other, settings, log=lambda _: None).to_json()
     jsonschema.validate(doc, RESULTS_SCHEMA)
     assert "same residual width" in doc["tests"]["csu"]["error"] and doc["tests"]["csu"]["pvalue"] is None
     assert "same architecture" in doc["tests"]["l2"]["error"]
@@ -126,7 +127,7 @@ def test_per_test_keys_depend_on_the_name_only(pair, monkeypatch):
     # The runner uses exactly that key: l2's draws equal a direct call with key_for(seed, "l2").
     a, b = pair
     settings = runner.Settings(tests=("csu", "l2"), num_perms=19, data=runner.data.DataSpec(num_sequences=2, seq_len=8))
-    doc = runner.run_pair(a, b, settings, log=lambda _: None)
+    doc = runner.run_pair(a, b, settings, log=lambda _: None).to_json()
     direct = TESTS["l2"](a, b, key=key_for(0, "l2"), num_perms=19)
     assert doc["tests"]["l2"]["null_mean"] == pytest.approx(direct.extra["null_mean"], rel=1e-12)
 
@@ -137,7 +138,7 @@ def test_csh_and_match_share_one_pass(pair, monkeypatch):
     monkeypatch.setattr(grams, "accumulate", lambda *args, **kw: calls.append(1) or accumulate(*args, **kw))
     a, b = pair
     settings = runner.Settings(tests=("csh", "match"), data=runner.data.DataSpec(num_sequences=4, seq_len=8))
-    doc = runner.run_pair(a, b, settings, log=lambda _: None)
+    doc = runner.run_pair(a, b, settings, log=lambda _: None).to_json()
     assert len(calls) == 1 and doc["tests"]["csh"]["num_tokens"] == doc["tests"]["match"]["num_tokens"] == 32
 
 
@@ -204,3 +205,29 @@ def test_readme_library_example_runs(monkeypatch, capsys):
     lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) >= 5 and all(line[0] in TESTS for line in lines)
     assert len({line[0] for line in lines}) >= 4  # several tests, one signature
+
+
+def test_run_pair_returns_a_typed_result_whose_json_round_trips(pair):
+    from jaxind.pair.report import format_table
+    from jaxind.pair.result import PairResult
+
+    a, b = pair
+    settings = runner.Settings(
+        tests=("csu", "jsd", "l2"), num_perms=19, data=runner.data.DataSpec(num_sequences=2, seq_len=8)
+    )
+    result = runner.run_pair(a, b, settings, log=lambda _: None)
+    assert isinstance(result, PairResult) and result.timing is None
+    assert result.tests["csu"].log10_pvalue < -5 and result.tests["jsd"].pvalue is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.alpha = 0.01  # type: ignore[misc]
+    doc = result.to_json()
+    jsonschema.validate(doc, RESULTS_SCHEMA)
+    back = PairResult.from_json(json.loads(json.dumps(doc)))
+    assert back.to_json() == doc and back.tests["l2"].extra["num_perms"] == 19
+    assert format_table(back) == format_table(doc) == format_table(result)
+    with pytest.warns(DeprecationWarning, match="PairResult"):
+        assert result["tests"]["csu"]["log10_pvalue"] == doc["tests"]["csu"]["log10_pvalue"]
+    with pytest.raises(JaxindError, match="schema version 1"):
+        PairResult.from_json({**doc, "schema_version": 1})
+    with pytest.raises(JaxindError, match="without seed"):
+        PairResult.from_json({k: v for k, v in doc.items() if k != "seed"})

@@ -21,7 +21,7 @@ def run_all(a, b, layer_pairs=None, num_sequences=8, seq_len=16) -> dict:
         generalized_steps=40,
         layer_pairs=layer_pairs,
     )
-    return runner.run_pair(a, b, settings, log=lambda _: None)["tests"]
+    return runner.run_pair(a, b, settings, log=lambda _: None).to_json()["tests"]
 
 
 def check(tests: dict, not_applicable: dict[str, str]) -> None:

@@ -54,7 +54,7 @@ meta = convert(tiny, out, progress=False)
 saved = load_model(out).tokenizer(texts, add_special_tokens=False)["input_ids"]
 spec = data.DataSpec(kind="text", path="README.md", num_sequences=2, seq_len=16)
 settings = runner.Settings(tests=("csu",), data=spec)
-doc = runner.run_pair(model, model, settings, log=lambda _: None)
+doc = runner.run_pair(model, model, settings, log=lambda _: None).to_json()
 print(json.dumps({"direct": direct, "saved": saved, "meta_tokenizer": meta["tokenizer"],
                   "torch_loaded": "torch" in sys.modules, "data_kind": doc["data"]["kind"],
                   "tokens_shape": doc["data"]["tokens_shape"], "csu_log10_p": doc["tests"]["csu"]["log10_pvalue"]}))

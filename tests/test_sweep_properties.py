@@ -202,7 +202,7 @@ def _main_checks(argv: list[str]) -> str | None:
     main.FLAGS.unparse_flags()
     try:
         main.FLAGS(["jaxind", *argv])
-        main.settings_from_flags(main.preflight())
+        main.preflight().settings(writer=True)
         return None
     except flags.Error as e:
         return str(e)

@@ -102,11 +102,11 @@ def run_demo(settings, output: str | None = None, quick: bool = False, log=print
         a = from_params(*zoo[name_a], name=name_a, layout=layout)
         b = from_params(*zoo[name_b], name=name_b, layout=layout)
         log(f"\n=== {name_a} vs {name_b} ===")
-        document = runner.run_pair(a, b, dataclasses.replace(settings, data=spec), log=lambda m: None, tokens=tokens)
-        log(report.format_table(document))
+        result = runner.run_pair(a, b, dataclasses.replace(settings, data=spec), log=lambda m: None, tokens=tokens)
+        log(report.format_table(result))
         if output:
             os.makedirs(output, exist_ok=True)
-            results.write_json(os.path.join(output, f"{name_a}__{name_b}.json".replace("+", "_")), document)
+            results.write_json(os.path.join(output, f"{name_a}__{name_b}.json".replace("+", "_")), result.to_json())
     log(
         f"\nExpected: the fine-tune is detected by every test with a p-value; the independent model by none;"
         f"\nthe permuted+rotated copy only by MATCH, which looks at activations (CSU and L2 compare weights"

@@ -14,6 +14,7 @@ before any model is loaded where it can be), 130 on Ctrl-C.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -26,7 +27,10 @@ from jaxind.io import caching  # noqa: F401  (defines --cache_dir and --compilat
 from jaxind.pair.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
 
 if TYPE_CHECKING:
+    from jaxind.io.data import DataSpec
     from jaxind.io.loading import Model
+    from jaxind.pair.runner import Settings
+    from jaxind.types import LayerPair
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -141,9 +145,100 @@ def describe(name: str, summary: dict) -> str:
     )
 
 
-def preflight():
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One command, its flags parsed and checked once (:func:`preflight`); the pair, the demo and the scan
+    all read this, not the flags.
+
+    Attributes:
+      spec: the token source (checked: its file exists, the tokens fit in memory).
+      model_a, model_b, reference: the model sources (None: the demo); ``reference`` for a scan.
+      tests: the tests to run (``--tests`` plus ``localized``; a scan's defaults where ``--tests`` is not given).
+      layers, layer_pairs: the parsed layer selection, or None.
+      output, heatmap: where the results JSON (the demo: a folder) and localized testing's PNG go, or None.
+      data_flags: whether ``--data``, ``--num_sequences`` or ``--seq_len`` was given (a scan's own tokens yield).
+      The other fields are the flags of the same names.
+    """
+
+    spec: DataSpec
+    model_a: str | None
+    model_b: str | None
+    reference: str | None
+    tests: tuple[str, ...]
+    layers: tuple[int, ...] | None
+    layer_pairs: tuple[LayerPair, ...] | None
+    output: str | None
+    heatmap: str | None
+    data_flags: bool
+    num_perms: int
+    batch_size: int
+    generalized_steps: int
+    alpha: float
+    dtype: str
+    model_cache: bool
+    demo_quick: bool
+    mesh: str | None
+    permtest_layer_shards: int
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    distributed_timeout: int
+
+    def settings(self, writer: bool) -> Settings:
+        """The runner's Settings (only the writing process of a multi-host run gets the heatmap path)."""
+        from jaxind.pair import runner
+
+        return runner.Settings(
+            tests=self.tests,
+            data=self.spec,
+            num_perms=self.num_perms,
+            batch_size=self.batch_size,
+            generalized_steps=self.generalized_steps,
+            heatmap_path=self.heatmap if writer else None,
+            alpha=self.alpha,
+            layers=self.layers,
+            layer_pairs=self.layer_pairs,
+            permtest_layer_shards=self.permtest_layer_shards,
+        )
+
+
+def _run_from_flags(spec: DataSpec) -> Run:
+    chosen_layers, chosen_pairs = layer_selection()
+    tests = selected_tests()
+    if FLAGS.reference and not FLAGS["tests"].present:
+        from jaxind.many import scan
+
+        tests = scan.DEFAULT_SCAN_TESTS
+    return Run(
+        spec=spec,
+        model_a=FLAGS.model_a,
+        model_b=FLAGS.model_b,
+        reference=FLAGS.reference,
+        tests=tests,
+        layers=chosen_layers,
+        layer_pairs=chosen_pairs,
+        output=FLAGS.output,
+        heatmap=heatmap_path(),
+        data_flags=any(FLAGS[name].present for name in ("data", "num_sequences", "seq_len")),
+        num_perms=FLAGS.num_perms,
+        batch_size=FLAGS.batch_size,
+        generalized_steps=FLAGS.generalized_steps,
+        alpha=FLAGS.alpha,
+        dtype=FLAGS.dtype,
+        model_cache=FLAGS.model_cache,
+        demo_quick=FLAGS.demo_quick,
+        mesh=FLAGS.mesh,
+        permtest_layer_shards=FLAGS.permtest_layer_shards,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+        distributed_timeout=FLAGS.distributed_timeout,
+    )
+
+
+def preflight() -> Run:
     """Every check that needs no model, before anything is loaded (and before JAX is imported):
-    the data spec and its file, the output location, the model paths. Returns the DataSpec.
+    the data spec and its file, the output location, the model paths. Returns the :class:`Run`.
 
     Raises:
       JaxindError: one line saying what is wrong.
@@ -181,7 +276,7 @@ def preflight():
     for source in (FLAGS.model_a, FLAGS.model_b):
         if source:
             sources.resolve(source)
-    return spec
+    return _run_from_flags(spec)
 
 
 def selected_tests() -> tuple[str, ...]:
@@ -208,7 +303,7 @@ def layer_selection():
     )
 
 
-def check_against_configs(spec, model_sources: list[str], fingerprint: bool = False) -> None:
+def check_against_configs(run: Run, model_sources: list[str], fingerprint: bool = False) -> None:
     """Checks that need the models' configs but not their weights: ``--layers``/``--layer_pairs`` within the
     models' depth, and tokens plus activations (and a scan's fingerprints) within the memory available.
 
@@ -220,38 +315,11 @@ def check_against_configs(spec, model_sources: list[str], fingerprint: bool = Fa
     from jaxind.models import layers
 
     configs = [read_config(source)[0] for source in model_sources]
-    chosen_layers, chosen_pairs = layer_selection()
-    layers.check_flags(chosen_layers, None if fingerprint else chosen_pairs, configs[0], configs[-1])
-    data.check_memory(spec, configs, FLAGS.batch_size, fingerprint=fingerprint)
+    layers.check_flags(run.layers, None if fingerprint else run.layer_pairs, configs[0], configs[-1])
+    data.check_memory(run.spec, configs, run.batch_size, fingerprint=fingerprint)
 
 
-def settings_from_flags(spec):
-    """The runner's Settings from the flags and the checked DataSpec (after :func:`jaxind.parallel.cluster.initialize`:
-    only the writing process gets a heatmap path)."""
-    from jaxind.pair import runner
-    from jaxind.parallel import cluster
-
-    chosen_layers, chosen_pairs = layer_selection()
-    tests = selected_tests()
-    if FLAGS.reference and not FLAGS["tests"].present:
-        from jaxind.many import scan
-
-        tests = scan.DEFAULT_SCAN_TESTS
-    return runner.Settings(
-        tests=tests,
-        data=spec,
-        num_perms=FLAGS.num_perms,
-        batch_size=FLAGS.batch_size,
-        generalized_steps=FLAGS.generalized_steps,
-        heatmap_path=heatmap_path() if cluster.is_writer() else None,
-        alpha=FLAGS.alpha,
-        layers=chosen_layers,
-        layer_pairs=chosen_pairs,
-        permtest_layer_shards=FLAGS.permtest_layer_shards,
-    )
-
-
-def _cached_model(name: str, source: str) -> Model | None:
+def _cached_model(name: str, source: str, dtype: str) -> Model | None:
     """The model from the jaxind cache's converted models (converted and stored on first use), on the device; None
     where the cache cannot be written (full or read-only disk: the run goes on without it)."""
     from absl import logging
@@ -259,7 +327,7 @@ def _cached_model(name: str, source: str) -> Model | None:
     from jaxind.many import modelstore
 
     try:
-        stored, converted = modelstore.ensure(name, source, dtype=FLAGS.dtype)
+        stored, converted = modelstore.ensure(name, source, dtype=dtype)
     except OSError as e:
         logging.warning("model cache not usable for %s (%s); converting it without the cache", source, e)
         return None
@@ -295,11 +363,11 @@ def _count_compilation() -> dict[str, float]:
 
 def run(argv) -> int:
     del argv
-    spec = preflight()
+    run = preflight()  # every flag, parsed and checked once
     from jaxind.parallel import cluster
 
     cluster.initialize(  # before any computation
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, timeout=FLAGS.distributed_timeout
+        run.coordinator_address, run.num_processes, run.process_id, timeout=run.distributed_timeout
     )
     caching.setup_from_flags()
     from converters.sources import load_model
@@ -309,64 +377,66 @@ def run(argv) -> int:
     from jaxind.stats import results
 
     writer = cluster.is_writer()
-    if FLAGS.model_a:
-        check_against_configs(spec, [FLAGS.model_a, *([FLAGS.model_b] if FLAGS.model_b else [])], bool(FLAGS.reference))
-    if FLAGS.reference:
-        return run_scan(settings_from_flags(spec), writer)
-    layout = sharding.run_layout(FLAGS.mesh)
-    cluster.check_layer_shards(FLAGS.permtest_layer_shards)
-    if not FLAGS.model_a:
+    if run.model_a:
+        check_against_configs(run, [run.model_a, *([run.model_b] if run.model_b else [])], bool(run.reference))
+    if run.reference:
+        return run_scan(run, writer)
+    layout = sharding.run_layout(run.mesh)
+    cluster.check_layer_shards(run.permtest_layer_shards)
+    if not run.model_a:
         from jaxind.cli import demo
 
-        output = FLAGS.output if writer else None
-        return demo.run_demo(settings_from_flags(spec), output=output, quick=FLAGS.demo_quick, layout=layout)
-    settings = settings_from_flags(spec)
+        output = run.output if writer else None
+        return demo.run_demo(run.settings(writer), output=output, quick=run.demo_quick, layout=layout)
+    settings = run.settings(writer)
     compile_seconds = _count_compilation()
     models = {}
     timing: dict[str, float] = {}
-    for name, source in (("model_a", FLAGS.model_a), ("model_b", FLAGS.model_b)):
+    for name, source in (("model_a", run.model_a), ("model_b", run.model_b)):
+        assert source is not None  # preflight: both models, or neither (the demo)
         start = time.perf_counter()
-        cached = _cached_model(name, source) if FLAGS.model_cache and layout is None else None
+        cached = _cached_model(name, source, run.dtype) if run.model_cache and layout is None else None
         if cached is None:
-            cached = load_model(source, dtype=FLAGS.dtype, progress=sys.stderr.isatty(), layout=layout)
+            cached = load_model(source, dtype=run.dtype, progress=sys.stderr.isatty(), layout=layout)
         models[name] = cached
         timing[f"load_{name}"] = time.perf_counter() - start
         print(describe(name, models[name].summary()), flush=True)
     testhooks.stop_at("models_loaded")
-    document = runner.run_pair(
+    result = runner.run_pair(
         models["model_a"], models["model_b"], settings, log=lambda m: print(m, flush=True), timing=timing
     )
-    document["timing"] = {**timing, **compile_seconds}
+    result = result.replace(timing={**timing, **compile_seconds})
     if settings.heatmap_path:
         _written.append(settings.heatmap_path)
     print()
-    print(report.format_table(document))
-    if document["tests"].get("localized", {}).get("pvalue") is not None:
+    print(report.format_table(result))
+    localized = result.tests.get("localized")
+    if localized is not None and localized.pvalue is not None:
         print()
-        print(report.format_localized(document["tests"]["localized"]))
-    if FLAGS.output and writer:
-        results.write_json_or_rescue(FLAGS.output, document)
-        _written.append(FLAGS.output)
-        print(f"\nresults written to {os.path.abspath(FLAGS.output)}")
-    elif FLAGS.output:
+        print(report.format_localized(localized))
+    if run.output and writer:
+        results.write_json_or_rescue(run.output, result.to_json())
+        _written.append(run.output)
+        print(f"\nresults written to {os.path.abspath(run.output)}")
+    elif run.output:
         print(f"\nresults are written by process 0 (this is process {cluster.process_index()})")
     return 0
 
 
-def run_scan(settings, writer: bool) -> int:
+def run_scan(run: Run, writer: bool) -> int:
     """``--reference``: ranks the references for the suspect ``--model_a`` (:mod:`jaxind.many.scan`); only the writing
     process writes the ranking."""
     from jaxind.many import scan
     from jaxind.stats import results
 
-    data_flags = any(FLAGS[name].present for name in ("data", "num_sequences", "seq_len"))
-    refs = scan.read_references(FLAGS.reference)
-    document = scan.scan(FLAGS.model_a, refs, settings, dtype=FLAGS.dtype, data_flags=data_flags)
+    assert run.model_a is not None and run.reference is not None  # preflight checked it
+    refs = scan.read_references(run.reference)
+    document = scan.scan(run.model_a, refs, run.settings(writer), dtype=run.dtype, data_flags=run.data_flags)
     print(scan.format_ranking(document))
-    if FLAGS.output and writer:
-        results.write_json_or_rescue(FLAGS.output, document)
-        _written.append(FLAGS.output)
-        print(f"\nranking written to {os.path.abspath(FLAGS.output)}")
+    if run.output and writer:
+        results.write_json_or_rescue(run.output, document)
+        _written.append(run.output)
+        print(f"\nranking written to {os.path.abspath(run.output)}")
     return 0
 
 

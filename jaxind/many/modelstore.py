@@ -38,6 +38,7 @@ from jaxind.io.loading import Model
 from jaxind.models.config import ModelConfig
 from jaxind.pair import runner
 from jaxind.pair.inputs import TokenData
+from jaxind.pair.result import PairResult
 from jaxind.stats import fingerprint
 
 STORE_VERSION = 1
@@ -230,9 +231,9 @@ def run_stored_pair(
     fingerprints: tuple[fingerprint.Fingerprint | None, fingerprint.Fingerprint | None] = (None, None),
     log: Callable[[str], None] = lambda message: None,
     **extra: Any,
-) -> dict[str, Any]:
+) -> PairResult:
     """Runs ``settings.tests`` on two loaded (stored) models over ``tokens``, MATCH and CSH from the
-    fingerprints where given; returns the results document (``extra``: more top-level keys)."""
+    fingerprints where given; returns their :class:`PairResult` (``extra``: more top-level keys)."""
     if FULL_MODEL_TESTS & set(settings.tests):
         a, b = on_device(a), on_device(b)  # these tests read every weight, some many times
     token_data = TokenData(tokens, settings.batch_size)

@@ -26,11 +26,14 @@ import math
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jaxind
 from jaxind.errors import JaxindError
 from jaxind.many.sweep_config import ModelEntry, load_references
+
+if TYPE_CHECKING:
+    from jaxind.pair.result import PairResult
 
 DEFAULT_SCAN_TESTS = ("csu", "match")
 
@@ -152,24 +155,20 @@ def _prepare(entry: ModelEntry, tokens: Any, info: dict[str, Any], settings: Any
     return stored, fp
 
 
-def _evidence(document: dict[str, Any]) -> float | None:
-    logs = [
-        -math.inf if t["log10_pvalue"] == "-inf" else float(t["log10_pvalue"])
-        for t in document["tests"].values()
-        if t.get("log10_pvalue") is not None and not t.get("error")
-    ]
+def _evidence(result: PairResult) -> float | None:
+    logs = [t.log10_pvalue for t in result.tests.values() if t.log10_pvalue is not None and not t.error]
     return None if not logs else min(0.0, min(logs) + math.log10(len(logs)))
 
 
-def _closeness(document: dict[str, Any]) -> float:
+def _closeness(result: PairResult) -> float:
     """Mean per-layer Spearman rho of the matching tests (1 for a copy): orders references whose
     p-values reach the same floor (an exact bound such as ``2/n!`` per layer)."""
     rhos = [
-        float(layer["statistic"])
-        for name, test in document["tests"].items()
-        if name in ("csu", "csh", "match") and not test.get("error")
-        for layer in test.get("layers", [])
-        if layer.get("statistic") is not None
+        float(layer.statistic)
+        for name, test in result.tests.items()
+        if name in ("csu", "csh", "match") and not test.error
+        for layer in test.layers
+        if layer.statistic is not None and not math.isnan(layer.statistic)
     ]
     return sum(rhos) / len(rhos) if rhos else 0.0
 
@@ -200,6 +199,7 @@ def scan(
     from jaxind.io import data
     from jaxind.many import modelstore
     from jaxind.stats import pvalues
+    from jaxind.stats.results import SCHEMA_VERSION
 
     entry = ModelEntry("suspect", suspect)
     tokens, info = _tokens(refs, entry, settings.data, data_flags, log)
@@ -216,13 +216,14 @@ def scan(
         try:
             stored_r, fp_r = _prepare(ref, tokens, info, settings, dtype, computed)
             row["identical"] = stored_r.key == stored_s.key  # byte-identical files (the content key)
-            document = modelstore.run_stored_pair(stored_r.load(), model_s, settings, tokens, (fp_r, fp_s))
-            documents[ref.name] = document
+            result = modelstore.run_stored_pair(stored_r.load(), model_s, settings, tokens, (fp_r, fp_s))
+            documents[ref.name] = result.to_json()
             row["tests"] = {
-                t: {k: r.get(k) for k in ("pvalue", "log10_pvalue", "error")} for t, r in document["tests"].items()
+                t: {k: r.get(k) for k in ("pvalue", "log10_pvalue", "error")}
+                for t, r in documents[ref.name]["tests"].items()
             }
-            row["log10_pvalue"] = _evidence(document)
-            row["closeness"] = _closeness(document)
+            row["log10_pvalue"] = _evidence(result)
+            row["closeness"] = _closeness(result)
             if row["log10_pvalue"] is None:
                 row["error"] = "no test gave a p-value"
         except JaxindError as e:
@@ -243,7 +244,7 @@ def scan(
     keys += ["identical", "tests"]
     keys.append("error")
     return {
-        "schema_version": 2,
+        "schema_version": SCHEMA_VERSION,
         "jaxind_version": jaxind.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "suspect": stored_s.summary(),

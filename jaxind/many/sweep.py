@@ -345,7 +345,8 @@ def pair_job(job: Job) -> dict[str, Any]:
         models = [m.load() for m in stored]
         record = pair_record(job.config, job.states, fingerprint.token_hash(job.tokens))
         settings = settings_for(job.config, job.output, a, b)
-        document = modelstore.run_stored_pair(models[0], models[1], settings, job.tokens, (fa, fb), sweep=record)
+        result = modelstore.run_stored_pair(models[0], models[1], settings, job.tokens, (fa, fb), sweep=record)
+        document = result.to_json()
         results.write_json(path, document)
         if os.path.exists(error_path):
             os.unlink(error_path)
@@ -363,8 +364,8 @@ def pair_job(job: Job) -> dict[str, Any]:
 def pair_finished(config: SweepConfig, output: str, states: tuple[dict[str, Any], ...], token_hash: str) -> bool:
     """Whether the pair's JSON exists, is whole and was made from these model contents and settings
     (a damaged one is computed again and replaced)."""
-    doc, _ = read_pair(output, pair_name(states[0]["name"], states[1]["name"]), config.tests)
-    return doc is not None and doc["sweep"] == pair_record(config, states, token_hash)
+    result, _ = read_pair(output, pair_name(states[0]["name"], states[1]["name"]), config.tests)
+    return result is not None and result.extra["sweep"] == pair_record(config, states, token_hash)
 
 
 # --- running the jobs ------------------------------------------------------------------------------------

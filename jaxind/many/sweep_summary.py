@@ -30,12 +30,17 @@ import os
 import socket
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import jaxind
+from jaxind.errors import JaxindError
 from jaxind.many.sweep_config import SweepConfig
+
+if TYPE_CHECKING:
+    from jaxind.pair.result import PairResult
+    from jaxind.stats.results import TestResult
 
 SUMMARY_VERSION = 1
 
@@ -94,15 +99,22 @@ def pair_problem(doc: Any, tests: tuple[str, ...] | list[str]) -> str | None:
     return next((p for t in tests if (p := _record_problem(t, records[t])) is not None), None)
 
 
-def read_pair(output: str, name: str, tests: tuple[str, ...] | list[str]) -> tuple[dict[str, Any] | None, str | None]:
-    """Pair ``name``'s results JSON in ``output``: ``(doc, None)``; ``(None, None)`` when there is
+def read_pair(output: str, name: str, tests: tuple[str, ...] | list[str]) -> tuple[PairResult | None, str | None]:
+    """Pair ``name``'s results JSON in ``output``: ``(result, None)``; ``(None, None)`` when there is
     none; ``(None, why)`` when it is unreadable or not of a results JSON's shape."""
+    from jaxind.pair.result import PairResult
+
     path = os.path.join(output, "pairs", name + ".json")
     if not os.path.lexists(path):
         return None, None
     doc = read_json(path)
     problem = "unreadable or not JSON" if doc is None else pair_problem(doc, tests)
-    return (None, problem) if problem else (doc, None)
+    if problem:
+        return None, problem
+    try:
+        return PairResult.from_json(doc), None
+    except (JaxindError, KeyError, TypeError, ValueError) as e:
+        return None, f"not a results JSON of this version ({e})"
 
 
 class EventLog:
@@ -146,8 +158,11 @@ def counters(events: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _test_entry(record: dict[str, Any]) -> dict[str, Any]:
-    return {"pvalue": record.get("pvalue"), "log10_pvalue": record.get("log10_pvalue"), "error": record.get("error")}
+def _test_entry(record: TestResult) -> dict[str, Any]:
+    """A test's summary entry, in the results JSON's own number format (``"-inf"``, NaN as null)."""
+    from jaxind.stats.results import jsonable
+
+    return jsonable({"pvalue": record.pvalue, "log10_pvalue": record.log10_pvalue, "error": record.error})
 
 
 def _finite(value: Any) -> float | None:
@@ -171,7 +186,7 @@ def pair_row(config: SweepConfig, output: str, a: str, b: str) -> dict[str, Any]
             row.update(status="error", error=str(failure.get("error")))
         row.update(tests={}, pvalue=None, log10_pvalue=None)
         return row
-    tests = {t: _test_entry(doc["tests"][t]) for t in config.tests}
+    tests = {t: _test_entry(doc.tests[t]) for t in config.tests}
     logs = [
         float(_finite(v["log10_pvalue"]) or 0.0)
         for v in tests.values()

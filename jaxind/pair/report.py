@@ -3,38 +3,43 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from jaxind.pair.registry import TESTS
+from jaxind.pair.result import PairResult
+from jaxind.stats.results import TestResult
 
 
-def verdict(test: dict[str, Any], alpha: float) -> str:
+def verdict(test: TestResult, alpha: float) -> str:
     """What the p-value means at level ``alpha``."""
-    if test.get("error"):
+    if test.error:
         return "error"
-    if test.get("pvalue") is None:
+    if test.pvalue is None or test.log10_pvalue is None:
         return "n/a (not a test)"
-    return "dependent (reject H0)" if test["log10_pvalue"] <= math.log10(alpha) else "no evidence of dependence"
+    return "dependent (reject H0)" if test.log10_pvalue <= math.log10(alpha) else "no evidence of dependence"
 
 
-def _p(test: dict[str, Any]) -> str:
-    if test.get("error"):
+def _p(test: TestResult) -> str:
+    if test.error:
         return "-"
-    if test.get("pvalue") is None:
-        return f"stat={test['statistic']:.4g}" if test.get("statistic") is not None else "-"
-    log10 = test["log10_pvalue"]
-    if test["pvalue"] and test["pvalue"] >= 1e-4:
-        return f"{test['pvalue']:.4f}"
-    return f"10^{log10:.1f}"
+    if test.pvalue is None or test.log10_pvalue is None:
+        return f"stat={test.statistic:.4g}" if test.statistic is not None else "-"
+    if test.pvalue and test.pvalue >= 1e-4:
+        return f"{test.pvalue:.4f}"
+    return f"10^{test.log10_pvalue:.1f}"
 
 
-def format_table(results: dict[str, Any], title: str | None = None) -> str:
-    """The results' tests as an aligned text table (test, p-value, verdict, seconds, meaning)."""
-    alpha = results.get("alpha", 0.05)
+def format_table(result: PairResult | Mapping[str, Any], title: str | None = None) -> str:
+    """The tests of a pair (a :class:`PairResult`, or its results document) as an aligned text table (test,
+    p-value, verdict, seconds, meaning)."""
+    if not isinstance(result, PairResult):
+        result = PairResult.from_json(result)
+    alpha = result.alpha
     rows = [("test", "p-value", f"at alpha={alpha}", "seconds", "what it measures")]
-    for name, test in results["tests"].items():
-        meaning = test.get("error") or (TESTS[name].meaning if name in TESTS else "")
-        rows.append((name, _p(test), verdict(test, alpha), f"{test.get('seconds', 0.0):.1f}", meaning))
+    for name, test in result.tests.items():
+        meaning = test.error or (TESTS[name].meaning if name in TESTS else "")
+        rows.append((name, _p(test), verdict(test, alpha), f"{test.seconds:.1f}", meaning))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [title] if title else []
     for i, row in enumerate(rows):
@@ -44,8 +49,9 @@ def format_table(results: dict[str, Any], title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_localized(loc: dict[str, Any]) -> str:
+def format_localized(result: TestResult) -> str:
     """The localized-testing summary: which layer of B comes from which layer of A."""
+    loc = result.to_json()  # its extras in plain JSON types (lists, string keys)
     lines = [
         f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
         f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"

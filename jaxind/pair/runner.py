@@ -1,7 +1,7 @@
-"""Runs the chosen tests on one pair of models and assembles the results document.
+"""Runs the chosen tests on one pair of models: :func:`run_pair` -> :class:`jaxind.pair.result.PairResult`.
 
 Data flows one way (docs/DESIGN.md §3): models -> tokens -> each registered test
-(:data:`jaxind.pair.registry.TESTS`, called the one way every test is called) -> results document.
+(:data:`jaxind.pair.registry.TESTS`, called the one way every test is called) -> one PairResult.
 Activation tests (CSH and MATCH) share a single pass over the data for both models through one
 :class:`jaxind.pair.inputs.TokenData`. A test that cannot run on this pair (e.g. CSU on models of
 different width) is recorded with its error and the others still run.
@@ -24,7 +24,7 @@ from jaxind.models.layers import LayerSelectionError
 from jaxind.pair.catalog import ALL_TESTS, DEFAULT_TESTS  # noqa: F401  (re-exported)
 from jaxind.pair.inputs import TokenData
 from jaxind.pair.registry import TESTS, TestSpec, key_for
-from jaxind.stats import results
+from jaxind.pair.result import PairResult
 from jaxind.stats.results import TestResult
 from jaxind.types import LayerPair
 
@@ -97,17 +97,19 @@ def run_pair(
     tokens: np.ndarray | TokenData | None = None,
     timing: dict[str, float] | None = None,
     **extra: Any,
-) -> dict[str, Any]:
-    """Runs ``settings.tests`` on models A and B; returns the results document. ``tokens (N, T)``
+) -> PairResult:
+    """Runs ``settings.tests`` on models A and B; returns their :class:`PairResult`. ``tokens (N, T)``
     overrides ``settings.data`` (the demo's byte-level corpus); a :class:`TokenData` may carry the
     models' fingerprints (a sweep). ``timing``: gets the seconds spent making the tokens (``tokens``) and in
-    each test (``test_<name>``). ``extra``: more top-level keys of the document."""
+    each test (``test_<name>``; the result's ``timing`` is this dict when given). ``extra``: more top-level keys of the
+    document."""
     start = time.perf_counter()
     if tokens is None:
         tokenizers = (a.tokenizer, b.tokenizer) if settings.data.kind != "random" else (None, None)
         tokens = data.make_tokens(settings.data, a.config.vocab_size, b.config.vocab_size, *tokenizers)
     token_data = tokens if isinstance(tokens, TokenData) else TokenData(tokens, settings.batch_size)
     tokens = token_data.tokens
+    keep_timing = timing is not None
     timing = {} if timing is None else timing
     timing["tokens"] = time.perf_counter() - start
     tests: dict[str, TestResult] = {}
@@ -116,13 +118,13 @@ def run_pair(
         tests[name] = run_test(TESTS[name], a, b, settings, token_data)
         timing[f"test_{name}"] = tests[name].seconds
     data_info = {**settings.data.describe(), "tokens_shape": list(tokens.shape)}
-    return results.make_results(
-        a.summary(),
-        b.summary(),
-        data_info,
-        settings.data.seed,
-        tests,
+    return PairResult(
+        model_a=a.summary(),
+        model_b=b.summary(),
+        data=data_info,
+        seed=settings.data.seed,
+        tests=tests,
         alpha=settings.alpha,
-        num_perms=settings.num_perms,
-        **extra,
+        timing=timing if keep_timing else None,
+        extra={"num_perms": settings.num_perms, **extra},
     )

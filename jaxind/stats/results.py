@@ -26,6 +26,7 @@ import math
 import os
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -79,7 +80,20 @@ class LayerResult:
             "log10_pvalue": self.log10_pvalue,
             "statistic": self.statistic,
         }
-        return _jsonable({**core, **_no_clash(self.extra, core)})
+        return jsonable({**core, **_no_clash(self.extra, core)})
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> LayerResult:
+        """The inverse of :meth:`to_json` (keys beyond the core ones become ``extra``)."""
+        core = ("layer_a", "layer_b", "pvalue", "log10_pvalue", "statistic")
+        return cls(
+            layer_a=record["layer_a"],
+            layer_b=record["layer_b"],
+            pvalue=_float(record["pvalue"], math.nan),
+            log10_pvalue=_float(record["log10_pvalue"], math.nan),
+            statistic=_float(record.get("statistic")),
+            extra={k: v for k, v in record.items() if k not in core},
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,7 +153,35 @@ class TestResult:
             "error": self.error,
         }
         extra = _no_clash(self.extra, {**core, "layers": None})
-        return _jsonable({**core, **extra, "layers": [layer.to_json() for layer in self.layers]})
+        return jsonable({**core, **extra, "layers": [layer.to_json() for layer in self.layers]})
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> TestResult:
+        """The inverse of :meth:`to_json`: ``TestResult.from_json(r.to_json()).to_json() == r.to_json()``."""
+        core = ("test", "pvalue", "log10_pvalue", "exact", "statistic", "combine", "seconds", "note", "error", "layers")
+        return cls(
+            test=record["test"],
+            pvalue=_float(record["pvalue"]),
+            log10_pvalue=_float(record["log10_pvalue"]),
+            exact=bool(record["exact"]),
+            statistic=_float(record.get("statistic")),
+            layers=tuple(LayerResult.from_json(layer) for layer in record.get("layers") or ()),
+            combine=record.get("combine"),
+            seconds=float(record.get("seconds") or 0.0),
+            note=record.get("note"),
+            error=record.get("error"),
+            extra={k: v for k, v in record.items() if k not in core},
+        )
+
+
+@typing.overload
+def _float(value: Any, missing: float) -> float: ...
+@typing.overload
+def _float(value: Any, missing: None = None) -> float | None: ...
+def _float(value: Any, missing: float | None = None) -> float | None:
+    """A number of the results JSON back to a float: ``"inf"``/``"-inf"`` as written by :func:`jsonable`;
+    ``None`` (a NaN, or no value) becomes ``missing``."""
+    return missing if value is None else float(value)
 
 
 def _no_clash(extra: Mapping[str, Any], core: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -190,13 +232,13 @@ def timed(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (np.floating, float)):
         value = float(value)
         return None if math.isnan(value) else (value if math.isfinite(value) else ("inf" if value > 0 else "-inf"))
@@ -217,7 +259,7 @@ def make_results(
     **extra: Any,
 ) -> dict:
     """Assembles the results document (plain JSON types; NaN becomes null)."""
-    return _jsonable(
+    return jsonable(
         {
             "schema_version": SCHEMA_VERSION,
             "jaxind_version": jaxind.__version__,
@@ -323,7 +365,7 @@ def write_json(path: str, document: dict) -> None:
     The file gets the mode a plain ``open()`` would give it (``0o666`` less the umask), also when
     it replaces an existing file.
     """
-    destinations.write_text(path, json.dumps(_jsonable(document), indent=2))
+    destinations.write_text(path, json.dumps(jsonable(document), indent=2))
 
 
 def rescue_path(path: str) -> str:
@@ -352,7 +394,7 @@ def write_json_or_rescue(path: str, document: dict) -> None:
     try:
         write_json(fallback, document)
     except (OSError, jaxind.JaxindError):
-        print(json.dumps(_jsonable(document), indent=2), flush=True)
+        print(json.dumps(jsonable(document), indent=2), flush=True)
         raise jaxind.JaxindError(
             f"{problem}, nor {fallback}: the results JSON is printed on stdout instead; "
             "free some space or choose another --output"
