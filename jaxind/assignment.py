@@ -133,6 +133,11 @@ class AuctionResult(NamedTuple):
 
 def _check_cost(cost, ndim: int, name: str = "cost"):
     """Return ``cost`` as a jax or numpy array after checking rank, dtype and finiteness."""
+    if isinstance(cost, jax.core.Tracer):
+        raise JaxindError(
+            f"solve_lap runs on the host and cannot take a traced {name} (inside jit/vmap/grad); "
+            "use jaxind.assignment.lap, which works under jit and vmap"
+        )
     if not isinstance(cost, (np.ndarray, jax.Array)):
         cost = np.asarray(cost)
     if cost.ndim != ndim:
@@ -933,3 +938,13 @@ def assignment_cost(cost, row_ind, col_ind) -> float:
     """Total ``sum cost[row_ind, col_ind]`` in float64."""
     c = np.asarray(cost, np.float64)
     return float(c[np.asarray(row_ind), np.asarray(col_ind)].sum())
+
+
+def __getattr__(name: str) -> Any:
+    """:func:`jaxind.lap.lap` and :class:`jaxind.lap.LapResult`, re-exported (imported on first use:
+    ``jaxind.lap`` builds on this module)."""
+    if name in ("lap", "LapResult"):
+        from jaxind import lap as lap_module
+
+        return getattr(lap_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
