@@ -21,7 +21,8 @@ The choice is made per platform when the computation is lowered
 ``method="auction"`` the device auction, on any backend.
 
 Certificate: ``duality_gap`` bounds ``|objective - optimum|`` and ``certified`` says whether it
-is within ``rtol * |objective|`` (plus a tiny absolute slack for optima near 0). The host
+is within ``rtol * |objective| + atol``, ``atol = max(n, m) * finfo(dtype).eps * cost range``
+(what the working precision resolves in a total; it matters for optima near 0). The host
 solvers are exact float64 shortest-augmenting-path algorithms (optimal by construction; they do
 not expose their duals), so their gap is reported as 0. The auction's gap is the LP duality gap
 of the dual built from its prices (``assignment.duality_gap``), computed in the working dtype
@@ -65,7 +66,8 @@ class LapResult:
       ``n > m`` (and everywhere for a non-finite cost under ``jit``).
     objective: () ``sum_i cost[i, assignment[i]]`` over matched rows, in the working dtype.
     duality_gap: () >= 0, a bound on ``|objective - optimum|`` (0 for the exact host solvers).
-    certified: () bool, ``duality_gap <= rtol * |objective| + atol``: optimal within ``rtol``.
+    certified: () bool, ``duality_gap <= rtol * |objective| + atol`` (module doc): optimal within
+      ``rtol`` up to the working precision.
     num_iters: () int32, auction bidding rounds (0 on the host path).
     """
 
@@ -239,5 +241,6 @@ def _auction_branch(cost: jax.Array, maximize: jax.Array, *, rtol: float, block:
     else:
         cols = col_of_row.astype(jnp.int32)
     primal = jnp.sum(jnp.take_along_axis(c, jnp.maximum(col_of_row, 0)[:, None], axis=1))
-    tol = rtol * jnp.abs(primal) + 1e-12 * scale * mm
+    # atol: what the working precision resolves in a total of `mm` entries of the cost range
+    tol = rtol * jnp.abs(primal) + mm * jnp.finfo(c.dtype).eps * scale
     return cols, gap, res.converged & (gap <= tol), res.num_iters
