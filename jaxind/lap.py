@@ -153,16 +153,14 @@ def _lap(
     if n == 0 or m == 0:
         zero = jnp.zeros((), cost.dtype)
         return LapResult(jnp.full((n,), -1, jnp.int32), zero, zero, jnp.asarray(True), jnp.asarray(0, jnp.int32))
-    finite = jnp.all(jnp.isfinite(cost))
-    safe = jnp.where(finite, cost, jnp.zeros((), cost.dtype))  # a NaN must not stall the auction
     host = functools.partial(_host_branch, method="auto" if method == "host" else method)
     device = functools.partial(_auction_branch, rtol=rtol, block=block, max_iter=max_iter)
     if method == "auto":
-        cols, gap, certified, iters = jax.lax.platform_dependent(safe, maximize, cpu=host, default=device)
+        cols, gap, certified, iters, finite = jax.lax.platform_dependent(cost, maximize, cpu=host, default=device)
     elif method == "auction":
-        cols, gap, certified, iters = device(safe, maximize)
+        cols, gap, certified, iters, finite = device(cost, maximize)
     else:
-        cols, gap, certified, iters = host(safe, maximize)
+        cols, gap, certified, iters, finite = host(cost, maximize)
     matched = cols >= 0
     picked = jnp.take_along_axis(cost, jnp.maximum(cols, 0)[:, None], axis=1)[:, 0]
     objective = jnp.sum(jnp.where(matched, picked, 0))
@@ -175,31 +173,34 @@ def _lap(
     )
 
 
-def _host_solve(costs: np.ndarray, maximize: np.ndarray, *, method: str) -> np.ndarray:
-    """The host callback: ``costs (..., n, m)``, ``maximize (...)`` -> ``col_of_row (..., n)`` int32,
-    one solve per item."""
+def _host_solve(costs: np.ndarray, maximize: np.ndarray, *, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The host callback: ``costs (..., n, m)``, ``maximize (...)`` -> ``(col_of_row (..., n) int32,
+    finite (...) bool)``, one solve per item (a non-finite item is left unassigned)."""
     costs = np.asarray(costs)
     n, m = costs.shape[-2:]
     flat = costs.reshape(-1, n, m)
     flags = np.broadcast_to(np.asarray(maximize), costs.shape[:-2]).reshape(-1)
     out = np.full((flat.shape[0], n), -1, np.int32)
+    finite = np.zeros(flat.shape[0], bool)
     for i, c in enumerate(flat):
-        rows, cols = assignment.solve_lap(c, maximize=bool(flags[i]), method=method)
-        out[i, rows] = cols
-    return out.reshape(costs.shape[:-1])
+        finite[i] = np.isfinite(c).all()
+        if finite[i]:
+            rows, cols = assignment.solve_lap(c, maximize=bool(flags[i]), method=method)
+            out[i, rows] = cols
+    return out.reshape(costs.shape[:-1]), finite.reshape(costs.shape[:-2])
 
 
 def _host_branch(cost: jax.Array, maximize: jax.Array, *, method: str):
     """Exact host solver through a callback; a vmapped batch is one call (``broadcast_all``)."""
     n = cost.shape[0]
-    cols = jax.pure_callback(
+    cols, finite = jax.pure_callback(
         functools.partial(_host_solve, method=method),
-        jax.ShapeDtypeStruct((n,), jnp.int32),
+        (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((), jnp.bool_)),
         cost,
         maximize,
         vmap_method="broadcast_all",
     )
-    return cols, jnp.zeros((), cost.dtype), jnp.asarray(True), jnp.asarray(0, jnp.int32)
+    return cols, jnp.zeros((), cost.dtype), jnp.asarray(True), jnp.asarray(0, jnp.int32), finite
 
 
 def _slack_gap(benefit: jax.Array, col_of_row: jax.Array, prices: jax.Array) -> jax.Array:
@@ -220,8 +221,10 @@ def _slack_gap(benefit: jax.Array, col_of_row: jax.Array, prices: jax.Array) -> 
 
 
 def _auction_branch(cost: jax.Array, maximize: jax.Array, *, rtol: float, block: int | None, max_iter: int):
-    """The on-device auction with internal epsilon scaling; returns (cols, gap, certified, iters)."""
+    """The on-device auction with internal epsilon scaling; returns (cols, gap, certified, iters, finite)."""
     n, m = cost.shape
+    finite = jnp.all(jnp.isfinite(cost))
+    cost = jnp.where(finite, cost, jnp.zeros((), cost.dtype))  # a NaN must not stall the auction
     transpose = n > m  # the auction runs from the smaller side
     c = cost.T if transpose else cost
     k, mm = c.shape
@@ -243,4 +246,4 @@ def _auction_branch(cost: jax.Array, maximize: jax.Array, *, rtol: float, block:
     primal = jnp.sum(jnp.take_along_axis(c, jnp.maximum(col_of_row, 0)[:, None], axis=1))
     # atol: what the working precision resolves in a total of `mm` entries of the cost range
     tol = rtol * jnp.abs(primal) + mm * jnp.finfo(c.dtype).eps * scale
-    return cols, gap, res.converged & (gap <= tol), res.num_iters
+    return cols, gap, res.converged & (gap <= tol), res.num_iters, finite
