@@ -4,6 +4,9 @@ The LAP is the hot spot of CSU/CSH/MATCH (docs/DESIGN.md §1, §5.5): match ``n`
 A to ``m`` of model B (``n, m`` up to 14,336) minimising a sum of squared distances or
 maximising a sum of cosine similarities.
 
+Inside ``jit``/``vmap`` use :func:`lap` (``jaxind/lap.py``, re-exported here): one entry point
+returning a :class:`LapResult` pytree; :func:`solve_lap` below is the host entry point.
+
 Solvers (``method=``)
   * ``"scipy"`` - :func:`scipy.optimize.linear_sum_assignment` (shortest augmenting path,
     exact, float64, host only).

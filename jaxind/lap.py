@@ -69,6 +69,9 @@ class LapResult:
     certified: () bool, ``duality_gap <= rtol * |objective| + atol`` (module doc): optimal within
       ``rtol`` up to the working precision.
     num_iters: () int32, auction bidding rounds (0 on the host path).
+
+    ``jax.grad`` of ``objective`` with respect to the cost is the assignment's indicator matrix
+    (the solvers are not differentiated: the optimum's envelope gradient).
     """
 
     assignment: jax.Array
@@ -155,12 +158,15 @@ def _lap(
         return LapResult(jnp.full((n,), -1, jnp.int32), zero, zero, jnp.asarray(True), jnp.asarray(0, jnp.int32))
     host = functools.partial(_host_branch, method="auto" if method == "host" else method)
     device = functools.partial(_auction_branch, rtol=rtol, block=block, max_iter=max_iter)
+    # The solvers see a constant: the objective's gradient is then the optimal assignment's
+    # indicator matrix (the envelope theorem; a subgradient where the optimum is not unique).
+    fixed = jax.lax.stop_gradient(cost)
     if method == "auto":
-        cols, gap, certified, iters, finite = jax.lax.platform_dependent(cost, maximize, cpu=host, default=device)
+        cols, gap, certified, iters, finite = jax.lax.platform_dependent(fixed, maximize, cpu=host, default=device)
     elif method == "auction":
-        cols, gap, certified, iters, finite = device(cost, maximize)
+        cols, gap, certified, iters, finite = device(fixed, maximize)
     else:
-        cols, gap, certified, iters, finite = host(cost, maximize)
+        cols, gap, certified, iters, finite = host(fixed, maximize)
     matched = cols >= 0
     picked = jnp.take_along_axis(cost, jnp.maximum(cols, 0)[:, None], axis=1)[:, 0]
     objective = jnp.sum(jnp.where(matched, picked, 0))

@@ -92,6 +92,15 @@ def test_jit_returns_a_frozen_pytree_result():
         res.objective = jnp.zeros(())  # type: ignore[misc]
 
 
+def test_gradient_of_the_optimum_is_the_assignment():
+    c = costs("random", (5, 7), 3)
+    grad = jax.grad(lambda x: lap(x, maximize=True).objective)(jnp.asarray(c))
+    a = np.asarray(lap(c, maximize=True).assignment)
+    expected = np.zeros((5, 7), np.float32)
+    expected[np.arange(5), a] = 1
+    assert np.array_equal(np.asarray(grad), expected)
+
+
 def test_vmap_is_one_host_call_and_exact(monkeypatch):
     """vmap(lap) on CPU: the whole batch (nested vmaps too) goes to the host in ONE callback."""
     calls: list[tuple[int, ...]] = []
