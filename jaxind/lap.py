@@ -48,13 +48,18 @@ import numpy as np
 
 from jaxind import assignment
 from jaxind.assignment import CostMatrixError
+from jaxind.errors import JaxindError
 
-__all__ = ["METHODS", "LapResult", "lap"]
+__all__ = ["METHODS", "LapOptionError", "LapResult", "lap"]
 
 METHODS = ("auto", "host", "auction", "scipy", "lapjv", "warm")
 # Last epsilon of the device auction, relative to the cost range: float32 prices resolve about
 # 2^-24 of it, so smaller steps buy nothing; in float64 the schedule goes on to 2^-40.
 _REL_FINAL = {np.dtype(np.float32): 2.0**-23, np.dtype(np.float64): 2.0**-40}
+
+
+class LapOptionError(JaxindError, ValueError):
+    """An unknown ``method`` for :func:`lap` (the message names the valid ones)."""
 
 
 @jax.tree_util.register_dataclass
@@ -139,10 +144,10 @@ def lap(
 
     Raises:
       CostMatrixError: cost not 2-D or not real numeric; NaN/inf entries in an eager call.
-      ValueError: unknown ``method``.
+      LapOptionError: unknown ``method`` (a ``JaxindError`` and a ``ValueError``).
     """
     if method not in METHODS:
-        raise ValueError(f"lap: method must be one of {METHODS}, got {method!r}")
+        raise LapOptionError(f"lap: method must be one of {METHODS}, got {method!r}")
     cost = _checked(cost)
     # `maximize` is traced: minimising and maximising share one compilation.
     return _lap(cost, jnp.asarray(maximize, bool), method=method, rtol=float(rtol), block=block, max_iter=int(max_iter))
