@@ -117,10 +117,13 @@ def test_vmap_is_one_host_call_and_exact(monkeypatch):
     assert out.assignment.shape == (4, 9) and out.objective.shape == (4,)
     for c, a in zip(batch, out.assignment, strict=True):
         assert total(c, a) == pytest.approx(optimum(c, False), rel=1e-12)
-    nested = jax.jit(jax.vmap(jax.vmap(lambda x: lap(x.T, maximize=True))))(batch.reshape(2, 2, 9, 11))
+    flags = np.array([True, False, False, True])  # maximize may be batched too
+    nested = jax.jit(jax.vmap(jax.vmap(lambda x, mx: lap(x.T, maximize=mx))))(
+        batch.reshape(2, 2, 9, 11), flags.reshape(2, 2)
+    )
     assert calls[1:] == [(2, 2, 11, 9)] and nested.assignment.shape == (2, 2, 11)
-    for c, a in zip(batch, nested.assignment.reshape(4, 11), strict=True):
-        assert total(c.T, a) == pytest.approx(optimum(c.T, True), rel=1e-12)
+    for c, a, mx in zip(batch, nested.assignment.reshape(4, 11), flags, strict=True):
+        assert total(c.T, a) == pytest.approx(optimum(c.T, bool(mx)), rel=1e-12)
 
 
 def test_vmapped_auction_under_jit_is_exact_and_flags_non_finite_items():
