@@ -22,6 +22,15 @@ Cost kinds:
             (converters.sources.load_model, jaxind.stats.grams) and cached as .npy under
             ``--cache_dir``; ``--sizes`` does not apply.
 
+Jitted entry point (``--mode=jit``): ``jax.jit(assignment.lap)`` against the host solvers (scipy,
+LAPJV, ``solve_lap``'s "auto") at ``--jit_sizes`` (default 64, 512, 2048) on random and
+near-permutation costs, and ``jax.jit(jax.vmap(lap))`` against ``solve_lap_batched`` and a scipy loop
+on ``--batch`` x 512 x 512 costs (default 8), all in one run, medians of ``--repeats``, each result
+checked against scipy (exact: same float64 total). ``--jit_auction_max_n`` also times
+``lap(method="auction")`` (the accelerators' path) up to that n.
+
+  python benchmarks/bench_lap.py --mode=jit --repeats=5 --json=/tmp/bench_lap_jit.json
+
 Solvers: scipy, lapjv_raw (the ``lap`` package called directly: the path before the exactness
 fix), lapjv (jaxind's call: row-reduced and scaled, exact), warm (jaxind's "warm"), auction
 (the certified jitted auction), hungarian (optax).
@@ -30,6 +39,7 @@ fix), lapjv (jaxind's call: row-reduced and scaled, exact), warm (jaxind's "warm
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -147,7 +157,13 @@ def main(argv=None) -> int:
     p.add_argument("--real_tokens", type=int, default=8, help="sequences of 128 random tokens for --kinds=real")
     p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "jaxind_lap_cache"))
     p.add_argument("--json", default="bench_lap.json", help="where to write the results")
+    p.add_argument("--mode", default="solvers", choices=("solvers", "jit"), help="jit: the jitted lap entry point")
+    p.add_argument("--jit_sizes", default="64,512,2048")
+    p.add_argument("--batch", type=int, default=8, help="--mode=jit: batch of 512 x 512 costs")
+    p.add_argument("--jit_auction_max_n", type=int, default=0, help="--mode=jit: also time the auction path up to n")
     args = p.parse_args(argv)
+    if args.mode == "jit":
+        return bench_jit(args)
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     kinds = [k for k in args.kinds.split(",") if k]
@@ -236,6 +252,94 @@ def main(argv=None) -> int:
     summarise(results, ["scipy", *solvers])
     print(f"wrote {args.json}")
     return 0
+
+
+def _exact(cost: np.ndarray, cols, maximize: bool = False) -> bool:
+    """Same float64 total as scipy's optimum (up to summation-order rounding)."""
+    c64 = np.asarray(cost, np.float64)
+    r, k = scipy.optimize.linear_sum_assignment(c64, maximize=maximize)
+    cols = np.asarray(cols)
+    gap = abs(c64[np.arange(len(cols)), cols].sum() - c64[r, k].sum())
+    return bool(gap <= 1e-12 * float(np.abs(c64).max()) * len(cols))
+
+
+def _median_times(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    """Median seconds of each thunk (order rotated between repeats) and its last output."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    outs: dict = {}
+    order = list(fns)
+    for rep in range(repeats):
+        for name in order[rep % len(order) :] + order[: rep % len(order)]:
+            outs[name], t = timed(fns[name])
+            times[name].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
+
+
+def bench_jit(args) -> int:
+    """--mode=jit: jax.jit(lap) and jax.jit(jax.vmap(lap)) against the host solvers, one run."""
+    from jaxind.stats.assignment import lap
+
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    print(f"backend={jax.default_backend()} jax={jax.__version__} machine={machine}")
+    one = jax.jit(lap)
+    auction = jax.jit(functools.partial(lap, method="auction"))
+    rows = []
+    for n in [int(s) for s in args.jit_sizes.split(",") if s]:
+        for kind in ("random", "nearperm"):
+            cost, _ = make_cost(kind, n, args.seed)
+            fns = {
+                "scipy": lambda c=cost: scipy.optimize.linear_sum_assignment(c)[1],
+                "solve_lap": lambda c=cost: assignment.solve_lap(c)[1],
+                "jit_lap": lambda c=cost: np.asarray(one(c).assignment),
+            }
+            if assignment.have_lapjv():
+                fns["lapjv"] = lambda c=cost: assignment.lapjv_exact(np.array(c, np.float64))
+            if n <= args.jit_auction_max_n:
+                fns["jit_lap_auction"] = lambda c=cost: np.asarray(auction(c).assignment)
+            first = {k: timed(fns[k])[1] for k in fns if k.startswith("jit")}  # compiles
+            secs, outs = _median_times(fns, args.repeats)
+            row = {"case": f"{kind}_{n}", "first_call_seconds": first, "seconds": secs}
+            row["ratio_vs_scipy"] = {k: v / secs["scipy"] for k, v in secs.items()}
+            row["exact"] = {k: _exact(cost, v) for k, v in outs.items()}
+            rows.append(row)
+            print(_jit_line(row), flush=True)
+    rows.append(_bench_batched(args))
+    print(_jit_line(rows[-1]), flush=True)
+    with open(args.json, "w") as f:
+        meta = {"backend": jax.default_backend(), "machine": machine, "repeats": args.repeats}
+        json.dump({**meta, "results": rows}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_batched(args) -> dict:
+    """jit(vmap(lap)) vs solve_lap_batched vs a scipy loop on (batch, 512, 512) random costs."""
+    from jaxind.stats.assignment import lap
+
+    costs = np.stack([make_cost("random", 512, args.seed + i)[0] for i in range(args.batch)])
+    batched = jax.jit(jax.vmap(lap))
+    fns = {
+        "scipy": lambda: [scipy.optimize.linear_sum_assignment(c)[1] for c in costs],
+        "solve_lap_batched": lambda: assignment.solve_lap_batched(costs)[1],
+        "jit_vmap_lap": lambda: np.asarray(batched(costs).assignment),
+    }
+    first = {"jit_vmap_lap": timed(fns["jit_vmap_lap"])[1]}
+    secs, outs = _median_times(fns, args.repeats)
+    row = {"case": f"batched_{args.batch}x512", "first_call_seconds": first, "seconds": secs}
+    row["ratio_vs_scipy"] = {k: v / secs["scipy"] for k, v in secs.items()}
+    row["ratio_vs_solve_lap_batched"] = secs["jit_vmap_lap"] / secs["solve_lap_batched"]
+    row["exact"] = {k: all(_exact(c, x) for c, x in zip(costs, v, strict=True)) for k, v in outs.items()}
+    return row
+
+
+def _jit_line(row: dict) -> str:
+    line = f"{row['case']:18s}"
+    for k, t in row["seconds"].items():
+        flag = "" if row["exact"][k] else " NOT EXACT"
+        line += f" | {k} {t:.4f}s x{row['ratio_vs_scipy'][k]:.2f}{flag}"
+    if "ratio_vs_solve_lap_batched" in row:
+        line += f" | jit/batched x{row['ratio_vs_solve_lap_batched']:.2f}"
+    return line
 
 
 def summarise(results: list[dict], solvers: list[str]) -> None:

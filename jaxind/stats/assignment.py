@@ -4,6 +4,9 @@ The LAP is the hot spot of CSU/CSH/MATCH (docs/DESIGN.md §1, §5.5): match ``n`
 A to ``m`` of model B (``n, m`` up to 14,336) minimising a sum of squared distances or
 maximising a sum of cosine similarities.
 
+Inside ``jit``/``vmap`` use :func:`lap` (``jaxind/stats/lap.py``, re-exported here): one entry point
+returning a :class:`LapResult` pytree; :func:`solve_lap` below is the host entry point.
+
 Solvers (``method=``)
   * ``"scipy"`` - :func:`scipy.optimize.linear_sum_assignment` (shortest augmenting path,
     exact, float64, host only).
@@ -133,6 +136,11 @@ class AuctionResult(NamedTuple):
 
 def _check_cost(cost, ndim: int, name: str = "cost"):
     """Return ``cost`` as a jax or numpy array after checking rank, dtype and finiteness."""
+    if isinstance(cost, jax.core.Tracer):
+        raise JaxindError(
+            f"solve_lap runs on the host and cannot take a traced {name} (inside jit/vmap/grad); "
+            "use jaxind.stats.assignment.lap, which works under jit and vmap"
+        )
     if not isinstance(cost, (np.ndarray, jax.Array)):
         cost = np.asarray(cost)
     if cost.ndim != ndim:
@@ -933,3 +941,13 @@ def assignment_cost(cost, row_ind, col_ind) -> float:
     """Total ``sum cost[row_ind, col_ind]`` in float64."""
     c = np.asarray(cost, np.float64)
     return float(c[np.asarray(row_ind), np.asarray(col_ind)].sum())
+
+
+def __getattr__(name: str) -> Any:
+    """:func:`jaxind.stats.lap.lap` and :class:`jaxind.stats.lap.LapResult`, re-exported (imported on first use:
+    ``jaxind.stats.lap`` builds on this module)."""
+    if name in ("lap", "LapResult"):
+        from jaxind.stats import lap as lap_module
+
+        return getattr(lap_module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
