@@ -229,8 +229,8 @@ def accumulate(
     layers_b: tuple[int, ...],
     pair_index: tuple[tuple[int, int], ...],
 ) -> ExpertPass:
-    """One pass over ``batches`` (as :func:`jaxind.grams.accumulate`) for two mixture-of-experts models."""
-    _require_moe(cfg_a, cfg_b, "the activation tests")
+    """One pass over ``batches`` (as :func:`jaxind.grams.accumulate`) for two mixture-of-experts models, or a MoE
+    and a dense model (:mod:`jaxind.upcycling` reads the dense MLP's units from the same input Grams)."""
     z = functools.partial(jnp.zeros, dtype=jnp.float32)
     da, db = cfg_a.d_model, cfg_b.d_model
     state = {
