@@ -174,8 +174,13 @@ def derived_experts(records: Sequence[LayerResult], alpha: float = ALPHA) -> lis
         return []
     adjusted = pvalues.adjust_log10([p["log10_pvalue"] for _, p in flat], "holm")
     out = [
-        {"layer_a": r.layer_a, "layer_b": r.layer_b, "expert_a": p["expert_a"], "expert_b": p["expert_b"],
-         "log10_pvalue": float(adj)}  # fmt: skip
+        {
+            "layer_a": r.layer_a,
+            "layer_b": r.layer_b,
+            "expert_a": p["expert_a"],
+            "expert_b": p["expert_b"],
+            "log10_pvalue": float(adj),
+        }  # fmt: skip
         for (r, p), adj in zip(flat, adjusted)
         if adj <= math.log10(alpha)
     ]

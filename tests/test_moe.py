@@ -603,7 +603,8 @@ def test_moe_checkpoint_round_trip_is_bit_identical(tmp_path):
 @pytest.mark.slow  # two CLI subprocesses
 def test_cli_on_moe_models(tmp_path):
     """Mixtral against a perturbed copy: every test runs and detects it; against an independent dense model the
-    expert tests run block by block (jaxind.upcycling) and name no derived expert, and JSD runs. The results JSON validates against the schema."""
+    expert tests run block by block (jaxind.upcycling) and name no derived expert, and JSD runs. The results JSON
+    validates against the schema."""
     import jsonschema
     from helpers import run_module
 
