@@ -33,6 +33,7 @@ of them (all layers) at ``alpha`` names the derived blocks with the family-wise 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxind import constrained, experts, match, pvalues
+from jaxind import grams as grams_lib
 from jaxind import model as model_lib
 from jaxind.config import ModelConfig
 from jaxind.errors import JaxindError
@@ -69,28 +71,46 @@ def applies(cfg_a: ModelConfig, cfg_b: ModelConfig) -> bool:
 
 
 class Block(NamedTuple):
-    """One SwiGLU MLP of a layer: ``label``, gate and up kernels ``(d, h)`` (gate None without a GLU)."""
+    """One SwiGLU MLP of a layer, by reference into the param tree: ``label``; the stacked gate and up leaves
+    (``(L, d, h)``, or ``(L, E, d, h)`` for routed experts; gate None without a GLU), ``layer`` and ``expert``
+    (the index into the expert axis, None for a dense MLP or the shared expert). Nothing is sliced out eagerly."""
 
     label: Label
     gate: jax.Array | None
     up: jax.Array
+    layer: int
+    expert: int | None
 
 
 def blocks(params: Params, cfg: ModelConfig, layer: int) -> list[Block]:
     """The MLP blocks of one layer: the dense MLP, or each routed expert and the shared expert."""
     leaves = params["layers"]
-
-    def f32(x: jax.Array | None) -> jax.Array | None:
-        return None if x is None else jnp.asarray(x, jnp.float32)
-
     if not cfg.moe:
-        return [Block("mlp", f32(leaves["gate"][layer]) if cfg.glu else None, f32(leaves["up"][layer]))]
-    gate, up = f32(leaves["expert_gate"][layer]), f32(leaves["expert_up"][layer])
-    assert gate is not None and up is not None
-    out = [Block(e, gate[e], up[e]) for e in range(cfg.n_experts)]
+        return [Block("mlp", leaves["gate"] if cfg.glu else None, leaves["up"], layer, None)]
+    out = [Block(e, leaves["expert_gate"], leaves["expert_up"], layer, e) for e in range(cfg.n_experts)]
     if cfg.shared_expert:
-        out.append(Block("shared", f32(leaves["gate"][layer]), f32(leaves["up"][layer])))
+        out.append(Block("shared", leaves["gate"], leaves["up"], layer, None))
     return out
+
+
+@functools.partial(jax.jit, static_argnames=("routed_a", "routed_b", "cosine"))
+def _block_pair(
+    leaf_a, layer_a, expert_a, leaf_b, layer_b, expert_b, space: experts.Space, *, routed_a, routed_b, cosine
+):
+    """One block of each model (indices traced: one compilation per shape), read in ``space``: their units'
+    cosines ``(h_A, h_B)`` or ``(inner, sq_norm_a, sq_norm_b)``."""
+    w_a = (leaf_a[layer_a, expert_a] if routed_a else leaf_a[layer_a]).astype(jnp.float32)
+    w_b = (leaf_b[layer_b, expert_b] if routed_b else leaf_b[layer_b]).astype(jnp.float32)
+    grams = experts.unit_grams(w_a, w_b, space)
+    return experts._cosines(*grams) if cosine else grams
+
+
+def _pair_of(a: Block, b: Block, proj: str, space: experts.Space, cosine: bool):
+    leaf_a, leaf_b = getattr(a, proj), getattr(b, proj)
+    return _block_pair(
+        leaf_a, a.layer, a.expert or 0, leaf_b, b.layer, b.expert or 0, space,
+        routed_a=a.expert is not None, routed_b=b.expert is not None, cosine=cosine,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,13 +147,15 @@ PairTest = Callable[[Block, Block, experts.Space, jax.Array], pvalues.SpearmanRe
 
 
 def _csu_pair(a: Block, b: Block, space: experts.Space, key: jax.Array) -> pvalues.SpearmanResult:
-    cos = np.asarray(experts._cosines(*experts.unit_grams(a.up, b.up, space)))
+    cos = np.asarray(_pair_of(a, b, "up", space, cosine=True))
     return constrained.matched_spearman(cos, key)[0]
 
 
 def _match_pair(a: Block, b: Block, space: experts.Space, key: jax.Array) -> pvalues.SpearmanResult:
-    assert a.gate is not None and b.gate is not None
-    d_gate, d_up = (experts._distances((wa, wb), space) for wa, wb in ((a.gate, b.gate), (a.up, b.up)))
+    d_gate, d_up = (
+        grams_lib.sq_distances(*(np.asarray(x) for x in _pair_of(a, b, proj, space, cosine=False)))
+        for proj in ("gate", "up")
+    )
     return match.match_units(d_gate, d_up, key).spearman
 
 
