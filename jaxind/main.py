@@ -338,6 +338,10 @@ def run(argv) -> int:
     if document["tests"].get("localized", {}).get("pvalue") is not None:
         print()
         print(report.format_localized(document["tests"]["localized"]))
+    from jaxind import upcycling
+
+    for line in upcycling.format_derived(document["tests"]):
+        print(line)
     if FLAGS.output and writer:
         results.write_json_or_rescue(FLAGS.output, document)
         _written.append(FLAGS.output)

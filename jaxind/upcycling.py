@@ -209,6 +209,28 @@ def derived_experts(records: Sequence[LayerResult], alpha: float = ALPHA) -> lis
     return sorted(out, key=lambda row: row["log10_pvalue"])
 
 
+def _name(label: Label) -> str:
+    return {"mlp": "MLP", "shared": "shared expert"}.get(str(label), f"expert {label}")
+
+
+def format_derived(tests: dict[str, Any], limit: int = 12) -> list[str]:
+    """Report lines naming the derived experts of each test that has them (results-document form)."""
+    lines = []
+    for name, test in tests.items():
+        derived = test.get("derived_experts")
+        if test.get("error") or not derived:
+            continue
+        lines += ["", f"{name}: {len(derived)} MLP block pairs derived (Holm at alpha={ALPHA}), strongest first:"]
+        lines += [
+            f"  B layer {d['layer_b']:>3} {_name(d['expert_b']):>13} <- A layer {d['layer_a']:>3} "
+            f"{_name(d['expert_a'])} (log10 p = {d['log10_pvalue']:.1f})"
+            for d in derived[:limit]
+        ]
+        if len(derived) > limit:
+            lines.append(f"  ... and {len(derived) - limit} more (results JSON: derived_experts)")
+    return lines
+
+
 def _run(
     test_name: str,
     params_a: Params,

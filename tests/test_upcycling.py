@@ -141,6 +141,7 @@ def test_cli_on_a_dense_model_and_its_upcycle(tmp_path, zoo):
     r = run_module("jaxind.main", f"--model_a={dense}", f"--model_b={up}", "--tests=csu,match",
                    "--num_sequences=4", "--seq_len=16", f"--output={out}")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "csu: 8 MLP block pairs derived" in r.stdout and "<- A layer   1 MLP" in r.stdout  # the report names them
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, RESULTS_SCHEMA)
     for name in ("csu", "match"):
