@@ -290,7 +290,7 @@ def _require_moe(cfg_a: ModelConfig, cfg_b: ModelConfig, test: str) -> None:
     if not (cfg_a.moe and cfg_b.moe):
         raise JaxindError(
             f"{test} on a mixture of experts compares experts with experts: both models must be mixtures of experts "
-            f"(got {cfg_a.family} and {cfg_b.family}); use --tests=generalized or jsd for a MoE vs a dense model"
+            f"(got {cfg_a.family} and {cfg_b.family}); use jaxind.upcycling for a MoE vs a dense model"
         )
     if cfg_a.shared_expert != cfg_b.shared_expert:
         raise JaxindError(
