@@ -468,8 +468,9 @@ def test_calibration_under_the_null(family):
 
 
 def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
-    """The registry sends MoE pairs to the expert versions; a MoE vs a dense model, or localized testing, is
-    refused with a reason (recorded as that test's error by the runner)."""
+    """The registry sends MoE pairs to the expert versions, a MoE vs a dense model to the block-by-block tests of
+    jaxind.stats.upcycling (tests/test_upcycling.py); localized testing is refused with a reason (recorded as that
+    test's error by the runner)."""
     from jaxind.pair.registry import TESTS, key_for
 
     cfg = MOE_CONFIGS["qwen2_moe"]
@@ -483,20 +484,21 @@ def test_registry_runs_the_expert_tests_and_refuses_what_does_not_apply():
     dense_cfg = jaxind.ModelConfig("qwen2", 64, 16, 2, 4, 2, 4, 20, qkv_bias=True)
     dense = jaxind.from_params(dense_cfg, _random_params(dense_cfg, 2))
     for name in ("csu", "csh", "match"):
-        with pytest.raises(JaxindError, match="both models must be mixtures of experts"):
-            TESTS[name](a, dense, key=key_for(0, name), data=tokens)
+        result = TESTS[name](a, dense, key=key_for(0, name), data=tokens)
+        assert {r.extra["part"] for r in result.layers} == {"blocks"} and result.pvalue > 0.01
     with pytest.raises(JaxindError, match="not implemented for mixtures of experts"):
         TESTS["localized"](a, near, key=key_for(0, "localized"), data=tokens)
     # the dense kernels refuse MoE params instead of silently testing the shared expert alone
-    from jaxind.stats import constrained, grams
+    from jaxind.stats import constrained, experts, grams
 
     with pytest.raises(JaxindError, match="jaxind.stats.experts.csu"):
         constrained.csu(a.params, cfg, near.params, cfg, jax.random.key(0))
     with pytest.raises(JaxindError, match="mixture of experts"):
         grams.accumulate(a.params, cfg, near.params, cfg, [tokens], layers_a=(0,), layers_b=(0,), pair_index=((0, 0),))
     mixtral = jaxind.from_params(MOE_CONFIGS["mixtral"], _random_params(MOE_CONFIGS["mixtral"], 3))
-    with pytest.raises(JaxindError, match="shared expert"):
-        TESTS["csu"](a, mixtral, key=key_for(0, "csu"))
+    with pytest.raises(JaxindError, match="shared expert"):  # the expert kernel itself; the registry compares blocks
+        experts.csu(a.params, cfg, mixtral.params, mixtral.config, jax.random.key(0))
+    assert TESTS["csu"](a, mixtral, key=key_for(0, "csu")).layers[0].extra["part"] == "blocks"
 
 
 def test_expert_similarity_ignores_unit_order_and_follows_the_experts():
@@ -601,8 +603,9 @@ def test_moe_checkpoint_round_trip_is_bit_identical(tmp_path):
 
 @pytest.mark.slow  # two CLI subprocesses
 def test_cli_on_moe_models(tmp_path):
-    """Mixtral against a perturbed copy: every test runs and detects it; against a dense model the expert tests
-    are recorded as not applicable while JSD runs. The results JSON validates against the schema."""
+    """Mixtral against a perturbed copy: every test runs and detects it; against an independent dense model the
+    expert tests run block by block (jaxind.stats.upcycling) and name no derived expert, and JSD runs. The results JSON
+    validates against the schema."""
     import jsonschema
     from helpers import run_module
 
@@ -631,6 +634,6 @@ def test_cli_on_moe_models(tmp_path):
                    f"--output={tmp_path / 'ad.json'}")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((tmp_path / "ad.json").read_text())
-    for name in ("csu", "match"):
-        assert "both models must be mixtures of experts" in doc["tests"][name]["error"]
+    for name in ("csu", "match"):  # compared block by block (jaxind.stats.upcycling), independent: no derived expert
+        assert doc["tests"][name]["error"] is None and doc["tests"][name]["derived_experts"] == []
     assert doc["tests"]["jsd"]["statistic"] > 0

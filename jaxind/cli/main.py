@@ -414,6 +414,10 @@ def run(argv) -> int:
     if localized is not None and localized.pvalue is not None:
         print()
         print(report.format_localized(localized))
+    from jaxind.stats import upcycling
+
+    for line in upcycling.format_derived(result.to_json()["tests"]):
+        print(line)
     if run.output and writer:
         results.write_json_or_rescue(run.output, result.to_json())
         _written.append(run.output)

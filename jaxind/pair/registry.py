@@ -31,7 +31,7 @@ from jaxind.io.loading import Model
 from jaxind.models.layers import Layers, resolve_pairs, same_layer_pairs
 from jaxind.pair.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
 from jaxind.pair.inputs import TokenData
-from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest
+from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest, upcycling
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair
 
@@ -99,6 +99,8 @@ def _same_config(a: Model, b: Model, test: str) -> None:
 
 @timed
 def _csu(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    if upcycling.applies(a.config, b.config):
+        return upcycling.csu(a.params, a.config, b.params, b.config, key, layers=layers)
     if _moe(a, b):
         return experts.csu(a.params, a.config, b.params, b.config, key, layers=layers)
     return constrained.csu(a.params, a.config, b.params, b.config, key, layers=layers)
@@ -112,6 +114,8 @@ def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: La
 @timed
 def _csh(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
     stats, pairs = _one_pass(a, b, data, layers, "csh")
+    if isinstance(stats, experts.ExpertPass) and upcycling.applies(a.config, b.config):
+        return upcycling.csh_from_pass(a.params, a.config, b.params, b.config, stats, pairs, key)
     if isinstance(stats, experts.ExpertPass):
         return experts.csh_from_pass(a.params, b.params, stats, pairs, key)
     return constrained.csh_from_pass(stats, pairs, key)
@@ -124,7 +128,9 @@ def _match(
     start = time.perf_counter()
     stats, pairs = _one_pass(a, b, data, layers, "match")
     seconds_pass = time.perf_counter() - start  # 0 when CSH (or a fingerprint) made the pass already
-    if isinstance(stats, experts.ExpertPass):
+    if isinstance(stats, experts.ExpertPass) and upcycling.applies(a.config, b.config):
+        result = upcycling.match_from_pass(a.params, a.config, b.params, b.config, stats, pairs, key)
+    elif isinstance(stats, experts.ExpertPass):
         result = experts.match_from_pass(a.params, b.params, stats, pairs, key)
     else:
         result = match.match_from_pass(stats, pairs, key, return_units)

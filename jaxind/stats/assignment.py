@@ -93,6 +93,7 @@ Equivariance
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -946,8 +947,6 @@ def assignment_cost(cost, row_ind, col_ind) -> float:
 def __getattr__(name: str) -> Any:
     """:func:`jaxind.stats.lap.lap` and :class:`jaxind.stats.lap.LapResult`, re-exported (imported on first use:
     ``jaxind.stats.lap`` builds on this module)."""
-    if name in ("lap", "LapResult"):
-        from jaxind.stats import lap as lap_module
-
-        return getattr(lap_module, name)
+    if name in ("lap", "LapResult"):  # by module path: an import statement here would be an import cycle
+        return getattr(importlib.import_module("jaxind.stats.lap"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -231,8 +231,8 @@ def accumulate(
     layers_b: tuple[int, ...],
     pair_index: tuple[tuple[int, int], ...],
 ) -> ExpertPass:
-    """One pass over ``batches`` (as :func:`jaxind.stats.grams.accumulate`) for two mixture-of-experts models."""
-    _require_moe(cfg_a, cfg_b, "the activation tests")
+    """One pass over ``batches`` (as :func:`jaxind.stats.grams.accumulate`) for two mixture-of-experts models, or a MoE
+    and a dense model (:mod:`jaxind.stats.upcycling` reads the dense MLP's units from the same input Grams)."""
     z = functools.partial(jnp.zeros, dtype=jnp.float32)
     da, db = cfg_a.d_model, cfg_b.d_model
     state = {
@@ -292,7 +292,7 @@ def _require_moe(cfg_a: ModelConfig, cfg_b: ModelConfig, test: str) -> None:
     if not (cfg_a.moe and cfg_b.moe):
         raise JaxindError(
             f"{test} on a mixture of experts compares experts with experts: both models must be mixtures of experts "
-            f"(got {cfg_a.family} and {cfg_b.family}); use --tests=generalized or jsd for a MoE vs a dense model"
+            f"(got {cfg_a.family} and {cfg_b.family}); use jaxind.stats.upcycling for a MoE vs a dense model"
         )
     if cfg_a.shared_expert != cfg_b.shared_expert:
         raise JaxindError(

@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxind.errors import JaxindError
 from jaxind.stats import assignment
 from jaxind.stats.assignment import CostMatrixError
-from jaxind.errors import JaxindError
 
 __all__ = ["METHODS", "LapOptionError", "LapResult", "lap"]
 
