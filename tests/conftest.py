@@ -29,6 +29,14 @@ REAL_MODELS = ("smollm2", "smollm2_torch", "smollm2_finetuned", "corpus_ids", "g
 _LAST_USE: dict[str, list[str]] = {}  # nodeid -> the real-model fixtures no later test uses
 
 
+def pytest_itemcollected(item):
+    """With ``-n N --dist loadgroup`` (the README's test command), every test of the real models runs in one
+    worker, in order, so each real model is loaded once and released after its last test (below); the other tests
+    spread over the workers. (Marked as collected: pytest-xdist reads the groups in its collection hook.)"""
+    if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODELS):
+        item.add_marker(pytest.mark.xdist_group("real_models"))
+
+
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: "gemma3" in getattr(item, "fixturenames", ()))  # stable: Gemma 3 last

@@ -72,7 +72,7 @@ class PairResult:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> PairResult:
-        """A results document (as :meth:`to_json` writes it) back as a value.
+        """A results document (as :meth:`PairResult.to_json` writes it) back as a value.
 
         Raises:
           JaxindError: a document of another schema version, or one without the keys every version has.
@@ -104,7 +104,7 @@ class PairResult:
 
     def __getitem__(self, key: str) -> Any:
         """``result["tests"]``: the document's keys, as ``run_pair``'s dict gave them before it returned a
-        PairResult. Deprecated: use the attributes, or :meth:`to_json`."""
+        PairResult. Deprecated: use the attributes, or :meth:`PairResult.to_json`."""
         warnings.warn(
             "run_pair returns a PairResult: read its attributes (result.tests[name].pvalue) or result.to_json()",
             DeprecationWarning,

@@ -84,7 +84,7 @@ class LayerResult:
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> LayerResult:
-        """The inverse of :meth:`to_json` (keys beyond the core ones become ``extra``)."""
+        """The inverse of :meth:`LayerResult.to_json` (keys beyond the core ones become ``extra``)."""
         core = ("layer_a", "layer_b", "pvalue", "log10_pvalue", "statistic")
         return cls(
             layer_a=record["layer_a"],
@@ -157,7 +157,7 @@ class TestResult:
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TestResult:
-        """The inverse of :meth:`to_json`: ``TestResult.from_json(r.to_json()).to_json() == r.to_json()``."""
+        """The inverse of :meth:`TestResult.to_json`: ``TestResult.from_json(r.to_json()).to_json() == r.to_json()``."""
         core = ("test", "pvalue", "log10_pvalue", "exact", "statistic", "combine", "seconds", "note", "error", "layers")
         return cls(
             test=record["test"],
