@@ -326,6 +326,11 @@ def accumulate(
                 f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "
                 "none: use the generalized test (jaxind.generalized) for this pair"
             )
+    aligned = getattr(batches, "accumulate", None)  # models with different tokenizers (jaxind.alignment)
+    if aligned is not None:
+        return aligned(
+            params_a, cfg_a, params_b, cfg_b, layers_a=layers_a, layers_b=layers_b, pair_index=pair_index, outer=outer
+        )
     pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
     layout = sharding.layout_of(params_a)
     state = init_state(
