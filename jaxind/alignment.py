@@ -73,10 +73,12 @@ def encode(tok: Any, text: str, base: int = 0) -> Encoded:
     """
     try:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
+        enc["offset_mapping"]
+    except (NotImplementedError, TypeError, KeyError):
         raise JaxindError(
-            f"aligning two tokenizers needs offset mappings, which the slow tokenizer {type(tok).__name__} "
-            "does not give: ship a tokenizer.json (a fast tokenizer) with the model, or use --data=random"
+            "models A and B have different tokenizers, and aligning them needs each token's span in the text, "
+            f"which the tokenizer {type(tok).__name__} does not give (no offset mapping: a slow tokenizer): ship a "
+            "tokenizer.json (a fast tokenizer) with the model, or use --data=random"
         ) from None
     offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
     table = byte_offsets(text)
