@@ -151,6 +151,7 @@ class AlignedTokens:
         ``tokens_b[n, pos_b[n, k]]`` end at the same byte); padded with 0 where ``valid`` is 0.
       valid: ``(N, K)`` float32, 1 for the aligned positions, 0 for padding.
       text_bytes: bytes of text the windows cover.
+      num_tokens_b: B's tokens in the windows (without the padding).
     """
 
     tokens_a: np.ndarray
@@ -159,6 +160,7 @@ class AlignedTokens:
     pos_b: np.ndarray
     valid: np.ndarray
     text_bytes: int
+    num_tokens_b: int
 
     @property
     def count(self) -> int:
@@ -168,7 +170,8 @@ class AlignedTokens:
         """What the results document records of the alignment (its ``data.alignment``)."""
         return {
             "aligned_positions": self.count,
-            "tokens_a": int(np.count_nonzero(self.tokens_a >= 0)),
+            "tokens_a": int(self.tokens_a.size),
+            "tokens_b": self.num_tokens_b,
             "tokens_b_shape": list(self.tokens_b.shape),
             "text_bytes": self.text_bytes,
         }
@@ -205,7 +208,8 @@ def from_windows(windows: Sequence[Window], vocab_a: int, vocab_b: int, min_posi
     for n, (w, (ia, ib)) in enumerate(zip(windows, pairs)):
         tokens_a[n, : len(w.ids_a)], tokens_b[n, : len(w.ids_b)] = w.ids_a, w.ids_b
         pos_a[n, : len(ia)], pos_b[n, : len(ib)], valid[n, : len(ia)] = ia, ib, 1.0
-    return AlignedTokens(tokens_a, tokens_b, pos_a, pos_b, valid.astype(np.float32), text_bytes)
+    num_b = sum(len(w.ids_b) for w in windows)
+    return AlignedTokens(tokens_a, tokens_b, pos_a, pos_b, valid.astype(np.float32), text_bytes, num_b)
 
 
 def text_windows(texts: Sequence[str], tok_a: Any, tok_b: Any, seq_len: int, vocab_a: int, vocab_b: int):

@@ -261,9 +261,7 @@ def windows(ids: np.ndarray, spec: DataSpec) -> np.ndarray:
     return np.stack([ids[s : s + spec.seq_len] for s in starts]).astype(np.int32)
 
 
-def make_tokens(
-    spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = None, tokenizer_b: Any = None
-) -> Any:
+def make_tokens(spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = None, tokenizer_b: Any = None) -> Any:
     """The ``(num_sequences, seq_len)`` int32 token array both models are run on; where B's tokenizer turns the
     text fed into other ids than A's, each model's own tokens of the same text and their aligned positions
     (:class:`jaxind.alignment.AlignedTokens`).

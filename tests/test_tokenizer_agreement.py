@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from jaxind import alignment, data
-from jaxind.errors import JaxindError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320

@@ -6,11 +6,11 @@ today's token array and p-values."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
-
 from helpers import numpy_noise, numpy_params
 
 from jaxind import alignment, data, loading
@@ -49,7 +49,8 @@ def tokenizers():
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=alphabet))
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=alphabet)
+    bpe.train_from_iterator([text], trainer)
     tok_a = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
     tok_b = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<eos>")
     tok_b.add_tokens(WORDS)
@@ -147,7 +148,8 @@ def models(tokenizers):
     params_b["lm_head"] = np.concatenate([params_a["lm_head"], rows.T], axis=1)
     params_b = numpy_noise(params_b, 1, 0.05)  # the fine-tune after the extension (tests/helpers.py's proxy)
     params_c = numpy_params(cfg_c, 7)
-    return tuple(loading.from_params(c, p, n) for c, p, n in ((cfg_a, params_a, "a"), (cfg_b, params_b, "b"), (cfg_c, params_c, "c")))
+    made = ((cfg_a, params_a, "a"), (cfg_b, params_b, "b"), (cfg_c, params_c, "c"))
+    return tuple(loading.from_params(c, p, n) for c, p, n in made)
 
 
 def _match(x, y, tokens):
@@ -179,18 +181,13 @@ def test_an_independent_pair_with_other_tokenizers_is_not_rejected(tokenizers, m
 def test_aligned_pass_equals_the_plain_pass_on_a_relabelled_vocabulary(tokenizers, models, text_file):
     """B = A with its vocabulary ids permuted (tokenizer and embedding rows alike): every position aligns, and the
     aligned pass gives the Grams the plain pass gives A against itself."""
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tok_a, _, _ = tokenizers
     a, _, _ = models
     order = np.random.default_rng(0).permutation(VOCAB)  # new id of old id i: order[i]
-    spec_json = tok_a.backend_tokenizer.to_str()
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(spec_json)
-    import json
-
-    spec = json.loads(spec_json)
+    spec = json.loads(tok_a.backend_tokenizer.to_str())
     spec["model"]["vocab"] = {k: int(order[v]) for k, v in spec["model"]["vocab"].items()}
     for t in spec["added_tokens"]:
         t["id"] = int(order[t["id"]])
@@ -219,7 +216,8 @@ def test_identical_tokenizers_keep_the_token_array_and_pvalues(tokenizers, model
 
     tok_a, _, _ = tokenizers
     a, _, _ = models
-    copy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok_a.backend_tokenizer.to_str()), eos_token="<eos>")
+    backend = Tokenizer.from_str(tok_a.backend_tokenizer.to_str())
+    copy = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     spec = data.DataSpec(kind="text", path=text_file, **SPEC)
     both = data.make_tokens(spec, VOCAB, VOCAB, tok_a, copy)
     alone = data.make_tokens(spec, VOCAB, VOCAB, tok_a)
@@ -236,3 +234,36 @@ def test_tests_feeding_one_id_array_are_refused_on_aligned_text(tokenizers, mode
         TESTS["jsd"](a, b, key=key_for(0, "jsd"), data=tokens)
     csu = TESTS["csu"](a, b, key=key_for(0, "csu"), data=tokens)  # weights only: runs whatever the tokenizers
     assert csu.log10_pvalue < -10
+
+
+@pytest.mark.slow
+def test_real_smollm2_with_added_tokens_is_detected_on_text(smollm2, tmp_path):
+    """The real SmolLM2 against itself with 20 frequent multi-piece words of the text added as tokens (embedding
+    rows: the mean of each word's pieces): before, refused ("tokenise the data differently"); now MATCH on aligned
+    text finds the pair."""
+    import collections
+    import dataclasses
+    import re
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = smollm2.tokenizer
+    text = _corpus()
+    counts = collections.Counter(re.findall(r" [A-Za-z]{5,}", text))
+    words = [w for w, _ in counts.most_common() if len(tok(w, add_special_tokens=False)["input_ids"]) > 1][:20]
+    tok_b = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), eos_token=tok.eos_token
+    )
+    assert tok_b.add_tokens(words) == 20
+    embed = np.asarray(smollm2.params["embed"])
+    rows = np.stack([embed[tok(w, add_special_tokens=False)["input_ids"]].mean(0) for w in words])
+    cfg_b = dataclasses.replace(smollm2.config, vocab_size=len(tok_b))
+    b = loading.from_params(cfg_b, dict(smollm2.params, embed=np.concatenate([embed, rows])), "smollm2+words")
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    spec = data.DataSpec(kind="text", path=str(path), num_sequences=4, seq_len=64)
+    tokens = data.make_tokens(spec, smollm2.config.vocab_size, cfg_b.vocab_size, tok, tok_b)
+    assert isinstance(tokens, alignment.AlignedTokens) and int(tokens.tokens_b.max()) >= smollm2.config.vocab_size
+    result = TESTS["match"](smollm2, b, key=key_for(0, "match"), data=TokenData.wrap(tokens), layers=[0, 15, 29])
+    assert result.error is None and result.log10_pvalue < -10, result
