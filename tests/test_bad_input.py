@@ -743,6 +743,41 @@ ISSUE_19_CASES: list[Case] = [
 CASES += ISSUE_19_CASES
 
 
+# --- issue 18: models with different tokenizers ---
+def _two_byte_tokenizers(world: World, d: Path) -> None:
+    """Copies A's HF directory to ``case_dir/a`` and ``case_dir/b`` with two byte tokenizers (B numbers the 256
+    bytes in reverse) and writes a 204-byte text: one window of 32 bytes aligns at 32 positions, too few."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    for name, order in (("a", alphabet), ("b", alphabet[::-1])):
+        backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(order)}, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        shutil.copytree(world.a, d / name)
+        PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(d / name)
+    (d / "t.txt").write_text("plain text. " * 17)
+
+
+CASES += [
+    Case(
+        "different_tokenizers_too_few_aligned",
+        lambda w, d: [
+            f"--model_a={d / 'a'}",
+            f"--model_b={d / 'b'}",
+            *SHORT,
+            "--num_sequences=1",
+            f"--data=text:{d / 't.txt'}",
+        ],
+        "only 32 positions of the 32 text bytes fed align (a token of each ending at the same byte; at least 128 "
+        "are needed): feed about 96 more text bytes",
+        setup=_two_byte_tokenizers,
+        before_work=False,
+    ),
+]
+
+
 def _copy(src: str, dst: Path, **config_changes) -> str:
     shutil.copytree(src, dst)
     if config_changes:

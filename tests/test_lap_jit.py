@@ -158,7 +158,7 @@ def test_bad_costs_raise_cost_matrix_error():
 
 
 def test_solve_lap_under_jit_points_to_lap():
-    with pytest.raises(JaxindError, match=r"jaxind\.assignment\.lap"):
+    with pytest.raises(JaxindError, match=r"jaxind\.stats\.assignment\.lap"):
         jax.jit(lambda c: assignment.solve_lap(c, method="auction"))(np.eye(3, dtype=np.float32))
 
 

@@ -1,6 +1,7 @@
-"""Text data is fed to model B only if B's tokenizer turns all of it into A's ids: a tokenizer that swaps two
-token ids is refused even when the difference lies beyond the first 2,000 characters (the old check). Text files
-are read window by window (jaxind.io.data.text_windows), and exactly the text fed is compared; JSONL whole."""
+"""Text data is fed to model B as A's ids only if B's tokenizer turns all of it into A's ids: a tokenizer that swaps
+two token ids is noticed even when the difference lies beyond the first 2,000 characters (the old check), and the
+two tokenizations are then aligned (jaxind.io.alignment). Text files are read window by window
+(jaxind.io.data.text_windows), and exactly the text fed is compared; JSONL whole."""
 
 import dataclasses
 import json
@@ -11,8 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxind.errors import JaxindError
-from jaxind.io import data
+from jaxind.io import alignment, data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
@@ -71,20 +71,23 @@ def test_the_swap_hides_beyond_the_first_2000_characters(tokenizers_and_text):
 WINDOWS = dict(num_sequences=32, seq_len=16)  # over the 4.7 KB corpus: the windows reach the swapped ids
 
 
-def test_a_swapped_tokenizer_is_refused_at_the_first_difference(tokenizers_and_text):
+def _swapped(ids, swap):
+    out = np.array(ids)
+    out[np.asarray(ids) == swap[0]], out[np.asarray(ids) == swap[1]] = swap[1], swap[0]
+    return out
+
+
+def test_a_swapped_tokenizer_is_aligned_at_every_token(tokenizers_and_text):
+    """B's tokenizer gives other ids to the same spans: B reads its own ids (A's with the two swapped), and every
+    position aligns (jaxind.io.alignment); before, the run was refused at the first difference."""
     tok_a, tok_b, path, swap, _ = tokenizers_and_text
     spec = data.DataSpec(kind="text", path=path, **WINDOWS)
     cut = data.text_windows(spec, tok_a)
-    hit = next(k for k, ids in enumerate(cut.ids) if set(ids) & set(swap))  # the first window fed a swapped id
-    a, b = np.asarray(cut.ids[hit]), np.asarray(tok_b(cut.texts[hit], add_special_tokens=False)["input_ids"])
-    first = int(np.flatnonzero(a != b)[0])
-    with pytest.raises(JaxindError) as info:
-        data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
-    message = str(info.value)
-    assert f"window {hit + 1} (byte offset {cut.offsets[hit]:,}), token {first:,}" in message, message
-    assert f"id {a[first]}" in message and f"id {b[first]}" in message
-    assert repr(tok_a.convert_ids_to_tokens(int(a[first]))) in message
-    assert {int(a[first]), int(b[first])} == set(swap) and "--data=random" in message
+    assert any(set(ids) & set(swap) for ids in cut.ids)  # some window is fed a swapped id
+    got = data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
+    assert isinstance(got, alignment.AlignedTokens) and np.array_equal(got.tokens_a, cut.tokens)
+    assert np.array_equal(got.tokens_b, _swapped(cut.tokens, swap))
+    assert got.count == cut.tokens.size and np.array_equal(got.pos_a, got.pos_b)
 
 
 def test_only_the_text_fed_is_compared(tokenizers_and_text):
@@ -141,18 +144,25 @@ def test_the_same_tokenizer_loaded_twice_passes(tokenizers_and_text):
     assert np.array_equal(both, data.make_tokens(spec, VOCAB, VOCAB, tok_a))
 
 
-def test_jsonl_names_the_document(tokenizers_and_text, tmp_path):
-    tok_a, tok_b, path, _, _ = tokenizers_and_text
+def test_jsonl_documents_align_with_their_separators(tokenizers_and_text, tmp_path):
+    tok_a, tok_b, path, swap, _ = tokenizers_and_text
     text = open(path, encoding="utf-8").read()
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": t}) for t in (text[:1500], text)) + "\n")
-    spec = data.DataSpec(kind="jsonl", path=str(docs), num_sequences=2, seq_len=16)
-    with pytest.raises(JaxindError, match="document 2"):
-        data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
+    spec = data.DataSpec(kind="jsonl", path=str(docs), num_sequences=8, seq_len=64)
+    got = data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
+    assert np.array_equal(got.tokens_a, data.make_tokens(spec, VOCAB, VOCAB, tok_a))  # A's windows as before
+    assert np.array_equal(got.tokens_b, _swapped(got.tokens_a, swap)) and got.count == got.tokens_a.size
+    a, b = alignment.streams([text[:1500], text], tok_a, tok_b)  # the documents' end-of-text tokens align
+    eos_a, eos_b = np.flatnonzero(a.ids == tok_a.eos_token_id), np.flatnonzero(b.ids == tok_b.eos_token_id)
+    ia, ib = alignment.align(a.ends, b.ends)
+    assert len(eos_a) == len(eos_b) == 2 and set(eos_a) <= set(ia) and set(eos_b) <= set(ib)
+    assert len(ia) == len(a) == len(b)
 
 
-def test_the_cli_refuses_the_swapped_tokenizer(tokenizers_and_text, tmp_path):
-    """Model B is model A's weights with the swapped tokenizer beside them: the run stops with one error line."""
+def test_the_cli_aligns_the_swapped_tokenizer(tokenizers_and_text, tmp_path):
+    """Model B is model A's weights with the swapped tokenizer beside them: the run aligns the two tokenizations,
+    reports the aligned positions, and MATCH finds the pair."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -179,16 +189,19 @@ def test_the_cli_refuses_the_swapped_tokenizer(tokenizers_and_text, tmp_path):
             "jaxind.main",
             f"--model_a={tmp_path / 'a'}",
             f"--model_b={tmp_path / 'b'}",
-            "--tests=csu",
+            "--tests=csu,match",
             f"--data=text:{path}",
             "--num_sequences=32",
             "--seq_len=16",
+            f"--output={tmp_path / 'out.json'}",
         ],
         capture_output=True,
         text=True,
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO},
     )
-    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
-    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "tokenise the data differently" in errors[0]
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "different tokenizers: 512 aligned text positions" in r.stdout
+    document = json.loads((tmp_path / "out.json").read_text())
+    assert document["data"]["alignment"]["aligned_positions"] == 32 * 16
+    assert document["tests"]["match"]["log10_pvalue"] < -5, document["tests"]["match"]

@@ -261,14 +261,14 @@ def windows(ids: np.ndarray, spec: DataSpec) -> np.ndarray:
     return np.stack([ids[s : s + spec.seq_len] for s in starts]).astype(np.int32)
 
 
-def make_tokens(
-    spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = None, tokenizer_b: Any = None
-) -> np.ndarray:
-    """The ``(num_sequences, seq_len)`` int32 token array both models are run on.
+def make_tokens(spec: DataSpec, vocab_a: int, vocab_b: int, tokenizer_a: Any = None, tokenizer_b: Any = None) -> Any:
+    """The ``(num_sequences, seq_len)`` int32 token array both models are run on; where B's tokenizer turns the
+    text fed into other ids than A's, each model's own tokens of the same text and their aligned positions
+    (:class:`jaxind.io.alignment.AlignedTokens`).
 
     Raises:
-      JaxindError: a text source without tokenizers, tokenizers that disagree, or ids outside
-        the shared vocabulary.
+      JaxindError: a text source without tokenizers, ids outside the shared vocabulary, or (different
+        tokenizers) too few aligned positions.
     """
     shared = min(vocab_a, vocab_b)
     if spec.kind == "random":
@@ -276,17 +276,25 @@ def make_tokens(
         return rng.integers(0, shared, (spec.num_sequences, spec.seq_len)).astype(np.int32)
     if tokenizer_a is None:
         raise JaxindError("text data needs model A's tokenizer, and it has none: use --data=random")
+    from jaxind.io import alignment
+
     if spec.kind == "text":
         cut = text_windows(spec, tokenizer_a)
-        if tokenizer_b is not None and tokenizer_b is not tokenizer_a:  # B must see exactly A's ids
-            cut.check(tokenizer_a, tokenizer_b)
+        if tokenizer_b is not None and tokenizer_b is not tokenizer_a:  # B must see exactly A's ids, or align
+            try:
+                cut.check(tokenizer_a, tokenizer_b)
+            except JaxindError:
+                return alignment.text_windows(cut.texts, tokenizer_a, tokenizer_b, spec.seq_len, vocab_a, vocab_b)
         return _in_vocabulary(cut.tokens, shared)
     texts = read_texts(spec)
     eos = getattr(tokenizer_a, "eos_token_id", None)
     separate = eos is not None and len(texts) > 1
     encoded = tokenizer.encode(tokenizer_a, texts)
-    if tokenizer_b is not None and tokenizer_b is not tokenizer_a:  # B must see exactly A's ids, all of them
-        tokenizer.check_same_tokens(texts, encoded, tokenizer_a, tokenizer_b, separator=separate)
+    if tokenizer_b is not None and tokenizer_b is not tokenizer_a:  # B must see exactly A's ids (all), or align
+        try:
+            tokenizer.check_same_tokens(texts, encoded, tokenizer_a, tokenizer_b, separator=separate)
+        except JaxindError:
+            return alignment.stream_windows(texts, tokenizer_a, tokenizer_b, spec, vocab_a, vocab_b)
     pieces = []
     for ids in encoded:
         pieces.append(np.asarray(ids, np.int64))

@@ -39,6 +39,7 @@ class TokenData:
 
     tokens: np.ndarray
     batch_size: int = 8
+    aligned: Any = None  # models with different tokenizers: a jaxind.io.alignment.AlignedTokens (tokens are A's)
     _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, PassStats]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
@@ -64,11 +65,33 @@ class TokenData:
         """
         if data is None:
             raise JaxindError(f"{test} runs the models on tokens: pass data= token ids of shape (N, T)")
-        return data if isinstance(data, TokenData) else cls(np.asarray(data))
+        return data if isinstance(data, TokenData) else cls.wrap(data)
 
-    def batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(tokens (B, T), mask (B, T))`` batches of equal shape (see :func:`jaxind.io.data.batches`)."""
+    @classmethod
+    def wrap(cls, data: Any, batch_size: int = 8) -> TokenData:
+        """A token array ``(N, T)``, or the aligned tokens of two tokenizers (:mod:`jaxind.io.alignment`)."""
+        if hasattr(data, "tokens_a"):
+            return cls(data.tokens_a, batch_size, aligned=data)
+        return cls(np.asarray(data), batch_size)
+
+    def batches(self) -> Any:
+        """``(tokens (B, T), mask (B, T))`` batches of equal shape (see :func:`jaxind.io.data.batches`); for models with
+        different tokenizers, :class:`jaxind.io.alignment.AlignedBatches`."""
+        if self.aligned is not None:
+            return self.aligned.batches(self.batch_size)
         return list(data_lib.batches(self.tokens, self.batch_size))
+
+    def require_shared_tokens(self, test: str) -> None:
+        """Refuses a test that feeds one token array to both models when the two tokenizers differ.
+
+        Raises:
+          JaxindError: the data is aligned text of two tokenizers.
+        """
+        if self.aligned is not None:
+            raise JaxindError(
+                f"{test} feeds the same token ids to both models, and models A and B have different tokenizers: "
+                "run it with --data=random (ids both vocabularies share), or use match/csh/localized on text"
+            )
 
     def add_fingerprint(self, params: Params, fp: fingerprint.Fingerprint) -> None:
         """Lets the model with param tree ``params`` use its fingerprint ``fp`` instead of a pass.
@@ -102,8 +125,12 @@ class TokenData:
         key = (id(params_a), id(params_b), pairs)
         cached = self._passes.get(key)
         moe = cfg_a.moe or cfg_b.moe
-        fp_a = None if moe else self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
-        fp_b = None if moe else self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
+        if moe and self.aligned is not None:
+            raise JaxindError(
+                "mixtures of experts on text of two different tokenizers are not supported yet: use --data=random"
+            )
+        fp_a = None if moe or self.aligned is not None else self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
+        fp_b = None if moe or self.aligned is not None else self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
         if (cached is None or cached[0] is not params_a or cached[1] is not params_b) and fp_a and fp_b:
             cached = (params_a, params_b, fingerprint.pass_stats(fp_a, params_a, fp_b, params_b, pairs))
             self._passes[key] = cached

@@ -174,6 +174,7 @@ def _mc(
     mc_sequences: int = 4,
 ) -> TestResult:
     _same_config(a, b, "mc")
+    TokenData.of(data, "mc").require_shared_tokens("mc")
     tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
     return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="mc", tokens=tokens)
 
@@ -181,6 +182,7 @@ def _mc(
 @timed
 def _jsd(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
     vocab = min(a.config.vocab_size, b.config.vocab_size)
+    TokenData.of(data, "jsd").require_shared_tokens("jsd")
     return divergence.jsd(a.logits, b.logits, TokenData.of(data, "jsd").batches(), vocab)
 
 

@@ -107,8 +107,10 @@ def run_pair(
     if tokens is None:
         tokenizers = (a.tokenizer, b.tokenizer) if settings.data.kind != "random" else (None, None)
         tokens = data.make_tokens(settings.data, a.config.vocab_size, b.config.vocab_size, *tokenizers)
-    token_data = tokens if isinstance(tokens, TokenData) else TokenData(tokens, settings.batch_size)
+    token_data = tokens if isinstance(tokens, TokenData) else TokenData.wrap(tokens, settings.batch_size)
     tokens = token_data.tokens
+    if token_data.aligned is not None:
+        log(f"models A and B have different tokenizers: {token_data.aligned.count:,} aligned text positions")
     keep_timing = timing is not None
     timing = {} if timing is None else timing
     timing["tokens"] = time.perf_counter() - start
@@ -118,6 +120,8 @@ def run_pair(
         tests[name] = run_test(TESTS[name], a, b, settings, token_data)
         timing[f"test_{name}"] = tests[name].seconds
     data_info = {**settings.data.describe(), "tokens_shape": list(tokens.shape)}
+    if token_data.aligned is not None:  # different tokenizers: what was aligned (jaxind.io.alignment)
+        data_info["alignment"] = token_data.aligned.describe()
     return PairResult(
         model_a=a.summary(),
         model_b=b.summary(),

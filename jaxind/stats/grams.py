@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxind import progress
 from jaxind.errors import JaxindError
+from jaxind.io import alignment
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
 from jaxind.parallel import sharding
@@ -328,6 +329,18 @@ def accumulate(
                 f"MATCH needs GLU MLPs (gate and up projections); the {cfg.family!r} family has "
                 "none: use the generalized test (jaxind.stats.generalized) for this pair"
             )
+    if isinstance(batches, alignment.AlignedBatches):  # models with different tokenizers
+        return accumulate_aligned(
+            batches,
+            params_a,
+            cfg_a,
+            params_b,
+            cfg_b,
+            layers_a=layers_a,
+            layers_b=layers_b,
+            pair_index=pair_index,
+            outer=outer,
+        )
     pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
     layout = sharding.layout_of(params_a)
     state = init_state(
@@ -363,3 +376,83 @@ def accumulate(
         layers_b=tuple(layers_b),
         pair_index=tuple(pair_index),
     )
+
+
+# --- models with different tokenizers: the pass over aligned positions (jaxind.io.alignment) ---------------
+
+
+def accumulate_aligned(
+    batches: alignment.AlignedBatches,
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    *,
+    layers_a: tuple[int, ...],
+    layers_b: tuple[int, ...],
+    pair_index: tuple[tuple[int, int], ...] = (),
+    outer: bool = False,
+) -> PassStats:
+    """:func:`jaxind.accumulate` over the aligned positions (see the module doc)."""
+    pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
+    state = init_state(cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape)
+    static = dict(cfg_a=cfg_a, cfg_b=cfg_b, layers_a=layers_a, layers_b=layers_b, pair_index=pair_index)
+    for batch in progress.bar(iter(batches), desc="MATCH pass (aligned tokens)"):
+        state = aligned_step(state, params_a, params_b, batch, outer=outer, **static)
+    return PassStats(
+        cross=state["cross"],
+        sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
+        sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
+        count=float(state["count"]),
+        weights_a={k: params_a["layers"][k] for k in ("gate", "up")},
+        weights_b={k: params_b["layers"][k] for k in ("gate", "up")},
+        layers_a=tuple(layers_a),
+        layers_b=tuple(layers_b),
+        pair_index=tuple(pair_index),
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index", "outer"),
+    donate_argnames=("state",),
+)
+def aligned_step(
+    state: dict[str, jax.Array],
+    params_a: Params,
+    params_b: Params,
+    batch: dict[str, jax.Array],
+    *,
+    cfg_a: ModelConfig,
+    cfg_b: ModelConfig,
+    layers_a: tuple[int, ...],
+    layers_b: tuple[int, ...],
+    pair_index: tuple[tuple[int, int], ...] = (),
+    outer: bool = False,
+) -> dict[str, jax.Array]:
+    """:func:`accumulate_step` for aligned batches: each model runs on its own ids, its unit sums of
+    squares count its aligned positions (the masks), and the MLP inputs at the aligned positions are gathered in
+    the alignment's order before the cross-Grams are summed."""
+    hi = jax.lax.Precision.HIGHEST
+    stats_a = _collect(params_a, cfg_a, batch["tokens_a"], batch["mask_a"], layers_a, False, None)
+    stats_b = _collect(params_b, cfg_b, batch["tokens_b"], batch["mask_b"], layers_b, False, None)
+    valid = batch["valid"].reshape(-1)
+    xa = _gather_positions(stats_a["x"], batch["pos_a"], batch["tokens_a"].shape[1]) * valid[None, :, None]
+    xb = _gather_positions(stats_b["x"], batch["pos_b"], batch["tokens_b"].shape[1]) * valid[None, :, None]
+    if outer:
+        cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)
+    else:
+        ia = jnp.asarray([p[0] for p in pair_index], dtype=jnp.int32)
+        ib = jnp.asarray([p[1] for p in pair_index], dtype=jnp.int32)
+        cross = jnp.einsum("pnd,pne->pde", xa[ia], xb[ib], precision=hi)
+    new = {"cross": state["cross"] + cross, "count": state["count"] + jnp.sum(valid)}
+    for name in ("gate", "up"):
+        new[name + "_a"] = state[name + "_a"] + stats_a[name]
+        new[name + "_b"] = state[name + "_b"] + stats_b[name]
+    return new
+
+
+def _gather_positions(x: jax.Array, pos: jax.Array, length: int) -> jax.Array:
+    """Rows ``pos (B, K)`` of each sequence from flattened ``x (n, B * length, d)`` -> ``(n, B * K, d)``."""
+    flat = (jnp.arange(pos.shape[0])[:, None] * length + pos).reshape(-1)
+    return x[:, flat]
