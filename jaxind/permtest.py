@@ -629,6 +629,11 @@ def _result(
     PERMTEST)."""
     stats_total = np.asarray(stats_total, dtype=np.float64)
     stat0_total = float(stat0_total)
+    if not (np.isfinite(stat0_total) and np.all(np.isfinite(stats_total))):
+        raise JaxindError(
+            f"the {stat.name} statistic returned NaN or inf (observed {stat0_total}, "
+            f"{int(np.sum(~np.isfinite(stats_total)))} of {stats_total.shape[0]} draws); it must be finite"
+        )
     records: list[LayerResult] = []
     s0l = stl = None
     if stat.per_layer:
@@ -648,11 +653,6 @@ def _result(
             stat0_total = float(stat.combine_layers(s0l[index]))
             stats_total = np.asarray(stat.combine_layers(stl[:, index]), dtype=np.float64)
     p, lp = pvalues.permtest_pvalue(stat0_total, stats_total)
-    if not (np.isfinite(stat0_total) and np.all(np.isfinite(stats_total))):
-        raise JaxindError(
-            f"the {stat.name} statistic returned NaN or inf (observed {stat0_total}, "
-            f"{int(np.sum(~np.isfinite(stats_total)))} of {stats_total.shape[0]} draws); it must be finite"
-        )
     return PermTestResult(
         test=stat.name,
         pvalue=float(p),
