@@ -52,12 +52,13 @@ def _pair(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: Any) -> 
     return params_a, params_b
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PermStatistic:
     """A PERMTEST statistic (larger = more similar), evaluated on many group elements at once.
 
     Attributes:
-      name: the statistic's name (the result's ``test``).
+      name: the statistic's name (the result's ``test``). Two statistics with the same functions are equal
+        whatever their names (they share compiled draws).
       draw: ``(consts, perm, cfg) -> stat`` for one group element (traceable; ``vmap``ped over draws): a float
         scalar, or with ``per_layer`` a pair ``(stat_layers (L,), stat_total ())``.
       prepare: ``(params_a, params_b, cfg, tokens) -> consts``, a pytree of arrays computed once per test and
@@ -81,7 +82,7 @@ class PermStatistic:
         partition specs; None: built from ``draw`` (constants replicated, no ``layers`` split).
     """
 
-    name: str
+    name: str = dataclasses.field(compare=False)
     draw: Callable[[Any, Perm, ModelConfig], Any]
     prepare: Callable[[Params, Params, ModelConfig, Any], Any] = _pair
     direct: Callable[[Params, Params, ModelConfig, Any], Any] | None = None
@@ -147,7 +148,7 @@ def register_statistic(
     if isinstance(statistic, PermStatistic):
         stat = statistic if statistic.name == name else dataclasses.replace(statistic, name=name)
     elif callable(statistic):
-        stat = from_function(statistic, name)
+        stat = dataclasses.replace(from_function(statistic), name=name)  # the same draws as the function itself
     else:
         raise JaxindError(
             f"a PERMTEST statistic is a function (params_a, params_b) -> scalar or a PermStatistic, got {statistic!r}"

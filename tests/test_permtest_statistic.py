@@ -113,18 +113,19 @@ def test_related_models_get_the_smallest_pvalue(pair):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices")
 def test_custom_statistic_on_8_devices_equals_one_device(pair, cosine_run):
+    """The draws split over 8 devices, and chunked by the memory budget (one draw per device per step, 4 steps:
+    a plain function's draw is budgeted at 3 copies of the model, the CPU budget shared by the 8 devices), give
+    the counts the one-device run gives in one step."""
     a, b = pair
-    key, statistic, on1 = KEY, cosine, cosine_run
+    on1 = cosine_run
     assert on1.num_perms == T and len(jax.devices()) >= 8
-    on8 = permtest.permtest(a, b, CFG, key, num_perms=T, statistic=statistic, devices=jax.devices()[:8])
+    budget = 8 * 3 * CFG.num_params() * 4
+    on8 = permtest.permtest(
+        a, b, CFG, KEY, num_perms=T, statistic=cosine, devices=jax.devices()[:8], memory_budget_bytes=budget
+    )
     assert on8.pvalue == on1.pvalue and on8.log10_pvalue == on1.log10_pvalue
     np.testing.assert_allclose(on8.stats, on1.stats, rtol=1e-6)
     np.testing.assert_array_equal(on8.stats >= on8.stat0, on1.stats >= on1.stat0)
-    # a memory budget of 4 draws (a plain function's draw holds about 3 copies of the model): 8 chunks of 4
-    budget = 4 * 3 * CFG.num_params() * 4
-    chunked = permtest.permtest(a, b, CFG, key, num_perms=T, statistic=statistic, memory_budget_bytes=budget)
-    assert chunked.pvalue == on1.pvalue
-    np.testing.assert_allclose(chunked.stats, on1.stats, rtol=1e-6)
 
 
 # Computed on main (482696d, before the protocol) with the same models, keys and T: the built-in statistics'
