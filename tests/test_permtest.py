@@ -211,11 +211,11 @@ def test_calibration_under_null():
 
 def test_bad_arguments():
     a, b = model(CFG, 21), model(CFG, 22)
-    with pytest.raises(ValueError, match="statistic"):
+    with pytest.raises(JaxindError, match="statistic"):
         permtest(a, b, CFG, jax.random.key(0), num_perms=5, statistic="jsd")
-    with pytest.raises(ValueError, match="tokens"):
+    with pytest.raises(JaxindError, match="tokens"):
         permtest(a, b, CFG, jax.random.key(0), num_perms=5, statistic="mc")
-    with pytest.raises(ValueError, match="num_perms"):
+    with pytest.raises(JaxindError, match="num_perms"):
         permtest(a, b, CFG, jax.random.key(0), num_perms=0)
     other = init_params(CFG.replace(d_ff=8), jax.random.key(0))
     with pytest.raises(JaxindError):

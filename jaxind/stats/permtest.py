@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +54,13 @@ from jaxind.models.symmetry import Perm, apply_permutation, check_tree, draw_per
 from jaxind.parallel import sharding
 from jaxind.stats import experts, pvalues
 from jaxind.stats.results import LayerResult, TestResult, timed
+from jaxind.stats.statistics import PermStatistic, check_draw, register_statistic, resolve_statistic
 from jaxind.types import Params
 
-Statistic = Literal["l2", "mc"]
-STATISTICS: tuple[Statistic, ...] = get_args(Statistic)
+# A statistic: a registered name ("l2", "mc", or one of register_statistic's), a function
+# (params_a, params_b) -> scalar, or a PermStatistic (jaxind.stats.statistics).
+Statistic = str | Callable[[Params, Params], Any] | PermStatistic
+STATISTICS: tuple[str, ...] = ("l2", "mc")  # the built-in ones (statistics.registered_statistics(): all)
 # Draws per CPU device per step for "l2": on CPU a draw is bound by its gathers (BENCHMARKS.md, PERMTEST-L2), and
 # bigger chunks gain nothing but the padding of the last one.
 CPU_L2_CHUNK = 8
@@ -334,14 +337,31 @@ _mc_stat_jit = jax.jit(mc_stat, static_argnames=("cfg",))
 
 
 class MCConsts(NamedTuple):
+    """The "mc" draw's constants: both models (each draw averages a whole model) and the tokens."""
+
     params_a: Params
     params_b: Params
     tokens: jax.Array
 
 
-def _mc_draw(cfg: ModelConfig, consts: MCConsts, perm: Perm) -> tuple[jax.Array, jax.Array]:
-    stat = mc_stat(consts.params_a, apply_permutation(consts.params_b, cfg, perm), cfg, consts.tokens)
-    return jnp.zeros((0,), jnp.float32), stat
+def _mc_prepare(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: Any) -> MCConsts:
+    return MCConsts(params_a, params_b, jnp.asarray(tokens, dtype=jnp.int32))
+
+
+def _mc_draw(consts: MCConsts, perm: Perm, cfg: ModelConfig) -> jax.Array:
+    return mc_stat(consts.params_a, apply_permutation(consts.params_b, cfg, perm), cfg, consts.tokens)
+
+
+def _mc_observed(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: Any) -> np.ndarray:
+    return sharding.to_host(_mc_stat_jit(params_a, params_b, cfg, np.asarray(tokens, dtype=np.int32)))
+
+
+def _mc_bytes_per_draw(cfg: ModelConfig, tokens: ArrayLike) -> int:
+    """Rough peak working memory of one "mc" draw in flight (float32): the averaged model, a permuted B, and
+    the activations."""
+    n_tok = int(np.prod(np.shape(tokens)))
+    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * (cfg.d_ff + cfg.n_experts * cfg.d_expert)) * 4
+    return 3 * cfg.num_params() * 4 + acts
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,14 +457,19 @@ def _stack_rows_split(rows: Callable[[int], _LayerRow | None], depth: int, shape
     )
 
 
-def _place_consts(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens, mesh: Mesh):
-    """The draw kernel's constants on ``mesh``. For "l2" the layer constants are split over its ``layers`` axis
-    (depth padded with zero layers to a multiple of it; a zero layer adds nothing) and built layer by layer, so
-    each device holds ``1/layer_shards`` of the MLP stacks and Grams and no device gathers more than one layer.
-    For "mc" both models are replicated (each draw evaluates a whole averaged model)."""
-    if statistic == "mc":
-        consts = MCConsts(params_a, params_b, jnp.asarray(tokens, dtype=jnp.int32))
-        return jax.device_put(consts, NamedSharding(mesh, P()))
+def _place_consts(stat: PermStatistic | str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens, mesh: Mesh):
+    """The draw kernel's constants on ``mesh``: the statistic's ``place`` hook ("l2"), else its ``prepare``d
+    constants replicated (for "mc" both models: each draw evaluates a whole averaged model)."""
+    stat = resolve_statistic(stat)
+    if stat.place is not None:
+        return stat.place(params_a, params_b, cfg, tokens, mesh)
+    return jax.device_put(stat.prepare(params_a, params_b, cfg, tokens), NamedSharding(mesh, P()))
+
+
+def _place_l2(params_a: Params, params_b: Params, cfg: ModelConfig, tokens: Any, mesh: Mesh) -> L2Consts:
+    """The "l2" constants on ``mesh``: the layer constants split over its ``layers`` axis (depth padded with zero
+    layers to a multiple of it; a zero layer adds nothing) and built layer by layer, so each device holds
+    ``1/layer_shards`` of the MLP stacks and Grams and no device gathers more than one layer."""
     if mesh.size == 1:  # one program for every layer: the same numbers as below, without 2 L dispatches
         return _on(l2_consts(params_a, params_b, cfg), mesh)
     depth = -(-cfg.n_layers // mesh.shape[_LAYERS]) * mesh.shape[_LAYERS]
@@ -469,18 +494,12 @@ def _assemble_on(mesh: Mesh) -> Callable:
     return jax.jit(_assemble, out_shardings=L2Consts._make(NamedSharding(mesh, spec) for spec in _L2_SPECS))
 
 
-@functools.lru_cache(maxsize=64)
-def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
-    """Jitted ``(consts, key data, idx (C,)) -> (stat_layers (C, L'), stat_total (C,))`` with ``idx`` split over
-    the ``perm`` axis: each device draws its own indices. For "l2" each device evaluates the layers it holds
-    (``L'`` is the depth padded to the ``layers`` axis) and the per-layer inner products are summed over the
-    ``layers`` axis (``psum``); draw ``t`` is ``draw_permutations(fold_in(key, t))`` on every mesh."""
+def _l2_sharded(cfg: ModelConfig, mesh: Mesh) -> tuple[Callable, L2Consts]:
+    """The "l2" per-device draws: each device evaluates the layers it holds (``L'`` is the depth padded to the
+    ``layers`` axis) and the per-layer inner products are summed over the ``layers`` axis."""
 
     def local(consts, key_data, idx):
         key = jax.random.wrap_key_data(key_data)
-        if statistic == "mc":
-            perms = jax.vmap(lambda i: draw_permutations(jax.random.fold_in(key, i), cfg))(idx)
-            return jax.vmap(lambda p: _mc_draw(cfg, consts, p))(perms)
         n_held = consts.gram_layers.shape[0]
         held = jax.lax.axis_index(_LAYERS) * n_held + jnp.arange(n_held)
 
@@ -493,7 +512,29 @@ def _sharded_draws(statistic: str, cfg: ModelConfig, mesh: Mesh) -> Callable:
         sums = jnp.sum(jax.lax.all_gather(inners.sum(axis=1), _LAYERS, to="invarying"), axis=0)
         return jax.vmap(functools.partial(_l2_stats, consts))(inners, sums, resids)
 
-    specs = L2Consts._make(_L2_SPECS) if statistic == "l2" else P()
+    return local, L2Consts._make(_L2_SPECS)
+
+
+def _generic_local(stat: PermStatistic, cfg: ModelConfig) -> Callable:
+    """Per-device draws of a statistic's ``draw`` (constants replicated): ``vmap`` over the device's indices."""
+
+    def local(consts, key_data, idx):
+        key = jax.random.wrap_key_data(key_data)
+        perms = jax.vmap(lambda i: draw_permutations(jax.random.fold_in(key, i), cfg))(idx)
+        out = jax.vmap(lambda p: stat.draw(consts, p, cfg))(perms)
+        if stat.per_layer:
+            return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
+        return jnp.zeros((idx.shape[0], 0), jnp.float32), out.astype(jnp.float32)
+
+    return local
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_draws(stat: PermStatistic, cfg: ModelConfig, mesh: Mesh) -> Callable:
+    """Jitted ``(consts, key data, idx (C,)) -> (stat_layers (C, L'), stat_total (C,))`` with ``idx`` split over
+    the ``perm`` axis: each device draws its own indices (the statistic's ``sharded`` hook, else its ``draw``
+    vmapped); draw ``t`` is ``draw_permutations(fold_in(key, t))`` on every mesh."""
+    local, specs = stat.sharded(cfg, mesh) if stat.sharded is not None else (_generic_local(stat, cfg), P())
     mapped = jax.shard_map(local, mesh=mesh, in_specs=(specs, P(), P(_AXIS)), out_specs=(P(_AXIS, _LAYERS), P(_AXIS)))
     return jax.jit(mapped)
 
@@ -508,27 +549,37 @@ def _device_budget(mesh: Mesh, memory_budget_bytes: int) -> int:
 
 
 def _chunk_size(
-    statistic: str, cfg: ModelConfig, tokens: Any, mesh: Mesh, num_perms: int, chunk_size: int | None, budget: int
+    stat: PermStatistic,
+    cfg: ModelConfig,
+    tokens: Any,
+    consts: Any,
+    mesh: Mesh,
+    num_perms: int,
+    chunk_size: int | None,
+    budget: int,
 ) -> int:
-    """Draws per device per step: ``chunk_size``, else what ``budget`` allows (for "l2" on CPU at most
-    :data:`CPU_L2_CHUNK`); at most the next power of two above ``T / n_groups`` (so that different ``T`` reuse the
-    same compiled shapes)."""
+    """Draws per device per step: ``chunk_size``, else what ``budget`` allows (on CPU at most the statistic's
+    ``cpu_chunk``, for "l2" :data:`CPU_L2_CHUNK`); at most the next power of two above ``T / n_groups`` (so that
+    different ``T`` reuse the same compiled shapes)."""
     if chunk_size is None:
-        chunk_size = max(1, _device_budget(mesh, budget) // _bytes_per_draw(statistic, cfg, tokens))
-        if statistic == "l2" and mesh.devices.flat[0].platform == "cpu":
-            chunk_size = min(chunk_size, CPU_L2_CHUNK)
+        chunk_size = max(1, _device_budget(mesh, budget) // _bytes_per_draw(stat, cfg, tokens, consts))
+        if stat.cpu_chunk is not None and mesh.devices.flat[0].platform == "cpu":
+            chunk_size = min(chunk_size, stat.cpu_chunk)
     needed = -(-num_perms // mesh.shape[_AXIS])
     return max(1, min(int(chunk_size), 1 << (needed - 1).bit_length()))
 
 
-def _bytes_per_draw(statistic: str, cfg: ModelConfig, tokens: ArrayLike | None) -> int:
-    """Rough peak working memory of one draw in flight (float32)."""
-    if statistic == "l2":  # the gathered layer stack and its product, one layer at a time (a layer's experts too)
-        return 2 * 3 * cfg.d_model * (cfg.d_ff + cfg.n_experts * cfg.d_expert) * 4
-    assert tokens is not None  # checked by _check_args
-    n_tok = int(np.prod(np.shape(tokens)))
-    acts = n_tok * (2 * cfg.vocab_size + 8 * cfg.d_model + 3 * (cfg.d_ff + cfg.n_experts * cfg.d_expert)) * 4
-    return 3 * cfg.num_params() * 4 + acts
+def _bytes_per_draw(stat: PermStatistic, cfg: ModelConfig, tokens: ArrayLike | None, consts: Any) -> int:
+    """Rough peak working memory of one draw in flight: the statistic's estimate, else the bytes of its
+    constants (one device's share)."""
+    if stat.bytes_per_draw is not None:
+        return max(1, int(stat.bytes_per_draw(cfg, tokens)))
+    return max(1, sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(consts)))
+
+
+def _l2_bytes_per_draw(cfg: ModelConfig, tokens: Any) -> int:
+    """The gathered layer stack and its product, one layer at a time (a layer's experts too), float32."""
+    return 2 * 3 * cfg.d_model * (cfg.d_ff + cfg.n_experts * cfg.d_expert) * 4
 
 
 def _check_pair(params_a: Params, params_b: Params, cfg: ModelConfig) -> None:
@@ -539,33 +590,55 @@ def _check_pair(params_a: Params, params_b: Params, cfg: ModelConfig) -> None:
     check_tree(params_a, cfg)
 
 
-def _check_args(statistic: str, num_perms: int, tokens: Any, layers: Sequence[int] | None) -> None:
-    if statistic not in STATISTICS:
-        raise ValueError(f"unknown PERMTEST statistic {statistic!r}; choose from {STATISTICS}")
-    if num_perms < 1:
-        raise ValueError(f"num_perms must be >= 1, got {num_perms}")
-    if statistic == "mc" and (tokens is None or np.ndim(tokens) != 2 or np.shape(tokens)[1] < 2):
-        raise ValueError("the mc statistic needs tokens of shape (N, T) with T >= 2")
-    if statistic == "mc" and layers is not None:
-        raise JaxindError("the mc statistic is the loss of the whole averaged model; it takes no layer selection")
+def _check_args(
+    statistic: Statistic, num_perms: int, tokens: Any, layers: Sequence[int] | None, layer_shards: int = 0
+) -> PermStatistic:
+    """The statistic behind ``statistic``, after checking the options it is called with.
+
+    Raises:
+      JaxindError: an unknown statistic (naming the registered ones), ``num_perms < 1``, missing tokens, or a
+        layer selection or layer sharding the statistic does not take.
+    """
+    stat = resolve_statistic(statistic)
+    if isinstance(num_perms, bool) or not isinstance(num_perms, int | np.integer) or num_perms < 1:
+        raise JaxindError(f"num_perms must be an integer >= 1, got {num_perms!r}")
+    if stat.needs_tokens and (tokens is None or np.ndim(tokens) != 2 or np.shape(tokens)[1] < 2):
+        raise JaxindError(f"the {stat.name} statistic needs tokens of shape (N, T) with T >= 2")
+    if layers is not None and stat.combine_layers is None:
+        raise JaxindError(
+            f"the {stat.name} statistic is one number for the whole pair; it takes no layer selection "
+            "(only per-layer statistics such as l2 do)"
+        )
+    if layer_shards > 1 and stat.sharded is None:
+        raise JaxindError(
+            f"the {stat.name} statistic keeps its constants whole on every device; it takes no layer sharding "
+            "(use layer_shards=1)"
+        )
+    return stat
 
 
 def _result(
-    statistic: Statistic,
+    stat: PermStatistic,
     stat0_layers: Any,
     stat0_total: Any,
     stats_layers: Any,
     stats_total: Any,
     layers: Sequence[int] | None,
 ) -> PermTestResult:
-    """Exact p-values from the observed and drawn statistics. With ``layers`` the overall statistic
-    is minus the L2 distance over those layers only, ``-sqrt(sum_l stat_l^2)``, for the observed
-    pair and for every draw alike (so still an exact PERMTEST)."""
+    """Exact p-values from the observed and drawn statistics. With ``layers`` the overall statistic is the
+    statistic's ``combine_layers`` of those layers' statistics ("l2": minus the L2 distance over those layers
+    only, ``-sqrt(sum_l stat_l^2)``), for the observed pair and for every draw alike (so still an exact
+    PERMTEST)."""
     stats_total = np.asarray(stats_total, dtype=np.float64)
     stat0_total = float(stat0_total)
+    if not (np.isfinite(stat0_total) and np.all(np.isfinite(stats_total))):
+        raise JaxindError(
+            f"the {stat.name} statistic returned NaN or inf (observed {stat0_total}, "
+            f"{int(np.sum(~np.isfinite(stats_total)))} of {stats_total.shape[0]} draws); it must be finite"
+        )
     records: list[LayerResult] = []
     s0l = stl = None
-    if statistic == "l2":
+    if stat.per_layer:
         s0l = np.asarray(stat0_layers, dtype=np.float64)
         stl = np.asarray(stats_layers, dtype=np.float64)
         pl, lpl = (np.asarray(x) for x in pvalues.permtest_pvalue(s0l, stl))
@@ -577,12 +650,13 @@ def _result(
             for l in chosen
         ]
         if layers is not None:
+            assert stat.combine_layers is not None  # checked by _check_args
             index = np.asarray(list(layers))
-            stat0_total = float(-np.sqrt(np.sum(s0l[index] ** 2)))
-            stats_total = -np.sqrt(np.sum(stl[:, index] ** 2, axis=1))
+            stat0_total = float(stat.combine_layers(s0l[index]))
+            stats_total = np.asarray(stat.combine_layers(stl[:, index]), dtype=np.float64)
     p, lp = pvalues.permtest_pvalue(stat0_total, stats_total)
     return PermTestResult(
-        test=statistic,
+        test=stat.name,
         pvalue=float(p),
         log10_pvalue=float(lp),
         exact=True,
@@ -600,10 +674,25 @@ def _result(
     )
 
 
-def _observed(statistic: str, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
-    if statistic == "l2":
-        return l2_direct(params_a, params_b, cfg)
-    return None, sharding.to_host(_mc_stat_jit(params_a, params_b, cfg, np.asarray(tokens, dtype=np.int32)))
+def _observed(stat: PermStatistic, params_a: Params, params_b: Params, cfg: ModelConfig, tokens):
+    """``(stat0_layers or None, stat0_total)`` on the host: the statistic's ``observed`` hook, else its ``direct``
+    form (or the identity's draw) jitted."""
+    if stat.observed is not None:
+        out = stat.observed(params_a, params_b, cfg, tokens)
+    else:
+        out = sharding.to_host(_observed_jit(stat, cfg)(params_a, params_b, tokens))
+    layers, total = out if stat.per_layer else (None, out)
+    if np.ndim(total) != 0:
+        raise JaxindError(
+            f"PERMTEST statistic {stat.name!r} must return one float scalar for a pair of trees, got shape "
+            f"{np.shape(total)}"
+        )
+    return layers, total
+
+
+@functools.lru_cache(maxsize=64)
+def _observed_jit(stat: PermStatistic, cfg: ModelConfig) -> Callable:
+    return jax.jit(lambda a, b, tokens: stat.direct_or_draw(a, b, cfg, tokens))
 
 
 @timed
@@ -627,8 +716,10 @@ def permtest(
       params_a, params_b: two param trees for the same ``cfg``.
       key: PRNG key; draw ``t`` uses ``draw_permutations(fold_in(key, t), cfg)``.
       num_perms: T, the number of random group elements.
-      statistic: "l2" or "mc".
-      tokens: ``(N, T)`` int tokens for "mc".
+      statistic: larger = more similar: "l2", "mc", a name given to
+        :func:`jaxind.stats.statistics.register_statistic`, a function ``(params_a, params_b) -> scalar``, or a
+        :class:`jaxind.stats.statistics.PermStatistic` (precomputed constants and a cheap draw).
+      tokens: ``(N, T)`` int tokens for "mc" (and statistics that read them).
       devices: devices to shard the draws over (default: all devices).
       chunk_size: draws per device per step (default: from ``memory_budget_bytes``; for "l2" on CPU at most
         :data:`CPU_L2_CHUNK`).
@@ -643,27 +734,38 @@ def permtest(
 
     Returns:
       PermTestResult with the observed and drawn statistics and exact p-values (per layer and
-      total for "l2"; total for "mc").
+      total for "l2"; total for the others); ``test`` is the statistic's name.
+
+    Raises:
+      JaxindError: an unknown statistic or bad option (the message names the valid ones), a pair of trees that
+        do not match ``cfg``, or a statistic that does not return one finite float scalar per draw.
     """
-    _check_args(statistic, num_perms, tokens, layers)
+    stat = _check_args(statistic, num_perms, tokens, layers, layer_shards)
     _check_pair(params_a, params_b, cfg)
-    if statistic == "mc" and layer_shards > 1:
-        raise JaxindError("the mc statistic evaluates whole averaged models per draw; it takes no layer sharding")
     if cfg.moe and layer_shards > 1:
         raise JaxindError(
             f"{cfg.family} is a mixture of experts: PERMTEST-L2 keeps its experts whole on every device; "
             "use --permtest_layer_shards=1"
         )
     mesh = _draw_mesh(params_a, devices, layer_shards)
-    step = _chunk_size(statistic, cfg, tokens, mesh, num_perms, chunk_size, memory_budget_bytes) * mesh.shape[_AXIS]
+    consts = _place_consts(stat, params_a, params_b, cfg, tokens, mesh)
+    if stat.sharded is None:
+        check_draw(stat, consts, cfg)
+    n = _chunk_size(stat, cfg, tokens, consts, mesh, num_perms, chunk_size, memory_budget_bytes)
+    stats_layers, stats_total = _run_draws(stat, cfg, consts, key, mesh, num_perms, n * mesh.shape[_AXIS])
+    stat0_layers, stat0_total = _observed(stat, params_a, params_b, cfg, tokens)
+    return _result(stat, stat0_layers, stat0_total, stats_layers, stats_total, layers)
 
-    consts = _place_consts(statistic, params_a, params_b, cfg, tokens, mesh)
+
+def _run_draws(
+    stat: PermStatistic, cfg: ModelConfig, consts: Any, key: jax.Array, mesh: Mesh, num_perms: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draws ``0 .. T-1``, ``step`` at a time over ``mesh``: ``(stats_layers (T, L or 0), stats_total (T,))``."""
     key_data = jax.device_put(jax.random.key_data(key), NamedSharding(mesh, P()))
     idx_sharding = NamedSharding(mesh, P(_AXIS))
-    fn = _sharded_draws(statistic, cfg, mesh)
-
+    fn = _sharded_draws(stat, cfg, mesh)
     layer_chunks, total_chunks = [], []
-    bar = progress.bar(total=num_perms, desc=f"PERMTEST-{statistic}", unit="perm")
+    bar = progress.bar(total=num_perms, desc=f"PERMTEST-{stat.name}", unit="perm")
     for start in range(0, num_perms, step):
         idx = np.arange(start, start + step, dtype=np.int32)
         chunk_layers, total = fn(
@@ -677,19 +779,18 @@ def permtest(
     bar.close()
     stats_layers = np.concatenate([sharding.to_host(c) for c in layer_chunks])[:num_perms, : cfg.n_layers]
     stats_total = np.concatenate([sharding.to_host(c) for c in total_chunks])[:num_perms]
-    stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
-    return _result(statistic, stat0_layers, stat0_total, stats_layers, stats_total, layers)
+    return stats_layers, stats_total
 
 
 @functools.lru_cache(maxsize=16)
-def _loop_step(statistic: str, cfg: ModelConfig) -> Callable:
-    """Jitted ``(A, B, key, t) -> stat(A, apply_permutation(B, draw(fold_in(key, t))))``."""
+def _loop_step(stat: PermStatistic, cfg: ModelConfig) -> Callable:
+    """Jitted ``(A, B, key, t) -> stat(A, apply_permutation(B, draw(fold_in(key, t))))``, the statistic computed
+    directly from the two trees."""
 
     def step(params_a, params_b, key, t, tokens):
         permuted = apply_permutation(params_b, cfg, draw_permutations(jax.random.fold_in(key, t), cfg))
-        if statistic == "l2":
-            return _l2_direct_traced(params_a, permuted, cfg)
-        return jnp.zeros((0,), jnp.float32), mc_stat(params_a, permuted, cfg, tokens)
+        out = stat.direct_or_draw(params_a, permuted, cfg, tokens)
+        return out if stat.per_layer else (jnp.zeros((0,), jnp.float32), out)
 
     return jax.jit(step)
 
@@ -710,16 +811,51 @@ def permtest_loop(
     Same draws as :func:`permtest` for the same ``key`` (``fold_in(key, t)``), so the results
     agree up to float rounding.
     """
-    _check_args(statistic, num_perms, tokens, None)
+    stat = _check_args(statistic, num_perms, tokens, None)
     _check_pair(params_a, params_b, cfg)
-    step = _loop_step(statistic, cfg)
+    step = _loop_step(stat, cfg)
     toks = None if tokens is None else jnp.asarray(tokens, dtype=jnp.int32)
     layers, totals = [], []
     for t in range(num_perms):  # dispatched asynchronously; read back once at the end
         sl, st = step(params_a, params_b, key, t, toks)
         layers.append(sl)
         totals.append(st)
-    stat0_layers, stat0_total = _observed(statistic, params_a, params_b, cfg, tokens)
+    stat0_layers, stat0_total = _observed(stat, params_a, params_b, cfg, tokens)
     return _result(
-        statistic, stat0_layers, stat0_total, np.stack(jax.device_get(layers)), np.asarray(jax.device_get(totals)), None
+        stat, stat0_layers, stat0_total, np.stack(jax.device_get(layers)), np.asarray(jax.device_get(totals)), None
     )
+
+
+def _combine_l2(stats: Any) -> Any:
+    """Minus the L2 distance over a layer selection, from its per-layer statistics (minus distances)."""
+    return -np.sqrt(np.sum(stats**2, axis=-1))
+
+
+L2 = register_statistic(
+    "l2",
+    PermStatistic(
+        name="l2",
+        prepare=lambda a, b, cfg, tokens: l2_consts(a, b, cfg),
+        draw=lambda consts, perm, cfg: l2_draw(consts, perm),
+        direct=lambda a, b, cfg, tokens: _l2_direct_traced(a, b, cfg),
+        observed=lambda a, b, cfg, tokens: l2_direct(a, b, cfg),
+        per_layer=True,
+        combine_layers=_combine_l2,
+        bytes_per_draw=_l2_bytes_per_draw,
+        cpu_chunk=CPU_L2_CHUNK,
+        place=_place_l2,
+        sharded=_l2_sharded,
+    ),
+)
+MC = register_statistic(
+    "mc",
+    PermStatistic(
+        name="mc",
+        prepare=_mc_prepare,
+        draw=_mc_draw,
+        direct=mc_stat,
+        observed=_mc_observed,
+        needs_tokens=True,
+        bytes_per_draw=_mc_bytes_per_draw,
+    ),
+)
