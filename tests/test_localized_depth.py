@@ -122,3 +122,30 @@ def test_layer_stacked_merge_names_each_layers_parent(model_a, batches):
     want = [("A", 0), ("A", 1), ("A", 2), ("A", 3), ("P", 2), ("P", 3), ("P", 4), ("P", 5)]
     assert got == {str(b): w for b, w in enumerate(want)}
     assert out["alpha_per_parent"] == 0.005 and out["results"]["P"].extra["alpha"] == 0.005
+
+
+def test_screen_on_a_pruned_model_samples_the_narrower_models_units(model_a, batches, tmp_path):
+    """B keeps layers 0, 2, 3, 5 of A with 48 of 64 units (shuffled): the screen samples B's units
+    (the narrower model) and the layer map and kept units are recovered; the heatmap is drawn with
+    the screened-out pairs blank."""
+    keep_layers, rng = [0, 2, 3, 5], np.random.default_rng(1)
+    kept = {l: rng.permutation(CFG.d_ff)[:48] for l in keep_layers}
+    layers = []
+    for l in keep_layers:
+        layer = layer_list(model_a)[l]
+        layers.append(
+            dict(layer, gate=layer["gate"][:, kept[l]], up=layer["up"][:, kept[l]], down=layer["down"][kept[l]])
+        )
+    cfg_b = CFG.replace(n_layers=4, d_ff=48)
+    b = perturb(dict(model_a, layers=stack_layers(layers)), jax.random.key(2), rel=0.3)
+    png = str(tmp_path / "p_localized.png")
+    res = localized.localized_test(
+        model_a, CFG, b, cfg_b, batches, key=jax.random.key(8), screen=True, heatmap_path=png
+    )
+    assert res.extra["layer_map"] == {"0": 0, "1": 2, "2": 3, "3": 5}
+    for entry in res.extra["matched_units"]:
+        right = np.asarray(entry["units_a"]) == kept[entry["layer_a"]][np.asarray(entry["units_b"])]
+        assert right.mean() >= 0.95
+    assert res.extra["screen"]["num_units"] == 48 and res.extra["screen"]["pairs_tested"] <= 8
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
