@@ -22,6 +22,13 @@ map of two independent models is empty with probability at least ``1 - alpha``. 
 p-values of MATCH are approximate, as in the paper; dependent pairs give p-values far below any
 such threshold, e.g. log10 p < -100 for h = 64.) The overall ``pvalue`` is the Bonferroni-adjusted
 minimum, a valid global test of "some layer of B depends on some layer of A".
+
+**Depth changes.** Several layers of B may map to one layer of A (depth up-scaling, block
+duplication): ``duplicated_layers`` names those A layers. Above ``SCREEN_MIN_PAIRS`` pairs a cheap
+screen (:mod:`jaxind.layer_screen`) picks the pairs whose LAPs are solved; the threshold still
+divides by all pairs, so the map and the overall p-value stay valid (see that module for what the
+screen can and cannot lose). :func:`localized_parents` attributes the layers of a layer-stacked
+merge to its parents.
 """
 
 from __future__ import annotations
@@ -214,18 +221,15 @@ def localized_test(
         (Bonferroni still over all pairs); None: when there are more than ``SCREEN_MIN_PAIRS``.
 
     Returns:
-      A :class:`TestResult` (``combine="bonferroni_min"``, ``statistic``: the smallest log10 p)
-      with a record per tested pair (row-major over ``(layer_a, layer_b)``) and ``extra``:
-      ``layers_a``, ``layers_b``, ``log10_pvalue_matrix`` ``(n_a, n_b)`` nested list (None for
-      a screened-out pair), ``rho_matrix``, ``threshold_log10``, ``alpha``, ``layer_map``
-      ``{str(layer_b): layer_a or None}``, ``duplicated_layers`` ``{str(layer_a): [layers_b]}``
-      (A layers that several B layers come from), ``matched_units`` ``[{"layer_a", "layer_b",
-      "units_a", "units_b", "up_agreement"}]``, ``num_passes``, ``memory_bytes``, ``num_tokens``,
-      ``heatmap``, ``screen`` (None, or ``{"num_units", "pairs_tested", "pairs",
-      "excess_matrix"}``). ``units_a[k]`` is the unit of A matched (gate LAP) to unit
-      ``units_b[k]`` of B; when B is the narrower model ``units_b`` is ``0..h_B-1`` and
-      ``units_a`` lists the A units B kept. ``up_agreement`` is the fraction of units on which the
-      up matching agrees with the gate matching.
+      A :class:`TestResult` (``combine="bonferroni_min"``, ``statistic``: the smallest log10 p), a
+      record per tested pair (row-major), ``extra``: ``layers_a``, ``layers_b``,
+      ``log10_pvalue_matrix`` ``(n_a, n_b)`` (None: screened out), ``rho_matrix``,
+      ``threshold_log10``, ``alpha``, ``layer_map`` ``{str(layer_b): layer_a or None}``,
+      ``duplicated_layers`` ``{str(layer_a): [layers_b]}``, ``matched_units`` ``[{"layer_a",
+      "layer_b", "units_a", "units_b", "up_agreement"}]`` (unit ``units_a[k]`` of A matched by the
+      gate LAP to ``units_b[k]`` of B; the fraction on which up agrees), ``num_passes``,
+      ``memory_bytes``, ``num_tokens``, ``heatmap``, ``screen`` (None, or ``{"num_units",
+      "pairs_tested", "pairs", "excess_matrix"}``).
     """
     la = tuple(range(cfg_a.n_layers)) if layers_a is None else tuple(sorted({int(l) for l in layers_a}))
     lb = tuple(range(cfg_b.n_layers)) if layers_b is None else tuple(sorted({int(l) for l in layers_b}))
@@ -237,7 +241,6 @@ def localized_test(
     chunks = _chunks(cfg_a, cfg_b, la, lb, memory_budget_bytes, batches)
     matrix = _all_pairs(params_a, cfg_a, params_b, cfg_b, batches, key, la, lb, chunks, screen)
     threshold = math.log10(alpha) - math.log10(n_pairs)
-    layer_map, matched_units = _layer_map(matrix, threshold)
     min_log10 = float(np.nanmin(matrix.log10))
     log10_p = min(0.0, min_log10 + math.log10(n_pairs))
     heatmap = None if heatmap_path is None else plot_heatmap(matrix.log10, la, lb, threshold, heatmap_path, labels)
@@ -250,23 +253,29 @@ def localized_test(
         layers=tuple(matrix.matches[(a, b)].record(a, b) for a in la for b in lb if (a, b) in matrix.matches),
         combine="bonferroni_min",
         note=NOTE,
-        extra={
-            "layers_a": list(la),
-            "layers_b": list(lb),
-            "log10_pvalue_matrix": _nested(matrix.log10),
-            "rho_matrix": _nested(matrix.rho),
-            "threshold_log10": threshold,
-            "alpha": alpha,
-            "layer_map": layer_map,
-            "duplicated_layers": duplicated_layers(layer_map),
-            "matched_units": matched_units,
-            "num_passes": len(chunks),
-            "memory_bytes": pair_memory_bytes(cfg_a, cfg_b, len(la), len(chunks[0])),
-            "num_tokens": matrix.num_tokens,
-            "heatmap": heatmap,
-            "screen": _screen_summary(matrix),
-        },
+        extra=_extra(matrix, threshold, alpha, len(chunks), pair_memory_bytes(cfg_a, cfg_b, len(la), len(chunks[0])))
+        | {"heatmap": heatmap},
     )
+
+
+def _extra(matrix: _Matrix, threshold: float, alpha: float, num_passes: int, memory_bytes: int) -> dict[str, Any]:
+    """The result's ``extra`` (all but ``heatmap``): see :func:`localized_test`."""
+    layer_map, matched_units = _layer_map(matrix, threshold)
+    return {
+        "layers_a": list(matrix.layers_a),
+        "layers_b": list(matrix.layers_b),
+        "log10_pvalue_matrix": _nested(matrix.log10),
+        "rho_matrix": _nested(matrix.rho),
+        "threshold_log10": threshold,
+        "alpha": alpha,
+        "layer_map": layer_map,
+        "duplicated_layers": duplicated_layers(layer_map),
+        "matched_units": matched_units,
+        "num_passes": num_passes,
+        "memory_bytes": memory_bytes,
+        "num_tokens": matrix.num_tokens,
+        "screen": _screen_summary(matrix),
+    }
 
 
 def _nested(matrix: np.ndarray) -> list[list[float | None]]:
