@@ -9,8 +9,8 @@ default), then every weight moved by Gaussian noise of ``--noise`` times its
 tensor's std (a stand-in for the healing fine-tune). Both runs are in the same process on the same
 batches with the same key, after a warm-up (a screened run, which compiles everything both runs use:
 the times are without compilation). Reported: wall time of each, pairs tested, the
-layer maps and duplicated layers (must be identical), and whether every tested pair's p-value equals
-the full run's bit for bit.
+layer maps and duplicated layers (must be identical), whether every tested pair's p-value equals
+the full run's bit for bit, and how many pairs the full run flags were screened out (must be 0).
 
     python benchmarks/bench_localized_depth.py --output benchmarks/results/localized_depth_cpu.json
 """
@@ -108,6 +108,12 @@ def main(argv=None) -> dict:
         for rs, rf in zip(screened["log10_pvalue_matrix"], full["log10_pvalue_matrix"])
         for s, f in zip(rs, rf)
     )
+    thr = full["threshold_log10"]
+    hidden = sum(
+        s is None and f < thr
+        for rs, rf in zip(screened["log10_pvalue_matrix"], full["log10_pvalue_matrix"])
+        for s, f in zip(rs, rf)
+    )
     expected = {str(j): a for j, a in enumerate(source)}
     out = {
         "model": f"random Llama, d={cfg_a.d_model}, h={cfg_a.d_ff}, {args.layers} -> {n_b} layers (SOLAR + noise)",
@@ -127,6 +133,7 @@ def main(argv=None) -> dict:
         "duplicated_layers": screened["duplicated_layers"],
         "same_duplicated_layers": screened["duplicated_layers"] == full["duplicated_layers"],
         "tested_pvalues_identical": same_p,
+        "full_hits_screened_out": hidden,
         "log10_pvalue": {"screened": screened["log10_pvalue"], "full": full["log10_pvalue"]},
         "backend": jax.default_backend(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
