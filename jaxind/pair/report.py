@@ -67,6 +67,13 @@ def format_localized(result: TestResult) -> str:
         kept = units.get(b)
         extra = f", {len(kept['units_a'])} units matched" if kept else ""
         lines.append(f"  B layer {b:>3} <- A layer {a:>3} (log10 p = {matrix[row][col]:.1f}{extra})")
+    for a, bs in loc.get("duplicated_layers", {}).items():
+        lines.append(f"  A layer {a} is the source of {len(bs)} layers of B: {', '.join(map(str, bs))}")
+    if loc.get("screen"):
+        screen = loc["screen"]
+        lines.append(
+            f"  screen: LAPs solved for {screen['pairs_tested']} of {screen['pairs']} pairs (the rest untested)"
+        )
     if loc.get("heatmap"):
         lines.append(f"  heatmap: {loc['heatmap']}")
     return "\n".join(lines)

@@ -22,6 +22,13 @@ map of two independent models is empty with probability at least ``1 - alpha``. 
 p-values of MATCH are approximate, as in the paper; dependent pairs give p-values far below any
 such threshold, e.g. log10 p < -100 for h = 64.) The overall ``pvalue`` is the Bonferroni-adjusted
 minimum, a valid global test of "some layer of B depends on some layer of A".
+
+**Depth changes.** Several layers of B may map to one layer of A (depth up-scaling, block
+duplication): ``duplicated_layers`` names those A layers. Above ``SCREEN_MIN_PAIRS`` pairs a cheap
+screen (:mod:`jaxind.stats.layer_screen`) picks the pairs whose LAPs are solved; the threshold still
+divides by all pairs, so the map and the overall p-value stay valid (see that module for what the
+screen can and cannot lose). :func:`localized_parents` attributes the layers of a layer-stacked
+merge to its parents.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,7 +47,7 @@ from jaxind.errors import JaxindError
 from jaxind.io import destinations
 from jaxind.models.config import ModelConfig
 from jaxind.models.layers import check_pairs
-from jaxind.stats import grams, pvalues
+from jaxind.stats import grams, layer_screen, pvalues
 from jaxind.stats.match import NOTE, UnitMatch, match_units
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair, Params
@@ -83,9 +90,12 @@ class _Matrix:
     layers_a: tuple[int, ...]
     layers_b: tuple[int, ...]
     matches: dict[LayerPair, UnitMatch]
-    log10: np.ndarray
+    log10: np.ndarray  # NaN where the screen ruled the pair out
     rho: np.ndarray
     num_tokens: int = 0
+    excess: np.ndarray | None = None  # the screen's k - k0 per pair (None: no screen)
+    tested: np.ndarray | None = None  # bool: pairs that got the full test
+    screen_units: int = 0  # units the screen sampled
 
 
 def _all_pairs(
@@ -98,25 +108,53 @@ def _all_pairs(
     la: tuple[int, ...],
     lb: tuple[int, ...],
     chunks: list[tuple[int, ...]],
+    screen: bool = False,
 ) -> _Matrix:
-    """MATCH on every pair of ``la x lb``, one pass over the data per chunk of B layers."""
-    out = _Matrix(la, lb, {}, np.zeros((len(la), len(lb))), np.zeros((len(la), len(lb))))
+    """MATCH on every pair of ``la x lb`` (with ``screen``, only on the pairs
+    :mod:`jaxind.stats.layer_screen` keeps), one pass over the data per chunk of B layers."""
+    shape = (len(la), len(lb))
+    out = _Matrix(la, lb, {}, np.full(shape, np.nan), np.full(shape, np.nan))
+    if screen:
+        out.excess, out.tested = np.zeros(shape), np.zeros(shape, dtype=bool)
     keys = jax.random.split(key, len(la) * len(lb)).reshape(len(la), len(lb))
+    screen_key = jax.random.fold_in(key, 1)  # the pair keys above stay today's
     for sub_b in progress.bar(chunks, total=len(chunks), desc="localized passes"):
         stats = grams.accumulate(
             params_a, cfg_a, params_b, cfg_b, _iterate(batches), layers_a=la, layers_b=sub_b, outer=True
         )
         out.num_tokens = int(stats.count)
+        cols = [lb.index(b) for b in sub_b]
+        todo = np.ones((len(la), len(sub_b)), dtype=bool)
+        if screen:
+            screened = layer_screen.screen(stats, screen_key)
+            todo = screened.candidates()
+            assert out.excess is not None and out.tested is not None
+            out.excess[:, cols], out.tested[:, cols] = screened.excess, todo
+            out.screen_units = screened.num_units
         for jb, b in enumerate(sub_b):
-            col = lb.index(b)
             for ia, a in enumerate(la):
-                unit_match = match_units(
-                    stats.distances((ia, jb), "gate"), stats.distances((ia, jb), "up"), keys[ia, col]
-                )
-                out.matches[(a, b)] = unit_match
-                out.log10[ia, col] = unit_match.spearman.log10_pvalue
-                out.rho[ia, col] = unit_match.spearman.rho
+                if todo[ia, jb]:
+                    _test_pair(out, stats, (ia, jb), (a, b), keys[ia, cols[jb]])
     return out
+
+
+def _test_pair(out: _Matrix, stats: grams.PassStats, index: tuple[int, int], pair: LayerPair, key: jax.Array) -> None:
+    """MATCH on one pair (``index`` into the pass's layers), into ``out``."""
+    unit_match = match_units(stats.distances(index, "gate"), stats.distances(index, "up"), key)
+    row, col = out.layers_a.index(pair[0]), out.layers_b.index(pair[1])
+    out.matches[pair] = unit_match
+    out.log10[row, col] = unit_match.spearman.log10_pvalue
+    out.rho[row, col] = unit_match.spearman.rho
+
+
+def duplicated_layers(layer_map: dict[str, int | None]) -> dict[str, list[int]]:
+    """``{str(layer of A): [layers of B]}`` for every layer of A that two or more layers of B come
+    from (depth up-scaling, block duplication), from a layer map ``{str(layer_b): layer_a or None}``."""
+    sources: dict[int, list[int]] = {}
+    for b, a in layer_map.items():
+        if a is not None:
+            sources.setdefault(a, []).append(int(b))
+    return {str(a): sorted(bs) for a, bs in sorted(sources.items()) if len(bs) > 1}
 
 
 def _layer_map(matrix: _Matrix, threshold: float) -> tuple[dict[str, int | None], list[dict[str, Any]]]:
@@ -125,8 +163,9 @@ def _layer_map(matrix: _Matrix, threshold: float) -> tuple[dict[str, int | None]
     layer_map: dict[str, int | None] = {}
     matched_units = []
     for col, b in enumerate(matrix.layers_b):
-        best = int(np.argmin(matrix.log10[:, col]))
-        if matrix.log10[best, col] >= threshold:
+        column = np.where(np.isnan(matrix.log10[:, col]), np.inf, matrix.log10[:, col])  # NaN: screened out
+        best = int(np.argmin(column))
+        if not column[best] < threshold:
             layer_map[str(b)] = None
             continue
         a = matrix.layers_a[best]
@@ -146,6 +185,9 @@ def _layer_map(matrix: _Matrix, threshold: float) -> tuple[dict[str, int | None]
     return layer_map, matched_units
 
 
+SCREEN_MIN_PAIRS = 64  # screen=None screens when there are more layer pairs than this
+
+
 @timed
 def localized_test(
     params_a: Params,
@@ -161,6 +203,7 @@ def localized_test(
     memory_budget_bytes: int = 2 * 2**30,
     heatmap_path: str | os.PathLike | None = None,
     labels: tuple[str, str] = ("model A", "model B"),
+    screen: bool | None = None,
 ) -> TestResult:
     """MATCH on every layer pair of A and B.
 
@@ -176,29 +219,31 @@ def localized_test(
       heatmap_path: where to write the heatmap PNG (e.g. next to the results JSON, see
         :func:`heatmap_path_for`); None writes nothing.
       labels: axis labels for the heatmap.
+      screen: solve the LAPs only for the pairs :mod:`jaxind.stats.layer_screen` cannot rule out
+        (Bonferroni still over all pairs); None: when there are more than ``SCREEN_MIN_PAIRS``.
 
     Returns:
-      A :class:`TestResult` (``combine="bonferroni_min"``, ``statistic``: the smallest log10 p)
-      with a record per pair (row-major over ``(layer_a, layer_b)``) and ``extra``:
-      ``layers_a``, ``layers_b``, ``log10_pvalue_matrix`` ``(n_a, n_b)`` nested list,
-      ``rho_matrix``, ``threshold_log10``, ``alpha``, ``layer_map`` ``{str(layer_b): layer_a or
-      None}``, ``matched_units`` ``[{"layer_a", "layer_b", "units_a", "units_b", "up_agreement"}]``,
-      ``num_passes``, ``memory_bytes``, ``num_tokens``, ``heatmap``. ``units_a[k]`` is the unit of A
-      matched (gate LAP) to unit ``units_b[k]`` of B; when B is the narrower model ``units_b``
-      is ``0..h_B-1`` and ``units_a`` lists the A units B kept. ``up_agreement`` is the fraction of
-      units on which the up matching agrees with the gate matching.
+      A :class:`TestResult` (``combine="bonferroni_min"``, ``statistic``: the smallest log10 p), a
+      record per tested pair (row-major), ``extra``: ``layers_a``, ``layers_b``,
+      ``log10_pvalue_matrix`` ``(n_a, n_b)`` (None: screened out), ``rho_matrix``,
+      ``threshold_log10``, ``alpha``, ``layer_map`` ``{str(layer_b): layer_a or None}``,
+      ``duplicated_layers`` ``{str(layer_a): [layers_b]}``, ``matched_units`` ``[{"layer_a",
+      "layer_b", "units_a", "units_b", "up_agreement"}]`` (unit ``units_a[k]`` of A matched by the
+      gate LAP to ``units_b[k]`` of B; the fraction on which up agrees), ``num_passes``,
+      ``memory_bytes``, ``num_tokens``, ``heatmap``, ``screen`` (None, or ``{"num_units",
+      "pairs_tested", "pairs", "excess_matrix"}``).
     """
     la = tuple(range(cfg_a.n_layers)) if layers_a is None else tuple(sorted({int(l) for l in layers_a}))
     lb = tuple(range(cfg_b.n_layers)) if layers_b is None else tuple(sorted({int(l) for l in layers_b}))
     check_pairs([(a, b) for a in la for b in lb], cfg_a, cfg_b, "localized testing")
     if not 0 < alpha < 1:
         raise JaxindError(f"alpha must lie in (0, 1), got {alpha}")
-    chunks = _chunks(cfg_a, cfg_b, la, lb, memory_budget_bytes, batches)
-    matrix = _all_pairs(params_a, cfg_a, params_b, cfg_b, batches, key, la, lb, chunks)
     n_pairs = len(la) * len(lb)
+    screen = n_pairs > SCREEN_MIN_PAIRS if screen is None else screen
+    chunks = _chunks(cfg_a, cfg_b, la, lb, memory_budget_bytes, batches)
+    matrix = _all_pairs(params_a, cfg_a, params_b, cfg_b, batches, key, la, lb, chunks, screen)
     threshold = math.log10(alpha) - math.log10(n_pairs)
-    layer_map, matched_units = _layer_map(matrix, threshold)
-    min_log10 = float(matrix.log10.min())
+    min_log10 = float(np.nanmin(matrix.log10))
     log10_p = min(0.0, min_log10 + math.log10(n_pairs))
     heatmap = None if heatmap_path is None else plot_heatmap(matrix.log10, la, lb, threshold, heatmap_path, labels)
     return TestResult(
@@ -207,24 +252,94 @@ def localized_test(
         log10_pvalue=log10_p,
         exact=False,
         statistic=min_log10,
-        layers=tuple(matrix.matches[(a, b)].record(a, b) for a in la for b in lb),
+        layers=tuple(matrix.matches[(a, b)].record(a, b) for a in la for b in lb if (a, b) in matrix.matches),
         combine="bonferroni_min",
         note=NOTE,
-        extra={
-            "layers_a": list(la),
-            "layers_b": list(lb),
-            "log10_pvalue_matrix": matrix.log10.tolist(),
-            "rho_matrix": matrix.rho.tolist(),
-            "threshold_log10": threshold,
-            "alpha": alpha,
-            "layer_map": layer_map,
-            "matched_units": matched_units,
-            "num_passes": len(chunks),
-            "memory_bytes": pair_memory_bytes(cfg_a, cfg_b, len(la), len(chunks[0])),
-            "num_tokens": matrix.num_tokens,
-            "heatmap": heatmap,
-        },
+        extra=_extra(matrix, threshold, alpha, len(chunks), pair_memory_bytes(cfg_a, cfg_b, len(la), len(chunks[0])))
+        | {"heatmap": heatmap},
     )
+
+
+def _extra(matrix: _Matrix, threshold: float, alpha: float, num_passes: int, memory_bytes: int) -> dict[str, Any]:
+    """The result's ``extra`` (all but ``heatmap``): see :func:`localized_test`."""
+    layer_map, matched_units = _layer_map(matrix, threshold)
+    return {
+        "layers_a": list(matrix.layers_a),
+        "layers_b": list(matrix.layers_b),
+        "log10_pvalue_matrix": _nested(matrix.log10),
+        "rho_matrix": _nested(matrix.rho),
+        "threshold_log10": threshold,
+        "alpha": alpha,
+        "layer_map": layer_map,
+        "duplicated_layers": duplicated_layers(layer_map),
+        "matched_units": matched_units,
+        "num_passes": num_passes,
+        "memory_bytes": memory_bytes,
+        "num_tokens": matrix.num_tokens,
+        "screen": _screen_summary(matrix),
+    }
+
+
+def _nested(matrix: np.ndarray) -> list[list[float | None]]:
+    """A matrix as nested lists, NaN (a screened-out pair) as None."""
+    return [[None if math.isnan(v) else float(v) for v in row] for row in matrix.tolist()]
+
+
+def _screen_summary(matrix: _Matrix) -> dict[str, Any] | None:
+    """The ``screen`` entry of the result: None without a screen."""
+    if matrix.tested is None or matrix.excess is None:
+        return None
+    return {
+        "num_units": matrix.screen_units,
+        "pairs_tested": int(matrix.tested.sum()),
+        "pairs": int(matrix.tested.size),
+        "excess_matrix": np.round(matrix.excess, 3).tolist(),
+    }
+
+
+def localized_parents(
+    parents: Mapping[str, tuple[Params, ModelConfig]],
+    params_b: Params,
+    cfg_b: ModelConfig,
+    batches: Batches,
+    *,
+    key: jax.Array,
+    alpha: float = 0.01,
+    screen: bool | None = None,
+) -> dict[str, Any]:
+    """Which layers of B come from which parent: localized testing of B against each parent, at
+    ``alpha / len(parents)`` (Bonferroni over parents, so a false layer anywhere in the answer has
+    probability <= ``alpha``); each layer of B goes to the parent with the smallest mapped p-value.
+    For a layer-stacked merge ("frankenmerge") of two parents.
+
+    Args:
+      parents: ``{name: (params, cfg)}``, at least one.
+      params_b, cfg_b: the child. Other arguments as for :func:`localized_test`.
+
+    Returns:
+      ``{"layer_parents": {str(layer_b): {"parent", "layer", "log10_pvalue"} or None},
+      "alpha_per_parent": float, "results": {name: TestResult}}``.
+    """
+    if not parents:
+        raise JaxindError("localized_parents needs at least one parent model")
+    each = alpha / len(parents)
+    keys = jax.random.split(key, len(parents))
+    results = {
+        name: localized_test(p, c, params_b, cfg_b, batches, key=k, alpha=each, screen=screen)
+        for (name, (p, c)), k in zip(parents.items(), keys)
+    }
+    layer_parents: dict[str, dict[str, Any] | None] = {}
+    for b in range(cfg_b.n_layers):
+        best = None
+        for name, res in results.items():
+            a = res.extra["layer_map"].get(str(b))
+            if a is None:
+                continue
+            log10 = res.extra["log10_pvalue_matrix"][res.extra["layers_a"].index(a)][res.extra["layers_b"].index(b)]
+            if best is None or log10 < best["log10_pvalue"]:
+                best = {"parent": name, "layer": a, "log10_pvalue": log10}
+        layer_parents[str(b)] = best
+    return {"layer_parents": layer_parents, "alpha_per_parent": each, "results": results}
 
 
 def heatmap_path_for(json_path: str | os.PathLike) -> str:
@@ -248,11 +363,11 @@ def plot_heatmap(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    mat = -np.asarray(log10_matrix, dtype=np.float64)
+    mat = -np.asarray(log10_matrix, dtype=np.float64)  # NaN (a screened-out pair) is drawn blank
     shown = np.minimum(mat, 50.0)  # clip extreme evidence so weak structure stays visible
     la, lb = list(layers_a), list(layers_b)
     fig, ax = plt.subplots(figsize=(1.2 + 0.35 * len(lb), 1.0 + 0.35 * len(la)), dpi=100)
-    im = ax.imshow(shown, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(shown.max()), -threshold_log10))
+    im = ax.imshow(shown, cmap="viridis", aspect="auto", vmin=0.0, vmax=max(float(np.nanmax(shown)), -threshold_log10))
     ax.set_xticks(range(len(lb)), [str(l) for l in lb], fontsize=7)
     ax.set_yticks(range(len(la)), [str(l) for l in la], fontsize=7)
     ax.set_xlabel(f"layer of {labels[1]}")
