@@ -393,7 +393,7 @@ def accumulate_aligned(
     pair_index: tuple[tuple[int, int], ...] = (),
     outer: bool = False,
 ) -> PassStats:
-    """:func:`jaxind.accumulate` over the aligned positions (see the module doc)."""
+    """:func:`accumulate` over the aligned positions of two tokenizations (docs/DESIGN.md §5.14)."""
     pair_shape = (len(layers_a), len(layers_b)) if outer else (len(pair_index),)
     state = init_state(cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape)
     static = dict(cfg_a=cfg_a, cfg_b=cfg_b, layers_a=layers_a, layers_b=layers_b, pair_index=pair_index)
