@@ -49,9 +49,10 @@ def format_table(result: PairResult | Mapping[str, Any], title: str | None = Non
     return "\n".join(lines)
 
 
-def format_localized(result: TestResult) -> str:
-    """The localized-testing summary: which layer of B comes from which layer of A."""
-    loc = result.to_json()  # its extras in plain JSON types (lists, string keys)
+def format_localized(result: TestResult | Mapping[str, Any]) -> str:
+    """The localized-testing summary (its :class:`TestResult`, or that result's JSON record): which layer of B
+    comes from which layer of A."""
+    loc = result.to_json() if isinstance(result, TestResult) else result  # plain JSON types (lists, string keys)
     lines = [
         f"localized MATCH over {len(loc['layers_a'])} x {len(loc['layers_b'])} layer pairs "
         f"(a layer pair counts when log10 p < {loc['threshold_log10']:.1f}: Bonferroni at alpha={loc['alpha']})"
