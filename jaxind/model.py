@@ -8,7 +8,9 @@ variants those families need (``cfg.norm_position``: norms before attention and 
 weightless LayerNorm); and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
 family the generalized test needs. The pass can hand back, for chosen layers, the MLP's gate- and
 up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only), which is what the
-independence tests match.
+independence tests match, or any named intermediate (:data:`INTERMEDIATES`: the residual stream, the attention
+output, the MLP input and hidden state), sown as ``nnx.Intermediate`` by the module. An ``attention_mask``
+``(B, T)`` pads sequences on either side; positions then count real tokens only (:func:`padding_positions`).
 
 Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``). The decoder
 layers are **stacked**: every layer leaf carries a leading layer axis of length ``L = n_layers``,

@@ -194,3 +194,14 @@ def test_readme_masked_forward_example_runs_as_a_doctest():
     assert len(test.examples) >= 5
     result = runner.run(test)
     assert result.failed == 0 and result.attempted == len(test.examples)
+
+
+def test_the_mask_on_a_mesh_gives_the_one_device_logits():
+    from jaxind import sharding
+
+    cfg = CONFIGS["llama"]
+    params = numpy_params(cfg, 0)
+    placed = jaxind.from_params(cfg, params, layout=sharding.Layout(sharding.make_mesh("data:2,fsdp:4")))
+    tokens, mask = padded(sequences(cfg) * 2, "left")  # 4 sequences, split over the data axis
+    want = np.asarray(jaxind.from_params(cfg, params).logits(tokens, attention_mask=mask))
+    np.testing.assert_allclose(np.asarray(placed.logits(tokens, attention_mask=mask)), want, rtol=1e-4, atol=1e-4)
