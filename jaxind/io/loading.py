@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -48,31 +48,79 @@ class Model:
             )
         return tokens
 
-    def _placed(self, tokens: Any) -> tuple[jax.Array, Any]:
-        """Checked tokens on the params' devices (split over the mesh's batch axes when the params are sharded)
-        and the residual stream's sharding (None on one device)."""
-        checked = self._check_tokens(tokens)
+    def _check_mask(self, attention_mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+        mask = np.asarray(attention_mask)
+        if mask.shape != shape:
+            raise JaxindError(
+                f"attention_mask must have the tokens' shape {shape} (1 = real token, 0 = padding), got {mask.shape}"
+            )
+        if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.number)) or not np.isin(mask, (0, 1)).all():
+            raise JaxindError("attention_mask must hold only 1 (real token) and 0 (padding), or True/False")
+        return mask.astype(np.int32)
+
+    def _placed(self, tokens: Any, attention_mask: Any = None) -> tuple[jax.Array, jax.Array | None, Any]:
+        """Checked tokens and attention mask on the params' devices (split over the mesh's batch axes when the
+        params are sharded) and the residual stream's sharding (None on one device)."""
+        checked = self._check_tokens(tokens).astype(np.int32)
+        mask = None if attention_mask is None else self._check_mask(attention_mask, checked.shape)
         layout = sharding.layout_of(self.params)
         if layout is None:
-            return jnp.asarray(checked, jnp.int32), None
+            return jnp.asarray(checked), None if mask is None else jnp.asarray(mask), None
         batch, seq = checked.shape
-        return layout.batch(checked.astype(np.int32)), layout.activations(batch, seq, self.config.d_model)
+        placed_mask = None if mask is None else layout.batch(mask)
+        return layout.batch(checked), placed_mask, layout.activations(batch, seq, self.config.d_model)
 
-    def logits(self, tokens: Any) -> jax.Array:
-        """``tokens (B, T)`` int -> logits ``(B, T, vocab)`` float32 (sharded like the tokens on a mesh)."""
-        placed, x_sharding = self._placed(tokens)
-        return model.forward_jit(self.params, self.config, placed, x_sharding=x_sharding)[0]
+    def logits(self, tokens: Any, attention_mask: Any = None) -> jax.Array:
+        """``tokens (B, T)`` int -> logits ``(B, T, vocab)`` float32 (sharded like the tokens on a mesh).
 
-    def mlp_activations(self, tokens: Any, layers: Iterable[int] | None = None) -> dict[int, dict[str, jax.Array]]:
+        ``attention_mask``: ``(B, T)`` 1 = real token, 0 = padding (left or right); each real token's logits are
+        those of its unpadded sequence, to float rounding (:func:`jaxind.models.model.forward`)."""
+        placed, mask, x_sharding = self._placed(tokens, attention_mask)
+        return model.forward_jit(self.params, self.config, placed, x_sharding=x_sharding, attention_mask=mask)[0]
+
+    def mlp_activations(
+        self, tokens: Any, layers: Iterable[int] | None = None, attention_mask: Any = None
+    ) -> dict[int, dict[str, jax.Array]]:
         """``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` from one forward pass (no LM head); a mixture of
         experts also gives every expert's ``expert_gate``/``expert_up`` ``(B, T, E, he)`` on all tokens and the
         ``router_logits`` ``(B, T, E)`` (see :func:`jaxind.models.model.forward`).
 
-        ``layers``: indices (negative allowed) or None for every layer.
+        ``layers``: indices or None for every layer; negative indices count from the end and are normalised,
+        so the keys of ``layers=[0, -1]`` are ``0`` and ``L - 1``. ``attention_mask``: as in :meth:`logits`.
         """
+        return self.intermediates(tokens, (), layers, attention_mask)
+
+    def intermediates(
+        self,
+        tokens: Any,
+        names: Sequence[str] = ("resid",),
+        layers: Iterable[int] | None = None,
+        attention_mask: Any = None,
+    ) -> dict[int, dict[str, jax.Array]]:
+        """``{layer: {name: (B, T, ...)}}``: the named intermediates of each layer from one forward pass (no LM
+        head; the pass stops after the last chosen layer).
+
+        ``names``: from :func:`jaxind.models.model.intermediate_names` (``"resid"`` the residual stream after the
+        layer, ``"attn_out"``, ``"mlp_in"``, ``"gate"``, ``"up"``, ``"hidden"``; :data:`jaxind.models.model.INTERMEDIATES`
+        says what each is); empty: :meth:`mlp_activations`'s. ``layers``: indices or None for every layer, negative
+        ones normalised (keys ``0`` and ``L - 1`` for ``[0, -1]``). ``attention_mask``: as in :meth:`logits`.
+
+        Raises:
+          JaxindError: an unknown name, a layer out of range, bad tokens or a bad mask.
+        """
+        names = model.check_intermediates(self.config, names)
         collect = normalize_layers(self.config, layers)
-        placed, x_sharding = self._placed(tokens)
-        return model.forward_jit(self.params, self.config, placed, collect, False, x_sharding=x_sharding)[1]
+        placed, mask, x_sharding = self._placed(tokens, attention_mask)
+        return model.forward_jit(
+            self.params,
+            self.config,
+            placed,
+            collect,
+            False,
+            x_sharding=x_sharding,
+            attention_mask=mask,
+            intermediates=names,
+        )[1]
 
     @functools.cached_property
     def tokenizer(self) -> Any:

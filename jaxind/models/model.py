@@ -8,7 +8,9 @@ variants those families need (``cfg.norm_position``: norms before attention and 
 weightless LayerNorm); and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases), the non-GLU
 family the generalized test needs. The pass can hand back, for chosen layers, the MLP's gate- and
 up-projection outputs (pre-activation, shape ``(B, T, h)``; GPT-2 has "up" only), which is what the
-independence tests match.
+independence tests match, or any named intermediate (:data:`INTERMEDIATES`: the residual stream, the attention
+output, the MLP input and hidden state), sown as ``nnx.Intermediate`` by the module. An ``attention_mask``
+``(B, T)`` pads sequences on either side; positions then count real tokens only (:func:`padding_positions`).
 
 Param tree (linear weights are stored ``(in, out)``; ``h = d_ff``, ``hd = head_dim``). The decoder
 layers are **stacked**: every layer leaf carries a leading layer axis of length ``L = n_layers``,
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -52,8 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxind.errors import JaxindError
 from jaxind.models import moe, paramspec
 from jaxind.models.config import Activation, ModelConfig
+from jaxind.models.layers import normalize_layers
 from jaxind.types import Params
 
 Activations = dict[int, dict[str, jax.Array]]
@@ -123,11 +127,25 @@ def rope_tables(inv_freq: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array
     return jnp.cos(emb), jnp.sin(emb)
 
 
+def rope_tables_at(inv_freq: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables ``(B, T, head_dim)`` float32 for per-sequence ``positions (B, T)`` (a padded batch's
+    :func:`padding_positions`); the same values as :func:`rope_tables` where ``positions`` counts ``0..T-1``."""
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates ``x (B, T, heads, hd)`` by position (half-split layout, as in HF Llama)."""
+    """Rotates ``x (B, T, heads, hd)`` by position (half-split layout, as in HF Llama); ``cos``/``sin`` are
+    ``(T, hd)`` (:func:`rope_tables`, every sequence at positions ``0..T-1``) or ``(B, T, hd)``
+    (:func:`rope_tables_at`)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    if cos.ndim == 2:
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
     return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
 
 
@@ -152,6 +170,37 @@ def layer_features(cfg: ModelConfig) -> dict[str, np.ndarray]:
     return feats
 
 
+# A padded batch as the layers read it (:func:`padding_positions`): ``"real"`` ``(B, T)`` bool, the attention mask
+# (True = a real token), and ``"pos"`` ``(B, T)`` int32, each token's position among its sequence's real tokens.
+Padding = dict[str, jax.Array]
+
+
+def padding_positions(attention_mask: jax.Array) -> Padding:
+    """The :data:`Padding` of an attention mask ``(B, T)`` (1/True = real token, 0 = padding, on either side).
+
+    A real token's position counts the real tokens before it, so a left-padded sequence's real tokens sit at
+    positions ``0, 1, ...`` as they would unpadded; padding tokens get position 0 (left) or repeat the last
+    real position (right): they are never attended to, so their positions change nothing."""
+    real = jnp.asarray(attention_mask) != 0
+    pos = jnp.maximum(jnp.cumsum(real.astype(jnp.int32), axis=1) - 1, 0)
+    return {"real": real, "pos": pos}
+
+
+def attention_allowed(t: int, window: jax.Array, padding: Padding | None = None) -> jax.Array:
+    """Which keys each query may attend to: causal, within ``window`` (``<= 0``: unlimited).
+
+    Without ``padding`` a ``(T, T)`` bool array (every sequence at positions ``0..T-1``). With it
+    ``(B, 1, 1, T, T)``: padding keys are masked out, the window is measured in real-token positions, and a
+    padding query attends to itself only (its output stays finite and is ignored)."""
+    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    if padding is None:
+        return (ki <= qi) & ((window <= 0) | ((qi - ki) < window))
+    pos = padding["pos"]
+    dist = pos[:, :, None] - pos[:, None, :]
+    allowed = (ki <= qi) & ((window <= 0) | (dist < window)) & padding["real"][:, None, :]
+    return (allowed | (qi == ki))[:, None, None]
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """``cap * tanh(x / cap)`` (Gemma 2's soft-capping), or ``x`` when ``cap`` is None."""
     return x if cap is None else cap * jnp.tanh(x / cap)
@@ -165,9 +214,12 @@ def _qk_norm(layer: Params, cfg: ModelConfig, q: jax.Array, k: jax.Array) -> tup
     )
 
 
-def attention(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> jax.Array:
+def attention(
+    layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array, padding: Padding | None = None
+) -> jax.Array:
     """Causal grouped-query self-attention of one layer: ``x (B, T, d)`` -> ``(B, T, d)``; ``feats`` is the
-    layer's slice of :func:`layer_features` (its window; its RoPE frequencies when the family has RoPE).
+    layer's slice of :func:`layer_features` (its window; its RoPE frequencies when the family has RoPE);
+    ``padding`` (:func:`padding_positions`) masks padding keys and gives RoPE each real token's own position.
 
     Order, as in transformers: projections (+ biases), OLMo's clamp, q/k norms over the projection (OLMo 2) or
     per head (Qwen3, Gemma 3), RoPE, scores scaled by ``1/sqrt(query_pre_attn_scalar or head_dim)``, Gemma 2's
@@ -185,7 +237,10 @@ def attention(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: j
     if cfg.qk_norm == "head":
         q, k = _qk_norm(layer, cfg, q, k)
     if cfg.rope:
-        cos, sin = rope_tables(feats["inv_freq"], t)
+        if padding is None:
+            cos, sin = rope_tables(feats["inv_freq"], t)
+        else:
+            cos, sin = rope_tables_at(feats["inv_freq"], padding["pos"])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(b, t, nkv, hd)
     group = nh // nkv
@@ -193,10 +248,7 @@ def attention(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: j
     scale = 1.0 / math.sqrt(cfg.query_pre_attn_scalar or hd)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) * scale
     scores = _softcap(scores, cfg.attn_softcap)
-    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    window = feats["window"]
-    allowed = (ki <= qi) & ((window <= 0) | ((qi - ki) < window))
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(attention_allowed(t, feats["window"], padding), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, nh * hd)
     out = out @ layer["o"]
@@ -221,6 +273,14 @@ def mlp_apply(
     Returns ``(out (..., d), gate (..., h) or None, up (..., h))``, ``gate``/``up`` before the
     activation, i.e. what ``gate_proj`` / ``up_proj`` (GPT-2: ``c_fc``) return in transformers.
     """
+    return _mlp_parts(layer, x, act, glu, bias)[:3]
+
+
+def _mlp_parts(
+    layer: Params, x: jax.Array, act: Activation, glu: bool, bias: bool
+) -> tuple[jax.Array, jax.Array | None, jax.Array, jax.Array]:
+    """:func:`mlp_apply`'s ``(out, gate, up)`` and the hidden state ``act(gate) * up`` (plain: ``act(up)``), the
+    input of the down-projection."""
     up = x @ layer["up"]
     if bias:
         up = up + layer["up_bias"]
@@ -233,7 +293,7 @@ def mlp_apply(
     out = hidden @ layer["down"]
     if bias:
         out = out + layer["down_bias"]
-    return out, gate, up
+    return out, gate, up, hidden
 
 
 def mlp(layer: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -249,11 +309,12 @@ def mlp_output(layer: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return mlp(layer, cfg, x)[0]
 
 
-def embed(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Token embeddings ``(B, T, d)`` (scaled by sqrt(d) for Gemma)."""
+def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """Token embeddings ``(B, T, d)`` (scaled by sqrt(d) for Gemma); learned positions (GPT-2) at ``0..T-1`` or at
+    ``positions (B, T)`` (a padded batch's, :func:`padding_positions`)."""
     x = params["embed"][tokens]
     if not cfg.rope:
-        x = x + params["pos_embed"][: tokens.shape[1]][None]
+        x = x + (params["pos_embed"][: tokens.shape[1]][None] if positions is None else params["pos_embed"][positions])
     if cfg.embed_scale:
         x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype=x.dtype)
     return x
@@ -266,29 +327,64 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return _softcap((x @ head).astype(jnp.float32), cfg.final_softcap)
 
 
-# One layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "x": (B, T, d)}; a MoE layer has "expert_gate" /
-# "expert_up" (B, T, E, he) and "router_logits" (B, T, E) instead, plus "gate"/"up" of its shared expert if any.
+# One layer's {"gate": (B, T, h) (GLU only), "up": (B, T, h), "hidden": (B, T, h), "x": (B, T, d) (the MLP input),
+# "attn_out": (B, T, d), "resid": (B, T, d)}; a MoE layer has "expert_gate" / "expert_up" (B, T, E, he) and
+# "router_logits" (B, T, E) instead of gate/up/hidden, plus "gate"/"up"/"hidden" of its shared expert if any.
+# Under jit only what a collector keeps is computed.
 LayerOut = dict[str, jax.Array]
 Collector = Callable[[LayerOut], dict[str, jax.Array]]
 
+# The intermediates a lab can collect by name (Decoder(..., intermediates=...)), and the LayerOut entry of each.
+INTERMEDIATES: dict[str, str] = {
+    "resid": "resid",  # the residual stream after the layer (B, T, d)
+    "attn_out": "attn_out",  # the attention sublayer's output (o-projection, before any post-norm) (B, T, d)
+    "mlp_in": "x",  # the MLP's input (B, T, d): normed, except for "post" norms (OLMo 2)
+    "gate": "gate",  # gate projection before the activation (B, T, h); GLU families and shared experts
+    "up": "up",  # up projection (B, T, h) (GPT-2: c_fc, with its bias)
+    "hidden": "hidden",  # act(gate) * up (plain MLP: act(up)), the down-projection's input (B, T, h)
+    "expert_gate": "expert_gate",  # mixtures of experts: every expert's gate projection (B, T, E, he)
+    "expert_up": "expert_up",  # every expert's up projection (B, T, E, he)
+    "router_logits": "router_logits",  # the router's logits (B, T, E)
+}
 
-def block(layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, LayerOut]:
+
+def intermediate_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The names of :data:`INTERMEDIATES` a model of ``cfg`` has (no ``gate`` without a GLU; a mixture of experts
+    has the ``expert_*``/``router_logits`` entries and ``gate``/``up``/``hidden`` only for a shared expert)."""
+    names = ["resid", "attn_out", "mlp_in"]
+    dense = ("gate", "up", "hidden") if cfg.glu else ("up", "hidden")
+    if cfg.moe:
+        names += ["expert_gate", "expert_up", "router_logits", *(dense if cfg.shared_expert else ())]
+    else:
+        names += dense
+    return tuple(names)
+
+
+def block(
+    layer: Params, feats: dict[str, jax.Array], cfg: ModelConfig, x: jax.Array, padding: Padding | None = None
+) -> tuple[jax.Array, LayerOut]:
     """One decoder block (one layer's slice of the stacked weights and features): norms before attention and
     MLP (``cfg.norm_position`` "pre"), before and after each ("sandwich": Gemma 2/3) or after each ("post":
-    OLMo 2, whose attention and MLP read the residual stream itself).
+    OLMo 2, whose attention and MLP read the residual stream itself). ``padding``: see :func:`attention`.
 
-    Returns ``(x_out, out)``: ``out`` holds the MLP's ``gate`` (GLU only) and ``up`` outputs ``(B, T, h)``
-    before the activation and ``x``, the MLP input ``(B, T, d)`` (normed, except for "post")."""
+    Returns ``(x_out, out)``: ``out`` (:data:`LayerOut`) holds the MLP's ``gate`` (GLU only) and ``up`` outputs
+    ``(B, T, h)`` before the activation, ``hidden``, ``x``, the MLP input ``(B, T, d)`` (normed, except for
+    "post"), ``attn_out`` and ``resid`` (``x_out``)."""
     pre, post = cfg.norm_position != "post", cfg.norm_position != "pre"
-    a = attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x) if pre else x)
+    a = attention(layer, feats, cfg, norm(layer, "attn_norm", cfg, x) if pre else x, padding)
     x = x + (norm(layer, "post_attn_norm", cfg, a) if post else a)
     mlp_in = norm(layer, "mlp_norm", cfg, x) if pre else x
     if cfg.moe:
         y, out = moe.moe_mlp(layer, cfg, mlp_in)
-        return x + (norm(layer, "post_mlp_norm", cfg, y) if post else y), {**out, "x": mlp_in}
-    y, gate, up = mlp(layer, cfg, mlp_in)
+        if "gate" in out:
+            out["hidden"] = jax.nn.silu(out["gate"]) * out["up"]  # the shared expert's (SwiGLU, moe.shared_expert)
+        x = x + (norm(layer, "post_mlp_norm", cfg, y) if post else y)
+        return x, {**out, "x": mlp_in, "attn_out": a, "resid": x}
+    y, gate, up, hidden = _mlp_parts(layer, mlp_in, cfg.mlp_act, cfg.glu, cfg.mlp_bias)
     x = x + (norm(layer, "post_mlp_norm", cfg, y) if post else y)
-    out = {"up": up, "x": mlp_in} if gate is None else {"gate": gate, "up": up, "x": mlp_in}
+    out = {"up": up, "hidden": hidden, "x": mlp_in, "attn_out": a, "resid": x}
+    if gate is not None:
+        out["gate"] = gate
     return x, out
 
 
@@ -316,6 +412,7 @@ def run_layers(
     unroll: bool = False,
     feats: dict[str, Any] | None = None,
     x_sharding: Any = None,
+    padding: Padding | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Runs layers ``0 .. n_run-1`` (default all) of the stacked ``layers`` on ``x (B, T, d)`` with ``lax.scan``.
 
@@ -329,6 +426,8 @@ def run_layers(
       x_sharding: on a mesh, where the residual stream ``(B, T, d)`` lives between layers (split over the
         batch, whole along ``d``): XLA then gathers each layer's weights (FSDP) rather than adding partial
         products across devices, which keeps the numbers the same however the mesh is split between hosts.
+      padding: a padded batch's attention mask and positions (:func:`padding_positions`), the same for every
+        layer (closed over by the scanned step, not scanned); None: no padding, positions ``0..T-1``.
 
     Returns:
       ``(x, stored)``: the residual stream after ``n_run`` layers and ``{name: (len(collect), ...)}``,
@@ -349,7 +448,7 @@ def run_layers(
         layer, f, slot = xs
         if not full:  # index the whole stack rather than scan over a slice of it (no copy of the weights)
             layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), layers)
-        x, out = block(layer, f, cfg, x)
+        x, out = block(layer, f, cfg, x, padding)
         if x_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, x_sharding)
         if buf is not None:
@@ -425,73 +524,139 @@ class Decoder(nnx.Module):
     def params(self) -> Params:
         """The module's parameters as the plain param tree (the arrays themselves, no copy)."""
         tree: Params = {leaf.name: getattr(self, leaf.name)[...] for leaf in paramspec.top_leaves(self.cfg)}
-        tree["layers"] = {name: p[...] for name, p in self.layers.items()}
+        # by name from the table: under nnx.capture the Dict also holds Flax's "__captures__" entry
+        tree["layers"] = {leaf.name: self.layers[leaf.name][...] for leaf in paramspec.layer_leaves(self.cfg)}
         return tree
 
     def __call__(
         self,
         tokens: jax.Array,
-        collect: tuple[int, ...] = (),
+        collect: Sequence[int] = (),
         return_logits: bool = True,
         collect_inputs: bool = False,
         unroll: bool = False,
         x_sharding: Any = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        intermediates: Sequence[str] = (),
     ) -> tuple[jax.Array | None, Activations]:
         """Runs the model on ``tokens (B, T)`` int: ``(logits (B, T, V) float32 or None, activations)``; the
-        arguments and the result are :func:`forward`'s."""
+        arguments and the result are :func:`forward`'s.
+
+        With ``intermediates``, each named value of the collected layers is also sown as an ``nnx.Intermediate``
+        under its name, stacked over those layers in increasing order: ``(k, B, T, ...)``. Read them with
+        ``nnx.capture(decoder, nnx.Intermediate)(tokens, ...)``, which returns ``((logits, acts), state)`` with
+        ``state[name][0]`` the stack (Flax's sow keeps a tuple of the values sown)."""
         cfg = self.cfg
         params = self.params()
-        wanted = tuple(sorted(set(collect)))
+        names = check_intermediates(cfg, intermediates)
+        wanted = normalize_layers(cfg, None if names and not collect else collect)
         n_run = wanted[-1] + 1 if wanted and not return_logits else cfg.n_layers
         if not cfg.rope and tokens.shape[1] > cfg.max_positions:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds the model's {cfg.max_positions} positions")
-        x = embed(params, cfg, tokens)
-
-        def keep(out: LayerOut) -> dict[str, jax.Array]:
-            return {name: value for name, value in out.items() if name != "x" or collect_inputs}
-
-        x, stored = run_layers(params["layers"], cfg, x, wanted, keep, n_run, unroll, x_sharding=x_sharding)
+        padding = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(tokens.shape):
+                raise JaxindError(
+                    f"attention_mask must have the tokens' shape {tuple(tokens.shape)} (1 = real token, 0 = padding), "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            padding = padding_positions(attention_mask)
+        x = embed(params, cfg, tokens, None if padding is None else padding["pos"])
+        keep = _keeper(names, collect_inputs)
+        x, stored = run_layers(
+            params["layers"], cfg, x, wanted, keep, n_run, unroll, x_sharding=x_sharding, padding=padding
+        )
+        for name in names:
+            self.sow(nnx.Intermediate, name, stored[name])
         acts: Activations = {
             layer: {name: value[i] for name, value in stored.items()} for i, layer in enumerate(wanted)
         }
         return (unembed(params, cfg, x) if return_logits else None), acts
 
 
+# What forward/Decoder return per collected layer when no intermediates are named (the LayerOut names).
+_DEFAULT_KEPT = frozenset({"gate", "up", "expert_gate", "expert_up", "router_logits"})
+
+
+def check_intermediates(cfg: ModelConfig, names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple of distinct intermediate names of ``cfg``'s model (:func:`intermediate_names`).
+
+    Raises:
+      JaxindError: a name the model does not have, or a single string instead of a sequence of names.
+    """
+    if isinstance(names, str):
+        raise JaxindError(f"intermediates must be a sequence of names, e.g. ({names!r},), not the string {names!r}")
+    valid = intermediate_names(cfg)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise JaxindError(f"unknown intermediates {unknown} for a {cfg.family} model; choose from {list(valid)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _keeper(names: tuple[str, ...], collect_inputs: bool) -> Collector:
+    """The collector keeping the named intermediates, or (no names) the gate/up outputs (and ``"x"`` with
+    ``collect_inputs``) as :func:`forward` always returned them."""
+    if names:
+        return lambda out: {name: out[INTERMEDIATES[name]] for name in names}
+    kept = _DEFAULT_KEPT | ({"x"} if collect_inputs else set())
+    return lambda out: {name: value for name, value in out.items() if name in kept}
+
+
 def forward(
     params: Params,
     cfg: ModelConfig,
     tokens: jax.Array,
-    collect: tuple[int, ...] = (),
+    collect: Sequence[int] = (),
     return_logits: bool = True,
     collect_inputs: bool = False,
     unroll: bool = False,
     x_sharding: Any = None,
+    *,
+    attention_mask: jax.Array | None = None,
+    intermediates: Sequence[str] = (),
 ) -> tuple[jax.Array | None, Activations]:
     """Runs the model on ``tokens (B, T)`` int: :class:`Decoder` ``__call__`` on a raw param tree (for code that
     holds trees rather than modules; the module wraps the arrays, nothing is copied).
 
     Args:
-      collect: layer indices whose MLP gate/up outputs to return.
+      collect: layer indices whose MLP gate/up outputs (or ``intermediates``) to return; negative indices count
+        from the end and are normalised, so the keys of ``collect=(0, -1)`` are ``0`` and ``L - 1``.
       return_logits: skip the LM head when False (activation-only passes stop after the last
         collected layer).
       collect_inputs: also return each collected layer's normed MLP input as ``"x"``
         ``(B, T, d)`` (``gate = x @ W_gate``: cross-Gram statistics of the outputs follow from
         those of ``x``, which is ``d``-wide instead of ``h``-wide).
       unroll, x_sharding: see :func:`run_layers`.
+      attention_mask: ``(B, T)``, 1 (or True) for a real token, 0 for padding, on either side of each sequence:
+        padding keys are masked out and positions (RoPE, GPT-2's learned ones) count real tokens only
+        (:func:`padding_positions`), so each real token's logits and intermediates are those of its
+        unpadded sequence (to float rounding); padding positions' outputs are meaningless. None: no padding
+        (the computation of earlier releases, bit for bit).
+      intermediates: names from :func:`intermediate_names` (``"resid"``, ``"attn_out"``, ``"mlp_in"``,
+        ``"gate"``, ``"up"``, ``"hidden"``, ...; :data:`INTERMEDIATES` says what each is) to return for the
+        ``collect`` layers (every layer when ``collect`` is empty) instead of gate/up; the module sows them as
+        ``nnx.Intermediate`` (:class:`Decoder`).
 
     Returns:
       ``(logits, acts)``: logits ``(B, T, V)`` float32 (or None) and
       ``{layer: {"gate": (B, T, h), "up": (B, T, h)}}`` for each layer in ``collect``
       (no "gate" for a non-GLU family; a mixture of experts adds every expert's ``expert_gate``/``expert_up``
       ``(B, T, E, he)`` on all tokens and ``router_logits`` ``(B, T, E)``, and has "gate"/"up" only for a
-      shared expert). Memory for the activations: one ``(B, T, h)`` per kept
-      output per collected layer, plus one scratch layer (:func:`run_layers`).
+      shared expert), or ``{layer: {name: ...}}`` for the named ``intermediates``. Memory for the activations:
+      one ``(B, T, ...)`` per kept value per collected layer, plus one scratch layer (:func:`run_layers`).
     """
-    return Decoder(cfg, params)(tokens, collect, return_logits, collect_inputs, unroll, x_sharding)
+    decoder = Decoder(cfg, params)
+    args = (tokens, collect, return_logits, collect_inputs, unroll, x_sharding)
+    if not intermediates:
+        return decoder(*args, attention_mask=attention_mask)
+    out, _ = nnx.capture(decoder, nnx.Intermediate)(*args, attention_mask=attention_mask, intermediates=intermediates)
+    return out
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "collect", "return_logits", "collect_inputs", "unroll", "x_sharding")
+    jax.jit,
+    static_argnames=("cfg", "collect", "return_logits", "collect_inputs", "unroll", "x_sharding", "intermediates"),
 )
 def forward_jit(
     params: Params,
@@ -502,14 +667,35 @@ def forward_jit(
     collect_inputs: bool = False,
     unroll: bool = False,
     x_sharding: Any = None,
+    *,
+    attention_mask: jax.Array | None = None,
+    intermediates: tuple[str, ...] = (),
 ):
-    """Jitted :func:`forward` (``cfg``, ``collect``, the flags and ``x_sharding`` are static)."""
-    return forward(params, cfg, tokens, collect, return_logits, collect_inputs, unroll, x_sharding)
+    """Jitted :func:`forward` (``cfg``, ``collect``, the flags, ``x_sharding`` and ``intermediates`` are static;
+    ``attention_mask`` is traced)."""
+    return forward(
+        params,
+        cfg,
+        tokens,
+        collect,
+        return_logits,
+        collect_inputs,
+        unroll,
+        x_sharding,
+        attention_mask=attention_mask,
+        intermediates=intermediates,
+    )
 
 
-def forward_logits(params: Params, cfg: ModelConfig) -> Callable[[Any], jax.Array]:
-    """``tokens (B, T) -> logits (B, T, V)`` for a param tree (jitted)."""
-    return lambda tokens: forward_jit(params, cfg, jnp.asarray(tokens, jnp.int32))[0]
+def forward_logits(params: Params, cfg: ModelConfig) -> Callable[..., jax.Array]:
+    """``(tokens (B, T), attention_mask (B, T) or None) -> logits (B, T, V)`` for a param tree (jitted; the mask
+    as in :func:`forward`)."""
+
+    def logits(tokens: Any, attention_mask: Any = None) -> jax.Array:
+        mask = None if attention_mask is None else jnp.asarray(attention_mask)
+        return forward_jit(params, cfg, jnp.asarray(tokens, jnp.int32), attention_mask=mask)[0]
+
+    return logits
 
 
 def layer_norm_names(cfg: ModelConfig) -> tuple[str, ...]:

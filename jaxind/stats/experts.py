@@ -191,24 +191,30 @@ class ExpertPass:
         return Space(self.cross[pair], self.gram_a[ia], self.gram_b[ib])
 
 
-def _collect_inputs(params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...]) -> jax.Array:
-    """The masked MLP inputs ``(n, N, d)`` float32 of the collected ``layers`` (the scan stops after the last)."""
+def _collect_inputs(
+    params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], attention_mask=None
+) -> jax.Array:
+    """The masked MLP inputs ``(n, N, d)`` float32 of the collected ``layers`` (the scan stops after the last); an
+    ``attention_mask`` masks padding in the forward (:func:`jaxind.stats.grams.accumulate_step`)."""
 
     def keep(out: model_lib.LayerOut) -> dict[str, jax.Array]:
         x = out["x"].reshape(-1, out["x"].shape[-1]).astype(jnp.float32)
         return {"x": x if mask is None else x * mask.reshape(-1, 1).astype(jnp.float32)}
 
-    x = model_lib.embed(params, cfg, tokens)
-    return model_lib.run_layers(params["layers"], cfg, x, layers, keep, max(layers) + 1)[1]["x"]
+    padding = None if attention_mask is None else model_lib.padding_positions(attention_mask)
+    x = model_lib.embed(params, cfg, tokens, None if padding is None else padding["pos"])
+    return model_lib.run_layers(params["layers"], cfg, x, layers, keep, max(layers) + 1, padding=padding)[1]["x"]
 
 
 @functools.partial(
     jax.jit, static_argnames=("cfg_a", "cfg_b", "layers_a", "layers_b", "pair_index"), donate_argnames=("state",)
 )
-def _accumulate_step(state, params_a, params_b, tokens, mask, *, cfg_a, cfg_b, layers_a, layers_b, pair_index):
+def _accumulate_step(
+    state, params_a, params_b, tokens, mask, attention_mask, *, cfg_a, cfg_b, layers_a, layers_b, pair_index
+):
     """Adds one token batch's input cross-Grams (per pair) and Grams (per layer) to ``state`` (donated)."""
-    xa = _collect_inputs(params_a, cfg_a, tokens, mask, layers_a)
-    xb = _collect_inputs(params_b, cfg_b, tokens, mask, layers_b)
+    xa = _collect_inputs(params_a, cfg_a, tokens, mask, layers_a, attention_mask)
+    xb = _collect_inputs(params_b, cfg_b, tokens, mask, layers_b, attention_mask)
     ia = jnp.asarray([p[0] for p in pair_index], jnp.int32)
     ib = jnp.asarray([p[1] for p in pair_index], jnp.int32)
     count = tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32))
@@ -242,13 +248,14 @@ def accumulate(
         "count": z(()),
     }
     n_batches = 0
-    for tokens, mask in progress.bar(grams.normalize_batches(batches), desc="MoE pass"):
+    for tokens, mask, attention_mask in progress.bar(grams.normalize_batches(batches), desc="MoE pass"):
         state = _accumulate_step(
             state,
             params_a,
             params_b,
             tokens,
             mask,
+            attention_mask,
             cfg_a=cfg_a,
             cfg_b=cfg_b,
             layers_a=tuple(layers_a),

@@ -39,7 +39,8 @@ from jaxind.models.config import ModelConfig
 from jaxind.parallel import sharding
 from jaxind.types import Params
 
-Batch = tuple[jax.Array, jax.Array | None]  # tokens (B, T), mask (B, T) or None
+# tokens (B, T), mask (B, T) or None, and the attention mask: the mask again where a sequence is padded, else None
+Batch = tuple[jax.Array, jax.Array | None, jax.Array | None]
 
 
 @dataclasses.dataclass
@@ -200,14 +201,23 @@ def _layer_stats(mask: jax.Array | None) -> model_lib.Collector:
 
 
 def _collect(
-    params: Params, cfg: ModelConfig, tokens: jax.Array, mask, layers: tuple[int, ...], unroll: bool, layout
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    mask,
+    layers: tuple[int, ...],
+    unroll: bool,
+    layout,
+    attention_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """``{"x": (n, N, d), "gate": (n, h), "up": (n, h)}`` for the collected ``layers`` of one model."""
-    x = model_lib.embed(params, cfg, tokens)
+    """``{"x": (n, N, d), "gate": (n, h), "up": (n, h)}`` for the collected ``layers`` of one model; with an
+    ``attention_mask`` the forward masks padding and counts positions over real tokens (:func:`model.forward`)."""
+    padding = None if attention_mask is None else model_lib.padding_positions(attention_mask)
+    x = model_lib.embed(params, cfg, tokens, None if padding is None else padding["pos"])
     x_sharding = None if layout is None else layout.activations(x.shape[0], x.shape[1], x.shape[2])
     stats = _layer_stats(mask)
     return model_lib.run_layers(
-        params["layers"], cfg, x, layers, stats, max(layers) + 1, unroll, x_sharding=x_sharding
+        params["layers"], cfg, x, layers, stats, max(layers) + 1, unroll, x_sharding=x_sharding, padding=padding
     )[1]
 
 
@@ -222,6 +232,7 @@ def accumulate_step(
     params_b: Params,
     tokens: jax.Array,
     mask: jax.Array | None,
+    attention_mask: jax.Array | None = None,
     *,
     cfg_a: ModelConfig,
     cfg_b: ModelConfig,
@@ -238,6 +249,9 @@ def accumulate_step(
       state: from :func:`init_state`.
       tokens: ``(B, T)`` int token ids, fed to both models.
       mask: ``(B, T)`` bool/0-1 weights of the tokens to count, or None for all.
+      attention_mask: ``(B, T)`` where sequences are padded (:func:`normalize_batches` passes the mask again):
+        padding tokens are masked out of attention and positions count real tokens, so a padded sequence's
+        statistics are its unpadded ones; None: every row runs as given (rows of padding only are just not counted).
       layers_a / layers_b: the collected layers of A / B (sorted tuples).
       pair_index: for ``outer=False``, pairs ``(ia, ib)`` of positions into ``layers_a`` /
         ``layers_b``; the cross Gram of pair p is ``state["cross"][p]``.
@@ -249,8 +263,8 @@ def accumulate_step(
       The updated state.
     """
     hi = jax.lax.Precision.HIGHEST
-    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll, layout)
-    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll, layout)
+    stats_a = _collect(params_a, cfg_a, tokens, mask, layers_a, unroll, layout, attention_mask)
+    stats_b = _collect(params_b, cfg_b, tokens, mask, layers_b, unroll, layout, attention_mask)
     xa, xb = stats_a["x"], stats_b["x"]  # (n_a, N, d_a), (n_b, N, d_b)
     if outer:
         cross = jnp.einsum("ind,jne->ijde", xa, xb, precision=hi)
@@ -289,9 +303,27 @@ def row_distances(xa: Any, xb: Any) -> np.ndarray:
     return sq_distances(np.asarray(cross), np.asarray(jnp.sum(xa * xa, 0)), np.asarray(jnp.sum(xb * xb, 0)))
 
 
+def padded(mask: Any, layout: sharding.Layout | None = None) -> bool:
+    """Whether some sequence of ``mask (B, T)`` has both counted and uncounted tokens: a padded batch, whose
+    forward needs the attention mask. Rows all counted or all uncounted (:func:`jaxind.io.data.batches` fills the
+    last batch with uncounted rows) run unmasked, the computation of earlier releases. On a multi-process mesh
+    the processes agree (any process's padding counts), so all of them compile the same program."""
+    if mask is None:
+        return False
+    real = np.asarray(mask).reshape(np.shape(mask)[0], -1) != 0
+    answer = bool((real.any(axis=1) & ~real.all(axis=1)).any())
+    if layout is not None and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        answer = bool(np.asarray(multihost_utils.process_allgather(np.asarray(answer))).any())
+    return answer
+
+
 def normalize_batches(batches: Iterable[Any], layout: sharding.Layout | None = None) -> Iterator[Batch]:
-    """Normalises batches to ``(tokens (B, T), mask (B, T) | None)``, on one device or, with a ``layout``, split
-    over its ``batch`` axes (each process supplies the rows of its own devices)."""
+    """Normalises batches to ``(tokens (B, T), mask (B, T) | None, attention mask)``, on one device or, with a
+    ``layout``, split over its ``batch`` axes (each process supplies the rows of its own devices). The attention
+    mask is the mask itself where a sequence is padded (:func:`padded`: padding on either side of a sequence,
+    mask 0 on its padding), else None."""
     place = jnp.asarray if layout is None else layout.batch
     for batch in batches:
         if isinstance(batch, dict):
@@ -300,7 +332,8 @@ def normalize_batches(batches: Iterable[Any], layout: sharding.Layout | None = N
             tokens, mask = batch
         else:
             tokens, mask = batch, None
-        yield place(np.asarray(tokens)), (None if mask is None else place(np.asarray(mask)))
+        placed = None if mask is None else place(np.asarray(mask))
+        yield place(np.asarray(tokens)), placed, (placed if padded(mask, layout) else None)
 
 
 def accumulate(
@@ -316,7 +349,9 @@ def accumulate(
     outer: bool = False,
 ) -> PassStats:
     """One pass over ``batches`` (each ``(B, T)`` tokens, ``(tokens, mask)`` or ``{"tokens", "mask"}``)
-    for both models together, accumulating the input Grams; see :class:`PassStats`."""
+    for both models together, accumulating the input Grams; see :class:`PassStats`. A mask that pads sequences
+    (0 on padding, left or right) is also the forward's attention mask (:func:`normalize_batches`): the
+    statistics of a padded batch are those of its unpadded sequences."""
     for cfg in (cfg_a, cfg_b):
         if cfg.moe:
             raise JaxindError(
@@ -347,13 +382,14 @@ def accumulate(
         cfg_a.d_model, cfg_b.d_model, cfg_a.d_ff, cfg_b.d_ff, len(layers_a), len(layers_b), pair_shape, layout
     )
     n_batches = 0
-    for tokens, mask in progress.bar(normalize_batches(batches, layout), desc="MATCH pass"):
+    for tokens, mask, attention_mask in progress.bar(normalize_batches(batches, layout), desc="MATCH pass"):
         state = accumulate_step(
             state,
             params_a,
             params_b,
             tokens,
             mask,
+            attention_mask,
             cfg_a=cfg_a,
             cfg_b=cfg_b,
             layers_a=layers_a,

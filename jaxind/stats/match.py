@@ -213,9 +213,13 @@ def _stored_activations(
     """Activations ``(N, h_A)``, ``(N, h_B)`` of projection ``name`` of one layer of each model over
     all batches (masked tokens dropped), each batch run again: the slow baseline's data pass."""
     xa, xb = [], []
-    for tokens, mask in token_batches:
-        _, acts_a = model_lib.forward_jit(params_a, cfg_a, tokens, collect=(layer_a,), return_logits=False)
-        _, acts_b = model_lib.forward_jit(params_b, cfg_b, tokens, collect=(layer_b,), return_logits=False)
+    for tokens, mask, attention in token_batches:
+        _, acts_a = model_lib.forward_jit(
+            params_a, cfg_a, tokens, collect=(layer_a,), return_logits=False, attention_mask=attention
+        )
+        _, acts_b = model_lib.forward_jit(
+            params_b, cfg_b, tokens, collect=(layer_b,), return_logits=False, attention_mask=attention
+        )
         ga = acts_a[layer_a][name].reshape(-1, cfg_a.d_ff)
         gb = acts_b[layer_b][name].reshape(-1, cfg_b.d_ff)
         if mask is not None:
