@@ -103,7 +103,8 @@ class Model:
         ``names``: from :func:`jaxind.models.model.intermediate_names` (``"resid"`` the residual stream after the
         layer, ``"attn_out"``, ``"mlp_in"``, ``"gate"``, ``"up"``, ``"hidden"``;
         :data:`jaxind.models.model.INTERMEDIATES` says what each is); empty: :meth:`mlp_activations`'s.
-        ``layers``: indices or None for every layer, negative ones normalised (keys ``0`` and ``L - 1`` for ``[0, -1]``). ``attention_mask``: as in :meth:`logits`.
+        ``layers``: indices or None for every layer, negative ones normalised (keys ``0`` and ``L - 1`` for
+        ``[0, -1]``). ``attention_mask``: as in :meth:`logits`.
 
         Raises:
           JaxindError: an unknown name, a layer out of range, bad tokens or a bad mask.
