@@ -38,20 +38,20 @@ def _verify_cost(cache: str) -> dict:
     """Seconds to read SmolLM2's stored tree verifying every leaf, and with the checksums remembered."""
     import jax
 
-    from jaxind.io import store
+    from jaxind.io import disk_cache
     from jaxind.many import modelstore
 
     stored, _ = modelstore.ensure("a", "smollm2", cache_root=cache)
     folder = os.path.join(stored.folder, "weights")
-    nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(store.load_tree(folder)))
+    nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(disk_cache.load_tree(folder)))
     verified, remembered = [], []
     for _ in range(3):
-        store._verified.clear()
+        disk_cache._verified.clear()
         start = time.perf_counter()
-        store.load_tree(folder)
+        disk_cache.load_tree(folder)
         verified.append(time.perf_counter() - start)
         start = time.perf_counter()
-        store.load_tree(folder)
+        disk_cache.load_tree(folder)
         remembered.append(time.perf_counter() - start)
     crc = min(verified) - min(remembered)
     rate = nbytes / crc / 1e9

@@ -83,17 +83,17 @@ def real_costs(cache_dir: str, layers: tuple[int, ...], num_sequences: int) -> l
     path = lambda name: os.path.join(cache_dir, f"smollm2_{num_sequences}x128_{name}.npy")  # noqa: E731
     if not all(os.path.exists(path(name)) for name in names):
         from converters.sources import load_model
-        from jaxind.io import data
+        from jaxind.io import token_source
         from jaxind.io.assets import smollm2_gguf
         from jaxind.models import model
         from jaxind.stats import grams
 
         smol = load_model(smollm2_gguf())
         cfg = smol.config
-        tokens = data.make_tokens(
-            data.DataSpec(num_sequences=num_sequences, seq_len=128), cfg.vocab_size, cfg.vocab_size
+        tokens = token_source.make_tokens(
+            token_source.DataSpec(num_sequences=num_sequences, seq_len=128), cfg.vocab_size, cfg.vocab_size
         )
-        batches = list(data.batches(tokens, 8))
+        batches = list(token_source.batches(tokens, 8))
         others = {"indep": model.init_params(cfg, jax.random.key(1)), "trained": smol.params}
         for kind, ps in pairs.items():
             la = tuple(sorted({a for a, _ in ps}))

@@ -1,4 +1,4 @@
-"""Time to tokens for ``--data=text:PATH``: the windowed reader (``jaxind.io.data.make_tokens``: seeded byte
+"""Time to tokens for ``--data=text:PATH``: the windowed reader (``jaxind.io.token_source.make_tokens``: seeded byte
 offsets, only the windows' bytes read and tokenised) against the old reader (tokenise the whole file, then
 cut windows from the token stream), on a 1 MB and a 100 MB file, in one run.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxind.io import data, tokenizer  # noqa: E402
+from jaxind.io import token_source, tokenizer  # noqa: E402
 from jaxind.io.assets import smollm2_gguf  # noqa: E402
 
 MB = 1 << 20
@@ -40,12 +40,12 @@ def corpus(size: int) -> bytes:
     return (base * (size // len(base) + 1))[:size].decode("utf-8", "ignore").encode()
 
 
-def old_reader(path: str, spec: data.DataSpec, tok) -> np.ndarray:
+def old_reader(path: str, spec: token_source.DataSpec, tok) -> np.ndarray:
     """The reader before windows: the whole file tokenised, then windows of the token stream."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     ids = np.asarray(tokenizer.encode(tok, [text])[0], np.int64)
-    return data.windows(ids, spec)
+    return token_source.windows(ids, spec)
 
 
 def timed(fn, repeats: int) -> float:
@@ -71,8 +71,8 @@ def main(argv=None) -> dict:
             path = os.path.join(folder, f"{size_mb}mb.txt")
             with open(path, "wb") as f:
                 f.write(corpus(size_mb * MB))
-            spec = data.DataSpec("text", path, num_sequences=64, seq_len=128, seed=0)
-            new = timed(lambda spec=spec: data.make_tokens(spec, vocab, vocab, tok), args.repeats)
+            spec = token_source.DataSpec("text", path, num_sequences=64, seq_len=128, seed=0)
+            new = timed(lambda spec=spec: token_source.make_tokens(spec, vocab, vocab, tok), args.repeats)
             row = {"file_mb": size_mb, "windowed_s": new, "old_s": None}
             if size_mb < 100 or args.old_100mb:
                 row["old_s"] = timed(lambda path=path, spec=spec: old_reader(path, spec, tok), 1)

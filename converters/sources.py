@@ -20,7 +20,7 @@ from jaxind.models.config import ModelConfig
 
 if TYPE_CHECKING:
     from converters.readers import GGUFFileReader, HFDirReader
-    from jaxind.io.loading import Model
+    from jaxind.io.loaded_model import Model
     from jaxind.parallel.sharding import Layout
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -177,7 +177,7 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False, layo
     import jax
     import jax.numpy as jnp
 
-    from jaxind.io.loading import Model
+    from jaxind.io.loaded_model import Model
 
     if dtype not in _DTYPES:
         raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")

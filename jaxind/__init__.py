@@ -49,8 +49,8 @@ __all__ = [
 _LAZY = {
     "Decoder": "jaxind.models.model",
     "forward": "jaxind.models.model",
-    "Model": "jaxind.io.loading",
-    "from_params": "jaxind.io.loading",
+    "Model": "jaxind.io.loaded_model",
+    "from_params": "jaxind.io.loaded_model",
     "load_model": "converters.sources",
     "TESTS": "jaxind.pair.registry",
     "key_for": "jaxind.pair.registry",

@@ -15,8 +15,8 @@ import pytest
 from helpers import REPO, perturb
 
 from jaxind.errors import JaxindError
-from jaxind.io.loading import from_params
-from jaxind.models import layers, model
+from jaxind.io.loaded_model import from_params
+from jaxind.models import layer_selection, model
 from jaxind.models.config import ModelConfig
 from jaxind.pair import registry, runner
 from jaxind.pair.registry import TESTS, key_for
@@ -155,9 +155,9 @@ def test_layer_selections(pair, tokens):
     whole = TESTS["l2"](a, b, key=k, num_perms=19)
     one = TESTS["l2"](a, b, key=k, num_perms=19, layers=[1])
     assert [r.layer_a for r in one.layers] == [1] and one.pvalue == whole.layers[1].pvalue
-    with pytest.raises(layers.LayerSelectionError, match="out of range"):
+    with pytest.raises(layer_selection.LayerSelectionError, match="out of range"):
         TESTS["csu"](a, b, key=k, layers=[2])
-    with pytest.raises(layers.LayerSelectionError, match="cannot compare pairs"):
+    with pytest.raises(layer_selection.LayerSelectionError, match="cannot compare pairs"):
         TESTS["l2"](a, b, key=k, layers=[(0, 1)])
     with pytest.raises(JaxindError, match="takes no layer selection"):
         TESTS["jsd"](a, b, key=k, data=tokens, layers=[0])
@@ -167,20 +167,20 @@ def test_layer_selections(pair, tokens):
 
 @pytest.mark.parametrize("text,expected", [("0,5,14", (0, 5, 14)), ("10:13", (10, 11, 12)), ("0, 2:4,0", (0, 2, 3))])
 def test_parse_layers(text, expected):
-    assert layers.parse_layers(text) == expected
+    assert layer_selection.parse_layers(text) == expected
 
 
 @pytest.mark.parametrize("text", ["1x", "-1", "5:5", "", "3:y"])
 def test_parse_layers_refuses(text):
-    with pytest.raises(layers.LayerSelectionError, match="--layers"):
-        layers.parse_layers(text)
+    with pytest.raises(layer_selection.LayerSelectionError, match="--layers"):
+        layer_selection.parse_layers(text)
 
 
 def test_parse_layer_pairs():
-    assert layers.parse_layer_pairs("14:14,3:5") == ((14, 14), (3, 5))
+    assert layer_selection.parse_layer_pairs("14:14,3:5") == ((14, 14), (3, 5))
     for bad in ("3", "3:x", "1:2,,"):
-        with pytest.raises(layers.LayerSelectionError, match="--layer_pairs"):
-            layers.parse_layer_pairs(bad)
+        with pytest.raises(layer_selection.LayerSelectionError, match="--layer_pairs"):
+            layer_selection.parse_layer_pairs(bad)
 
 
 README = Path(REPO) / "README.md"

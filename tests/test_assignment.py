@@ -389,20 +389,22 @@ def test_real_smollm2_match_and_csu_unchanged_by_warm(smollm2, monkeypatch):
     """On the real SmolLM2 against an independently initialised model (the issue's case), "auto"
     picks "warm" for MATCH's distance matrices, and MATCH's and CSU's matchings and p-values are
     identical to scipy's on a fixed seed."""
-    from jaxind.io import data
+    from jaxind.io import token_source
     from jaxind.models import model
     from jaxind.stats import constrained, grams, match
 
     cfg = smollm2.config
     other = model.init_params(cfg, jax.random.key(1))
-    tokens = data.make_tokens(data.DataSpec(num_sequences=8, seq_len=128), cfg.vocab_size, cfg.vocab_size)
+    tokens = token_source.make_tokens(
+        token_source.DataSpec(num_sequences=8, seq_len=128), cfg.vocab_size, cfg.vocab_size
+    )
     pairs, layers = ((0, 0), (29, 29)), (0, 29)
     stats = grams.accumulate(
         smollm2.params,
         cfg,
         other,
         cfg,
-        list(data.batches(tokens, 8)),
+        list(token_source.batches(tokens, 8)),
         layers_a=layers,
         layers_b=layers,
         pair_index=((0, 0), (1, 1)),

@@ -1303,7 +1303,7 @@ def test_reference_yaml_sources_resolve_against_its_folder(tmp_path, monkeypatch
 
 def test_memory_check_names_the_size_and_the_limit(monkeypatch):
     from jaxind.errors import JaxindError
-    from jaxind.io import data
+    from jaxind.io import token_source as data
     from jaxind.models.config import ModelConfig
 
     cfg = ModelConfig(family="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
@@ -1358,7 +1358,8 @@ def test_sweep_tokenizer_error_names_both_models(monkeypatch):
     import types
 
     from jaxind.errors import JaxindError
-    from jaxind.io import data, tokenizer
+    from jaxind.io import token_source as data
+    from jaxind.io import tokenizer
     from jaxind.many import sweep
 
     class Differs:

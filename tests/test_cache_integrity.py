@@ -24,7 +24,7 @@ import pytest
 from helpers import run_module
 from hf_models import build_torch_model, save
 
-from jaxind.io import store
+from jaxind.io import disk_cache
 from jaxind.many import modelstore
 
 
@@ -63,24 +63,24 @@ def test_the_hash_memo_sees_an_in_place_edit_with_the_mtime_restored(tmp_path, m
     source.mkdir()
     weights = source / "model.safetensors"
     weights.write_bytes(bytes(range(256)) * 64)
-    monkeypatch.setattr(store, "MEMO_MIN_AGE_S", 0.05, raising=False)
+    monkeypatch.setattr(disk_cache, "MEMO_MIN_AGE_S", 0.05, raising=False)
     time.sleep(0.1)
-    first = store.content_hash(str(source), cache)
+    first = disk_cache.content_hash(str(source), cache)
     (memo,) = os.listdir(os.path.join(cache, "hashes"))
     Path(cache, "hashes", memo).write_text("f" * 64)  # proves the memo is what answers while nothing changed
-    assert store.content_hash(str(source), cache) == "f" * 64
+    assert disk_cache.content_hash(str(source), cache) == "f" * 64
     _rewrite_in_place(weights, bytes(reversed(range(256))) * 64)
     expected = hashlib.sha256(f"model.safetensors\0{64 * 256}\0".encode() + weights.read_bytes()).hexdigest()
-    assert store.content_hash(str(source), cache) == expected != first
+    assert disk_cache.content_hash(str(source), cache) == expected != first
     monkeypatch.undo()  # files changed within MEMO_MIN_AGE_S of hashing are not memoised (racily recent)
     shutil.rmtree(os.path.join(cache, "hashes"))
     weights.write_bytes(bytes(range(256)) * 64)
-    assert store.content_hash(str(source), cache) == first and not os.path.isdir(os.path.join(cache, "hashes"))
+    assert disk_cache.content_hash(str(source), cache) == first and not os.path.isdir(os.path.join(cache, "hashes"))
 
 
 def _forget_verified() -> None:
     """As in a new process: nothing verified yet."""
-    getattr(store, "_verified", {}).clear()
+    getattr(disk_cache, "_verified", {}).clear()
 
 
 def _main(*args: str) -> tuple[dict, str]:
@@ -243,18 +243,18 @@ def test_a_damaged_model_entry_is_discarded_and_rebuilt(models, converted, tmp_p
 def test_checksums_are_verified_once_per_file_version(tmp_path, monkeypatch):
     """A second read of an unchanged leaf costs no checksum; a leaf rewritten afterwards is checked again."""
     folder = str(tmp_path / "t")
-    store.save_tree(folder, {"w": np.arange(1000, dtype=np.float32)})
+    disk_cache.save_tree(folder, {"w": np.arange(1000, dtype=np.float32)})
     calls = []
-    real = store.checksum
-    monkeypatch.setattr(store, "checksum", lambda a: calls.append(1) or real(a))
+    real = disk_cache.checksum
+    monkeypatch.setattr(disk_cache, "checksum", lambda a: calls.append(1) or real(a))
     _forget_verified()
-    store.load_tree(folder)
-    store.load_tree(folder)
+    disk_cache.load_tree(folder)
+    disk_cache.load_tree(folder)
     assert len(calls) == 1
     time.sleep(0.02)  # a new ctime tick
     np.save(os.path.join(folder, "leaves", "0.npy"), np.arange(1000, dtype=np.float32)[::-1].copy())
-    with pytest.raises(store.DamagedEntry, match="checksum"):
-        store.load_tree(folder)
+    with pytest.raises(disk_cache.DamagedEntry, match="checksum"):
+        disk_cache.load_tree(folder)
 
 
 def test_two_processes_finding_one_damaged_entry_rebuild_it_once(models, converted, tmp_path):

@@ -10,7 +10,7 @@ from helpers import run_module, run_python
 from hf_models import build_torch_model, save
 
 from jaxind.errors import JaxindError
-from jaxind.io import data
+from jaxind.io import token_source
 
 
 def main_cli(*args):
@@ -245,23 +245,25 @@ class ByteTokenizer:
 def test_text_and_jsonl_sources(tmp_path):
     (tmp_path / "t.txt").write_text("hello world " * 50)
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": f"document {i} " * 10}) for i in range(5)))
-    spec = data.DataSpec.parse(f"text:{tmp_path / 't.txt'}", num_sequences=4, seq_len=16, seed=1)
-    tokens = data.make_tokens(spec, 256, 256, ByteTokenizer(), ByteTokenizer())
+    spec = token_source.DataSpec.parse(f"text:{tmp_path / 't.txt'}", num_sequences=4, seq_len=16, seed=1)
+    tokens = token_source.make_tokens(spec, 256, 256, ByteTokenizer(), ByteTokenizer())
     assert tokens.shape == (4, 16) and tokens.dtype == np.int32
     assert bytes(tokens[0].astype(np.uint8)).decode() in "hello world " * 50
-    again = data.make_tokens(spec, 256, 256, ByteTokenizer(), ByteTokenizer())
+    again = token_source.make_tokens(spec, 256, 256, ByteTokenizer(), ByteTokenizer())
     assert np.array_equal(tokens, again)  # seeded
-    spec = data.DataSpec.parse(f"jsonl:{tmp_path / 't.jsonl'}", num_sequences=3, seq_len=8)
-    assert data.make_tokens(spec, 256, 256, ByteTokenizer()).shape == (3, 8)
+    spec = token_source.DataSpec.parse(f"jsonl:{tmp_path / 't.jsonl'}", num_sequences=3, seq_len=8)
+    assert token_source.make_tokens(spec, 256, 256, ByteTokenizer()).shape == (3, 8)
     with pytest.raises(JaxindError, match="shared vocabulary"):
-        data.make_tokens(spec, 256, 100, ByteTokenizer())
+        token_source.make_tokens(spec, 256, 100, ByteTokenizer())
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
     with pytest.raises(JaxindError, match="line 1"):
-        data.make_tokens(data.DataSpec.parse(f"jsonl:{tmp_path / 'bad.jsonl'}"), 256, 256, ByteTokenizer())
+        token_source.make_tokens(
+            token_source.DataSpec.parse(f"jsonl:{tmp_path / 'bad.jsonl'}"), 256, 256, ByteTokenizer()
+        )
 
 
 def test_random_tokens_use_the_shared_vocabulary():
-    tokens = data.make_tokens(data.DataSpec(num_sequences=50, seq_len=50), 1000, 37)
+    tokens = token_source.make_tokens(token_source.DataSpec(num_sequences=50, seq_len=50), 1000, 37)
     assert tokens.max() < 37 and tokens.min() >= 0
 
 
@@ -272,15 +274,15 @@ def test_different_tokenizers_are_refused(tmp_path):
 
     (tmp_path / "t.txt").write_text("some text " * 20)
     with pytest.raises(JaxindError, match="different tokenizers"):
-        data.make_tokens(
-            data.DataSpec.parse(f"text:{tmp_path / 't.txt'}", seq_len=8), 300, 300, ByteTokenizer(), Shifted()
+        token_source.make_tokens(
+            token_source.DataSpec.parse(f"text:{tmp_path / 't.txt'}", seq_len=8), 300, 300, ByteTokenizer(), Shifted()
         )
 
 
 def test_batches_cover_every_sequence_once():
     tokens = np.arange(7 * 3).reshape(7, 3)
     seen = []
-    for chunk, mask in data.batches(tokens, 3):
+    for chunk, mask in token_source.batches(tokens, 3):
         assert chunk.shape == (3, 3)
         seen.extend(chunk[mask[:, 0] > 0, 0].tolist())
     assert sorted(seen) == tokens[:, 0].tolist()

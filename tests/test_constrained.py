@@ -92,7 +92,7 @@ def test_permuted_and_rotated_copy_escapes_the_weight_tests(zoo):
 
 @pytest.mark.slow  # trains the model zoo (module fixture)
 def test_csh_detects_fine_tune_from_activations(zoo):
-    from jaxind.models import layers
+    from jaxind.models import layer_selection
     from jaxind.stats import grams
 
     cfg, base = zoo["base"]
@@ -100,7 +100,7 @@ def test_csh_detects_fine_tune_from_activations(zoo):
     results = {}
     for name in ("finetuned", "independent"):
         _, other = zoo[name]
-        pairs = layers.default_pairs(cfg, cfg)
+        pairs = layer_selection.default_pairs(cfg, cfg)
         stats = grams.accumulate(
             base,
             cfg,
@@ -118,7 +118,7 @@ def test_csh_detects_fine_tune_from_activations(zoo):
 
 @pytest.mark.slow  # trains the model zoo (module fixture)
 def test_jsd_is_zero_for_the_same_function_and_positive_otherwise(zoo):
-    from jaxind.io.data import batches
+    from jaxind.io.token_source import batches
 
     cfg, base = zoo["base"]
     dcfg, disguised = zoo["permuted+rotated"]

@@ -7,7 +7,7 @@ import pytest
 from helpers import random_params
 
 import jaxind
-from jaxind.io import data
+from jaxind.io import token_source
 from jaxind.models.config import ModelConfig
 from jaxind.pair import runner
 from jaxind.pair.catalog import ALL_TESTS
@@ -16,7 +16,7 @@ from jaxind.pair.catalog import ALL_TESTS
 def run_all(a, b, layer_pairs=None, num_sequences=8, seq_len=16) -> dict:
     settings = runner.Settings(
         tests=ALL_TESTS,
-        data=data.DataSpec(num_sequences=num_sequences, seq_len=seq_len),
+        data=token_source.DataSpec(num_sequences=num_sequences, seq_len=seq_len),
         num_perms=19,
         generalized_steps=40,
         layer_pairs=layer_pairs,

@@ -16,7 +16,7 @@ from test_symmetry import CONFIGS
 
 import jaxind
 from jaxind.errors import JaxindError
-from jaxind.io import data
+from jaxind.io import token_source
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
 from jaxind.stats import experts, grams
@@ -177,7 +177,7 @@ def test_a_padded_batch_gives_the_grams_of_its_unpadded_sequences(moe):
 def test_only_padded_sequences_take_the_masked_forward():
     """data.batches' filler rows (all uncounted) and full rows keep the unmasked forward of earlier releases."""
     tokens = np.arange(30).reshape(5, 6) % 7
-    filled = list(grams.normalize_batches(data.batches(tokens, 4)))
+    filled = list(grams.normalize_batches(token_source.batches(tokens, 4)))
     assert len(filled) == 2 and all(attention is None for _, _, attention in filled)
     mask = np.ones((2, 6))
     mask[1, :2] = 0

@@ -400,8 +400,8 @@ def trained(request):
 
 
 def _run(a, b, tokens, tests, num_perms=99):
-    from jaxind.pair.inputs import TokenData
     from jaxind.pair.registry import TESTS, key_for
+    from jaxind.pair.token_data import TokenData
 
     data = TokenData(tokens)
     out = {}

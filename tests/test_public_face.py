@@ -17,7 +17,7 @@ from jaxind import _compat
 
 def test_every_public_name_resolves_and_is_the_object_at_its_home():
     from converters.sources import load_model
-    from jaxind.io.loading import Model
+    from jaxind.io.loaded_model import Model
     from jaxind.models.model import Decoder
     from jaxind.pair.runner import run_pair
 

@@ -69,11 +69,14 @@ def test_loads_and_matches_transformers(ours, smollm2_torch, smollm2):
 
 
 def test_ignored_keys_land_in_the_results_json(ours, smollm2):
-    from jaxind.io import data
+    from jaxind.io import token_source
     from jaxind.pair import runner
 
     doc = runner.run_pair(
-        ours, smollm2, runner.Settings(tests=(), data=data.DataSpec(num_sequences=1, seq_len=2)), log=lambda _: None
+        ours,
+        smollm2,
+        runner.Settings(tests=(), data=token_source.DataSpec(num_sequences=1, seq_len=2)),
+        log=lambda _: None,
     ).to_json()
     assert "unk_token_id" in doc["model_a"]["ignored_config_keys"]
     assert doc["model_b"]["ignored_config_keys"] == {"llama.context_length": "GGUF metadata jaxind does not use"}

@@ -12,11 +12,11 @@ from helpers import perturb, random_params
 
 from converters import checkpoint
 from converters.sources import load_model
-from jaxind.io.loading import from_params
+from jaxind.io.loaded_model import from_params
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
-from jaxind.pair.inputs import TokenData
 from jaxind.pair.registry import TESTS, key_for
+from jaxind.pair.token_data import TokenData
 from jaxind.parallel import sharding
 from jaxind.stats import grams, permtest
 

@@ -136,7 +136,7 @@ def test_fingerprints_give_the_one_pass_statistics(zoo, reference):
     other = fingerprint.compute(b.params, b.config, tokens[:, :8], range(2), name="pruned2")
     with pytest.raises(fingerprint.IncomparableError, match="different tokens .* incomparable"):
         fingerprint.pass_stats(fp, a.params, other, b.params, [(0, 0)])
-    from jaxind.pair.inputs import TokenData
+    from jaxind.pair.token_data import TokenData
 
     with pytest.raises(fingerprint.IncomparableError, match="other tokens"):
         TokenData(tokens).add_fingerprint(b.params, other)
@@ -406,7 +406,7 @@ def test_a_damaged_fingerprint_and_tokens_file_are_rebuilt(zoo, reference, tmp_p
     warning, makes the same tokens again and finds every pair finished."""
     import logging
 
-    from jaxind.io import store
+    from jaxind.io import disk_cache
 
     _, ref_output, ref_cache = reference
     cache = tmp_path / "cache"
@@ -418,7 +418,7 @@ def test_a_damaged_fingerprint_and_tokens_file_are_rebuilt(zoo, reference, tmp_p
     x[...] = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
     x.flush()
     del x
-    getattr(store, "_verified", {}).clear()  # as in a new process
+    getattr(disk_cache, "_verified", {}).clear()  # as in a new process
     body = yaml.safe_load(Path(zoo.config_path).read_text())
     body["models"] = [m for m in body["models"] if m["name"] in names]
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(body))

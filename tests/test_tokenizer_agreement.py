@@ -1,7 +1,7 @@
 """Text data is fed to model B as A's ids only if B's tokenizer turns all of it into A's ids: a tokenizer that swaps
 two token ids is noticed even when the difference lies beyond the first 2,000 characters (the old check), and the
 two tokenizations are then aligned (jaxind.io.alignment). Text files are read window by window
-(jaxind.io.data.text_windows), and exactly the text fed is compared; JSONL whole."""
+(jaxind.io.token_source.text_windows), and exactly the text fed is compared; JSONL whole."""
 
 import dataclasses
 import json
@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxind.io import alignment, data
+from jaxind.io import alignment, token_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320
@@ -81,10 +81,10 @@ def test_a_swapped_tokenizer_is_aligned_at_every_token(tokenizers_and_text):
     """B's tokenizer gives other ids to the same spans: B reads its own ids (A's with the two swapped), and every
     position aligns (jaxind.io.alignment); before, the run was refused at the first difference."""
     tok_a, tok_b, path, swap, _ = tokenizers_and_text
-    spec = data.DataSpec(kind="text", path=path, **WINDOWS)
-    cut = data.text_windows(spec, tok_a)
+    spec = token_source.DataSpec(kind="text", path=path, **WINDOWS)
+    cut = token_source.text_windows(spec, tok_a)
     assert any(set(ids) & set(swap) for ids in cut.ids)  # some window is fed a swapped id
-    got = data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
+    got = token_source.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
     assert isinstance(got, alignment.AlignedTokens) and np.array_equal(got.tokens_a, cut.tokens)
     assert np.array_equal(got.tokens_b, _swapped(cut.tokens, swap))
     assert got.count == cut.tokens.size and np.array_equal(got.pos_a, got.pos_b)
@@ -94,12 +94,12 @@ def test_only_the_text_fed_is_compared(tokenizers_and_text):
     """A window whose text holds no swapped id is fed as it is: the check covers exactly the windows read."""
     tok_a, tok_b, path, swap, _ = tokenizers_and_text
     for seed in range(50):
-        spec = data.DataSpec(kind="text", path=path, num_sequences=1, seq_len=16, seed=seed)
-        cut = data.text_windows(spec, tok_a)
+        spec = token_source.DataSpec(kind="text", path=path, num_sequences=1, seq_len=16, seed=seed)
+        cut = token_source.text_windows(spec, tok_a)
         if not set(cut.ids[0]) & set(swap):
             break
     assert cut.texts[0] and cut.offsets[0] > 0
-    assert np.array_equal(data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b), cut.tokens)
+    assert np.array_equal(token_source.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b), cut.tokens)
 
 
 def test_windows_read_only_their_bytes(tokenizers_and_text, tmp_path):
@@ -108,8 +108,8 @@ def test_windows_read_only_their_bytes(tokenizers_and_text, tmp_path):
     text is tokenised."""
     tok_a, _, path, _, _ = tokenizers_and_text
     text = open(path, encoding="utf-8").read()
-    spec = data.DataSpec(kind="text", path=path, num_sequences=8, seq_len=16, seed=3)
-    cut = data.text_windows(spec, tok_a)
+    spec = token_source.DataSpec(kind="text", path=path, num_sequences=8, seq_len=16, seed=3)
+    cut = token_source.text_windows(spec, tok_a)
     raw = text.encode()
     for k in range(8):
         assert raw[cut.offsets[k] :].startswith(cut.texts[k].encode())
@@ -118,17 +118,17 @@ def test_windows_read_only_their_bytes(tokenizers_and_text, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text(text * 50, encoding="utf-8")
     encoded = []
-    original = data.tokenizer.encode
+    original = token_source.tokenizer.encode
 
     def spy(tok, texts):
         encoded.extend(texts)
         return original(tok, texts)
 
-    data.tokenizer.encode = spy
+    token_source.tokenizer.encode = spy
     try:
-        tokens = data.make_tokens(dataclasses.replace(spec, path=str(big)), VOCAB, VOCAB, tok_a)
+        tokens = token_source.make_tokens(dataclasses.replace(spec, path=str(big)), VOCAB, VOCAB, tok_a)
     finally:
-        data.tokenizer.encode = original
+        token_source.tokenizer.encode = original
     assert tokens.shape == (8, 16) and len(encoded) >= 8
     assert sum(map(len, encoded)) < 8 * (8 * 16 + 64) * 4 < big.stat().st_size / 10  # a few windows' worth
 
@@ -137,11 +137,11 @@ def test_the_same_tokenizer_loaded_twice_passes(tokenizers_and_text):
     from transformers import AutoTokenizer
 
     tok_a, _, path, _, root = tokenizers_and_text
-    spec = data.DataSpec(kind="text", path=path, num_sequences=3, seq_len=16)
+    spec = token_source.DataSpec(kind="text", path=path, num_sequences=3, seq_len=16)
     again = AutoTokenizer.from_pretrained(root / "a")
     assert again is not tok_a
-    both = data.make_tokens(spec, VOCAB, VOCAB, tok_a, again)
-    assert np.array_equal(both, data.make_tokens(spec, VOCAB, VOCAB, tok_a))
+    both = token_source.make_tokens(spec, VOCAB, VOCAB, tok_a, again)
+    assert np.array_equal(both, token_source.make_tokens(spec, VOCAB, VOCAB, tok_a))
 
 
 def test_jsonl_documents_align_with_their_separators(tokenizers_and_text, tmp_path):
@@ -149,9 +149,9 @@ def test_jsonl_documents_align_with_their_separators(tokenizers_and_text, tmp_pa
     text = open(path, encoding="utf-8").read()
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": t}) for t in (text[:1500], text)) + "\n")
-    spec = data.DataSpec(kind="jsonl", path=str(docs), num_sequences=8, seq_len=64)
-    got = data.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
-    assert np.array_equal(got.tokens_a, data.make_tokens(spec, VOCAB, VOCAB, tok_a))  # A's windows as before
+    spec = token_source.DataSpec(kind="jsonl", path=str(docs), num_sequences=8, seq_len=64)
+    got = token_source.make_tokens(spec, VOCAB, VOCAB, tok_a, tok_b)
+    assert np.array_equal(got.tokens_a, token_source.make_tokens(spec, VOCAB, VOCAB, tok_a))  # A's windows as before
     assert np.array_equal(got.tokens_b, _swapped(got.tokens_a, swap)) and got.count == got.tokens_a.size
     a, b = alignment.streams([text[:1500], text], tok_a, tok_b)  # the documents' end-of-text tokens align
     eos_a, eos_b = np.flatnonzero(a.ids == tok_a.eos_token_id), np.flatnonzero(b.ids == tok_b.eos_token_id)

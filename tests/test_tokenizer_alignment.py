@@ -14,10 +14,10 @@ import pytest
 from helpers import numpy_noise, numpy_params
 
 from jaxind.errors import JaxindError
-from jaxind.io import alignment, data, loading
+from jaxind.io import alignment, loaded_model, token_source
 from jaxind.models.config import ModelConfig
-from jaxind.pair.inputs import TokenData
 from jaxind.pair.registry import TESTS, key_for
+from jaxind.pair.token_data import TokenData
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "jaxind", "data", "demo_corpus.txt")
@@ -116,9 +116,9 @@ def test_too_few_aligned_positions_name_the_bytes_to_add(tokenizers, tmp_path):
     tok_a, _, tok_c = tokenizers
     path = tmp_path / "short.txt"
     path.write_text(_corpus()[:600], encoding="utf-8")
-    spec = data.DataSpec(kind="text", path=str(path), num_sequences=2, seq_len=16)
+    spec = token_source.DataSpec(kind="text", path=str(path), num_sequences=2, seq_len=16)
     with pytest.raises(JaxindError) as info:
-        data.make_tokens(spec, VOCAB, 300, tok_a, tok_c)
+        token_source.make_tokens(spec, VOCAB, 300, tok_a, tok_c)
     message = str(info.value)
     assert "different tokenizers" in message and f"at least {alignment.MIN_POSITIONS}" in message
     assert "more text bytes" in message and "--num_sequences" in message
@@ -149,7 +149,7 @@ def models(tokenizers):
     params_b = numpy_noise(params_b, 1, 0.05)  # the fine-tune after the extension (tests/helpers.py's proxy)
     params_c = numpy_params(cfg_c, 7)
     made = ((cfg_a, params_a, "a"), (cfg_b, params_b, "b"), (cfg_c, params_c, "c"))
-    return tuple(loading.from_params(c, p, n) for c, p, n in made)
+    return tuple(loaded_model.from_params(c, p, n) for c, p, n in made)
 
 
 def _match(x, y, tokens):
@@ -159,8 +159,8 @@ def _match(x, y, tokens):
 def test_added_tokens_are_aligned_and_detected_by_match(tokenizers, models, text_file):
     tok_a, tok_b, _ = tokenizers
     a, b, _ = models
-    spec = data.DataSpec(kind="text", path=text_file, **SPEC)
-    tokens = data.make_tokens(spec, a.config.vocab_size, b.config.vocab_size, tok_a, tok_b)
+    spec = token_source.DataSpec(kind="text", path=text_file, **SPEC)
+    tokens = token_source.make_tokens(spec, a.config.vocab_size, b.config.vocab_size, tok_a, tok_b)
     assert isinstance(tokens, alignment.AlignedTokens)
     assert int(tokens.tokens_b.max()) >= VOCAB  # B reads its added tokens
     assert tokens.count < tokens.tokens_a.size and tokens.count > tokens.tokens_a.size // 2
@@ -171,8 +171,8 @@ def test_added_tokens_are_aligned_and_detected_by_match(tokenizers, models, text
 def test_an_independent_pair_with_other_tokenizers_is_not_rejected(tokenizers, models, text_file):
     tok_a, _, tok_c = tokenizers
     a, _, c = models
-    spec = data.DataSpec(kind="text", path=text_file, **SPEC)
-    tokens = data.make_tokens(spec, a.config.vocab_size, c.config.vocab_size, tok_a, tok_c)
+    spec = token_source.DataSpec(kind="text", path=text_file, **SPEC)
+    tokens = token_source.make_tokens(spec, a.config.vocab_size, c.config.vocab_size, tok_a, tok_c)
     assert isinstance(tokens, alignment.AlignedTokens) and np.all(tokens.tokens_b[:, 0] == tok_c.bos_token_id)
     result = _match(a, c, tokens)
     assert result.error is None and result.pvalue > 0.01, result
@@ -195,10 +195,10 @@ def test_aligned_pass_equals_the_plain_pass_on_a_relabelled_vocabulary(tokenizer
     tok_p = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     inverse = np.argsort(order)
     params_p = dict(a.params, embed=a.params["embed"][inverse], lm_head=a.params["lm_head"][:, inverse])
-    p = loading.from_params(a.config, params_p, "relabelled")
-    dspec = data.DataSpec(kind="text", path=text_file, **SPEC)
-    plain = data.make_tokens(dspec, VOCAB, VOCAB, tok_a)
-    aligned = data.make_tokens(dspec, VOCAB, VOCAB, tok_a, tok_p)
+    p = loaded_model.from_params(a.config, params_p, "relabelled")
+    dspec = token_source.DataSpec(kind="text", path=text_file, **SPEC)
+    plain = token_source.make_tokens(dspec, VOCAB, VOCAB, tok_a)
+    aligned = token_source.make_tokens(dspec, VOCAB, VOCAB, tok_a, tok_p)
     assert isinstance(aligned, alignment.AlignedTokens) and aligned.count == plain.size
     pairs = ((0, 0), (1, 1))
     want = TokenData(plain).pass_stats(a.params, a.config, a.params, a.config, pairs)
@@ -218,9 +218,9 @@ def test_identical_tokenizers_keep_the_token_array_and_pvalues(tokenizers, model
     a, _, _ = models
     backend = Tokenizer.from_str(tok_a.backend_tokenizer.to_str())
     copy = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
-    spec = data.DataSpec(kind="text", path=text_file, **SPEC)
-    both = data.make_tokens(spec, VOCAB, VOCAB, tok_a, copy)
-    alone = data.make_tokens(spec, VOCAB, VOCAB, tok_a)
+    spec = token_source.DataSpec(kind="text", path=text_file, **SPEC)
+    both = token_source.make_tokens(spec, VOCAB, VOCAB, tok_a, copy)
+    alone = token_source.make_tokens(spec, VOCAB, VOCAB, tok_a)
     assert isinstance(both, np.ndarray) and np.array_equal(both, alone)
     assert _match(a, a, both).to_json()["layers"] == _match(a, a, alone).to_json()["layers"]
 
@@ -228,8 +228,8 @@ def test_identical_tokenizers_keep_the_token_array_and_pvalues(tokenizers, model
 def test_tests_feeding_one_id_array_are_refused_on_aligned_text(tokenizers, models, text_file):
     tok_a, tok_b, _ = tokenizers
     a, b, _ = models
-    spec = data.DataSpec(kind="text", path=text_file, **SPEC)
-    tokens = TokenData.wrap(data.make_tokens(spec, a.config.vocab_size, b.config.vocab_size, tok_a, tok_b))
+    spec = token_source.DataSpec(kind="text", path=text_file, **SPEC)
+    tokens = TokenData.wrap(token_source.make_tokens(spec, a.config.vocab_size, b.config.vocab_size, tok_a, tok_b))
     with pytest.raises(JaxindError, match="different tokenizers"):
         TESTS["jsd"](a, b, key=key_for(0, "jsd"), data=tokens)
     csu = TESTS["csu"](a, b, key=key_for(0, "csu"), data=tokens)  # weights only: runs whatever the tokenizers
@@ -252,8 +252,10 @@ def test_real_smollm2_with_added_tokens_is_detected_on_text(smollm2, tmp_path):
     text = _corpus()
     path = tmp_path / "corpus.txt"
     path.write_text(text, encoding="utf-8")
-    spec = data.DataSpec(kind="text", path=str(path), num_sequences=4, seq_len=64)
-    fed = tok.decode(data.text_windows(spec, tok).tokens.ravel().tolist())  # the words added occur in the windows
+    spec = token_source.DataSpec(kind="text", path=str(path), num_sequences=4, seq_len=64)
+    fed = tok.decode(
+        token_source.text_windows(spec, tok).tokens.ravel().tolist()
+    )  # the words added occur in the windows
     words = [w for w, _ in collections.Counter(re.findall(r" [A-Za-z]{4,}", fed)).most_common(20)]
     tok_b = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), eos_token=tok.eos_token
@@ -265,8 +267,8 @@ def test_real_smollm2_with_added_tokens_is_detected_on_text(smollm2, tmp_path):
     embed = np.asarray(smollm2.params["embed"])
     rows = np.stack([embed[tok(w, add_special_tokens=False)["input_ids"]].mean(0) for w in added])
     cfg_b = dataclasses.replace(smollm2.config, vocab_size=len(tok_b))
-    b = loading.from_params(cfg_b, dict(smollm2.params, embed=np.concatenate([embed, rows])), "smollm2+words")
-    tokens = data.make_tokens(spec, smollm2.config.vocab_size, cfg_b.vocab_size, tok, tok_b)
+    b = loaded_model.from_params(cfg_b, dict(smollm2.params, embed=np.concatenate([embed, rows])), "smollm2+words")
+    tokens = token_source.make_tokens(spec, smollm2.config.vocab_size, cfg_b.vocab_size, tok, tok_b)
     assert isinstance(tokens, alignment.AlignedTokens) and int(tokens.tokens_b.max()) >= smollm2.config.vocab_size
     result = TESTS["match"](smollm2, b, key=key_for(0, "match"), data=TokenData.wrap(tokens), layers=[0, 10])
     assert result.error is None and result.log10_pvalue < -10, result

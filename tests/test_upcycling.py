@@ -10,8 +10,8 @@ from helpers import numpy_params
 
 import jaxind
 from jaxind.models import model
-from jaxind.pair.inputs import TokenData
 from jaxind.pair.registry import TESTS, key_for
+from jaxind.pair.token_data import TokenData
 from jaxind.stats import upcycling
 
 DENSE = jaxind.ModelConfig("llama", 64, 16, 2, 4, 2, 4, 20)

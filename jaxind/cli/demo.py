@@ -85,8 +85,8 @@ def run_demo(settings, output: str | None = None, quick: bool = False, log=print
     import dataclasses
     import os
 
-    from jaxind.io import data
-    from jaxind.io.loading import from_params
+    from jaxind.io import token_source
+    from jaxind.io.loaded_model import from_params
     from jaxind.pair import report, runner
     from jaxind.stats import results
 
@@ -97,7 +97,7 @@ def run_demo(settings, output: str | None = None, quick: bool = False, log=print
     if quick:
         settings = dataclasses.replace(settings, num_perms=min(settings.num_perms, 99))
     spec = dataclasses.replace(settings.data, kind="text", path="jaxind/data/demo_corpus.txt")
-    tokens = data.windows(corpus_bytes(), spec)
+    tokens = token_source.windows(corpus_bytes(), spec)
     for name_a, name_b in PAIRS:
         a = from_params(*zoo[name_a], name=name_a, layout=layout)
         b = from_params(*zoo[name_b], name=name_b, layout=layout)

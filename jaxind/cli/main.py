@@ -27,8 +27,8 @@ from jaxind.io import caching  # noqa: F401  (defines --cache_dir and --compilat
 from jaxind.pair.catalog import ALL_TESTS, DEFAULT_TESTS, tests_help
 
 if TYPE_CHECKING:
-    from jaxind.io.data import DataSpec
-    from jaxind.io.loading import Model
+    from jaxind.io.loaded_model import Model
+    from jaxind.io.token_source import DataSpec
     from jaxind.pair.runner import Settings
     from jaxind.types import LayerPair
 
@@ -245,7 +245,7 @@ def preflight() -> Run:
     """
     from converters import sources
     from jaxind.errors import JaxindError
-    from jaxind.io import data, destinations
+    from jaxind.io import destinations, token_source
     from jaxind.parallel import cluster
 
     cluster.check_flags(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -255,10 +255,12 @@ def preflight() -> Run:
         raise JaxindError("--reference ranks references for one suspect: pass --model_a=SUSPECT and no --model_b")
     if bool(FLAGS.model_a) != bool(FLAGS.model_b) and not FLAGS.reference:
         raise JaxindError("pass both --model_a and --model_b (or neither, for the built-in demo)")
-    spec = data.DataSpec.parse(FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed)
-    data.check_memory(spec)  # tokens that cannot fit, before anything is read
+    spec = token_source.DataSpec.parse(
+        FLAGS.data, num_sequences=FLAGS.num_sequences, seq_len=FLAGS.seq_len, seed=FLAGS.seed
+    )
+    token_source.check_memory(spec)  # tokens that cannot fit, before anything is read
     if spec.path is not None:
-        data.check_texts(spec)
+        token_source.check_texts(spec)
     if FLAGS.output == "":
         destinations.resolve_output("", "--output")  # --output= (empty): one line, not a silent "no output"
     if FLAGS.output and not FLAGS.model_a:
@@ -295,7 +297,7 @@ def heatmap_path() -> str | None:
 
 def layer_selection():
     """``(layers, layer_pairs)`` parsed from the flags (None where not given)."""
-    from jaxind.models import layers
+    from jaxind.models import layer_selection as layers
 
     return (
         None if FLAGS.layers is None else layers.parse_layers(FLAGS.layers),
@@ -311,12 +313,12 @@ def check_against_configs(run: Run, model_sources: list[str], fingerprint: bool 
       JaxindError: one line naming the flag, the models' sizes and the fix.
     """
     from converters.sources import read_config
-    from jaxind.io import data
-    from jaxind.models import layers
+    from jaxind.io import token_source
+    from jaxind.models import layer_selection as layers
 
     configs = [read_config(source)[0] for source in model_sources]
     layers.check_flags(run.layers, None if fingerprint else run.layer_pairs, configs[0], configs[-1])
-    data.check_memory(run.spec, configs, run.batch_size, fingerprint=fingerprint)
+    token_source.check_memory(run.spec, configs, run.batch_size, fingerprint=fingerprint)
 
 
 def _cached_model(name: str, source: str, dtype: str) -> Model | None:

@@ -12,7 +12,7 @@ offsets of the UTF-8 text here).
 The one-pass statistics (:mod:`jaxind.stats.grams`) are accumulated over the aligned positions only: each model runs on
 its own token ids, the MLP inputs at its aligned positions are gathered in the alignment's order, and the
 cross-Grams and unit norms sum over those positions, so the ``h_A x h_B`` Grams compare both models on the same
-text positions. Identical tokenizers never come here (:func:`jaxind.io.data.make_tokens` keeps one token array).
+text positions. Identical tokenizers never come here (:func:`jaxind.io.token_source.make_tokens` keeps one token array).
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ def from_windows(windows: Sequence[Window], vocab_a: int, vocab_b: int, min_posi
 
 
 def text_windows(texts: Sequence[str], tok_a: Any, tok_b: Any, seq_len: int, vocab_a: int, vocab_b: int):
-    """Aligned windows of plain-text windows (:func:`jaxind.io.data.text_windows`): the first ``seq_len`` tokens of A
+    """Aligned windows of plain-text windows (:func:`jaxind.io.token_source.text_windows`): the first
+    ``seq_len`` tokens of A
     of each text (BOS included) and B's tokens of the same bytes."""
     bos = (bos_id(tok_a), bos_id(tok_b))
     windows = [cut_window(encode(tok_a, t), encode(tok_b, t), 0, seq_len, bos) for t in texts]
@@ -240,7 +241,7 @@ def streams(texts: Sequence[str], tok_a: Any, tok_b: Any) -> tuple[Encoded, Enco
 
 
 def stream_starts(n: int, seq_len: int, num_sequences: int, seed: int) -> np.ndarray:
-    """Window starts into a stream of ``n`` tokens (as :func:`jaxind.io.data.windows` draws them).
+    """Window starts into a stream of ``n`` tokens (as :func:`jaxind.io.token_source.windows` draws them).
 
     Raises:
       JaxindError: fewer tokens than one window.

@@ -1,5 +1,5 @@
 """What the command lines keep between runs: the jaxind cache (converted models, fingerprints; see
-:mod:`jaxind.io.store`) and JAX's persistent compilation cache, and the two flags that move them.
+:mod:`jaxind.io.disk_cache`) and JAX's persistent compilation cache, and the two flags that move them.
 
 JAX's persistent compilation cache is on by default for the CLIs (``python -m jaxind.main``,
 ``python -m jaxind.sweep``): a second run with the same shapes loads its compiled kernels instead

@@ -2,13 +2,13 @@
 tested without converting or running either again (docs/DESIGN.md §5.10).
 
 A model source (any kind :func:`converters.sources.load_model` reads) is identified by its content
-key: a hash of its files' bytes (:func:`jaxind.io.store.content_hash`, memoised by stat) and the param
+key: a hash of its files' bytes (:func:`jaxind.io.disk_cache.content_hash`, memoised by stat) and the param
 dtype. :func:`ensure` converts the source once and stores its param tree as ``.npy`` files under
 ``<cache>/models/<key>/``, with the content hash and every array's checksum; :meth:`StoredModel.load`
 reads them back memory-mapped after verifying the checksums (once per process). :func:`ensure`
 verifies an existing entry before using it: one that is damaged (noise, flipped bits, a truncated,
 missing or replaced file, bad JSON) is discarded with one warning and converted again
-(:func:`jaxind.io.store.discard`). :func:`ensure_fingerprint` computes the model's fingerprint on a
+(:func:`jaxind.io.disk_cache.discard`). :func:`ensure_fingerprint` computes the model's fingerprint on a
 token set once (:mod:`jaxind.stats.fingerprint`), and :func:`run_stored_pair` tests two stored models with
 their fingerprints: the per-pair work is matmuls and LAPs, no forward pass for MATCH and CSH.
 
@@ -33,12 +33,12 @@ import numpy as np
 
 from jaxind import testhooks
 from jaxind.errors import JaxindError
-from jaxind.io import store
-from jaxind.io.loading import Model
+from jaxind.io import disk_cache
+from jaxind.io.loaded_model import Model
 from jaxind.models.config import ModelConfig
 from jaxind.pair import runner
-from jaxind.pair.inputs import TokenData
 from jaxind.pair.result import PairResult
+from jaxind.pair.token_data import TokenData
 from jaxind.stats import fingerprint
 
 STORE_VERSION = 1
@@ -64,11 +64,11 @@ class StoredModel:
 
     def load(self) -> Model:
         """The model, params as memory-mapped numpy arrays (moved to the device when used)."""
-        params = store.load_tree(os.path.join(self.folder, "weights"))
+        params = disk_cache.load_tree(os.path.join(self.folder, "weights"))
         return Model(config=self.config, params=params, meta={**self.meta, "source": self.source})
 
     def summary(self) -> dict[str, Any]:
-        """What :meth:`jaxind.io.loading.Model.summary` says of it (recorded at conversion)."""
+        """What :meth:`jaxind.io.loaded_model.Model.summary` says of it (recorded at conversion)."""
         return {**self.meta["summary"], "source": self.source}
 
 
@@ -86,7 +86,7 @@ def model_key(source: str, dtype: str = "float32", cache_root: str | None = None
     from converters import sources
 
     path = sources.resolve(source)
-    return store.key_of(v=STORE_VERSION, content=store.content_hash(path, cache_root), dtype=dtype)
+    return disk_cache.key_of(v=STORE_VERSION, content=disk_cache.content_hash(path, cache_root), dtype=dtype)
 
 
 def _read(folder: str, name: str, source: str, key: str) -> StoredModel:
@@ -95,15 +95,15 @@ def _read(folder: str, name: str, source: str, key: str) -> StoredModel:
     Raises:
       store.DamagedEntry: a file is missing or unreadable, or the entry records another key.
     """
-    meta = store.read_json_entry(os.path.join(folder, "meta.json"))
+    meta = disk_cache.read_json_entry(os.path.join(folder, "meta.json"))
     if not isinstance(meta, dict) or meta.get("key") != key:
         found = meta.get("key") if isinstance(meta, dict) else None
-        raise store.DamagedEntry(f"meta.json records key {found}, not {key} (no checksums: an older jaxind)")
+        raise disk_cache.DamagedEntry(f"meta.json records key {found}, not {key} (no checksums: an older jaxind)")
     try:
         with open(os.path.join(folder, "config.json")) as f:
             cfg = ModelConfig.from_json(f.read())
     except (OSError, ValueError, TypeError, KeyError, JaxindError) as e:
-        raise store.DamagedEntry(f"cannot read config.json ({type(e).__name__}: {e})") from None
+        raise disk_cache.DamagedEntry(f"cannot read config.json ({type(e).__name__}: {e})") from None
     return StoredModel(name, source, key, folder, cfg, meta)
 
 
@@ -113,9 +113,9 @@ def _verified(stored: StoredModel) -> StoredModel:
     Raises:
       store.DamagedEntry: a leaf does not verify, or the tree has another number of leaves than recorded.
     """
-    params = store.load_tree(os.path.join(stored.folder, "weights"))
+    params = disk_cache.load_tree(os.path.join(stored.folder, "weights"))
     if len(jax.tree.leaves(params)) != stored.meta.get("leaves"):
-        raise store.DamagedEntry(f"weights/tree.json lists {len(jax.tree.leaves(params))} leaves, "
+        raise disk_cache.DamagedEntry(f"weights/tree.json lists {len(jax.tree.leaves(params))} leaves, "
                                  f"meta.json {stored.meta.get('leaves')}")  # fmt: skip
     return stored
 
@@ -126,9 +126,11 @@ def open_stored(name: str, source: str, key: str, cache_root: str | None = None)
     Raises:
       JaxindError: no such entry in the cache; store.DamagedEntry: it does not verify.
     """
-    folder = os.path.join(store.root(cache_root), "models", key)
+    folder = os.path.join(disk_cache.root(cache_root), "models", key)
     if not os.path.isdir(folder):
-        raise JaxindError(f"model {name} ({source}) is not in the cache {store.root(cache_root)}: convert it again")
+        raise JaxindError(
+            f"model {name} ({source}) is not in the cache {disk_cache.root(cache_root)}: convert it again"
+        )
     return _verified(_read(folder, name, source, key))
 
 
@@ -150,8 +152,8 @@ def _existing(final: str, name: str, source: str, key: str) -> StoredModel | Non
         return None
     try:
         return _verified(_read(final, name, source, key))
-    except store.DamagedEntry as e:
-        store.discard(final, str(e))
+    except disk_cache.DamagedEntry as e:
+        disk_cache.discard(final, str(e))
         return None
 
 
@@ -165,20 +167,20 @@ def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | Non
     from converters import sources
 
     path = sources.resolve(source)
-    content = store.content_hash(path, cache_root)
-    key = store.key_of(v=STORE_VERSION, content=content, dtype=dtype)
-    final = os.path.join(store.root(cache_root), "models", key)
-    with store.lock(final):
+    content = disk_cache.content_hash(path, cache_root)
+    key = disk_cache.key_of(v=STORE_VERSION, content=content, dtype=dtype)
+    final = os.path.join(disk_cache.root(cache_root), "models", key)
+    with disk_cache.lock(final):
         found = _existing(final, name, source, key)
         if found is not None:
             return found, False
-        store.clean_stale(final)
+        disk_cache.clean_stale(final)
         start = time.perf_counter()
         model = sources.load_model(source, dtype=dtype)
         _check_room(os.path.dirname(final), model.params, source)
-        tmp = store.make_temp(final)
+        tmp = disk_cache.make_temp(final)
         try:
-            store.save_tree(os.path.join(tmp, "weights"), model.params)
+            disk_cache.save_tree(os.path.join(tmp, "weights"), model.params)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 f.write(model.config.to_json())
             meta = {k: v for k, v in model.meta.items() if k != "source"}
@@ -186,7 +188,7 @@ def ensure(name: str, source: str, dtype: str = "float32", cache_root: str | Non
             meta.update(key=key, content_sha256=content, dtype=dtype, leaves=len(jax.tree.leaves(model.params)))
             with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: its presence marks the entry
                 json.dump(meta, f, indent=1, default=str)
-            store.publish(tmp, final)
+            disk_cache.publish(tmp, final)
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

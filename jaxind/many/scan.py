@@ -196,7 +196,7 @@ def scan(
     Raises:
       JaxindError: the suspect cannot be loaded or fingerprinted, or no tokens can be made.
     """
-    from jaxind.io import data
+    from jaxind.io import token_source as data
     from jaxind.many import modelstore
     from jaxind.stats import pvalues
     from jaxind.stats.results import SCHEMA_VERSION

@@ -93,14 +93,14 @@ def make_tokens(models: Sequence[ModelEntry], d: dict[str, Any]) -> tuple[Any, d
     """
     import numpy as np
 
-    from jaxind.io import data
+    from jaxind.io import token_source
     from jaxind.io.tokenizer import load_tokenizer
 
     known = _configs(models)
     if not known and d["vocab"] is None:
         raise JaxindError("no model can be read, so no tokens can be made: check the model sources")
     vocab = d["vocab"] or min(cfg.vocab_size for cfg, _ in known.values())
-    spec = data.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"])
+    spec = token_source.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"])
     info = {
         "data": {k: v for k, v in d.items() if k != "vocab"},
         "vocab": vocab,
@@ -108,14 +108,14 @@ def make_tokens(models: Sequence[ModelEntry], d: dict[str, Any]) -> tuple[Any, d
         "tokenizer": None,
     }
     if d["kind"] == "random":
-        return data.make_tokens(spec, vocab, vocab), info
+        return token_source.make_tokens(spec, vocab, vocab), info
     ref = d["tokenizer"] or next((m.name for m in models if known.get(m.name, (0, None))[1]), None)
     if ref is None or ref not in known or known[ref][1] is None:
         raise JaxindError(
             f"{d['kind']} data needs a tokenizer and model {ref or '(none)'} has none: set data.tokenizer"
         )
     info.update(tokenizer_model=ref, tokenizer=known[ref][1])
-    return np.asarray(data.make_tokens(spec, vocab, vocab, load_tokenizer(known[ref][1]))), info
+    return np.asarray(token_source.make_tokens(spec, vocab, vocab, load_tokenizer(known[ref][1]))), info
 
 
 def shared_tokens(config: SweepConfig, output: str) -> Any:
@@ -127,11 +127,11 @@ def shared_tokens(config: SweepConfig, output: str) -> Any:
     """
     import numpy as np
 
-    from jaxind.io import store
+    from jaxind.io import disk_cache
     from jaxind.stats import fingerprint
 
     path = os.path.join(output, "tokens.npy")
-    with store.lock(path):
+    with disk_cache.lock(path):
         info = read_json(os.path.join(output, "sweep.json"))
         if info is not None and os.path.isfile(path):
             wanted = {k: v for k, v in config.data.items() if k != "vocab"}
@@ -146,7 +146,7 @@ def shared_tokens(config: SweepConfig, output: str) -> Any:
         tokens, info = make_tokens(config.models, config.data)
         np.save(path + ".tmp.npy", tokens)
         os.replace(path + ".tmp.npy", path)
-        store.write_text(
+        disk_cache.write_text(
             os.path.join(output, "sweep.json"), _dumps({**info, "token_hash": fingerprint.token_hash(tokens)})
         )
         return tokens
@@ -182,13 +182,13 @@ def _dumps(value: Any) -> str:
 
 def _fingerprint_layers(config: SweepConfig, n_layers: int) -> tuple[int, ...]:
     """The layers a model's fingerprint covers: those the sweep's layer selection names, or all."""
-    from jaxind.models import layers
+    from jaxind.models import layer_selection
 
     chosen: set[int] = set(range(n_layers))
     if config.layers is not None:
-        chosen = set(layers.parse_layers(config.layers))
+        chosen = set(layer_selection.parse_layers(config.layers))
     elif config.layer_pairs is not None:
-        chosen = {l for pair in layers.parse_layer_pairs(config.layer_pairs) for l in pair}
+        chosen = {l for pair in layer_selection.parse_layer_pairs(config.layer_pairs) for l in pair}
     return tuple(sorted(l for l in chosen if l < n_layers))
 
 
@@ -199,19 +199,19 @@ def check_tokenizer(stored: Any, d: dict[str, Any], info: dict[str, Any]) -> Non
     Raises:
       JaxindError: it does not (naming the window or document and the first differing token).
     """
-    from jaxind.io import data
+    from jaxind.io import token_source
     from jaxind.io.tokenizer import check_same_tokens, encode, load_tokenizer
 
     mine = stored.meta.get("tokenizer")
     if d["kind"] == "random" or mine is None or mine == info["tokenizer"]:
         return
     reference, own = load_tokenizer(info["tokenizer"]), load_tokenizer(mine)
-    spec = data.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"])
+    spec = token_source.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"])
     try:
         if d["kind"] == "text":
-            data.text_windows(spec, reference).check(reference, own)
+            token_source.text_windows(spec, reference).check(reference, own)
         else:  # all the documents (data.make_tokens would align two tokenizers; a sweep shares one token array)
-            texts = data.read_texts(spec)
+            texts = token_source.read_texts(spec)
             separate = getattr(reference, "eos_token_id", None) is not None and len(texts) > 1
             check_same_tokens(texts, encode(reference, texts), reference, own, separator=separate)
     except JaxindError as e:
@@ -223,7 +223,7 @@ def check_tokenizer(stored: Any, d: dict[str, Any], info: dict[str, Any]) -> Non
 def model_job(job: Job) -> dict[str, Any]:
     """Converts (once) and fingerprints (once) one model; writes and returns its state."""
     from jaxind import testhooks
-    from jaxind.io import store
+    from jaxind.io import disk_cache
     from jaxind.many import modelstore
 
     (name,) = job.names
@@ -256,7 +256,7 @@ def model_job(job: Job) -> dict[str, Any]:
         state["error"] = str(e) if isinstance(e, JaxindError) else f"{type(e).__name__}: {e}"
         events.add("model_error", name=name, error=state["error"])
     state["seconds"] = time.perf_counter() - start
-    store.write_text(os.path.join(job.output, "models", name + ".json"), _dumps(state))
+    disk_cache.write_text(os.path.join(job.output, "models", name + ".json"), _dumps(state))
     return state
 
 
@@ -297,14 +297,14 @@ def _fingerprint(job: Job, state: dict[str, Any]) -> Any:
 
 def settings_for(config: SweepConfig, output: str, a: str, b: str) -> Any:
     """The runner settings of one pair (its localized heatmap beside its JSON)."""
-    from jaxind.io import data
-    from jaxind.models import layers
+    from jaxind.io import token_source
+    from jaxind.models import layer_selection
     from jaxind.pair import runner
 
     d = config.data
     return runner.Settings(
         tests=config.tests,
-        data=data.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"]),
+        data=token_source.DataSpec(d["kind"], d["path"], d["num_sequences"], d["seq_len"], d["seed"]),
         num_perms=config.num_perms,
         batch_size=config.batch_size,
         generalized_steps=config.generalized_steps,
@@ -312,8 +312,8 @@ def settings_for(config: SweepConfig, output: str, a: str, b: str) -> Any:
         if "localized" in config.tests
         else None,
         alpha=config.alpha,
-        layers=None if config.layers is None else layers.parse_layers(config.layers),
-        layer_pairs=None if config.layer_pairs is None else layers.parse_layer_pairs(config.layer_pairs),
+        layers=None if config.layers is None else layer_selection.parse_layers(config.layers),
+        layer_pairs=None if config.layer_pairs is None else layer_selection.parse_layer_pairs(config.layer_pairs),
     )
 
 
@@ -332,7 +332,7 @@ def pair_record(config: SweepConfig, states: tuple[dict[str, Any], ...], token_h
 def pair_job(job: Job) -> dict[str, Any]:
     """Tests one pair from the stored models and their fingerprints; writes its JSON (or its error)."""
     from jaxind import testhooks
-    from jaxind.io import store
+    from jaxind.io import disk_cache
     from jaxind.many import modelstore
     from jaxind.stats import fingerprint, results
 
@@ -358,7 +358,7 @@ def pair_job(job: Job) -> dict[str, Any]:
         return {"a": a, "b": b, "status": "done", "seconds": seconds, "tests": document["tests"]}
     except (JaxindError, Exception) as e:  # recorded; the sweep goes on
         error = str(e) if isinstance(e, JaxindError) else f"{type(e).__name__}: {e}"
-        store.write_text(error_path, _dumps({"a": a, "b": b, "error": error}))
+        disk_cache.write_text(error_path, _dumps({"a": a, "b": b, "error": error}))
         events.add("pair_error", a=a, b=b, error=error)
         return {"a": a, "b": b, "status": "error", "error": error, "seconds": time.perf_counter() - start}
 
@@ -435,11 +435,11 @@ def run_sweep(
     Raises:
       JaxindError: ``output`` holds a sweep with other data settings, or no tokens can be made.
     """
-    from jaxind.io import store
+    from jaxind.io import disk_cache
     from jaxind.stats import fingerprint
 
-    cache_root = store.root(config.cache_dir)
-    store.check_writable(cache_root, "the jaxind cache")
+    cache_root = disk_cache.root(config.cache_dir)
+    disk_cache.check_writable(cache_root, "the jaxind cache")
     for sub in ("pairs", "models", "errors", "log"):
         os.makedirs(os.path.join(output, sub), exist_ok=True)
     EventLog(output).add("run", shard=f"{shard[0]}/{shard[1]}", workers=workers, argv=sys.argv[1:])
@@ -462,7 +462,9 @@ def run_sweep(
             if any(s["status"] != "ok" for s in pair_states):
                 failed = [s["name"] for s in pair_states if s["status"] != "ok"]
                 message = f"model {' and '.join(failed)} failed: see models/{failed[0]}.json"
-                store.write_text(os.path.join(output, "errors", pair_name(a, b) + ".json"), _dumps({"error": message}))
+                disk_cache.write_text(
+                    os.path.join(output, "errors", pair_name(a, b) + ".json"), _dumps({"error": message})
+                )
             elif pair_finished(config, output, pair_states, token_hash):
                 events.add("pair_skipped", a=a, b=b)
             else:

@@ -378,8 +378,8 @@ def _cache_dir(where: str, value: Any, base: str) -> str | None:
 
 
 def _layer_flags(where: str, layers: Any, layer_pairs: Any) -> tuple[str | None, str | None]:
-    """``layers`` / ``layer_pairs`` as their flag strings, checked by :mod:`jaxind.models.layers`."""
-    from jaxind.models import layers as layers_lib
+    """``layers`` / ``layer_pairs`` as their flag strings, checked by :mod:`jaxind.models.layer_selection`."""
+    from jaxind.models import layer_selection as layers_lib
 
     if layers is not None and layer_pairs is not None:
         raise _fail(where, "give layers or layer_pairs, not both")

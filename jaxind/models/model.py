@@ -57,7 +57,7 @@ from flax import nnx
 from jaxind.errors import JaxindError
 from jaxind.models import moe, paramspec
 from jaxind.models.config import Activation, ModelConfig
-from jaxind.models.layers import normalize_layers
+from jaxind.models.layer_selection import normalize_layers
 from jaxind.types import Params
 
 Activations = dict[int, dict[str, jax.Array]]

@@ -3,9 +3,9 @@ are generated from (docs/DESIGN.md §5.3).
 
     result = TESTS[name](a, b, *, key, data=None, layers=None, **options) -> TestResult
 
-``a`` and ``b`` are :class:`jaxind.io.loading.Model` objects; ``key`` a PRNG key; ``data`` token ids
-``(N, T)`` (or a :class:`jaxind.pair.inputs.TokenData`, which lets CSH and MATCH share one pass) for the
-tests that run the models; ``layers`` a layer selection (:mod:`jaxind.models.layers`) for the layer-wise
+``a`` and ``b`` are :class:`jaxind.io.loaded_model.Model` objects; ``key`` a PRNG key; ``data`` token ids
+``(N, T)`` (or a :class:`jaxind.pair.token_data.TokenData`, which lets CSH and MATCH share one pass) for the
+tests that run the models; ``layers`` a layer selection (:mod:`jaxind.models.layer_selection`) for the layer-wise
 tests; ``options`` the test's own settings (``num_perms`` for the PERMTESTs, ``steps`` for the
 generalized test, ...). The array-level kernels underneath (:func:`jaxind.stats.constrained.csu`,
 :func:`jaxind.stats.permtest.permtest`, :func:`jaxind.stats.match.match_test`, ...) stay public for code
@@ -27,10 +27,10 @@ import jax
 import numpy as np
 
 from jaxind.errors import JaxindError
-from jaxind.io.loading import Model
-from jaxind.models.layers import Layers, resolve_pairs, same_layer_pairs
+from jaxind.io.loaded_model import Model
+from jaxind.models.layer_selection import Layers, resolve_pairs, same_layer_pairs
 from jaxind.pair.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
-from jaxind.pair.inputs import TokenData
+from jaxind.pair.token_data import TokenData
 from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest, upcycling
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair

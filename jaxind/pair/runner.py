@@ -3,7 +3,7 @@
 Data flows one way (docs/DESIGN.md §3): models -> tokens -> each registered test
 (:data:`jaxind.pair.registry.TESTS`, called the one way every test is called) -> one PairResult.
 Activation tests (CSH and MATCH) share a single pass over the data for both models through one
-:class:`jaxind.pair.inputs.TokenData`. A test that cannot run on this pair (e.g. CSU on models of
+:class:`jaxind.pair.token_data.TokenData`. A test that cannot run on this pair (e.g. CSU on models of
 different width) is recorded with its error and the others still run.
 """
 
@@ -18,13 +18,13 @@ import numpy as np
 from absl import logging
 
 from jaxind.errors import JaxindError
-from jaxind.io import data
-from jaxind.io.loading import Model
-from jaxind.models.layers import LayerSelectionError
+from jaxind.io import token_source as data
+from jaxind.io.loaded_model import Model
+from jaxind.models.layer_selection import LayerSelectionError
 from jaxind.pair.catalog import ALL_TESTS, DEFAULT_TESTS  # noqa: F401  (re-exported)
-from jaxind.pair.inputs import TokenData
 from jaxind.pair.registry import TESTS, TestSpec, key_for
 from jaxind.pair.result import PairResult
+from jaxind.pair.token_data import TokenData
 from jaxind.stats.results import TestResult
 from jaxind.types import LayerPair
 
@@ -35,7 +35,7 @@ class Settings:
 
     Attributes:
       tests: names from :data:`jaxind.pair.registry.TESTS`.
-      data: the token source (see :class:`jaxind.io.data.DataSpec`).
+      data: the token source (see :class:`jaxind.io.token_source.DataSpec`).
       num_perms: T for the PERMTEST statistics (l2, mc).
       batch_size: sequences per forward pass.
       mc_sequences: sequences of the data used by the mode-connectivity loss (T forwards each).

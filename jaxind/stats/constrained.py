@@ -28,7 +28,7 @@ import numpy as np
 from jaxind.errors import JaxindError
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
-from jaxind.models.layers import Layers, resolve_pairs
+from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.parallel import sharding
 from jaxind.stats import assignment, grams, pvalues
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
@@ -78,7 +78,7 @@ def csu(
     params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array, layers: Layers = None
 ) -> TestResult:
     """CSU: per layer pair, Spearman p-value of the cosine matching of up-projection units;
-    Fisher-combined. ``layers``: a layer selection (:mod:`jaxind.models.layers`), default ``(l, l)`` for
+    Fisher-combined. ``layers``: a layer selection (:mod:`jaxind.models.layer_selection`), default ``(l, l)`` for
     the shared depth."""
     _check_same_width(cfg_a, cfg_b, "CSU")
     if cfg_a.moe or cfg_b.moe:

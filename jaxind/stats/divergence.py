@@ -45,7 +45,7 @@ def jsd(
     Args:
       logits_fn_a, logits_fn_b: ``tokens (B, T) -> logits (B, T, V)`` (e.g.
         :func:`jaxind.models.model.forward_logits`).
-      batches: ``(tokens (B, T), mask (B, T))`` pairs (see :func:`jaxind.io.data.batches`).
+      batches: ``(tokens (B, T), mask (B, T))`` pairs (see :func:`jaxind.io.token_source.batches`).
 
     Returns:
       A :class:`TestResult` with ``pvalue=None`` and the mean JSD as ``statistic``.

@@ -43,7 +43,7 @@ from jaxind import progress
 from jaxind.errors import JaxindError
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
-from jaxind.models.layers import Layers, resolve_pairs
+from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.models.symmetry import Perm
 from jaxind.stats import assignment, constrained, grams, match, pvalues
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed

@@ -9,7 +9,7 @@ layer pair follow by one matmul, ``X_A[i]^T X_B[j] (d_A, d_B)`` (:class:`CrossGr
 (docs/DESIGN.md §5.1): N models cost N forward passes instead of one per pair.
 
 Fingerprints on different tokens are incomparable and refused (:func:`check_comparable`). On disk
-(``<cache>/fingerprints/<key>/``, see :mod:`jaxind.io.store`) a fingerprint is ``x.npy``, ``sq.npy``,
+(``<cache>/fingerprints/<key>/``, see :mod:`jaxind.io.disk_cache`) a fingerprint is ``x.npy``, ``sq.npy``,
 ``tokens.npy`` and ``meta.json`` (written last, with each array's checksum), published by one rename;
 its key is a hash of the model's content key, the token ids' hash, the layers and the format version.
 :func:`load` verifies the checksums (once per process) and the token ids' hash; :func:`ensure`
@@ -34,8 +34,8 @@ import numpy as np
 
 from jaxind import testhooks
 from jaxind.errors import JaxindError
-from jaxind.io import data as data_lib
-from jaxind.io import store
+from jaxind.io import disk_cache
+from jaxind.io import token_source as data_lib
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
 from jaxind.stats import grams
@@ -59,7 +59,7 @@ def token_hash(tokens: Any) -> str:
 
 def fingerprint_key(model_key: str, tokens_hash: str, layers: Sequence[int]) -> str:
     """The cache key of a model's fingerprint on a token set and layers."""
-    return store.key_of(v=VERSION, model=model_key, tokens=tokens_hash, layers=[int(l) for l in layers])
+    return disk_cache.key_of(v=VERSION, model=model_key, tokens=tokens_hash, layers=[int(l) for l in layers])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -68,7 +68,7 @@ class Fingerprint:
 
     Attributes:
       key: the cache key (:func:`fingerprint_key`).
-      model_key: the model's content key (:mod:`jaxind.io.store`).
+      model_key: the model's content key (:mod:`jaxind.io.disk_cache`).
       config: the model's config.
       layers: the collected layers, sorted.
       tokens: ``(N, T)`` int32 reference token ids; ``token_hash`` their hash.
@@ -174,7 +174,7 @@ def compute(params: Params, cfg: ModelConfig, tokens: Any, layers: Sequence[int]
 
 def path_for(cache_root: str | None, key: str) -> str:
     """Where the fingerprint ``key`` lives in the cache."""
-    return os.path.join(store.root(cache_root), "fingerprints", key)
+    return os.path.join(disk_cache.root(cache_root), "fingerprints", key)
 
 
 def load(folder: str) -> Fingerprint:
@@ -184,25 +184,27 @@ def load(folder: str) -> Fingerprint:
       store.DamagedEntry: missing, malformed or damaged (another format version, a missing, mis-shaped
         or changed file, bad JSON).
     """
-    meta = store.read_json_entry(os.path.join(folder, "meta.json"))
+    meta = disk_cache.read_json_entry(os.path.join(folder, "meta.json"))
     try:
         if meta.get("version") != VERSION:
-            raise store.DamagedEntry(f"fingerprint {folder} has format {meta.get('version')}, not {VERSION}")
+            raise disk_cache.DamagedEntry(f"fingerprint {folder} has format {meta.get('version')}, not {VERSION}")
         sums = meta.get("checksums") or {}
-        x, sq, tokens = (store.verify_array(os.path.join(folder, name), sums.get(name)) for name in _FILES)
+        x, sq, tokens = (disk_cache.verify_array(os.path.join(folder, name), sums.get(name)) for name in _FILES)
         cfg = ModelConfig.from_dict(meta["config"])
         layers = tuple(int(l) for l in meta["layers"])
         fp = Fingerprint(
             meta["key"], meta["model_key"], cfg, layers, np.asarray(tokens), meta["token_hash"], x, sq, meta["info"]
         )
-    except store.DamagedEntry as e:
-        raise store.DamagedEntry(f"fingerprint {folder}: {e}") from None
+    except disk_cache.DamagedEntry as e:
+        raise disk_cache.DamagedEntry(f"fingerprint {folder}: {e}") from None
     except (TypeError, KeyError, ValueError, AttributeError, JaxindError) as e:
-        raise store.DamagedEntry(f"fingerprint {folder}: meta.json is malformed ({type(e).__name__}: {e})") from None
+        raise disk_cache.DamagedEntry(
+            f"fingerprint {folder}: meta.json is malformed ({type(e).__name__}: {e})"
+        ) from None
     if x.shape != (len(layers), tokens.size, cfg.d_model) or sq.shape != (2, len(layers), cfg.d_ff):
-        raise store.DamagedEntry(f"fingerprint {folder} has arrays of the wrong shape")
+        raise disk_cache.DamagedEntry(f"fingerprint {folder} has arrays of the wrong shape")
     if token_hash(fp.tokens) != fp.token_hash or os.path.basename(folder) != fp.key:
-        raise store.DamagedEntry(f"fingerprint {folder} records other tokens or another key than it holds")
+        raise disk_cache.DamagedEntry(f"fingerprint {folder} records other tokens or another key than it holds")
     return fp
 
 
@@ -218,7 +220,7 @@ def _write(tmp: str, params: Params, cfg: ModelConfig, tokens: np.ndarray, layer
     np.save(os.path.join(tmp, "sq.npy"), sq)
     np.save(os.path.join(tmp, "tokens.npy"), tokens)
     testhooks.stop_at(f"fingerprint_writing:{kw['info'].get('name', '')}")
-    sums = {name: store.checksum(np.load(os.path.join(tmp, name), mmap_mode="r")) for name in _FILES}
+    sums = {name: disk_cache.checksum(np.load(os.path.join(tmp, name), mmap_mode="r")) for name in _FILES}
     meta = {**kw, "version": VERSION, "config": json.loads(cfg.to_json()), "layers": list(layers), "checksums": sums}
     meta["info"] = {**meta["info"], "seconds": time.perf_counter() - start}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -247,14 +249,14 @@ def ensure(
     th = token_hash(tokens)
     key = fingerprint_key(model_key, th, chosen)
     final = path_for(cache_root, key)
-    with store.lock(final):
+    with disk_cache.lock(final):
         if os.path.lexists(final):
             try:
                 return load(final), False
-            except store.DamagedEntry as e:  # another format or damaged: recompute
-                store.discard(final, str(e))
-        store.clean_stale(final)
-        tmp = store.make_temp(final)
+            except disk_cache.DamagedEntry as e:  # another format or damaged: recompute
+                disk_cache.discard(final, str(e))
+        disk_cache.clean_stale(final)
+        tmp = disk_cache.make_temp(final)
         try:
             _write(
                 tmp,
@@ -268,7 +270,7 @@ def ensure(
                 batch_size=batch_size,
                 info=info,
             )
-            store.publish(tmp, final)
+            disk_cache.publish(tmp, final)
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)

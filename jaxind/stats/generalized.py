@@ -59,7 +59,7 @@ from jaxind import progress
 from jaxind.errors import JaxindError
 from jaxind.models import model as model_lib
 from jaxind.models.config import Activation, ModelConfig
-from jaxind.models.layers import Layers, resolve_pairs
+from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.stats import match as match_lib
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
@@ -373,7 +373,7 @@ def generalized_test(
     """Generalized robust test between two models' MLP blocks (any family with ``mlp_output``).
 
     Args:
-      layer_pairs: a layer selection (:mod:`jaxind.models.layers`); default ``(i, i)``, ``i < min(L_A, L_B)``.
+      layer_pairs: a layer selection (:mod:`jaxind.models.layer_selection`); default ``(i, i)``, ``i < min(L_A, L_B)``.
       width: student width for both models; None uses each model's own ``d_ff`` (a mixture of experts: its
         shared expert's width plus ``experts_per_token * d_expert``).
       Others: see :func:`generalized_from_blocks`.

@@ -305,7 +305,8 @@ def row_distances(xa: Any, xb: Any) -> np.ndarray:
 
 def padded(mask: Any, layout: sharding.Layout | None = None) -> bool:
     """Whether some sequence of ``mask (B, T)`` has both counted and uncounted tokens: a padded batch, whose
-    forward needs the attention mask. Rows all counted or all uncounted (:func:`jaxind.io.data.batches` fills the
+    forward needs the attention mask. Rows all counted or all uncounted (:func:`jaxind.io.token_source.batches`
+    fills the
     last batch with uncounted rows) run unmasked, the computation of earlier releases. On a multi-process mesh
     the processes agree (any process's padding counts), so all of them compile the same program."""
     if mask is None:

@@ -46,7 +46,7 @@ from jaxind import progress
 from jaxind.errors import JaxindError
 from jaxind.io import destinations
 from jaxind.models.config import ModelConfig
-from jaxind.models.layers import check_pairs
+from jaxind.models.layer_selection import check_pairs
 from jaxind.stats import grams, layer_screen, pvalues
 from jaxind.stats.match import NOTE, UnitMatch, match_units
 from jaxind.stats.results import TestResult, timed

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
-from jaxind.models.layers import Layers, resolve_pairs
+from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.stats import assignment, grams, pvalues
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
@@ -104,7 +104,7 @@ def match_test(
       batches: iterable of token batches ``(B, T)`` int (or ``(tokens, mask)`` / dicts with
         "tokens" and "mask"); consumed once.
       key: PRNG key for the LAPs' random relabelling (ties / equivariance).
-      layer_pairs: a layer selection (:mod:`jaxind.models.layers`); default ``(i, i)`` for
+      layer_pairs: a layer selection (:mod:`jaxind.models.layer_selection`); default ``(i, i)`` for
         ``i < min(L_A, L_B)``.
       return_units: add each pair's matched unit indices (``matched_units``) to its record.
 

@@ -46,7 +46,7 @@ import numpy as np
 from jaxind.errors import JaxindError
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
-from jaxind.models.layers import Layers, resolve_pairs
+from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.stats import constrained, experts, match, pvalues
 from jaxind.stats import grams as grams_lib
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed

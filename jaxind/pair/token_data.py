@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from jaxind.errors import JaxindError
-from jaxind.io import data as data_lib
+from jaxind.io import token_source as data_lib
 from jaxind.models.config import ModelConfig
 from jaxind.stats import experts, fingerprint, grams
 from jaxind.types import LayerPair, Params
@@ -75,7 +75,8 @@ class TokenData:
         return cls(np.asarray(data), batch_size)
 
     def batches(self) -> Any:
-        """``(tokens (B, T), mask (B, T))`` batches of equal shape (see :func:`jaxind.io.data.batches`); for models with
+        """``(tokens (B, T), mask (B, T))`` batches of equal shape (see
+        :func:`jaxind.io.token_source.batches`); for models with
         different tokenizers, :class:`jaxind.io.alignment.AlignedBatches`."""
         if self.aligned is not None:
             return self.aligned.batches(self.batch_size)

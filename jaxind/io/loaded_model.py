@@ -18,7 +18,7 @@ import numpy as np
 from jaxind.errors import JaxindError
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
-from jaxind.models.layers import normalize_layers
+from jaxind.models.layer_selection import normalize_layers
 from jaxind.parallel import sharding
 
 
