@@ -86,7 +86,7 @@ class Model:
         ``router_logits`` ``(B, T, E)`` (see :func:`jaxind.models.model.forward`).
 
         ``layers``: indices or None for every layer; negative indices count from the end and are normalised,
-        so the keys of ``layers=[0, -1]`` are ``0`` and ``L - 1``. ``attention_mask``: as in :meth:`logits`.
+        so the keys of ``layers=[0, -1]`` are ``0`` and ``L - 1``. ``attention_mask``: as in :meth:`Model.logits`.
         """
         return self.intermediates(tokens, (), layers, attention_mask)
 
@@ -102,9 +102,9 @@ class Model:
 
         ``names``: from :func:`jaxind.models.model.intermediate_names` (``"resid"`` the residual stream after the
         layer, ``"attn_out"``, ``"mlp_in"``, ``"gate"``, ``"up"``, ``"hidden"``;
-        :data:`jaxind.models.model.INTERMEDIATES` says what each is); empty: :meth:`mlp_activations`'s.
+        :data:`jaxind.models.model.INTERMEDIATES` says what each is); empty: :meth:`Model.mlp_activations`'s.
         ``layers``: indices or None for every layer, negative ones normalised (keys ``0`` and ``L - 1`` for
-        ``[0, -1]``). ``attention_mask``: as in :meth:`logits`.
+        ``[0, -1]``). ``attention_mask``: as in :meth:`Model.logits`.
 
         Raises:
           JaxindError: an unknown name, a layer out of range, bad tokens or a bad mask.

@@ -110,7 +110,8 @@ _INFOS = (
         "localized",
         "unconstrained",
         "MATCH per layer pair; Bonferroni over the matrix (approximate)",
-        "every layer of A with every layer of B: layer map, kept units, heatmap",
+        "every layer of A with every layer of B: layer map (several B layers may share one A layer: "
+        "`duplicated_layers`), kept units, heatmap; screened above 64 pairs",
         "MATCH on every layer pair (robust)",
         needs_data=True,
         layerwise=True,

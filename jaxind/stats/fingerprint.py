@@ -93,7 +93,7 @@ class Fingerprint:
         return int(self.x.shape[1])
 
     def position(self, layer: int) -> int:
-        """Index of ``layer`` in :attr:`layers`.
+        """Index of ``layer`` in ``layers``.
 
         Raises:
           JaxindError: the layer was not collected.
