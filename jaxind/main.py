@@ -12,6 +12,10 @@ def __getattr__(name: str) -> Any:
 
 
 if __name__ == "__main__":
-    from jaxind.cli.main import entry_point
+    from absl import flags
 
-    entry_point()
+    from jaxind.cli import main as command
+
+    __doc__ = command.__doc__  # what --help prints: the command's usage, and its flags as this module's own
+    flags.adopt_module_key_flags(command)
+    command.entry_point()

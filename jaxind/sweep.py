@@ -14,6 +14,10 @@ def __getattr__(name: str) -> Any:
 
 
 if __name__ == "__main__":
-    from jaxind.cli.sweep import entry_point
+    from absl import flags
 
-    entry_point()
+    from jaxind.cli import sweep as command
+
+    __doc__ = command.__doc__  # what --help prints: the command's usage, and its flags as this module's own
+    flags.adopt_module_key_flags(command)
+    command.entry_point()

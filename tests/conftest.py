@@ -32,9 +32,10 @@ _LAST_USE: dict[str, list[str]] = {}  # nodeid -> the real-model fixtures no lat
 def pytest_itemcollected(item):
     """With ``-n N --dist loadgroup`` (the README's test command), every test of the real models runs in one
     worker, in order, so each real model is loaded once and released after its last test (below); the other tests
-    spread over the workers. (Marked as collected: pytest-xdist reads the groups in its collection hook.)"""
-    if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODELS):
-        item.add_marker(pytest.mark.xdist_group("real_models"))
+    go to a worker a module at a time, so no module-scoped fixture (a model zoo, a bad-input world) is built
+    twice. (Marked as collected: pytest-xdist reads the groups in its collection hook.)"""
+    real = any(name in getattr(item, "fixturenames", ()) for name in REAL_MODELS)
+    item.add_marker(pytest.mark.xdist_group("real_models" if real else item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection

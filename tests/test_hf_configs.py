@@ -9,8 +9,8 @@ import os
 import pytest
 
 from jaxind.errors import CheckpointError, UnsupportedModelError
+from jaxind.io import hf_config as config_mod
 from jaxind.io.hf_config import parse_hf_config
-from jaxind.models import config as config_mod
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf_configs")
 

@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 import zlib
@@ -63,6 +64,9 @@ _CHUNK = 1 << 24
 
 class DamagedEntry(JaxindError):
     """A cache entry that cannot be read or does not verify (its owner discards and rebuilds it)."""
+
+
+_NPY_HEADER_LOCK = threading.Lock()  # leaves are read in threads (load_tree)
 
 
 def root(override: str | None = None) -> str:
@@ -272,7 +276,8 @@ def verify_array(path: str, expected: str | None, *, mmap: bool = True) -> np.nd
         raise DamagedEntry(f"{os.path.basename(path)} has no recorded checksum (written by an older jaxind)")
     try:
         st = os.stat(path)
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        with _NPY_HEADER_LOCK:  # CPython 3.11's ast is not thread-safe: np.load parses the header with it
+            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise DamagedEntry(f"cannot read {os.path.basename(path)}: {type(e).__name__}: {e}") from None
     stamp = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
