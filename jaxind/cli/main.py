@@ -54,7 +54,8 @@ flags.DEFINE_bool(
     "localized",
     False,
     "Also run MATCH on every layer pair: p-value matrix, layer map, matched units "
-    "(the same as adding 'localized' to --tests).",
+    "(the same as adding 'localized' to --tests). With --reference: which reference each layer of the suspect "
+    "comes from (layer-stacked merges).",
 )
 flags.DEFINE_string(
     "layers",
@@ -81,7 +82,8 @@ flags.DEFINE_string(
     "reference",
     None,
     "Rank these models by evidence that --model_a derives from them: a folder of models, a sweep's output folder, "
-    "or a YAML models: list (default tests: csu,match; fingerprints cached).",
+    "or a YAML models: list (default tests: csu,match; fingerprints cached). Prints every reference found "
+    "dependent ('derived from: ...'); with --localized also which reference each layer comes from.",
 )
 flags.DEFINE_string(
     "mesh",
@@ -208,7 +210,7 @@ def _run_from_flags(spec: DataSpec) -> Run:
     if FLAGS.reference and not FLAGS["tests"].present:
         from jaxind.many import scan
 
-        tests = scan.DEFAULT_SCAN_TESTS
+        tests = (*scan.DEFAULT_SCAN_TESTS, *(["localized"] if FLAGS.localized else []))
     return Run(
         spec=spec,
         model_a=FLAGS.model_a,
@@ -287,8 +289,8 @@ def selected_tests() -> tuple[str, ...]:
 
 
 def heatmap_path() -> str | None:
-    """Where localized testing writes its PNG (beside the results JSON), or None."""
-    if not ("localized" in selected_tests() and FLAGS.output):
+    """Where localized testing writes its PNG (beside the results JSON), or None (a scan draws none)."""
+    if not ("localized" in selected_tests() and FLAGS.output) or FLAGS.reference:
         return None
     from jaxind.stats import localized
 

@@ -243,6 +243,7 @@ def scan(
     keys = ["name", "source", "pvalue", "log10_pvalue", "dependent", "adjusted_log10_pvalue", "closeness"]
     keys += ["identical", "tests"]
     keys.append("error")
+    parents = _layer_parents(documents, settings) if "localized" in settings.tests else None
     return {
         "schema_version": SCHEMA_VERSION,
         "jaxind_version": jaxind.__version__,
@@ -254,8 +255,27 @@ def scan(
         "data": {**info["data"], "tokens_shape": list(tokens.shape), "token_hash": info.get("token_hash")},
         "computed": computed,
         "ranking": [{k: r[k] for k in keys} for r in ranking],
+        "dependent": [r["name"] for r in ranking if r["dependent"]],
+        "layer_parents": parents,
         "results": documents,
     }
+
+
+def _layer_parents(documents: dict[str, dict[str, Any]], settings: Any) -> dict[str, Any] | None:
+    """With ``localized`` among the tests: which reference each layer of the suspect comes from
+    (:func:`jaxind.stats.localized.layer_parents` over every reference localized testing ran on, Bonferroni over
+    them at ``settings.alpha``); None where it ran on none."""
+    from jaxind.stats import localized
+
+    records = {
+        name: doc["tests"]["localized"]
+        for name, doc in documents.items()
+        if "log10_pvalue_matrix" in doc["tests"].get("localized", {})  # absent where the test failed
+    }
+    if not records:
+        return None
+    each = settings.alpha / len(records)
+    return {"alpha_per_reference": each, "layers": localized.layer_parents(records, each)}
 
 
 def format_ranking(document: dict[str, Any]) -> str:
@@ -278,4 +298,41 @@ def format_ranking(document: dict[str, Any]) -> str:
         lines.append(
             f"{rank:>3}. {r['name']:<{width}}  p={fmt_p(r['log10_pvalue']):<10} {verdict:<11}  ({tests})  {r['source']}"
         )
+    found = document.get("dependent", [r["name"] for r in rows if r["dependent"]])
+    lines.append(f"derived from: {', '.join(found)}" if found else "derived from: none of the references")
+    if document.get("layer_parents"):
+        lines += format_layer_parents(document["layer_parents"])
     return "\n".join(lines)
+
+
+def _runs(layers: dict[str, dict[str, Any] | None]) -> list[tuple[list[int], dict[str, Any] | None]]:
+    """The suspect's layers in runs: consecutive layers from consecutive layers of one reference (or from none)."""
+    runs: list[tuple[list[int], dict[str, Any] | None]] = []
+    last_key: Any = object()
+    for b, src in ((int(k), v) for k, v in layers.items()):
+        key = None if src is None else (src["parent"], src["layer"] - b)
+        if runs and key == last_key and b == runs[-1][0][-1] + 1:
+            runs[-1][0].append(b)
+        else:
+            runs.append(([b], src))
+        last_key = key
+    return runs
+
+
+def format_layer_parents(parents: dict[str, Any]) -> list[str]:
+    """Which reference each layer of the suspect comes from, a line per run of consecutive layers."""
+    from jaxind.many.provenance import fmt_p
+
+    def span(first: int, last: int) -> str:
+        return str(first) if first == last else f"{first}-{last}"
+
+    lines = [f"layers of the suspect by reference (localized MATCH, alpha {parents['alpha_per_reference']:.3g} each):"]
+    for bs, src in _runs(parents["layers"]):
+        layers = "layer" + ("s" if len(bs) > 1 else "") + " " + span(bs[0], bs[-1])
+        if src is None:
+            lines.append(f"  {layers:<14} no reference")
+            continue
+        weakest = max(parents["layers"][str(b)]["log10_pvalue"] for b in bs)
+        source = f"{src['parent']} layer{'s' if len(bs) > 1 else ''} {span(src['layer'], src['layer'] + len(bs) - 1)}"
+        lines.append(f"  {layers:<14} from {source}  (p <= {fmt_p(weakest)})")
+    return lines

@@ -328,18 +328,36 @@ def localized_parents(
         name: localized_test(p, c, params_b, cfg_b, batches, key=k, alpha=each, screen=screen)
         for (name, (p, c)), k in zip(parents.items(), keys)
     }
-    layer_parents: dict[str, dict[str, Any] | None] = {}
-    for b in range(cfg_b.n_layers):
-        best = None
-        for name, res in results.items():
-            a = res.extra["layer_map"].get(str(b))
-            if a is None:
-                continue
-            log10 = res.extra["log10_pvalue_matrix"][res.extra["layers_a"].index(a)][res.extra["layers_b"].index(b)]
-            if best is None or log10 < best["log10_pvalue"]:
-                best = {"parent": name, "layer": a, "log10_pvalue": log10}
-        layer_parents[str(b)] = best
-    return {"layer_parents": layer_parents, "alpha_per_parent": each, "results": results}
+    records = {name: res.extra for name, res in results.items()}
+    return {"layer_parents": layer_parents(records, each), "alpha_per_parent": each, "results": results}
+
+
+def layer_parents(records: Mapping[str, Mapping[str, Any]], alpha_each: float) -> dict[str, dict[str, Any] | None]:
+    """Per layer of B, the parent whose layer it maps to with the smallest p-value, among the parents where that
+    p-value passes Bonferroni over the parent's matrix at ``alpha_each`` (``log10 p < log10(alpha_each / (n_a
+    n_b))``, the threshold :func:`localized_test` uses); None where no parent's does.
+
+    Args:
+      records: ``{parent name: localized testing's extra}``, a :class:`TestResult`'s ``extra`` or its JSON record
+        (both hold ``layers_a``, ``layers_b`` and ``log10_pvalue_matrix``, None or NaN where screened out).
+      alpha_each: the family-wise error rate of each parent's map (the caller's alpha over the parents).
+
+    Returns:
+      ``{str(layer_b): {"parent", "layer", "log10_pvalue"} or None}`` over every parent's layers of B, in order.
+    """
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, rec in records.items():
+        la, lb = rec["layers_a"], rec["layers_b"]
+        matrix = np.array(rec["log10_pvalue_matrix"], dtype=np.float64).reshape(len(la), len(lb))  # None -> NaN
+        matrix = np.where(np.isnan(matrix), np.inf, matrix)
+        threshold = math.log10(alpha_each) - math.log10(len(la) * len(lb))
+        for col, b in enumerate(lb):
+            row = int(np.argmin(matrix[:, col]))
+            best, log10 = out.get(str(b)), float(matrix[row, col])
+            out.setdefault(str(b), None)
+            if log10 < threshold and (best is None or log10 < best["log10_pvalue"]):
+                out[str(b)] = {"parent": name, "layer": int(la[row]), "log10_pvalue": log10}
+    return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
 
 def heatmap_path_for(json_path: str | os.PathLike) -> str:
