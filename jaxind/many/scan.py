@@ -9,7 +9,10 @@ conversion and one forward pass, and each reference then matmuls and LAPs.
 
 A reference's evidence is its pair p-value, the Bonferroni minimum over the tests that gave one
 (``min(1, k * min_t p_t)``); the references' p-values are adjusted with Holm's step-down and a
-reference is ``dependent`` when its adjusted p-value is at most ``--alpha``. The ranking lists the
+reference is ``dependent`` when its adjusted p-value is at most ``--alpha``, and the document's ``dependent``
+lists every such reference (a merge has several parents; printed as ``derived from: ...``). With ``localized``
+among the tests, ``layer_parents`` says which reference each layer of the suspect comes from
+(:func:`jaxind.stats.localized.layer_parents`, docs/DESIGN.md §5.15). The ranking lists the
 strongest evidence first: a byte-identical copy of the suspect (same content key) first, then by p-value
 (p-values at the same floor, e.g. the exact bound ``2/n!`` per layer, by the mean per-layer Spearman rho
 of the matching tests: a copy's is 1); references that failed come last. A folder's entries whose names
