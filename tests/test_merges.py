@@ -97,3 +97,24 @@ def test_layer_parents_thresholds_each_parent_and_keeps_the_strongest():
     assert got == {"0": {"parent": "y", "layer": 1, "log10_pvalue": -12.0}, "1": None}
     got = localized.layer_parents({"x": records["x"]}, 0.01)
     assert got == {"0": {"parent": "x", "layer": 0, "log10_pvalue": -9.0}, "1": None}
+
+
+def test_layer_parents_print_as_runs_of_consecutive_layers():
+    """A run continues only while both the suspect's and the reference's layers step by one from one reference:
+    a repeated block (layers 2-3 again at 4-5, as in depth up-scaling) and a change of reference start new runs, and
+    a layer no reference explains says so."""
+    from jaxind.many import scan
+
+    def src(parent: str, layer: int) -> dict:
+        return {"parent": parent, "layer": layer, "log10_pvalue": -50.0 - layer}
+
+    layers = {"0": src("a", 0), "1": src("a", 1), "2": src("a", 2), "3": src("a", 3), "4": src("a", 2)}
+    layers |= {"5": src("a", 3), "6": None, "7": src("b", 7)}
+    lines = scan.format_layer_parents({"alpha_per_reference": 0.025, "layers": layers})
+    assert [l.split()[:6] for l in lines[1:]] == [
+        ["layers", "0-3", "from", "a", "layers", "0-3"],
+        ["layers", "4-5", "from", "a", "layers", "2-3"],
+        ["layer", "6", "no", "reference"],
+        ["layer", "7", "from", "b", "layer", "7"],
+    ]
+    assert lines[1].endswith("(p <= 10^-50.0)") and lines[2].endswith("(p <= 10^-52.0)")
