@@ -238,11 +238,12 @@ def write_gguf_quantized(
     return destinations.write_file(path, write, flag="path")
 
 
-def _copy_fields(src: str, writer: Any, keep: Any) -> None:
-    """Copies the metadata fields of GGUF file ``src`` whose names pass ``keep`` into ``writer``."""
+def _copy_fields(src: Any, writer: Any, keep: Any) -> None:
+    """Copies the metadata fields of ``src`` (a GGUF file's path or its ``GGUFReader``) whose names pass
+    ``keep`` into ``writer``."""
     from gguf import GGUFReader, GGUFValueType
 
-    for name, field in GGUFReader(src).fields.items():
+    for name, field in (GGUFReader(src) if isinstance(src, str) else src).fields.items():
         if not keep(name):
             continue
         types = field.types
@@ -253,21 +254,24 @@ def _copy_fields(src: str, writer: Any, keep: Any) -> None:
 _NOT_COPIED = ("GGUF.", "general.architecture", "general.alignment", "general.file_type")
 
 
-def requantize_gguf(src: str, dst: str, qtype: str) -> str:
-    """Re-quantises the GGUF file ``src`` to ``dst`` at ``qtype``: every tensor dequantised (any type the reader
+def requantize_gguf(src: str | readers.GGUFFileReader, dst: str, qtype: str, tokenizer: bool = True) -> str:
+    """Re-quantises the GGUF file ``src`` (a path, or a reader opened once for several outputs) to ``dst`` at
+    ``qtype``: every tensor dequantised (any type the reader
     reads) and stored as :func:`quantize_tensor` does; metadata copied (``general.file_type`` set to ``qtype``
-    where llama.cpp names it). Written atomically; returns ``dst``'s path.
+    where llama.cpp names it; ``tokenizer=False`` leaves out the ``tokenizer.*`` keys, which the ``gguf``
+    package takes most of its time to parse). Written atomically; returns ``dst``'s path.
 
     Raises:
       JaxindError: ``qtype`` is not writable, or ``src`` cannot be read.
     """
-    reader = readers.GGUFFileReader(src)
+    reader = readers.GGUFFileReader(src) if isinstance(src, str) else src
     quantize_tensor(np.zeros(1, np.float32), qtype)
     arch = reader.reader.fields["general.architecture"].contents()
 
     def write(tmp: str) -> None:
         w = _Writer(tmp, str(arch), qtype)
-        _copy_fields(src, w.gguf, lambda k: not k.startswith(_NOT_COPIED))
+        skip = _NOT_COPIED if tokenizer else (*_NOT_COPIED, "tokenizer.")
+        _copy_fields(reader.reader, w.gguf, lambda k: not k.startswith(skip))
         _file_type(w)
         for name in reader.names():
             w.tensor(name, reader.load(name))

@@ -180,3 +180,22 @@ def test_a_requantized_fine_tune_is_detected_and_an_independent_model_is_not(tra
                 assert result.pvalue < 1e-6, (qtype, name, test, result.pvalue)
             else:
                 assert result.pvalue > 0.01, (qtype, name, test, result.pvalue)
+
+
+@pytest.mark.slow  # re-quantises the real SmolLM2 (Q4_1) twice
+def test_real_smollm2_requantized_is_detected_against_the_original(smollm2, smollm2_path, tmp_path):
+    from jaxind.pair.registry import TESTS, key_for
+
+    source = GGUFFileReader(smollm2_path)  # parsed once (most of it the tokenizer's 49,152 entries)
+    for qtype, bound in (("Q8_0", 0.02), ("Q4_K", 0.12)):
+        path = quantize.requantize_gguf(source, str(tmp_path / f"{qtype}.gguf"), qtype, tokenizer=False)
+        stored = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+        if qtype == "Q4_K":  # rows of 576 values take llama.cpp's fallback, rows of 1536 fit
+            assert stored["blk.0.ffn_up.weight"] == "Q5_0" and stored["blk.0.ffn_down.weight"] == "Q4_K"
+        else:
+            assert stored["blk.0.ffn_up.weight"] == stored["blk.0.ffn_down.weight"] == "Q8_0"
+        suspect = jaxind.load_model(path)
+        assert suspect.config == smollm2.config
+        assert 0 < _rel(suspect.params["layers"]["up"], smollm2.params["layers"]["up"]) < bound
+        result = TESTS["csu"](smollm2, suspect, key=key_for(0, "csu"), layers=range(0, 30, 6))
+        assert result.error is None and result.pvalue < 1e-6, (qtype, result.pvalue)
