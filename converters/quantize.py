@@ -7,7 +7,7 @@ Both quantise each tensor with :func:`quantize_tensor`, which falls back per ten
 tensors (norms, biases) stay F32; a tensor whose rows are not a multiple of the type's block (256 values for
 K-quants, 32 for the others) takes llama.cpp's fallback type (Q4_K -> Q5_0) and, where that does not fit either,
 F16. The ``gguf`` package quantises the 32-value types (Q4_0 .. Q8_0), BF16, TQ1_0/TQ2_0 and MXFP4; it can only
-dequantise K-quants, so Q4_K (the most published type) is quantised here (:func:`quantize_q4_k`, a min/max
+dequantise K-quants, so Q4_K (the most published type) is quantised here (:func:`quantize_q4_k`, a simpler
 version of llama.cpp's ``quantize_row_q4_K_ref``; its blocks are read back by ``gguf``'s own dequantiser).
 docs/DESIGN.md §5.7.
 """
@@ -58,6 +58,25 @@ def writable_types() -> tuple[str, ...]:
     return tuple(names) + ("Q4_K",)
 
 
+def _fit_groups(x: np.ndarray, refits: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of 32 values (last axis): a step ``s >= 0`` and offset ``m >= 0`` with ``x ~ s * q - m``,
+    ``q`` in 0..15: min/max, then ``refits`` least-squares refits for the rounded ``q`` (as llama.cpp's
+    ``make_qkx2_quants`` refines its first guess); a refit that would leave the format is not taken."""
+    lo = np.minimum(x.min(-1), 0.0)
+    scale, mins = (x.max(-1) - lo) / 15.0, -lo
+    n = x.shape[-1]
+    for _ in range(refits):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(scale[..., None] > 0, np.rint((x + mins[..., None]) / scale[..., None]), 0).clip(0, 15)
+            sq, sqq, sx, sqx = q.sum(-1), (q * q).sum(-1), x.sum(-1), (q * x).sum(-1)
+            det = n * sqq - sq * sq
+            s = (n * sqx - sq * sx) / det
+            m = (s * sq - sx) / n
+        ok = (det > 0) & (s > 0) & (m >= 0) & np.isfinite(s) & np.isfinite(m)
+        scale, mins = np.where(ok, s, scale), np.where(ok, m, mins)
+    return scale.astype(np.float32), mins.astype(np.float32)
+
+
 def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     """float32 ``(n, k)`` (``k`` a multiple of 256) -> Q4_K bytes ``(n, k // 256 * 144)``.
 
@@ -66,8 +85,7 @@ def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     """
     n, k = rows.shape
     x = rows.astype(np.float32).reshape(-1, 8, 32)
-    lo = np.minimum(x.min(-1), 0.0)
-    scale, mins = (x.max(-1) - lo) / 15.0, -lo
+    scale, mins = _fit_groups(x)
     d16 = (scale.max(-1) / 63.0).astype(np.float16)
     dmin16 = (mins.max(-1) / 63.0).astype(np.float16)
     d, dmin = d16.astype(np.float32)[:, None], dmin16.astype(np.float32)[:, None]

@@ -48,7 +48,7 @@ def _rel(a, b) -> float:
 
 def test_q4_k_blocks_are_read_back_by_gguf():
     """Our Q4_K bytes, dequantised by the gguf package, give the input back to 4-bit precision (a wrong byte
-    layout gives errors of order 1); on Gaussian rows no worse than Q4_1 of the same 32-value groups."""
+    layout gives errors of order 1); on Gaussian rows better than Q4_1 of the same 32-value groups, as in llama.cpp."""
     x = (0.05 * np.random.default_rng(1).standard_normal((16, 512))).astype(np.float32)
     x[0] = np.linspace(-1, 3, 512)  # a row of one sign mostly: the mins matter
     x[1] = 0.0  # an all-zero row: scales 0, no division by zero
@@ -58,7 +58,7 @@ def test_q4_k_blocks_are_read_back_by_gguf():
     assert np.isfinite(back).all() and (back[1] == 0).all()
     assert _rel(back[0], x[0]) < 0.05  # Q4_K's mins are offsets below zero only: groups above zero lose a bit
     q4_1 = quants.dequantize(quants.quantize(x, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
-    assert _rel(back[2:], x[2:]) < 1.05 * _rel(q4_1[2:], x[2:]) < 0.1
+    assert _rel(back[2:], x[2:]) < _rel(q4_1[2:], x[2:]) < 0.1
 
 
 def test_every_writable_type_loads_within_its_precision(float_model, tmp_path):
