@@ -14,6 +14,7 @@ docs/DESIGN.md §5.7.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -183,14 +184,21 @@ def _interleave_rope(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _check_writable_model(cfg: ModelConfig, params: dict[str, Any]) -> None:
+# The ModelConfig fields a llama.cpp `llama` GGUF file expresses; every other field must keep its default.
+_LLAMA_FIELDS = frozenset(
+    "family vocab_size d_model n_layers n_heads n_kv_heads head_dim d_ff norm_eps rope_theta tie_embeddings "
+    "qkv_bias max_positions".split()
+)
+
+
+def _check_writable_model(cfg: ModelConfig) -> None:
     plain = ModelConfig("llama", 1, 1, 1, 1, 1, 1, 1)
     extra = [
-        f
-        for f in ("rope_scaling", "o_bias", "sliding_window", "qk_norm", "n_experts", "mlp_bias", "norm_kind")
-        if getattr(cfg, f) != getattr(plain, f)
+        f.name
+        for f in dataclasses.fields(cfg)
+        if f.name not in _LLAMA_FIELDS and getattr(cfg, f.name) != getattr(plain, f.name)
     ]
-    if cfg.family != "llama" or extra or not cfg.glu or cfg.mlp_act != "silu":
+    if cfg.family != "llama" or extra:
         raise JaxindError(
             f"write_gguf_quantized writes plain Llama-family models only (got family {cfg.family!r}"
             f"{', with ' + ', '.join(extra) if extra else ''}): re-quantise a GGUF file with requantize_gguf instead"
@@ -223,7 +231,7 @@ def write_gguf_quantized(
     Raises:
       JaxindError: the model is not a plain Llama-family model, or ``qtype`` is not writable.
     """
-    _check_writable_model(cfg, params)
+    _check_writable_model(cfg)
     quantize_tensor(np.zeros(1, np.float32), qtype)  # refuses an unwritable type before anything is written
     lay = {k: np.asarray(v, np.float32) for k, v in params["layers"].items()}
 

@@ -84,8 +84,9 @@ def test_every_writable_type_loads_within_its_precision(float_model, tmp_path):
 
 
 def test_tensors_that_do_not_fit_the_block_fall_back_as_llama_cpp_does(tmp_path):
-    """Rows of 96 values (not a multiple of 256) store Q4_K as Q5_0; rows of 40 (not a multiple of 32) as F16."""
-    cfg = jaxind.ModelConfig("llama", 64, 96, 1, 2, 1, 48, 40)
+    """Rows of 96 values (not a multiple of 256) store Q4_K as Q5_0; rows of 40 (not a multiple of 32) as F16;
+    q/k/v biases stay F32 (q/k in llama.cpp's RoPE row order, read back in place); tied embeddings stay tied."""
+    cfg = jaxind.ModelConfig("llama", 64, 96, 1, 2, 1, 48, 40, qkv_bias=True, tie_embeddings=True)
     params = numpy_params(cfg, 1, std=0.05)
     path = quantize.write_gguf_quantized(cfg, params, str(tmp_path / "m.gguf"), "Q4_K")
     stored = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
@@ -94,6 +95,9 @@ def test_tensors_that_do_not_fit_the_block_fall_back_as_llama_cpp_does(tmp_path)
     loaded = jaxind.load_model(path)
     assert _rel(loaded.params["layers"]["down"], params["layers"]["down"]) < 1e-3
     assert _rel(loaded.params["layers"]["up"], params["layers"]["up"]) < 0.06
+    assert loaded.config.tie_embeddings and "output.weight" not in stored
+    for bias in ("q_bias", "k_bias", "v_bias"):
+        np.testing.assert_array_equal(loaded.params["layers"][bias], params["layers"][bias])
 
 
 def test_every_readable_type_loads_as_gguf_dequantises_it(tmp_path):
