@@ -15,6 +15,7 @@ import functools
 import glob
 import json
 import os
+import re
 from typing import Any, cast
 
 import numpy as np
@@ -289,8 +290,38 @@ def _gguf_moe_fields(r: Any, arch: str, family: str) -> dict[str, Any]:
     }
 
 
+@functools.cache
+def gguf_readable_types() -> tuple[str, ...]:
+    """The GGUF tensor types (``GGMLQuantizationType`` names) the installed ``gguf`` package dequantises, so
+    :class:`GGUFFileReader` reads: probed with one zero block of each type (README lists them; a test checks)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    names = []
+    for t in GGMLQuantizationType:
+        block, size = GGML_QUANT_SIZES[t]
+        try:
+            quants.dequantize(np.zeros((1, size), np.uint8), t)
+        except Exception:  # NotImplementedError: not dequantisable (Q8_1, Q8_K, integer types)
+            continue
+        names.append(t.name)
+    return tuple(names)
+
+
+def _refuse_unreadable_tensors(path: str, tensors: Any, ignored: tuple[str, ...]) -> None:
+    """One error naming the first tensor (not ``ignored``) stored in a type the ``gguf`` package cannot dequantise."""
+    readable = gguf_readable_types()
+    for t in tensors:
+        if t.tensor_type.name not in readable and not any(re.fullmatch(p, t.name) for p in ignored):
+            raise UnsupportedModelError(
+                f"GGUF tensor {t.name} in {path} is stored as {t.tensor_type.name}, which jaxind cannot dequantise "
+                f"(readable: {', '.join(readable)}): re-quantise the file to one of these, e.g. with llama.cpp's "
+                "llama-quantize to Q8_0"
+            )
+
+
 class GGUFFileReader:
-    """A ``.gguf`` file (llama.cpp), dequantised to float32 tensor by tensor."""
+    """A ``.gguf`` file (llama.cpp), dequantised to float32 tensor by tensor; any mix of the
+    :func:`gguf_readable_types` loads."""
 
     format = "gguf"
 
@@ -310,6 +341,7 @@ class GGUFFileReader:
         family, self.table = mappings.GGUF_TABLES[arch]
         self.ignored = mappings.GGUF_IGNORED
         self._tensors = {t.name: t for t in self.reader.tensors}
+        _refuse_unreadable_tensors(path, self.reader.tensors, self.ignored)
         try:
             self.config = self._config(arch, family)
             if _field(self.reader, f"{arch}.expert_count"):  # a mixture of experts

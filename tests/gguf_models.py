@@ -212,3 +212,74 @@ def write_moe_gguf(path: str, torch_model, per_expert: bool = False) -> str:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def random_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes of ``rows`` rows of ``cols`` values stored as ``qtype``; where the ``gguf`` package dequantises
+    the type, blocks whose values come out non-finite (an f16 scale of Inf/NaN) are drawn again."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    t = GGMLQuantizationType[qtype]
+    block, size = GGML_QUANT_SIZES[t]
+    data = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    for _ in range(200):
+        try:
+            with np.errstate(all="ignore"):
+                values = quants.dequantize(data, t).reshape(data.shape[0], block)
+        except NotImplementedError:
+            break
+        bad = ~np.isfinite(values).all(-1)
+        if not bad.any():
+            break
+        data[bad] = rng.integers(0, 256, (int(bad.sum()), size), dtype=np.uint8)
+    return data.reshape(rows, cols // block * size)
+
+
+def write_typed_llama_gguf(
+    path: str, types: list[str], d: int = 256, ff: int = 256, layers: int = 2, vocab: int = 256, seed: int = 0
+) -> dict[str, tuple[str, np.ndarray]]:
+    """A Llama GGUF (4 heads, 2 KV heads) whose 2-D tensors hold random blocks (:func:`random_blocks`) of the
+    ``types``, assigned in turn to the tensors in file order (cycled); 1-D norms F32. Returns
+    ``{tensor name: (type, stored array)}`` of the 2-D tensors."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    heads, kv, hd = 4, 2, d // 4
+    writer = GGUFWriter(path, "llama")
+    for key, value in (
+        ("block_count", layers),
+        ("context_length", 256),
+        ("embedding_length", d),
+        ("feed_forward_length", ff),
+        ("attention.head_count", heads),
+        ("attention.head_count_kv", kv),
+        ("vocab_size", vocab),
+    ):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_layer_norm_rms_eps(1e-5)
+    shapes = [("token_embd.weight", vocab, d)]
+    for i in range(layers):
+        b = f"blk.{i}."
+        shapes += [(b + "attn_q.weight", heads * hd, d), (b + "attn_k.weight", kv * hd, d)]
+        shapes += [(b + "attn_v.weight", kv * hd, d), (b + "attn_output.weight", d, heads * hd)]
+        shapes += [(b + "ffn_gate.weight", ff, d), (b + "ffn_up.weight", ff, d), (b + "ffn_down.weight", d, ff)]
+    shapes.append(("output.weight", vocab, d))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n, (name, rows, cols) in enumerate(shapes):
+        kind = types[n % len(types)]
+        if kind in ("F32", "F16"):
+            data = rng.standard_normal((rows, cols)).astype(kind.lower().replace("f", "float"))
+            writer.add_tensor(name, data)
+        else:
+            data = random_blocks(rows, cols, kind, rng)
+            writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[kind])
+        out[name] = (kind, data)
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

@@ -778,6 +778,25 @@ CASES += [
 ]
 
 
+# --- issue 18 (point 7): quantised GGUF files ---
+def _gguf_with_q8_1(world: World, d: Path) -> None:
+    """A tiny Llama GGUF whose ``blk.0.attn_k.weight`` is stored as Q8_1 (the gguf package cannot dequantise it)."""
+    from gguf_models import write_typed_llama_gguf
+
+    write_typed_llama_gguf(str(d / "m.gguf"), ["Q8_0", "Q8_0", "Q8_1"], d=64, ff=64, vocab=64)
+
+
+CASES += [
+    Case(
+        "gguf_tensor_type_not_dequantisable",
+        lambda w, d: [*w.pair(str(d / "m.gguf"))],
+        "GGUF tensor blk.0.attn_k.weight in",
+        setup=_gguf_with_q8_1,
+        before_work=False,
+    ),
+]
+
+
 def _copy(src: str, dst: Path, **config_changes) -> str:
     shutil.copytree(src, dst)
     if config_changes:
