@@ -234,9 +234,12 @@ def _generalized(
 
 
 def _shared_tokens(a: Model, b: Model) -> SharedTokens:
-    """The tokens A and B share: by string where both sources have a tokenizer, else by id."""
-    toks = [m.tokenizer if m.meta.get("tokenizer") else None for m in (a, b)]
-    return shared_tokens(toks[0], toks[1], a.config.vocab_size, b.config.vocab_size)
+    """The tokens A and B share: by string where both sources have a tokenizer (read once when both name the
+    same one), else by id."""
+    spec_a, spec_b = a.meta.get("tokenizer"), b.meta.get("tokenizer")
+    tok_a = a.tokenizer if spec_a else None
+    tok_b = tok_a if spec_b and spec_b == spec_a else (b.tokenizer if spec_b else None)
+    return shared_tokens(tok_a, tok_b, a.config.vocab_size, b.config.vocab_size)
 
 
 @timed
