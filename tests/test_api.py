@@ -40,6 +40,7 @@ EXACT = {
     "match": False,
     "localized": False,
     "generalized": False,
+    "csu_aligned": True,
 }
 
 
@@ -81,7 +82,7 @@ def test_every_registered_test_returns_the_same_fields(every_result):
 
 
 def test_the_fine_tune_stand_in_is_detected(every_result):
-    for name in ("csu", "csh", "l2", "match", "localized", "csu_all"):
+    for name in ("csu", "csh", "l2", "match", "localized", "csu_all", "csu_aligned"):
         assert every_result[name].log10_pvalue <= np.log10(0.05) + 1e-12, name  # l2: 1/(19 + 1) at best
 
 

@@ -64,6 +64,7 @@ def test_gemma3_vs_smollm2_runs_every_test_that_applies(gemma3, smollm2):
     not_applicable = {
         "csu": width,
         "csu_all": width,
+        "csu_aligned": width,
         "l2": config,
         "mc": config,
         "generalized": "equal residual widths",

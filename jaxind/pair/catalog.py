@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Literal, get_args
 
-TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized"]
+TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized", "csu_aligned"]
 Setting = Literal["constrained", "unconstrained", "none"]
 
 
@@ -122,6 +122,17 @@ _INFOS = (
         "as `match`, on GLU students distilled on Gaussian inputs",
         "any MLP block, GLU or not, or retrained",
         "distilled MLPs, MATCH (robust)",
+        needs_data=False,
+        layerwise=True,
+    ),
+    TestInfo(
+        "csu_aligned",
+        "constrained",
+        "exact, as `csu` (B's MLP units exchangeable under H0; the residual map is fitted on embeddings)",
+        "up-projection weights after mapping B's residual stream onto A's (orthogonal Procrustes on the embeddings "
+        "of tokens both vocabularies share): robust to residual rotations and permutations, not to permuted MLP "
+        "units",
+        "up-projection weights, residual streams aligned (exact p)",
         needs_data=False,
         layerwise=True,
     ),

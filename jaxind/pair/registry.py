@@ -28,10 +28,13 @@ import numpy as np
 
 from jaxind.errors import JaxindError
 from jaxind.io.loaded_model import Model
+from jaxind.io.shared_vocab import SharedTokens, shared_tokens
 from jaxind.models.layer_selection import Layers, resolve_pairs, same_layer_pairs
 from jaxind.pair.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
 from jaxind.pair.token_data import TokenData
 from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest, upcycling
+from jaxind.stats.csu_aligned import check_models as _csu_aligned_applies
+from jaxind.stats.csu_aligned import csu_aligned as _csu_aligned_kernel
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair
 
@@ -230,6 +233,23 @@ def _generalized(
     return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layer_pairs=layers, **options)
 
 
+def _shared_tokens(a: Model, b: Model) -> SharedTokens:
+    """The tokens A and B share: by string where both sources have a tokenizer (read once when both name the
+    same one), else by id."""
+    spec_a, spec_b = a.meta.get("tokenizer"), b.meta.get("tokenizer")
+    tok_a = a.tokenizer if spec_a else None
+    tok_b = tok_a if spec_b and spec_b == spec_a else (b.tokenizer if spec_b else None)
+    return shared_tokens(tok_a, tok_b, a.config.vocab_size, b.config.vocab_size)
+
+
+@timed
+def _csu_aligned(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
+    _csu_aligned_applies(a.config, b.config)  # before the tokenizers are read
+    return _csu_aligned_kernel(
+        a.params, a.config, b.params, b.config, key=key, layers=layers, shared=_shared_tokens(a, b)
+    )
+
+
 _RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {
     "csu": (_csu, {}),
     "csh": (_csh, {}),
@@ -240,6 +260,7 @@ _RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {
     "match": (_match, {}),
     "localized": (_localized, {"heatmap_path": "heatmap_path"}),
     "generalized": (_generalized, {"steps": "generalized_steps"}),
+    "csu_aligned": (_csu_aligned, {}),
 }
 TESTS: Mapping[str, TestSpec] = {
     name: TestSpec(**dataclasses.asdict(info), run=_RUNS[name][0], cli_options=_RUNS[name][1])
