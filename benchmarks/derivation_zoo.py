@@ -178,10 +178,12 @@ class Zoo:
         return self._memo[(name, seed)]
 
     def base(self, seed: int) -> Member:
-        """Trained from ``init_params(key(seed))`` on the corpus (BPE tokens)."""
+        """Trained from ``init_params(key(seed))`` on the corpus (BPE tokens; ``steps.base == 0``: not trained)."""
 
         def make() -> Member:
             init = model.init_params(self.cfg, jax.random.key(seed))
+            if not self.steps.base:  # no pre-training: the initialisation itself (the benchmark's quick test)
+                return Member(self.cfg, init, tokenizers()["base"])
             ids = corpus_ids("base")
             params, _ = train(init, self.cfg, ids, steps=self.steps.base, batch_size=self.steps.batch_size, seed=seed)
             return Member(self.cfg, params, tokenizers()["base"])

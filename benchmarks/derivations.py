@@ -190,9 +190,30 @@ def _cell(counts: tuple[int, int]) -> str:
     return "-" if n == 0 else f"{hit}/{n}"
 
 
-def markdown(doc: dict[str, Any], plan: Plan, alpha: float) -> str:
-    """One table per derivation type (and size): a row per test."""
+def overview(doc: dict[str, Any], plan: Plan, alpha: float) -> list[str]:
+    """One table per size: a row per derivation, a column per test, "detected / false positives" in each cell."""
     out = []
+    for size in plan.sizes:
+        out += [f"#### All derivations ({size}): detected / false positives at {alpha}", "",
+                "| derivation | " + " | ".join(f"`{t}`" for t in plan.tests) + " |",
+                "|---" * (len(plan.tests) + 1) + "|"]  # fmt: skip
+        for name in plan.derivations:
+            cells = []
+            for test in plan.tests:
+                s = summarize(doc, size, name, test, alpha)
+                if s["detected"][1] or s["false_positives"][1]:
+                    det = _cell(s["detected"]) if dz.DERIVATIONS[name].dependent else "H0"
+                    cells.append(f"{det} / {_cell(s['false_positives'])}")
+                else:
+                    cells.append("n/a" if s["na"] or s["errors"] else "-")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def markdown(doc: dict[str, Any], plan: Plan, alpha: float) -> str:
+    """The overview, then one table per derivation type (and size): a row per test."""
+    out = overview(doc, plan, alpha)
     for size in plan.sizes:
         for name in plan.derivations:
             d = dz.DERIVATIONS[name]
@@ -283,4 +304,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault(
+        "derivations", sys.modules[__name__]
+    )  # derivations_real imports it: one module, one set of flags
     app.run(main)

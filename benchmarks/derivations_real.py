@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxind.models import symmetry
 
-REAL_TESTS = ("csu", "csh", "csu_all", "l2", "jsd", "match")
+REAL_TESTS = ("csu", "csh", "l2", "jsd", "match")
 LAYERS = (0, 15, 29)
 
 
