@@ -164,8 +164,8 @@ PAIR_KINDS: Mapping[PairKind, str] = {
 Applies = Literal["yes", "partly", "no"]
 _SAME_CONFIG = "PERMTEST permutes B's weights against A's: needs one architecture and config"
 _WIDTH = "compares weight rows in residual coordinates: needs the same d_model"
-_GGUF = "yes", "dequantised on load; the quantisation error acts like a small fine-tune"
-_ALIGNED = "yes", "on text each model reads its own tokens; activations at aligned positions"
+_GGUF: tuple[Applies, str] = ("yes", "dequantised on load; the quantisation error acts like a small fine-tune")
+_ALIGNED: tuple[Applies, str] = ("yes", "on text each model reads its own tokens; activations at aligned positions")
 APPLICABILITY: Mapping[str, Mapping[PairKind, tuple[Applies, str]]] = {
     "csu": {
         "same": ("yes", ""),
