@@ -8,8 +8,8 @@ README table and the ``--tests`` help are generated from here (docs/DESIGN.md §
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Literal, get_args
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args
 
 TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized", "csu_aligned"]
 Setting = Literal["constrained", "unconstrained", "none"]
@@ -157,4 +157,146 @@ def markdown_table() -> str:
             f"| `{s.name}` | {setting} | {s.pvalue} | {s.compares} | {'tokens' if s.needs_data else '-'} "
             f"| {'yes' if s.layerwise else '-'} |"
         )
+    return "\n".join(rows)
+
+
+# --- which tests apply to which kind of pair (the README's applicability table; benchmarks/derivations.py) ---
+
+PairKind = Literal["same", "mlp_width", "residual_width", "depth", "moe", "tokenizer", "gguf"]
+PAIR_KINDS: Mapping[PairKind, str] = {
+    "same": "same architecture (fine-tune, permuted/rotated copy, layer-stacked merge)",
+    "mlp_width": "other MLP width (pruned units)",
+    "residual_width": "other residual width (another family, pruned residual)",
+    "depth": "other depth (depth up-scaling, dropped layers)",
+    "moe": "dense vs MoE, or MoEs of other expert counts (upcycling)",
+    "tokenizer": "other tokenizer or vocabulary (extension, transplant)",
+    "gguf": "GGUF quantized (dequantised on load)",
+}
+Applies = Literal["yes", "partly", "no"]
+_SAME_CONFIG = "PERMTEST permutes B's weights against A's: needs one architecture and config"
+_WIDTH = "compares weight rows in residual coordinates: needs the same d_model"
+_GGUF: tuple[Applies, str] = ("yes", "dequantised on load; the quantisation error acts like a small fine-tune")
+_ALIGNED: tuple[Applies, str] = ("yes", "on text each model reads its own tokens; activations at aligned positions")
+APPLICABILITY: Mapping[str, Mapping[PairKind, tuple[Applies, str]]] = {
+    "csu": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", "rectangular matching of the units"),
+        "residual_width": ("no", _WIDTH),
+        "depth": ("yes", "layer l with layer l, or `--layer_pairs`"),
+        "moe": ("yes", "every MLP block against every block (Bonferroni + Sidak)"),
+        "tokenizer": ("yes", "weights only: the tokenizers do not matter"),
+        "gguf": _GGUF,
+    },
+    "csh": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", "rectangular matching of the units"),
+        "residual_width": ("yes", "activations: any two widths"),
+        "depth": ("yes", "layer l with layer l, or `--layer_pairs`"),
+        "moe": ("yes", "every MLP block against every block"),
+        "tokenizer": _ALIGNED,
+        "gguf": _GGUF,
+    },
+    "csu_all": {
+        "same": ("yes", ""),
+        "mlp_width": ("partly", "only the equally shaped matrices (attention) are compared"),
+        "residual_width": ("no", _WIDTH),
+        "depth": ("yes", "the layers both models have"),
+        "moe": ("partly", "expert tensors are skipped"),
+        "tokenizer": ("partly", "embeddings of other vocabulary sizes are skipped"),
+        "gguf": _GGUF,
+    },
+    "l2": {
+        "same": ("yes", ""),
+        "mlp_width": ("no", _SAME_CONFIG),
+        "residual_width": ("no", _SAME_CONFIG),
+        "depth": ("no", _SAME_CONFIG),
+        "moe": ("no", _SAME_CONFIG),
+        "tokenizer": ("no", _SAME_CONFIG + " (vocabulary size included)"),
+        "gguf": _GGUF,
+    },
+    "mc": {
+        "same": ("yes", ""),
+        "mlp_width": ("no", _SAME_CONFIG),
+        "residual_width": ("no", _SAME_CONFIG),
+        "depth": ("no", _SAME_CONFIG),
+        "moe": ("no", _SAME_CONFIG),
+        "tokenizer": ("no", "feeds one id array to both models, and needs one config"),
+        "gguf": _GGUF,
+    },
+    "jsd": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", ""),
+        "residual_width": ("yes", ""),
+        "depth": ("yes", ""),
+        "moe": ("yes", ""),
+        "tokenizer": ("no", "feeds one id array to both models: only `--data=random` over shared ids"),
+        "gguf": _GGUF,
+    },
+    "match": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", "rectangular LAPs"),
+        "residual_width": ("yes", "activations: any two widths"),
+        "depth": ("yes", "layer l with layer l, or `--layer_pairs`; `localized` finds the map"),
+        "moe": ("yes", "every MLP block against every block"),
+        "tokenizer": _ALIGNED,
+        "gguf": _GGUF,
+    },
+    "localized": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", "names the kept units"),
+        "residual_width": ("yes", ""),
+        "depth": ("yes", "maps every layer of B to A's (duplicated layers named)"),
+        "moe": ("no", "not implemented for mixtures of experts"),
+        "tokenizer": _ALIGNED,
+        "gguf": _GGUF,
+    },
+    "generalized": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", ""),
+        "residual_width": ("no", "students are distilled on Gaussian inputs of one width: needs the same d_model"),
+        "depth": ("yes", "layer l with layer l, or `--layer_pairs`"),
+        "moe": ("yes", "each MoE block as a function"),
+        "tokenizer": ("yes", "weights only (Gaussian inputs)"),
+        "gguf": _GGUF,
+    },
+}
+
+
+def pair_kinds(cfg_a: Any, cfg_b: Any, same_tokenizer: bool = True) -> tuple[PairKind, ...]:
+    """The kinds of difference between two model configs (:class:`jaxind.models.config.ModelConfig`), ``("same",)``
+    when there is none; ``same_tokenizer=False``: the two models read text with different tokenizers."""
+    kinds: list[PairKind] = []
+    if cfg_a.moe != cfg_b.moe or (cfg_a.moe and cfg_a.n_experts != cfg_b.n_experts):
+        kinds.append("moe")
+    elif cfg_a.d_ff != cfg_b.d_ff or cfg_a.d_expert != cfg_b.d_expert:
+        kinds.append("mlp_width")
+    if cfg_a.d_model != cfg_b.d_model:
+        kinds.append("residual_width")
+    if cfg_a.n_layers != cfg_b.n_layers:
+        kinds.append("depth")
+    if cfg_a.vocab_size != cfg_b.vocab_size or not same_tokenizer:
+        kinds.append("tokenizer")
+    return tuple(kinds) or ("same",)
+
+
+def not_applicable(test: str, kinds: Iterable[PairKind]) -> str | None:
+    """Why ``test`` does not apply to a pair of these kinds (:func:`pair_kinds`), or None where it does."""
+    table = APPLICABILITY.get(test, {})
+    for kind in kinds:
+        status, why = table.get(kind, ("yes", ""))
+        if status == "no":
+            return f"{PAIR_KINDS[kind].split(' (')[0]}: {why}"
+    return None
+
+
+def applicability_table() -> str:
+    """The README's table of which tests apply to which kind of pair (a test checks the README holds it)."""
+    kinds = list(PAIR_KINDS)
+    rows = ["| test | " + " | ".join(PAIR_KINDS[k] for k in kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name in CATALOG:
+        cells = []
+        for kind in kinds:
+            status, why = APPLICABILITY.get(name, {}).get(kind, ("?", "not stated"))
+            cells.append(status if not why else f"{status}: {why}")
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
     return "\n".join(rows)
