@@ -187,6 +187,15 @@ APPLICABILITY: Mapping[str, Mapping[PairKind, tuple[Applies, str]]] = {
         "tokenizer": ("yes", "weights only: the tokenizers do not matter"),
         "gguf": _GGUF,
     },
+    "csu_aligned": {
+        "same": ("yes", ""),
+        "mlp_width": ("yes", "rectangular matching of the units"),
+        "residual_width": ("no", "the residual map is an orthogonal d x d Procrustes fit: needs the same d_model"),
+        "depth": ("yes", "layer l with layer l, or `--layer_pairs`"),
+        "moe": ("no", "compares dense MLPs: use `match`"),
+        "tokenizer": ("yes", "weights only; the residual map is fitted on the tokens both vocabularies share by string"),
+        "gguf": _GGUF,
+    },
     "csh": {
         "same": ("yes", ""),
         "mlp_width": ("yes", "rectangular matching of the units"),
