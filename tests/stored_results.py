@@ -3,7 +3,7 @@ Flax module and the parameter table (issue 16: "behaviour and every p-value unch
 
 Regenerate the stored copies (only on purpose, from a release whose numbers are the reference)::
 
-    python tests/stored_results.py
+    python tests/stored_results.py [demo_quick.json] [smollm2_pair.json]
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ def run_cli(out: str, *args: str, cache: str) -> None:
         raise RuntimeError(r.stderr[-3000:])
 
 
-def demo_results(workdir: str) -> dict:
-    """The built-in demo's results JSON (``python -m jaxind.main`` with no model)."""
+def demo_quick_results(workdir: str) -> dict:
+    """The quick demo's results JSON (``python -m jaxind.main --demo_quick``: the demo's zoo and tests at a smaller
+    size, the same code path as the built-in demo), written under ``workdir/demo``."""
     out = os.path.join(workdir, "demo")
-    run_cli(out, "--nomodel_cache", cache=os.path.join(workdir, "cache"))
+    run_cli(out, "--demo_quick", "--nomodel_cache", cache=os.path.join(workdir, "cache"))
     return strip(read_results(out))
 
 
@@ -117,9 +118,11 @@ def stored(name: str) -> dict:
         return json.load(f)
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     os.makedirs(FIXTURES, exist_ok=True)
-    for name, make in (("demo.json", demo_results), ("smollm2_pair.json", smollm2_pair_results)):
+    for name, make in (("demo_quick.json", demo_quick_results), ("smollm2_pair.json", smollm2_pair_results)):
+        if names and name not in names:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             doc = make(tmp)
         with open(os.path.join(FIXTURES, name), "w") as f:
@@ -128,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

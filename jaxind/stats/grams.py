@@ -402,6 +402,18 @@ def accumulate(
         n_batches += 1
     if n_batches == 0:
         raise JaxindError("MATCH got no token batches")
+    return _pass_stats(state, params_a, params_b, layers_a, layers_b, pair_index)
+
+
+def _pass_stats(
+    state: dict[str, jax.Array],
+    params_a: Params,
+    params_b: Params,
+    layers_a: tuple[int, ...],
+    layers_b: tuple[int, ...],
+    pair_index: tuple[tuple[int, int], ...],
+) -> PassStats:
+    """The :class:`PassStats` of a finished pass's accumulator ``state`` (:func:`init_state`'s keys)."""
     return PassStats(
         cross=state["cross"],  # stays on the device: the h x h Grams are derived there
         sq_a={p: sharding.to_host(state[p + "_a"]) for p in ("gate", "up")},
@@ -436,17 +448,7 @@ def accumulate_aligned(
     static = dict(cfg_a=cfg_a, cfg_b=cfg_b, layers_a=layers_a, layers_b=layers_b, pair_index=pair_index)
     for batch in progress.bar(iter(batches), desc="MATCH pass (aligned tokens)"):
         state = aligned_step(state, params_a, params_b, batch, outer=outer, **static)
-    return PassStats(
-        cross=state["cross"],
-        sq_a={p: np.asarray(state[p + "_a"]) for p in ("gate", "up")},
-        sq_b={p: np.asarray(state[p + "_b"]) for p in ("gate", "up")},
-        count=float(state["count"]),
-        weights_a={k: params_a["layers"][k] for k in ("gate", "up")},
-        weights_b={k: params_b["layers"][k] for k in ("gate", "up")},
-        layers_a=tuple(layers_a),
-        layers_b=tuple(layers_b),
-        pair_index=tuple(pair_index),
-    )
+    return _pass_stats(state, params_a, params_b, layers_a, layers_b, pair_index)
 
 
 @functools.partial(
