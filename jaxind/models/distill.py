@@ -25,6 +25,7 @@ from jaxind.models.config import ModelConfig
 
 def _log_probs(params: Any, cfg: ModelConfig, tokens: jax.Array, temperature: float) -> jax.Array:
     logits, _ = model.forward(params, cfg, tokens)
+    assert logits is not None  # return_logits=True
     return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
 
 
