@@ -79,17 +79,21 @@ def demo_quick_results(workdir: str) -> dict:
     return strip(read_results(out))
 
 
-def noised_smollm2(path: str, out_dir: str) -> str:
-    """The real SmolLM2 GGUF read by transformers, every weight moved by ``1e-3 * N(0, 1)`` (numpy, seed 0, in
-    ``state_dict`` order), saved as a Hugging Face directory: a deterministic "fine-tuned" copy."""
+def noised_smollm2(path: str, out_dir: str, read: Any = None) -> str:
+    """The real SmolLM2 GGUF read by transformers (or ``read``, that model already read: left unchanged), every
+    weight moved by ``1e-3 * N(0, 1)`` (numpy, seed 0, in ``state_dict`` order), saved as a Hugging Face
+    directory: a deterministic "fine-tuned" copy."""
+    import copy
+
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
-    read = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
-    config = read.config
+    if read is None:
+        read = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        )
+    config = copy.deepcopy(read.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # dequantised on reading: saved as plain float32
     m = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # a model read from GGUF cannot be saved
@@ -102,12 +106,13 @@ def noised_smollm2(path: str, out_dir: str) -> str:
     return out_dir
 
 
-def smollm2_pair_results(workdir: str) -> dict:
-    """The results JSON of SmolLM2 against its noised copy (:func:`noised_smollm2`), small data."""
+def smollm2_pair_results(workdir: str, read: Any = None) -> dict:
+    """The results JSON of SmolLM2 against its noised copy (:func:`noised_smollm2`; ``read``: the GGUF already
+    read by transformers), small data."""
     from jaxind.io.assets import smollm2_gguf
 
     path = smollm2_gguf()
-    other = noised_smollm2(path, os.path.join(workdir, "smollm2-noised"))
+    other = noised_smollm2(path, os.path.join(workdir, "smollm2-noised"), read)
     out = os.path.join(workdir, "smollm2_pair.json")
     run_cli(out, f"--model_a={path}", f"--model_b={other}", "--nomodel_cache", *SMOLLM2_PAIR_ARGS, cache=workdir)
     return strip(read_results(out), {workdir: "<workdir>", os.path.dirname(path): "<smollm2>"})
