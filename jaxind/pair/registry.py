@@ -3,11 +3,13 @@ are generated from (docs/DESIGN.md §5.3).
 
     result = TESTS[name](a, b, *, key, data=None, layers=None, **options) -> TestResult
 
-``a`` and ``b`` are :class:`jaxind.io.loaded_model.Model` objects; ``key`` a PRNG key; ``data`` token ids
+``a`` and ``b`` are :class:`jaxind.io.loaded_model.Model` objects; ``key`` a PRNG key (or an int seed, which
+means ``key_for(seed, name)``, the key ``run_pair`` uses); ``data`` token ids
 ``(N, T)`` (or a :class:`jaxind.pair.token_data.TokenData`, which lets CSH and MATCH share one pass) for the
 tests that run the models; ``layers`` a layer selection (:mod:`jaxind.models.layer_selection`) for the layer-wise
 tests; ``options`` the test's own settings (``num_perms`` for the PERMTESTs, ``steps`` for the
-generalized test, ...). The array-level kernels underneath (:func:`jaxind.stats.constrained.csu`,
+generalized test, ...; an unknown option is a :class:`~jaxind.errors.JaxindError` listing the valid ones,
+``TESTS[name].options()``). The array-level kernels underneath (:func:`jaxind.stats.constrained.csu`,
 :func:`jaxind.stats.permtest.permtest`, :func:`jaxind.stats.match.match_test`, ...) stay public for code
 that holds raw param trees.
 
@@ -31,7 +33,18 @@ from jaxind.io.loaded_model import Model
 from jaxind.models.layer_selection import Layers, resolve_pairs, same_layer_pairs
 from jaxind.pair.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
 from jaxind.pair.token_data import TokenData
-from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest, upcycling
+from jaxind.stats import (
+    constrained,
+    convention,
+    divergence,
+    experts,
+    generalized,
+    grams,
+    localized,
+    match,
+    permtest,
+    upcycling,
+)
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair
 
@@ -53,12 +66,26 @@ class TestSpec(TestInfo):
     run: TestFn
     cli_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    def options(self) -> tuple[str, ...]:
+        """The test's own keyword options (beyond ``key``, ``data``, ``layers``), read off its signature."""
+        fn = _FORWARDS.get(self.name, self.run)
+        return convention.option_names(fn, _NOT_OPTIONS)
+
     def __call__(
-        self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
+        self, a: Model, b: Model, *, key: jax.Array | int, data: Any = None, layers: Layers = None, **options: Any
     ) -> TestResult:
-        """Runs the test (see the module doc); a layer selection for a whole-model test is an error."""
+        """Runs the test (see the module doc). ``key`` is a PRNG key, or an int seed: ``key_for(seed, name)``,
+        the key :func:`jaxind.pair.runner.run_pair` gives this test for ``Settings(seed=seed)``.
+
+        Raises:
+          JaxindError: a layer selection for a whole-model test, an option the test does not take (the
+            message lists those it does), or a ``key`` that is neither a PRNG key nor an int.
+        """
         if layers is not None and not self.layerwise:
             raise JaxindError(f"{self.name} compares whole models; it takes no layer selection")
+        convention.check_options(f"TESTS[{self.name!r}]", options, self.options())
+        key = key_for(int(key), self.name) if convention.is_seed(key) else key
+        key = convention.check_key(key, f"TESTS[{self.name!r}]")
         return self.run(a, b, key=key, data=data, layers=layers, **options)
 
 
@@ -241,6 +268,9 @@ _RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {
     "localized": (_localized, {"heatmap_path": "heatmap_path"}),
     "generalized": (_generalized, {"steps": "generalized_steps"}),
 }
+# A run that forwards **options to a kernel takes that kernel's options; these are not options.
+_FORWARDS: Mapping[str, Callable[..., Any]] = {"generalized": generalized.generalized_test}
+_NOT_OPTIONS = ("a", "b", "key", "data", "layers", "layer_pairs", "params_a", "cfg_a", "params_b", "cfg_b")
 TESTS: Mapping[str, TestSpec] = {
     name: TestSpec(**dataclasses.asdict(info), run=_RUNS[name][0], cli_options=_RUNS[name][1])
     for name, info in CATALOG.items()

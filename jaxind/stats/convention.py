@@ -1,0 +1,120 @@
+"""The one calling convention of the public kernels, and its checks (docs/DESIGN.md §5.3).
+
+Every array-level kernel that returns a :class:`jaxind.stats.results.TestResult` is called as::
+
+    kernel(params_a, cfg_a, params_b, cfg_b, [data,] *, key, layers=None, **options)
+
+(``data``, the token batches, only for the kernels that run the models). ``layers`` is the one name of a layer
+selection (:mod:`jaxind.models.layer_selection`: pairs where the kernel compares layer pairs). The helpers here
+keep the call forms of earlier releases working for one release, each with a :class:`DeprecationWarning` naming
+the new form, and turn a ``key`` that is not a PRNG key into a :class:`jaxind.errors.JaxindError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxind.errors import JaxindError
+
+__all__ = ["check_key", "check_options", "is_seed", "legacy_positional", "option_names", "renamed"]
+
+_STACK = 3  # the warning points at the caller of the kernel
+
+
+def is_seed(value: Any) -> bool:
+    """``value`` is an integer seed (a Python or numpy integer, not a bool)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    if hasattr(value, "dtype") and hasattr(value, "shape"):
+        return f"an array of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r:.40}"
+
+
+def check_key(key: Any, where: str) -> jax.Array:
+    """``key`` if it is a PRNG key: a typed key of shape ``()`` (``jax.random.key(seed)``) or a raw ``uint32[2]``
+    one (``jax.random.PRNGKey(seed)``).
+
+    Raises:
+      JaxindError: anything else (None, an int, a float array, a batch of keys), naming ``where``.
+    """
+    if isinstance(key, jax.Array | np.ndarray):
+        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        if (typed and key.shape == ()) or (not typed and key.dtype == np.uint32 and key.shape == (2,)):
+            return key if isinstance(key, jax.Array) else jax.numpy.asarray(key)
+    raise JaxindError(
+        f"{where}: key must be one PRNG key, e.g. key=jax.random.key(0); got {_describe(key)}"
+        + (" (the registry's TESTS[name] also takes an int seed)" if is_seed(key) else "")
+    )
+
+
+def option_names(fn: Callable[..., Any], exclude: Iterable[str]) -> tuple[str, ...]:
+    """The keyword options ``fn`` takes (its parameters with a default, after the positional ones), less ``exclude``."""
+    params = inspect.signature(fn).parameters.values()
+    skip = set(exclude)
+    return tuple(
+        p.name
+        for p in params
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty and p.name not in skip
+    )
+
+
+def check_options(where: str, options: Mapping[str, Any], valid: Sequence[str]) -> None:
+    """Raises :class:`JaxindError` naming ``where`` and the valid options when ``options`` has others."""
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(sorted(valid)) or "none"
+        raise JaxindError(f"{where} takes no option {', '.join(map(repr, unknown))}; its options are: {listed}")
+
+
+def legacy_positional(
+    where: str, new_form: str, legacy: tuple[Any, ...], names: Sequence[str], given: dict[str, Any]
+) -> dict[str, Any]:
+    """Binds arguments passed positionally in an old call form (``legacy``) to ``names`` in order, over ``given``
+    (the keyword values, None where not given), with a :class:`DeprecationWarning` naming ``new_form``.
+
+    Raises:
+      JaxindError: more positional arguments than ``names``, or one given both ways.
+    """
+    if not legacy:
+        return given
+    if len(legacy) > len(names):
+        raise JaxindError(f"{where} takes at most {len(names)} arguments after the models; call {new_form}")
+    warnings.warn(
+        f"{where}: passing {', '.join(names[: len(legacy)])} positionally is deprecated and will be removed in "
+        f"the next release; call {new_form}",
+        DeprecationWarning,
+        stacklevel=_STACK,
+    )
+    out = dict(given)
+    for name, value in zip(names, legacy):
+        if out.get(name) is not None:
+            raise JaxindError(f"{where}: {name} given both positionally and by keyword; call {new_form}")
+        out[name] = value
+    return out
+
+
+def renamed(where: str, old: str, new: str, old_value: Any, new_value: Any) -> Any:
+    """The value of an option renamed from ``old`` to ``new``: ``old_value`` (with a :class:`DeprecationWarning`)
+    when only it is given, else ``new_value``.
+
+    Raises:
+      JaxindError: both are given.
+    """
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise JaxindError(f"{where}: give {new}= only ({old}= is its deprecated name)")
+    warnings.warn(
+        f"{where}: {old}= is deprecated and will be removed in the next release; pass {new}=",
+        DeprecationWarning,
+        stacklevel=_STACK,
+    )
+    return old_value
