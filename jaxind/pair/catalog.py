@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Literal, get_args
 
+__all__ = ["ALL_TESTS", "CATALOG", "DEFAULT_TESTS", "Setting", "TestInfo", "TestName", "markdown_table", "tests_help"]
+
 TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized"]
 Setting = Literal["constrained", "unconstrained", "none"]
 

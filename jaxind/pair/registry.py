@@ -48,6 +48,19 @@ from jaxind.stats import (
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair
 
+__all__ = [
+    "CATALOG",
+    "DEFAULT_TESTS",
+    "TESTS",
+    "TestFn",
+    "TestInfo",
+    "TestName",
+    "TestSpec",
+    "key_for",
+    "markdown_table",
+    "tests_help",
+]
+
 # The one calling convention: (a: Model, b: Model, *, key, data=None, layers=None, **options) -> TestResult.
 TestFn = Callable[..., TestResult]
 
@@ -127,15 +140,15 @@ def _same_config(a: Model, b: Model, test: str) -> None:
 @timed
 def _csu(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
     if upcycling.applies(a.config, b.config):
-        return upcycling.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+        return upcycling.csu(a.params, a.config, b.params, b.config, key=key, layers=layers)
     if _moe(a, b):
-        return experts.csu(a.params, a.config, b.params, b.config, key, layers=layers)
-    return constrained.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+        return experts.csu(a.params, a.config, b.params, b.config, key=key, layers=layers)
+    return constrained.csu(a.params, a.config, b.params, b.config, key=key, layers=layers)
 
 
 @timed
 def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
-    return constrained.csu_all(a.params, a.config, b.params, b.config, key)
+    return constrained.csu_all(a.params, a.config, b.params, b.config, key=key)
 
 
 @timed
@@ -179,9 +192,10 @@ def _l2(
     chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")
     return permtest.permtest(
         a.params,
-        b.params,
         a.config,
-        key,
+        b.params,
+        b.config,
+        key=key,
         num_perms=num_perms,
         statistic="l2",
         layers=chosen,
@@ -203,7 +217,9 @@ def _mc(
     _same_config(a, b, "mc")
     TokenData.of(data, "mc").require_shared_tokens("mc")
     tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
-    return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="mc", tokens=tokens)
+    return permtest.permtest(
+        a.params, a.config, b.params, b.config, key=key, num_perms=num_perms, statistic="mc", tokens=tokens
+    )
 
 
 @timed
@@ -229,10 +245,6 @@ def _localized(
     if _moe(a, b):
         raise JaxindError("localized testing is not implemented for mixtures of experts: use --tests=match per layer")
     batches = TokenData.of(data, "localized testing").batches()
-    layers_a = layers_b = None
-    if layers is not None:
-        pairs = resolve_pairs(layers, a.config, b.config, "localized testing")
-        layers_a, layers_b = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
     labels = (str(a.meta.get("source", "model A")), str(b.meta.get("source", "model B")))
     return localized.localized_test(
         a.params,
@@ -241,9 +253,8 @@ def _localized(
         b.config,
         batches,
         key=key,
+        layers=layers,
         alpha=alpha,
-        layers_a=layers_a,
-        layers_b=layers_b,
         memory_budget_bytes=memory_budget_bytes,
         heatmap_path=heatmap_path,
         labels=labels,
@@ -254,7 +265,7 @@ def _localized(
 def _generalized(
     a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
 ) -> TestResult:
-    return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layer_pairs=layers, **options)
+    return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layers=layers, **options)
 
 
 _RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {

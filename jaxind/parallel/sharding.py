@@ -41,6 +41,26 @@ from jaxind.models.config import ModelConfig
 from jaxind.parallel.cluster import MESH_AXES, parse_mesh
 from jaxind.types import Params
 
+__all__ = [
+    "Layout",
+    "MeshLike",
+    "Names",
+    "PARAM_AXES",
+    "RULES",
+    "bytes_per_device",
+    "largest_shard_fraction",
+    "layout_of",
+    "logical_spec",
+    "make_mesh",
+    "mesh_sizes",
+    "param_bytes_per_device",
+    "param_names",
+    "run_layout",
+    "sq_distance",
+    "to_host",
+    "zeros",
+]
+
 Names = tuple[str | None, ...]
 
 # Logical axis names of every param leaf, by flat path (layer leaves stacked, "layers" first): a view of the parameter

@@ -21,8 +21,18 @@ import jax
 import numpy as np
 
 from jaxind.errors import JaxindError
+from jaxind.models.config import ModelConfig
 
-__all__ = ["check_key", "check_options", "is_seed", "legacy_positional", "option_names", "renamed"]
+__all__ = [
+    "check_key",
+    "check_options",
+    "is_seed",
+    "key_and_layers",
+    "legacy_positional",
+    "one_config_pair",
+    "option_names",
+    "renamed",
+]
 
 _STACK = 3  # the warning points at the caller of the kernel
 
@@ -40,11 +50,15 @@ def _describe(value: Any) -> str:
 
 def check_key(key: Any, where: str) -> jax.Array:
     """``key`` if it is a PRNG key: a typed key of shape ``()`` (``jax.random.key(seed)``) or a raw ``uint32[2]``
-    one (``jax.random.PRNGKey(seed)``).
+    one (``jax.random.PRNGKey(seed)``). Every kernel's first check, so it also turns the compilation cache on for
+    a library user (:func:`jaxind.io.caching.enable_for_library`; once per process, unless the program chose).
 
     Raises:
       JaxindError: anything else (None, an int, a float array, a batch of keys), naming ``where``.
     """
+    from jaxind.io import caching  # defines the CLIs' cache flags: imported when first needed
+
+    caching.enable_for_library()
     if isinstance(key, jax.Array | np.ndarray):
         typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
         if (typed and key.shape == ()) or (not typed and key.dtype == np.uint32 and key.shape == (2,)):
@@ -118,3 +132,48 @@ def renamed(where: str, old: str, new: str, old_value: Any, new_value: Any) -> A
         stacklevel=_STACK,
     )
     return old_value
+
+
+def one_config_pair(
+    where: str,
+    new_form: str,
+    args: tuple[Any, Any, Any, Any],
+    legacy: tuple[Any, ...],
+    key: Any,
+    cfg: ModelConfig | None,
+) -> tuple[Any, Any, ModelConfig, Any]:
+    """``(params_a, params_b, cfg, key)`` of a kernel of two models of one config (PERMTEST) called in the form
+    ``(params_a, cfg_a, params_b, cfg_b, *, key)`` (``args`` are those four slots as given) or, with a
+    :class:`DeprecationWarning`, in the old one ``(params_a, params_b, cfg, key)`` (positionally or by keyword).
+
+    Raises:
+      JaxindError: two different configs, or arguments in neither form.
+    """
+    params_a, cfg_a, params_b, cfg_b = args
+    if cfg is None and isinstance(cfg_a, ModelConfig) and isinstance(cfg_b, ModelConfig):
+        key = legacy_positional(where, new_form, legacy, ("key",), {"key": key})["key"]
+        if cfg_a != cfg_b:
+            raise JaxindError(f"{where} needs two models of the same architecture and config; use csu/match")
+        return params_a, params_b, cfg_a, key
+    if cfg is None and isinstance(params_b, ModelConfig):  # (params_a, params_b, cfg, key)
+        params_b, cfg, legacy = cfg_a, params_b, ((cfg_b,) if cfg_b is not None else ()) + legacy
+    elif cfg is not None and cfg_b is None and (cfg_a is None) != (params_b is None):  # cfg=... by keyword
+        params_b, legacy = (params_b if cfg_a is None else cfg_a), legacy
+    else:
+        raise JaxindError(f"{where}: expected {new_form}")
+    if len(legacy) > 1 or (legacy and key is not None):
+        raise JaxindError(f"{where}: expected {new_form}")
+    warnings.warn(
+        f"{where}(params_a, params_b, cfg, key) is deprecated and will be removed in the next release; call {new_form}",
+        DeprecationWarning,
+        stacklevel=_STACK,
+    )
+    return params_a, params_b, cfg, (legacy[0] if legacy else key)
+
+
+def key_and_layers(where: str, legacy: tuple[Any, ...], key: Any, layers: Any = None) -> tuple[jax.Array, Any]:
+    """``(key, layers)`` of a kernel ``where(params_a, cfg_a, params_b, cfg_b, *, key, layers=None)``, also when
+    passed positionally in the old form (a :class:`DeprecationWarning`); the key checked (:func:`check_key`)."""
+    new_form = f"{where}(params_a, cfg_a, params_b, cfg_b, *, key, layers=None)"
+    given = legacy_positional(where, new_form, legacy, ("key", "layers"), {"key": key, "layers": layers})
+    return check_key(given["key"], where), given["layers"]
