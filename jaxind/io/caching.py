@@ -97,7 +97,7 @@ def enable_for_library() -> str | None:
         return _library[0]
     import jax
 
-    chosen = jax.config.jax_compilation_cache_dir
+    chosen = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     if chosen:
         _library[:] = [chosen]
         return chosen
