@@ -6,7 +6,7 @@ Every array-level kernel that returns a :class:`jaxind.stats.results.TestResult`
 
 (``data``, the token batches, only for the kernels that run the models). ``layers`` is the one name of a layer
 selection (:mod:`jaxind.models.layer_selection`: pairs where the kernel compares layer pairs). The helpers here
-keep the call forms of earlier releases working for one release, each with a :class:`DeprecationWarning` naming
+keep the call forms of earlier releases working for one release, each with a ``DeprecationWarning`` naming
 the new form, and turn a ``key`` that is not a PRNG key into a :class:`jaxind.errors.JaxindError`.
 """
 
@@ -92,7 +92,7 @@ def legacy_positional(
     where: str, new_form: str, legacy: tuple[Any, ...], names: Sequence[str], given: dict[str, Any]
 ) -> dict[str, Any]:
     """Binds arguments passed positionally in an old call form (``legacy``) to ``names`` in order, over ``given``
-    (the keyword values, None where not given), with a :class:`DeprecationWarning` naming ``new_form``.
+    (the keyword values, None where not given), with a ``DeprecationWarning`` naming ``new_form``.
 
     Raises:
       JaxindError: more positional arguments than ``names``, or one given both ways.
@@ -116,7 +116,7 @@ def legacy_positional(
 
 
 def renamed(where: str, old: str, new: str, old_value: Any, new_value: Any) -> Any:
-    """The value of an option renamed from ``old`` to ``new``: ``old_value`` (with a :class:`DeprecationWarning`)
+    """The value of an option renamed from ``old`` to ``new``: ``old_value`` (with a ``DeprecationWarning``)
     when only it is given, else ``new_value``.
 
     Raises:
@@ -144,7 +144,7 @@ def one_config_pair(
 ) -> tuple[Any, Any, ModelConfig, Any]:
     """``(params_a, params_b, cfg, key)`` of a kernel of two models of one config (PERMTEST) called in the form
     ``(params_a, cfg_a, params_b, cfg_b, *, key)`` (``args`` are those four slots as given) or, with a
-    :class:`DeprecationWarning`, in the old one ``(params_a, params_b, cfg, key)`` (positionally or by keyword).
+    ``DeprecationWarning``, in the old one ``(params_a, params_b, cfg, key)`` (positionally or by keyword).
 
     Raises:
       JaxindError: two different configs, or arguments in neither form.
@@ -173,7 +173,7 @@ def one_config_pair(
 
 def key_and_layers(where: str, legacy: tuple[Any, ...], key: Any, layers: Any = None) -> tuple[jax.Array, Any]:
     """``(key, layers)`` of a kernel ``where(params_a, cfg_a, params_b, cfg_b, *, key, layers=None)``, also when
-    passed positionally in the old form (a :class:`DeprecationWarning`); the key checked (:func:`check_key`)."""
+    passed positionally in the old form (a ``DeprecationWarning``); the key checked (:func:`check_key`)."""
     new_form = f"{where}(params_a, cfg_a, params_b, cfg_b, *, key, layers=None)"
     given = legacy_positional(where, new_form, legacy, ("key", "layers"), {"key": key, "layers": layers})
     return check_key(given["key"], where), given["layers"]
