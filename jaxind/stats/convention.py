@@ -13,6 +13,8 @@ the new form, and turn a ``key`` that is not a PRNG key into a :class:`jaxind.er
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -34,7 +36,14 @@ __all__ = [
     "renamed",
 ]
 
-_STACK = 3  # the warning points at the caller of the kernel
+
+def _deprecated(message: str) -> None:
+    """A ``DeprecationWarning`` pointing at the first caller outside ``jaxind/stats`` (the user's line, not a
+    kernel's or ``@timed``'s)."""
+    here, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(1), 2
+    while frame.f_back is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
 
 
 def is_seed(value: Any) -> bool:
@@ -101,11 +110,9 @@ def legacy_positional(
         return given
     if len(legacy) > len(names):
         raise JaxindError(f"{where} takes at most {len(names)} arguments after the models; call {new_form}")
-    warnings.warn(
+    _deprecated(
         f"{where}: passing {', '.join(names[: len(legacy)])} positionally is deprecated and will be removed in "
-        f"the next release; call {new_form}",
-        DeprecationWarning,
-        stacklevel=_STACK,
+        f"the next release; call {new_form}"
     )
     out = dict(given)
     for name, value in zip(names, legacy):
@@ -126,11 +133,7 @@ def renamed(where: str, old: str, new: str, old_value: Any, new_value: Any) -> A
         return new_value
     if new_value is not None:
         raise JaxindError(f"{where}: give {new}= only ({old}= is its deprecated name)")
-    warnings.warn(
-        f"{where}: {old}= is deprecated and will be removed in the next release; pass {new}=",
-        DeprecationWarning,
-        stacklevel=_STACK,
-    )
+    _deprecated(f"{where}: {old}= is deprecated and will be removed in the next release; pass {new}=")
     return old_value
 
 
@@ -163,10 +166,8 @@ def one_config_pair(
         raise JaxindError(f"{where}: expected {new_form}")
     if len(legacy) > 1 or (legacy and key is not None):
         raise JaxindError(f"{where}: expected {new_form}")
-    warnings.warn(
-        f"{where}(params_a, params_b, cfg, key) is deprecated and will be removed in the next release; call {new_form}",
-        DeprecationWarning,
-        stacklevel=_STACK,
+    _deprecated(
+        f"{where}(params_a, params_b, cfg, key) is deprecated and will be removed in the next release; call {new_form}"
     )
     return params_a, params_b, cfg, (legacy[0] if legacy else key)
 
