@@ -180,10 +180,12 @@ def bench_permtest(args: argparse.Namespace, noised: str) -> dict:
 
     # Whole calls (second call of each: compiled).
     def kernel_call():
-        return pt.permtest(a.params, b.params, cfg, key, args.kernel_perms, devices=jax.devices()[:1])
+        return pt.permtest(
+            a.params, cfg, b.params, cfg, key=key, num_perms=args.kernel_perms, devices=jax.devices()[:1]
+        )
 
     def loop_call():
-        return pt.permtest_loop(a.params, b.params, cfg, key, args.loop_perms)
+        return pt.permtest_loop(a.params, cfg, b.params, cfg, key=key, num_perms=args.loop_perms)
 
     kernel_call()
     start = time.perf_counter()

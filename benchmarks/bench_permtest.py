@@ -71,10 +71,10 @@ def main() -> None:
     budget = args.memory_budget_mb * 2**20
 
     def run_kernel(n):
-        return permtest(params_a, params_b, cfg, key, n, memory_budget_bytes=budget)
+        return permtest(params_a, cfg, params_b, cfg, key=key, num_perms=n, memory_budget_bytes=budget)
 
     def run_loop(n):
-        return permtest_loop(params_a, params_b, cfg, key, n)
+        return permtest_loop(params_a, cfg, params_b, cfg, key=key, num_perms=n)
 
     def timed(fn, n):
         best, result = float("inf"), None

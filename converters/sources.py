@@ -177,8 +177,10 @@ def load_model(source: str, dtype: str = "float32", progress: bool = False, layo
     import jax
     import jax.numpy as jnp
 
+    from jaxind.io import caching
     from jaxind.io.loaded_model import Model
 
+    caching.enable_for_library()  # the compilation cache, unless the program chose (jaxind.io.caching)
     if dtype not in _DTYPES:
         raise JaxindError(f"unsupported dtype {dtype!r}: use one of {', '.join(_DTYPES)}")
     if layout is not None:

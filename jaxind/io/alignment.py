@@ -26,6 +26,26 @@ import numpy as np
 
 from jaxind.errors import JaxindError
 
+__all__ = [
+    "AlignedBatches",
+    "AlignedTokens",
+    "Encoded",
+    "MIN_POSITIONS",
+    "NO_END",
+    "Window",
+    "align",
+    "bos_id",
+    "byte_offsets",
+    "cut_window",
+    "encode",
+    "from_windows",
+    "last_per_end",
+    "stream_starts",
+    "stream_windows",
+    "streams",
+    "text_windows",
+]
+
 MIN_POSITIONS = 128  # fewer aligned positions than this is refused: too few for the unit Grams to mean anything
 NO_END = -1  # the end of a token that spans no text (it is never aligned)
 

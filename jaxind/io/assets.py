@@ -24,6 +24,20 @@ import zipfile
 
 from jaxind.errors import JaxindError
 
+__all__ = [
+    "BUILTIN_ALIASES",
+    "GEMMA3_ALIASES",
+    "GEMMA3_FILE",
+    "GEMMA3_PARTS",
+    "GEMMA3_SHA256",
+    "SMOLLM2_ALIASES",
+    "SMOLLM2_FILE",
+    "builtin_path",
+    "cache_dir",
+    "gemma3_270m_gguf",
+    "smollm2_gguf",
+]
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"

@@ -21,6 +21,17 @@ from collections.abc import Callable
 
 from jaxind.errors import JaxindError
 
+__all__ = [
+    "check_directory",
+    "check_file",
+    "dir_mode",
+    "file_mode",
+    "resolve_output",
+    "umask",
+    "write_file",
+    "write_text",
+]
+
 _MAX_LINKS = 40  # as Linux's ELOOP limit
 _KERNEL_TREES = ("/proc/", "/sys/")  # magic links (/dev/stdout -> /proc/self/fd/1) and kernel files
 

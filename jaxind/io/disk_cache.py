@@ -57,6 +57,27 @@ from absl import logging
 from jaxind.errors import JaxindError
 from jaxind.io import assets, destinations
 
+__all__ = [
+    "DamagedEntry",
+    "HASH_VERSION",
+    "MEMO_MIN_AGE_S",
+    "check_writable",
+    "checksum",
+    "clean_stale",
+    "content_hash",
+    "discard",
+    "key_of",
+    "load_tree",
+    "lock",
+    "make_temp",
+    "publish",
+    "read_json_entry",
+    "root",
+    "save_tree",
+    "verify_array",
+    "write_text",
+]
+
 HASH_VERSION = 2  # 2: the memo's stat signature includes ctime and device
 MEMO_MIN_AGE_S = 1.0
 _CHUNK = 1 << 24

@@ -14,6 +14,8 @@ from typing import Any
 from jaxind.errors import CheckpointError, UnsupportedModelError
 from jaxind.models.config import MODEL_TYPES, MOE_FAMILIES, Activation, ModelConfig, _freeze
 
+__all__ = ["from_hf_config", "parse_hf_config"]
+
 _PROVENANCE_KEYS = frozenset({"model_type", "architectures", "transformers_version", "_name_or_path"})
 
 # Keys jaxind reads or checks (see `_decoder_config` / `_gpt2_config`), per HF model_type. This includes every key

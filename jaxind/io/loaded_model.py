@@ -21,6 +21,8 @@ from jaxind.models.config import ModelConfig
 from jaxind.models.layer_selection import normalize_layers
 from jaxind.parallel import sharding
 
+__all__ = ["Model", "from_params"]
+
 
 @dataclasses.dataclass
 class Model:
@@ -166,7 +168,11 @@ class Model:
 
 def from_params(cfg: ModelConfig, params: Any, name: str = "memory", layout: sharding.Layout | None = None) -> Model:
     """Wraps an in-memory param tree (tests, the demo zoo) as a :class:`Model`; with a ``layout`` the params are
-    placed on its mesh (:meth:`jaxind.parallel.sharding.Layout.place`)."""
+    placed on its mesh (:meth:`jaxind.parallel.sharding.Layout.place`). Turns the compilation cache on, unless the
+    program chose (:func:`jaxind.io.caching.enable_for_library`)."""
+    from jaxind.io import caching
+
+    caching.enable_for_library()
     if layout is not None:
         params = layout.place(params, cfg)
     return Model(config=cfg, params=params, meta={"source": name, "format": "memory"})

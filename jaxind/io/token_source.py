@@ -30,6 +30,21 @@ import numpy as np
 from jaxind.errors import JaxindError
 from jaxind.io import tokenizer
 
+__all__ = [
+    "DataSpec",
+    "TextWindows",
+    "available_memory",
+    "batches",
+    "check_memory",
+    "check_texts",
+    "gib",
+    "make_tokens",
+    "memory_needed",
+    "read_texts",
+    "text_windows",
+    "windows",
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:

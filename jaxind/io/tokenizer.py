@@ -15,6 +15,15 @@ import numpy as np
 
 from jaxind.errors import JaxindError, brief
 
+__all__ = [
+    "TOKENIZER_FILES",
+    "check_same_tokens",
+    "encode",
+    "gguf_tokenizer",
+    "gguf_tokenizer_without_torch",
+    "load_tokenizer",
+]
+
 # Files one of which a Hugging Face model directory has when it ships a tokenizer.
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -41,6 +41,18 @@ from jaxind.pair.result import PairResult
 from jaxind.pair.token_data import TokenData
 from jaxind.stats import fingerprint
 
+__all__ = [
+    "FULL_MODEL_TESTS",
+    "STORE_VERSION",
+    "StoredModel",
+    "ensure",
+    "ensure_fingerprint",
+    "model_key",
+    "on_device",
+    "open_stored",
+    "run_stored_pair",
+]
+
 STORE_VERSION = 1
 
 

@@ -29,6 +29,18 @@ import numpy as np
 from jaxind.io import destinations
 from jaxind.many import sweep_summary
 
+__all__ = [
+    "CLIP",
+    "cluster_order",
+    "fmt_p",
+    "plot_graph",
+    "plot_heatmap",
+    "render_html",
+    "render_markdown",
+    "text_summary",
+    "write_report",
+]
+
 CLIP = 50.0  # -log10 p above this shows as the darkest colour
 
 

@@ -37,6 +37,22 @@ from jaxind.io import caching
 from jaxind.many.sweep_config import ModelEntry, SweepConfig
 from jaxind.many.sweep_summary import EventLog, pair_name, read_json, read_pair
 
+__all__ = [
+    "DATA_TESTS",
+    "Job",
+    "check_tokenizer",
+    "finish",
+    "make_tokens",
+    "model_job",
+    "pair_finished",
+    "pair_job",
+    "pair_record",
+    "parse_shard",
+    "run_sweep",
+    "settings_for",
+    "shared_tokens",
+]
+
 DATA_TESTS = frozenset({"match", "csh"})  # the tests that read fingerprints
 _written: list[str] = []
 

@@ -35,6 +35,19 @@ from typing import Any, TypeGuard
 from jaxind.errors import JaxindError
 from jaxind.pair.catalog import ALL_TESTS
 
+__all__ = [
+    "CORRECTIONS",
+    "DEFAULT_SWEEP_TESTS",
+    "MAX_TOKENS",
+    "ModelEntry",
+    "NAME_MAX",
+    "SweepConfig",
+    "SweepConfigError",
+    "load",
+    "load_references",
+    "show",
+]
+
 NAME_MAX = 64  # a pair's files are named <a>__<b>_localized.png: well under 255 bytes
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX - 1}}}")  # (fullmatch: no trailing newline)
 MAX_TOKENS = 2**28  # reference tokens of a sweep (8,192 are typical; each model's fingerprint grows with them)

@@ -38,6 +38,21 @@ import jaxind
 from jaxind.errors import JaxindError
 from jaxind.many.sweep_config import SweepConfig
 
+__all__ = [
+    "EventLog",
+    "SUMMARY_VERSION",
+    "build",
+    "counters",
+    "evidence_matrix",
+    "pair_name",
+    "pair_problem",
+    "pair_row",
+    "read_events",
+    "read_json",
+    "read_pair",
+    "related_by_truth",
+]
+
 if TYPE_CHECKING:
     from jaxind.pair.result import PairResult
     from jaxind.stats.results import TestResult

@@ -14,6 +14,19 @@ from typing import Any, Literal, get_args
 
 from jaxind.errors import CheckpointError, UnsupportedModelError
 
+__all__ = [
+    "Activation",
+    "FAMILIES",
+    "Family",
+    "LayerType",
+    "MODEL_TYPES",
+    "MOE_FAMILIES",
+    "ModelConfig",
+    "NormKind",
+    "NormPosition",
+    "QKNorm",
+]
+
 # Families (jaxind's names; `MODEL_TYPES` maps the HF `model_type` values onto them).
 Family = Literal[
     "llama", "mistral", "qwen2", "gemma", "gpt2", "gemma2", "gemma3", "qwen3", "phi3", "olmo", "olmo2",

@@ -16,6 +16,20 @@ from jaxind.errors import JaxindError
 from jaxind.models.config import ModelConfig
 from jaxind.types import LayerPair
 
+__all__ = [
+    "LayerSelectionError",
+    "Layers",
+    "MAX_LAYERS",
+    "check_flags",
+    "check_pairs",
+    "default_pairs",
+    "normalize_layers",
+    "parse_layer_pairs",
+    "parse_layers",
+    "resolve_pairs",
+    "same_layer_pairs",
+]
+
 # What a test's ``layers=`` accepts.
 Layers = Sequence[int] | Sequence[LayerPair] | None
 

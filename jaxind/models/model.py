@@ -60,6 +60,44 @@ from jaxind.models.config import Activation, ModelConfig
 from jaxind.models.layer_selection import normalize_layers
 from jaxind.types import Params
 
+__all__ = [
+    "Activations",
+    "Collector",
+    "Decoder",
+    "INTERMEDIATES",
+    "LayerOut",
+    "Padding",
+    "activation",
+    "apply_rope",
+    "attention",
+    "attention_allowed",
+    "block",
+    "check_intermediates",
+    "embed",
+    "flatten_paths",
+    "forward",
+    "forward_jit",
+    "forward_logits",
+    "init_params",
+    "intermediate_names",
+    "layer_features",
+    "layer_norm",
+    "layer_norm_names",
+    "layer_slice",
+    "mlp",
+    "mlp_apply",
+    "mlp_output",
+    "norm",
+    "padding_positions",
+    "param_shapes_flat",
+    "rms_norm",
+    "rope_inv_freq",
+    "rope_tables",
+    "rope_tables_at",
+    "run_layers",
+    "unembed",
+]
+
 Activations = dict[int, dict[str, jax.Array]]
 
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from jaxind.models.config import ModelConfig
 from jaxind.types import Params
 
+__all__ = ["EXPERT_LEAVES", "expert_activations", "experts_output", "layer_shapes", "moe_mlp", "route", "shared_expert"]
+
 # The stacked MoE leaves of one layer, in the order of jaxind.models.symmetry.LAYER_SPEC.
 EXPERT_LEAVES = ("expert_gate", "expert_up", "expert_down")
 

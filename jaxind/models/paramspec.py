@@ -39,6 +39,27 @@ from typing import TYPE_CHECKING, Any, Literal
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "Axis",
+    "GROUP_AXES",
+    "Init",
+    "Leaf",
+    "Shape",
+    "TABLE",
+    "check_table",
+    "group_axes",
+    "init",
+    "layer_leaves",
+    "leaves",
+    "logical_axes",
+    "norm_readers",
+    "num_params",
+    "path",
+    "shapes",
+    "table_or_default",
+    "top_leaves",
+]
+
 if TYPE_CHECKING:  # the config's parameter count reads this table
     from jaxind.models.config import ModelConfig
 

@@ -65,6 +65,28 @@ from jaxind.models import paramspec
 from jaxind.models.config import ModelConfig
 from jaxind.types import Params
 
+__all__ = [
+    "AxisName",
+    "LAYER_SPEC",
+    "NORM_READERS",
+    "Path",
+    "Perm",
+    "TOP_SPEC",
+    "apply_permutation",
+    "check_tree",
+    "compose",
+    "draw_permutations",
+    "fold_norms",
+    "get_leaf",
+    "identity",
+    "invert",
+    "layer_leaf_names",
+    "permutation_matrix",
+    "permutation_spec",
+    "random_orthogonal",
+    "rotate_residual",
+]
+
 # Axis name of one array axis: "resid", "mlp", "layers" (the stacked layer axis) or None (untouched).
 AxisName = str | None
 

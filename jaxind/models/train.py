@@ -17,6 +17,8 @@ import optax
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
 
+__all__ = ["next_token_loss", "train"]
+
 
 def next_token_loss(params: Any, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
     """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``tokens[:, :-1]`` (scalar)."""

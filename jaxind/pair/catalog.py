@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
+__all__ = ["ALL_TESTS", "CATALOG", "DEFAULT_TESTS", "Setting", "TestInfo", "TestName", "markdown_table", "tests_help"]
+
 TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized", "csu_aligned"]
 Setting = Literal["constrained", "unconstrained", "none"]
 

@@ -3,11 +3,13 @@ are generated from (docs/DESIGN.md §5.3).
 
     result = TESTS[name](a, b, *, key, data=None, layers=None, **options) -> TestResult
 
-``a`` and ``b`` are :class:`jaxind.io.loaded_model.Model` objects; ``key`` a PRNG key; ``data`` token ids
+``a`` and ``b`` are :class:`jaxind.io.loaded_model.Model` objects; ``key`` a PRNG key (or an int seed, which
+means ``key_for(seed, name)``, the key ``run_pair`` uses); ``data`` token ids
 ``(N, T)`` (or a :class:`jaxind.pair.token_data.TokenData`, which lets CSH and MATCH share one pass) for the
 tests that run the models; ``layers`` a layer selection (:mod:`jaxind.models.layer_selection`) for the layer-wise
 tests; ``options`` the test's own settings (``num_perms`` for the PERMTESTs, ``steps`` for the
-generalized test, ...). The array-level kernels underneath (:func:`jaxind.stats.constrained.csu`,
+generalized test, ...; an unknown option is a :class:`~jaxind.errors.JaxindError` listing the valid ones,
+``TESTS[name].options()``). The array-level kernels underneath (:func:`jaxind.stats.constrained.csu`,
 :func:`jaxind.stats.permtest.permtest`, :func:`jaxind.stats.match.match_test`, ...) stay public for code
 that holds raw param trees.
 
@@ -32,11 +34,35 @@ from jaxind.io.shared_vocab import SharedTokens, shared_tokens
 from jaxind.models.layer_selection import Layers, resolve_pairs, same_layer_pairs
 from jaxind.pair.catalog import CATALOG, DEFAULT_TESTS, TestInfo, TestName, markdown_table, tests_help  # noqa: F401
 from jaxind.pair.token_data import TokenData
-from jaxind.stats import constrained, divergence, experts, generalized, grams, localized, match, permtest, upcycling
+from jaxind.stats import (
+    constrained,
+    convention,
+    divergence,
+    experts,
+    generalized,
+    grams,
+    localized,
+    match,
+    permtest,
+    upcycling,
+)
 from jaxind.stats.csu_aligned import check_models as _csu_aligned_applies
 from jaxind.stats.csu_aligned import csu_aligned as _csu_aligned_kernel
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair
+
+__all__ = [
+    "CATALOG",
+    "DEFAULT_TESTS",
+    "TESTS",
+    "TestFn",
+    "TestInfo",
+    "TestName",
+    "TestSpec",
+    "key_for",
+    "markdown_table",
+    "tests_help",
+]
 
 # The one calling convention: (a: Model, b: Model, *, key, data=None, layers=None, **options) -> TestResult.
 TestFn = Callable[..., TestResult]
@@ -56,12 +82,26 @@ class TestSpec(TestInfo):
     run: TestFn
     cli_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    def options(self) -> tuple[str, ...]:
+        """The test's own keyword options (beyond ``key``, ``data``, ``layers``), read off its signature."""
+        fn = _FORWARDS.get(self.name, self.run)
+        return convention.option_names(fn, _NOT_OPTIONS)
+
     def __call__(
-        self, a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
+        self, a: Model, b: Model, *, key: jax.Array | int, data: Any = None, layers: Layers = None, **options: Any
     ) -> TestResult:
-        """Runs the test (see the module doc); a layer selection for a whole-model test is an error."""
+        """Runs the test (see the module doc). ``key`` is a PRNG key, or an int seed: ``key_for(seed, name)``,
+        the key :func:`jaxind.pair.runner.run_pair` gives this test for ``Settings(seed=seed)``.
+
+        Raises:
+          JaxindError: a layer selection for a whole-model test, an option the test does not take (the
+            message lists those it does), or a ``key`` that is neither a PRNG key nor an int.
+        """
         if layers is not None and not self.layerwise:
             raise JaxindError(f"{self.name} compares whole models; it takes no layer selection")
+        convention.check_options(f"TESTS[{self.name!r}]", options, self.options())
+        key = key_for(int(key), self.name) if convention.is_seed(key) else key
+        key = convention.check_key(key, f"TESTS[{self.name!r}]")
         return self.run(a, b, key=key, data=data, layers=layers, **options)
 
 
@@ -103,15 +143,15 @@ def _same_config(a: Model, b: Model, test: str) -> None:
 @timed
 def _csu(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
     if upcycling.applies(a.config, b.config):
-        return upcycling.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+        return upcycling.csu(a.params, a.config, b.params, b.config, key=key, layers=layers)
     if _moe(a, b):
-        return experts.csu(a.params, a.config, b.params, b.config, key, layers=layers)
-    return constrained.csu(a.params, a.config, b.params, b.config, key, layers=layers)
+        return experts.csu(a.params, a.config, b.params, b.config, key=key, layers=layers)
+    return constrained.csu(a.params, a.config, b.params, b.config, key=key, layers=layers)
 
 
 @timed
 def _csu_all(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
-    return constrained.csu_all(a.params, a.config, b.params, b.config, key)
+    return constrained.csu_all(a.params, a.config, b.params, b.config, key=key)
 
 
 @timed
@@ -155,9 +195,10 @@ def _l2(
     chosen = None if layers is None else same_layer_pairs(resolve_pairs(layers, a.config, b.config, "l2"), "l2")
     return permtest.permtest(
         a.params,
-        b.params,
         a.config,
-        key,
+        b.params,
+        b.config,
+        key=key,
         num_perms=num_perms,
         statistic="l2",
         layers=chosen,
@@ -179,7 +220,9 @@ def _mc(
     _same_config(a, b, "mc")
     TokenData.of(data, "mc").require_shared_tokens("mc")
     tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
-    return permtest.permtest(a.params, b.params, a.config, key, num_perms=num_perms, statistic="mc", tokens=tokens)
+    return permtest.permtest(
+        a.params, a.config, b.params, b.config, key=key, num_perms=num_perms, statistic="mc", tokens=tokens
+    )
 
 
 @timed
@@ -205,10 +248,6 @@ def _localized(
     if _moe(a, b):
         raise JaxindError("localized testing is not implemented for mixtures of experts: use --tests=match per layer")
     batches = TokenData.of(data, "localized testing").batches()
-    layers_a = layers_b = None
-    if layers is not None:
-        pairs = resolve_pairs(layers, a.config, b.config, "localized testing")
-        layers_a, layers_b = sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
     labels = (str(a.meta.get("source", "model A")), str(b.meta.get("source", "model B")))
     return localized.localized_test(
         a.params,
@@ -217,9 +256,8 @@ def _localized(
         b.config,
         batches,
         key=key,
+        layers=layers,
         alpha=alpha,
-        layers_a=layers_a,
-        layers_b=layers_b,
         memory_budget_bytes=memory_budget_bytes,
         heatmap_path=heatmap_path,
         labels=labels,
@@ -230,7 +268,7 @@ def _localized(
 def _generalized(
     a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None, **options: Any
 ) -> TestResult:
-    return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layer_pairs=layers, **options)
+    return generalized.generalized_test(a.params, a.config, b.params, b.config, key=key, layers=layers, **options)
 
 
 def _shared_tokens(a: Model, b: Model) -> SharedTokens:
@@ -262,6 +300,9 @@ _RUNS: Mapping[str, tuple[TestFn, Mapping[str, str]]] = {
     "generalized": (_generalized, {"steps": "generalized_steps"}),
     "csu_aligned": (_csu_aligned, {}),
 }
+# A run that forwards **options to a kernel takes that kernel's options; these are not options.
+_FORWARDS: Mapping[str, Callable[..., Any]] = {"generalized": generalized.generalized_test}
+_NOT_OPTIONS = ("a", "b", "key", "data", "layers", "layer_pairs", "params_a", "cfg_a", "params_b", "cfg_b")
 TESTS: Mapping[str, TestSpec] = {
     name: TestSpec(**dataclasses.asdict(info), run=_RUNS[name][0], cli_options=_RUNS[name][1])
     for name, info in CATALOG.items()

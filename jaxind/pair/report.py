@@ -10,6 +10,8 @@ from jaxind.pair.registry import TESTS
 from jaxind.pair.result import PairResult
 from jaxind.stats.results import TestResult
 
+__all__ = ["format_localized", "format_table", "verdict"]
+
 
 def verdict(test: TestResult, alpha: float) -> str:
     """What the p-value means at level ``alpha``."""

@@ -19,6 +19,8 @@ from jaxind.errors import JaxindError
 from jaxind.stats import results
 from jaxind.stats.results import SCHEMA_VERSION, TestResult
 
+__all__ = ["PairResult"]
+
 _CORE = ("schema_version", "jaxind_version", "created", "seed", "alpha", "model_a", "model_b", "data", "tests")
 
 

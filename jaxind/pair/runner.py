@@ -28,6 +28,8 @@ from jaxind.pair.token_data import TokenData
 from jaxind.stats.results import TestResult
 from jaxind.types import LayerPair
 
+__all__ = ["ALL_TESTS", "DEFAULT_TESTS", "Settings", "run_pair", "run_test"]
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:

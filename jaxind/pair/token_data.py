@@ -25,6 +25,8 @@ from jaxind.models.config import ModelConfig
 from jaxind.stats import experts, fingerprint, grams
 from jaxind.types import LayerPair, Params
 
+__all__ = ["PassStats", "TokenData"]
+
 PassStats = grams.PassStats | experts.ExpertPass
 
 

@@ -13,6 +13,18 @@ import time
 
 from jaxind.errors import JaxindError
 
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "MESH_AXES",
+    "check_flags",
+    "check_layer_shards",
+    "detected_cluster",
+    "initialize",
+    "is_writer",
+    "parse_mesh",
+    "process_index",
+]
+
 MESH_AXES = ("data", "fsdp", "model")
 DEFAULT_TIMEOUT_S = 300  # --distributed_timeout: how long a multi-process start may wait for every process
 _JAX_MIN_S = 30  # the least time left to jax.distributed's own connection after the rendezvous

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 from jaxind.errors import JaxindError
 
+__all__ = ["Watchdog", "bounded", "check_address", "host", "join", "parse_address"]
+
 _HELLO = "jaxind-rendezvous 1"
 _RETRY_S = 0.5
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,6 +40,26 @@ from jaxind.models import model, paramspec
 from jaxind.models.config import ModelConfig
 from jaxind.parallel.cluster import MESH_AXES, parse_mesh
 from jaxind.types import Params
+
+__all__ = [
+    "Layout",
+    "MeshLike",
+    "Names",
+    "PARAM_AXES",
+    "RULES",
+    "bytes_per_device",
+    "largest_shard_fraction",
+    "layout_of",
+    "logical_spec",
+    "make_mesh",
+    "mesh_sizes",
+    "param_bytes_per_device",
+    "param_names",
+    "run_layout",
+    "sq_distance",
+    "to_host",
+    "zeros",
+]
 
 Names = tuple[str | None, ...]
 
@@ -98,21 +118,61 @@ def param_names(cfg: ModelConfig) -> dict[str, Names]:
     return {path: axes[path] for path in model.param_shapes_flat(cfg)}
 
 
-def make_mesh(sizes: dict[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, model)`` mesh over ``devices`` (default: every device of every process), laid out
-    by :func:`jax.make_mesh` (topology-aware on TPU/GPU); missing axes have size 1.
+MeshLike = str | Mapping[str, int] | Mesh | AbstractMesh
+"""A mesh in any of the forms every function that takes one accepts: the spec string of ``--mesh``
+(``"fsdp:4"``, ``"data:2,fsdp:-1"``), a ``{axis: size}`` mapping, or a :class:`jax.sharding.Mesh` /
+:class:`~jax.sharding.AbstractMesh` over the axes ``(data, fsdp, model)``."""
+
+
+def mesh_sizes(mesh: MeshLike, num_devices: int | None = None) -> dict[str, int]:
+    """The one normaliser of a mesh argument (:data:`MeshLike`): ``{axis: size}`` over ``(data, fsdp, model)``,
+    every axis present. ``-1`` (the devices left) is resolved against ``num_devices``.
 
     Raises:
-      JaxindError: the sizes do not multiply to the device count.
+      JaxindError: a malformed spec, an axis outside ``(data, fsdp, model)``, a ``-1`` without ``num_devices`` or
+        that does not divide it, or something that is not a mesh.
     """
-    sizes = parse_mesh(sizes) if isinstance(sizes, str) else dict(sizes)
-    devs = list(jax.devices() if devices is None else devices)
-    known = math.prod(v for v in sizes.values() if v != -1)
+    if isinstance(mesh, str):
+        sizes = parse_mesh(mesh)
+    elif isinstance(mesh, Mesh | AbstractMesh):
+        sizes = dict(mesh.shape)
+    elif isinstance(mesh, Mapping):
+        sizes = dict(mesh)
+    else:
+        raise JaxindError(
+            f"mesh {mesh!r}: expected a spec string such as 'fsdp:4' or 'data:2,fsdp:-1', a {{axis: size}} dict or a "
+            "jax.sharding.Mesh"
+        )
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    bad = [a for a, v in sizes.items() if not isinstance(v, int | np.integer) or (v < 1 and v != -1)]
+    if unknown or bad or list(sizes.values()).count(-1) > 1:
+        raise JaxindError(
+            f"mesh {sizes}: axes must be among {', '.join(MESH_AXES)} with sizes >= 1 (at most one -1 for the "
+            "devices left), e.g. 'fsdp:4' or {'data': 2, 'fsdp': 4}"
+        )
     if -1 in sizes.values():
-        if len(devs) % known:
-            raise JaxindError(f"mesh {sizes}: {len(devs)} devices are not a multiple of {known}")
-        sizes = {k: (len(devs) // known if v == -1 else v) for k, v in sizes.items()}
-    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
+        if num_devices is None:
+            raise JaxindError(f"mesh {sizes}: -1 needs a device count here; give every axis a size, e.g. 'fsdp:8'")
+        known = math.prod(v for v in sizes.values() if v != -1)
+        if num_devices % known:
+            raise JaxindError(f"mesh {sizes}: {num_devices} devices are not a multiple of {known}")
+        sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
+    return {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+
+
+def make_mesh(sizes: MeshLike, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, model)`` mesh over ``devices`` (default: every device of every process), laid out
+    by :func:`jax.make_mesh` (topology-aware on TPU/GPU); missing axes have size 1. ``sizes`` is any
+    :data:`MeshLike`; a :class:`~jax.sharding.Mesh` with no ``devices`` given is returned as it is.
+
+    Raises:
+      JaxindError: the sizes do not multiply to the device count (or are not a mesh, :func:`mesh_sizes`).
+    """
+    if isinstance(sizes, Mesh) and devices is None:
+        mesh_sizes(sizes)  # its axes are ours
+        return sizes
+    devs = list(jax.devices() if devices is None else devices)
+    shape = tuple(mesh_sizes(sizes, len(devs)).values())
     if math.prod(shape) != len(devs):
         raise JaxindError(
             f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, there are {len(devs)}: "
@@ -222,10 +282,11 @@ def _set_row(stack: jax.Array, row: jax.Array, layer: Any) -> jax.Array:
     return _set_row_jit(stack, row, layer, stack.sharding)
 
 
-def param_bytes_per_device(cfg: ModelConfig, sizes: dict[str, int], bytes_per_param: int = 4, rules=RULES) -> int:
-    """Bytes of one model's params on the fullest device of a ``(data, fsdp, model)`` mesh of ``sizes`` (no device
-    needed: the rules are applied to an abstract mesh), e.g. for planning a pod."""
-    mesh = AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
+def param_bytes_per_device(cfg: ModelConfig, sizes: MeshLike, bytes_per_param: int = 4, rules=RULES) -> int:
+    """Bytes of one model's params on the fullest device of a ``(data, fsdp, model)`` mesh of ``sizes`` (any
+    :data:`MeshLike` without ``-1``: ``"fsdp:4"``, ``{"fsdp": 4}``, a Mesh; no device needed: the rules are applied
+    to an abstract mesh), e.g. for planning a pod."""
+    mesh = AbstractMesh(tuple(mesh_sizes(sizes).values()), MESH_AXES)
     names = param_names(cfg)
     total = 0
     for path, shape in model.param_shapes_flat(cfg).items():
@@ -235,7 +296,7 @@ def param_bytes_per_device(cfg: ModelConfig, sizes: dict[str, int], bytes_per_pa
     return total * bytes_per_param
 
 
-def run_layout(mesh: str | None) -> Layout | None:
+def run_layout(mesh: MeshLike | None) -> Layout | None:
     """The layout of a run: ``--mesh`` over every device, or, without it, None (one device, as before) for a single
     process and ``fsdp`` over every device for a multi-process run."""
     if mesh is None and jax.process_count() == 1:

@@ -105,6 +105,31 @@ import scipy.optimize
 
 from jaxind.errors import JaxindError
 
+__all__ = [
+    "AuctionResult",
+    "CostMatrixError",
+    "DEFAULT_RTOL",
+    "METHODS",
+    "WARM_MAX_COMPETITION",
+    "WARM_MIN_N",
+    "assignment_cost",
+    "auction_lap",
+    "competition",
+    "default_method",
+    "duality_gap",
+    "eps_schedule",
+    "have_lapjv",
+    "lapjv_exact",
+    "queue_auction_prices",
+    "rank_one_prices",
+    "solve_auction",
+    "solve_lap",
+    "solve_lap_batched",
+    "solve_warm",
+    "warm_prices",
+    "warm_schedule",
+]
+
 METHODS = ("auto", "scipy", "auction", "hungarian", "lapjv", "warm")
 DEFAULT_RTOL = 1e-6
 # Last float32 epsilon, relative to the cost range; the float64 stage continues from there.

@@ -19,7 +19,7 @@ score, flagged as such in the results (``exact: False``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,19 @@ from jaxind.models import model
 from jaxind.models.config import ModelConfig
 from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.parallel import sharding
-from jaxind.stats import assignment, grams, pvalues
+from jaxind.stats import assignment, convention, grams, pvalues
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
+
+__all__ = [
+    "CSU_ALL_NOTE",
+    "cosine_matrix",
+    "csh_from_pass",
+    "csu",
+    "csu_all",
+    "layer_cosine_matrix",
+    "matched_spearman",
+]
 
 CSU_ALL_NOTE = "heuristic: only MLP hidden units are a symmetry, other tensors' matchings need not be uniform under H0"
 # Parameters with a vocabulary- or position-sized axis: too large to match, and not hidden units.
@@ -75,11 +85,18 @@ def _check_same_width(cfg_a: ModelConfig, cfg_b: ModelConfig, test: str) -> None
 
 @timed
 def csu(
-    params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array, layers: Layers = None
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    *legacy: Any,
+    key: jax.Array | None = None,
+    layers: Layers = None,
 ) -> TestResult:
     """CSU: per layer pair, Spearman p-value of the cosine matching of up-projection units;
     Fisher-combined. ``layers``: a layer selection (:mod:`jaxind.models.layer_selection`), default ``(l, l)`` for
     the shared depth."""
+    key, layers = convention.key_and_layers("constrained.csu", legacy, key, layers)
     _check_same_width(cfg_a, cfg_b, "CSU")
     if cfg_a.moe or cfg_b.moe:
         raise JaxindError(
@@ -95,8 +112,14 @@ def csu(
 
 
 @timed
-def csu_all(params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array) -> TestResult:
-    """CSU over every 2-D parameter present in both models with the same shape (heuristic)."""
+def csu_all(
+    params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, *legacy: Any, key: Any = None
+) -> TestResult:
+    """CSU over every 2-D parameter present in both models with the same shape (heuristic); whole models, so no
+    ``layers``."""
+    new_form = "constrained.csu_all(params_a, cfg_a, params_b, cfg_b, *, key)"
+    key = convention.legacy_positional("constrained.csu_all", new_form, legacy, ("key",), {"key": key})["key"]
+    key = convention.check_key(key, "constrained.csu_all")
     _check_same_width(cfg_a, cfg_b, "CSU-all")
     leaves_a = _flat_2d(params_a)
     leaves_b = _flat_2d(params_b)

@@ -16,6 +16,8 @@ import numpy as np
 from jaxind.parallel import sharding
 from jaxind.stats.results import TestResult, timed
 
+__all__ = ["NOTE", "jsd", "jsd_sum"]
+
 NOTE = "JSD is invariant under the symmetry group: a similarity number, not a test"
 
 

@@ -45,9 +45,27 @@ from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
 from jaxind.models.layer_selection import Layers, resolve_pairs
 from jaxind.models.symmetry import Perm
-from jaxind.stats import assignment, constrained, grams, match, pvalues
+from jaxind.stats import assignment, constrained, convention, grams, match, pvalues
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
+
+__all__ = [
+    "EXACT_NOTE",
+    "ExpertL2",
+    "ExpertPass",
+    "MATCH_NOTE",
+    "Space",
+    "WEIGHTS",
+    "accumulate",
+    "csh_from_pass",
+    "csu",
+    "expert_similarity",
+    "l2_consts",
+    "l2_inner",
+    "match_from_pass",
+    "pass_for_pairs",
+    "unit_grams",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -345,10 +363,17 @@ def _constrained_layer(
 
 @timed
 def csu(
-    params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array, layers: Layers = None
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    *legacy: Any,
+    key: jax.Array | None = None,
+    layers: Layers = None,
 ) -> TestResult:
     """CSU on mixtures of experts: per layer pair, experts matched by their up-projection weights' similarity,
     then each matched pair's units by cosine (module doc); Fisher over every record. Exact."""
+    key, layers = convention.key_and_layers("experts.csu", legacy, key, layers)
     _require_moe(cfg_a, cfg_b, "CSU")
     if cfg_a.d_model != cfg_b.d_model:
         raise JaxindError(

@@ -41,6 +41,22 @@ from jaxind.models.config import ModelConfig
 from jaxind.stats import grams
 from jaxind.types import LayerPair, Params
 
+__all__ = [
+    "CrossGrams",
+    "Fingerprint",
+    "IncomparableError",
+    "VERSION",
+    "check_comparable",
+    "compute",
+    "compute_into",
+    "ensure",
+    "fingerprint_key",
+    "load",
+    "pass_stats",
+    "path_for",
+    "token_hash",
+]
+
 VERSION = 1
 _FILES = ("x.npy", "sq.npy", "tokens.npy")
 

@@ -60,9 +60,25 @@ from jaxind.errors import JaxindError
 from jaxind.models import model as model_lib
 from jaxind.models.config import Activation, ModelConfig
 from jaxind.models.layer_selection import Layers, resolve_pairs
+from jaxind.stats import convention
 from jaxind.stats import match as match_lib
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
+
+__all__ = [
+    "BlockFn",
+    "DistillSettings",
+    "ModelBlocks",
+    "NOTE",
+    "Views",
+    "canonicalize_student",
+    "distill_glu",
+    "gate_up_coupling",
+    "generalized_from_blocks",
+    "generalized_test",
+    "init_student",
+    "model_block_fn",
+]
 
 BlockFn = Callable[[Any, jax.Array], jax.Array]  # (block params, x (n, d)) -> (n, d)
 Views = Literal["auto", "gate_up", "split"]
@@ -360,7 +376,7 @@ def generalized_test(
     cfg_b: ModelConfig,
     *,
     key: jax.Array,
-    layer_pairs: Layers = None,
+    layers: Layers = None,
     width: int | None = None,
     steps: int = 4000,
     batch_size: int = 512,
@@ -369,11 +385,13 @@ def generalized_test(
     input_scale: float = 1.0,
     views: Views = "auto",
     coupling_threshold: float = 0.5,
+    layer_pairs: Layers = None,
 ) -> TestResult:
     """Generalized robust test between two models' MLP blocks (any family with ``mlp_output``).
 
     Args:
-      layer_pairs: a layer selection (:mod:`jaxind.models.layer_selection`); default ``(i, i)``, ``i < min(L_A, L_B)``.
+      layers: a layer selection (:mod:`jaxind.models.layer_selection`); default ``(i, i)``, ``i < min(L_A, L_B)``
+        (``layer_pairs``: its old name, a DeprecationWarning; removed in the next release).
       width: student width for both models; None uses each model's own ``d_ff`` (a mixture of experts: its
         shared expert's width plus ``experts_per_token * d_expert``).
       Others: see :func:`generalized_from_blocks`.
@@ -381,9 +399,11 @@ def generalized_test(
     Returns:
       See :func:`generalized_from_blocks`.
     """
+    layers = convention.renamed("generalized.generalized_test", "layer_pairs", "layers", layer_pairs, layers)
+    key = convention.check_key(key, "generalized.generalized_test")
     if cfg_a.d_model != cfg_b.d_model:
         raise JaxindError(f"generalized test needs equal residual widths (got {cfg_a.d_model} and {cfg_b.d_model})")
-    pairs = resolve_pairs(layer_pairs, cfg_a, cfg_b, "the generalized test")
+    pairs = resolve_pairs(layers, cfg_a, cfg_b, "the generalized test")
     blocks_a = ModelBlocks(model_block_fn(cfg_a), params_a)
     blocks_b = ModelBlocks(model_block_fn(cfg_b), params_b)
     # default: each model's MLP width (for a mixture of experts the hidden units active per token, shared expert too)

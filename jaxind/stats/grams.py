@@ -39,6 +39,21 @@ from jaxind.models.config import ModelConfig
 from jaxind.parallel import sharding
 from jaxind.types import Params
 
+__all__ = [
+    "Batch",
+    "PassStats",
+    "accumulate",
+    "accumulate_aligned",
+    "accumulate_step",
+    "aligned_step",
+    "init_state",
+    "normalize_batches",
+    "padded",
+    "row_distances",
+    "sq_distances",
+    "state_shardings",
+]
+
 # tokens (B, T), mask (B, T) or None, and the attention mask: the mask again where a sequence is padded, else None
 Batch = tuple[jax.Array, jax.Array | None, jax.Array | None]
 

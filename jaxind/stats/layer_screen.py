@@ -45,6 +45,8 @@ import numpy as np
 from jaxind.parallel import sharding
 from jaxind.stats import grams
 
+__all__ = ["MIN_EXCESS", "NUM_UNITS", "Screen", "Z", "sample_units", "screen"]
+
 MIN_EXCESS = 3.0  # agreements above chance a pair needs to be tested (besides its column's best)
 Z = 4.0  # ... and standard deviations (sqrt(k0 + 1), Poisson-like) above chance
 NUM_UNITS = 128  # sampled units of the narrower model

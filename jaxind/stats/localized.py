@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -46,11 +47,22 @@ from jaxind import progress
 from jaxind.errors import JaxindError
 from jaxind.io import destinations
 from jaxind.models.config import ModelConfig
-from jaxind.models.layer_selection import check_pairs
-from jaxind.stats import grams, layer_screen, pvalues
+from jaxind.models.layer_selection import Layers, check_pairs, resolve_pairs
+from jaxind.stats import convention, grams, layer_screen, pvalues
 from jaxind.stats.match import NOTE, UnitMatch, match_units
 from jaxind.stats.results import TestResult, timed
 from jaxind.types import LayerPair, Params
+
+__all__ = [
+    "Batches",
+    "SCREEN_MIN_PAIRS",
+    "duplicated_layers",
+    "heatmap_path_for",
+    "localized_parents",
+    "localized_test",
+    "pair_memory_bytes",
+    "plot_heatmap",
+]
 
 Batches = Sequence[Any] | Callable[[], Iterable[Any]]
 
@@ -197,13 +209,14 @@ def localized_test(
     batches: Batches,
     *,
     key: jax.Array,
+    layers: Layers = None,
     alpha: float = 0.01,
-    layers_a: Sequence[int] | None = None,
-    layers_b: Sequence[int] | None = None,
     memory_budget_bytes: int = 2 * 2**30,
     heatmap_path: str | os.PathLike | None = None,
     labels: tuple[str, str] = ("model A", "model B"),
     screen: bool | None = None,
+    layers_a: Sequence[int] | None = None,
+    layers_b: Sequence[int] | None = None,
 ) -> TestResult:
     """MATCH on every layer pair of A and B.
 
@@ -214,7 +227,10 @@ def localized_test(
         into several passes).
       key: PRNG key for the LAPs.
       alpha: family-wise error rate for the layer map (Bonferroni over ``L_A * L_B`` pairs).
-      layers_a, layers_b: restrict to these layers (default all).
+      layers: a layer selection (:mod:`jaxind.models.layer_selection`): every layer of A named in it is tested
+        against every layer of B named in it (default: all of each).
+      layers_a, layers_b: the old form of ``layers`` (each model's layers; a DeprecationWarning, removed in the
+        next release).
       memory_budget_bytes: bound on the cross-Gram accumulator; above it, B layers are chunked.
       heatmap_path: where to write the heatmap PNG (e.g. next to the results JSON, see
         :func:`heatmap_path_for`); None writes nothing.
@@ -233,6 +249,8 @@ def localized_test(
       ``memory_bytes``, ``num_tokens``, ``heatmap``, ``screen`` (None, or ``{"num_units",
       "pairs_tested", "pairs", "excess_matrix"}``).
     """
+    layers_a, layers_b = _layer_sets(layers, layers_a, layers_b, cfg_a, cfg_b)
+    key = convention.check_key(key, "localized.localized_test")
     la = tuple(range(cfg_a.n_layers)) if layers_a is None else tuple(sorted({int(l) for l in layers_a}))
     lb = tuple(range(cfg_b.n_layers)) if layers_b is None else tuple(sorted({int(l) for l in layers_b}))
     check_pairs([(a, b) for a in la for b in lb], cfg_a, cfg_b, "localized testing")
@@ -258,6 +276,29 @@ def localized_test(
         extra=_extra(matrix, threshold, alpha, len(chunks), pair_memory_bytes(cfg_a, cfg_b, len(la), len(chunks[0])))
         | {"heatmap": heatmap},
     )
+
+
+_Opt = Sequence[int] | None
+
+
+def _layer_sets(
+    layers: Layers, layers_a: _Opt, layers_b: _Opt, cfg_a: ModelConfig, cfg_b: ModelConfig
+) -> tuple[_Opt, _Opt]:
+    """Each model's layers from ``layers`` (pairs or indices) or, deprecated, from ``layers_a``/``layers_b``."""
+    if layers_a is None and layers_b is None:
+        if layers is None:
+            return None, None
+        pairs = resolve_pairs(layers, cfg_a, cfg_b, "localized testing")
+        return sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs})
+    if layers is not None:
+        raise JaxindError("localized.localized_test: give layers= only (layers_a=/layers_b= are its deprecated form)")
+    warnings.warn(
+        "localized.localized_test: layers_a=/layers_b= are deprecated and will be removed in the next release; pass "
+        "layers= (pairs (layer_a, layer_b): every named layer of A is tested against every named layer of B)",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    return layers_a, layers_b
 
 
 def _extra(matrix: _Matrix, threshold: float, alpha: float, num_passes: int, memory_bytes: int) -> dict[str, Any]:

@@ -33,9 +33,20 @@ import numpy as np
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
 from jaxind.models.layer_selection import Layers, resolve_pairs
-from jaxind.stats import assignment, grams, pvalues
+from jaxind.stats import assignment, convention, grams, pvalues
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
+
+__all__ = [
+    "NOTE",
+    "PREFETCH",
+    "UnitMatch",
+    "match_from_activations",
+    "match_from_pass",
+    "match_test",
+    "match_test_slow",
+    "match_units",
+]
 
 PREFETCH = 2  # pairs whose Grams are computed ahead of the LAPs
 NOTE = "approximate, as in the paper: Spearman's t approximation on LAP matchings, calibrated in simulation"
@@ -94,8 +105,9 @@ def match_test(
     batches: Iterable[Any],
     *,
     key: jax.Array,
-    layer_pairs: Layers = None,
+    layers: Layers = None,
     return_units: bool = False,
+    layer_pairs: Layers = None,
 ) -> TestResult:
     """MATCH between models A and B in one pass over the data.
 
@@ -104,16 +116,19 @@ def match_test(
       batches: iterable of token batches ``(B, T)`` int (or ``(tokens, mask)`` / dicts with
         "tokens" and "mask"); consumed once.
       key: PRNG key for the LAPs' random relabelling (ties / equivariance).
-      layer_pairs: a layer selection (:mod:`jaxind.models.layer_selection`); default ``(i, i)`` for
+      layers: a layer selection (:mod:`jaxind.models.layer_selection`); default ``(i, i)`` for
         ``i < min(L_A, L_B)``.
       return_units: add each pair's matched unit indices (``matched_units``) to its record.
+      layer_pairs: the old name of ``layers`` (a DeprecationWarning; removed in the next release).
 
     Returns:
       The Fisher-combined :class:`TestResult`; ``extra`` has ``num_tokens``, ``seconds_pass`` (the
       data pass) and ``seconds_lap`` (LAPs and tests).
     """
+    layers = convention.renamed("match.match_test", "layer_pairs", "layers", layer_pairs, layers)
+    key = convention.check_key(key, "match.match_test")
     start = time.perf_counter()
-    pairs = resolve_pairs(layer_pairs, cfg_a, cfg_b, "MATCH")
+    pairs = resolve_pairs(layers, cfg_a, cfg_b, "MATCH")
     layers_a = tuple(sorted({a for a, _ in pairs}))
     layers_b = tuple(sorted({b for _, b in pairs}))
     pair_index = tuple((layers_a.index(a), layers_b.index(b)) for a, b in pairs)
@@ -172,6 +187,7 @@ def match_test_slow(
     batches: Sequence[Any],
     *,
     key: jax.Array,
+    layers: Layers = None,
     layer_pairs: Layers = None,
 ) -> TestResult:
     """Naive baseline for the benchmark: for every layer pair and each projection (gate, up),
@@ -182,8 +198,9 @@ def match_test_slow(
 
     ``batches`` must be re-iterable (a list).
     """
+    layers = convention.renamed("match.match_test_slow", "layer_pairs", "layers", layer_pairs, layers)
     start = time.perf_counter()
-    pairs = resolve_pairs(layer_pairs, cfg_a, cfg_b, "MATCH")
+    pairs = resolve_pairs(layers, cfg_a, cfg_b, "MATCH")
     token_batches = list(grams.normalize_batches(batches))
     records = []
     keys = jax.random.split(key, len(pairs))

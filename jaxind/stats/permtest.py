@@ -52,10 +52,29 @@ from jaxind.models.config import ModelConfig
 from jaxind.models.model import forward
 from jaxind.models.symmetry import Perm, apply_permutation, check_tree, draw_permutations, get_leaf, permutation_spec
 from jaxind.parallel import sharding
-from jaxind.stats import experts, pvalues
+from jaxind.stats import convention, experts, pvalues
 from jaxind.stats.results import LayerResult, TestResult, timed
 from jaxind.stats.statistics import PermStatistic, check_draw, register_statistic, resolve_statistic
 from jaxind.types import Params
+
+__all__ = [
+    "CPU_L2_CHUNK",
+    "L2",
+    "L2Consts",
+    "MC",
+    "MCConsts",
+    "PermTestResult",
+    "STATISTICS",
+    "Statistic",
+    "default_draw_devices",
+    "l2_consts",
+    "l2_direct",
+    "l2_draw",
+    "make_mesh",
+    "mc_stat",
+    "permtest",
+    "permtest_loop",
+]
 
 # A statistic: a registered name ("l2", "mc", or one of register_statistic's), a function
 # (params_a, params_b) -> scalar, or a PermStatistic (jaxind.stats.statistics).
@@ -695,25 +714,33 @@ def _observed_jit(stat: PermStatistic, cfg: ModelConfig) -> Callable:
     return jax.jit(lambda a, b, tokens: stat.direct_or_draw(a, b, cfg, tokens))
 
 
+_NEW_FORM = "permtest.permtest(params_a, cfg_a, params_b, cfg_b, *, key, layers=None, **options)"
+
+
 @timed
 def permtest(
     params_a: Params,
-    params_b: Params,
-    cfg: ModelConfig,
-    key: jax.Array,
+    cfg_a: Any = None,
+    params_b: Any = None,
+    cfg_b: Any = None,
+    *legacy: Any,
+    key: jax.Array | None = None,
+    layers: Sequence[int] | None = None,
     num_perms: int = 999,
     statistic: Statistic = "l2",
     tokens: ArrayLike | None = None,
     devices: Sequence[jax.Device] | None = None,
     chunk_size: int | None = None,
     memory_budget_bytes: int = 512 * 2**20,
-    layers: Sequence[int] | None = None,
     layer_shards: int = 0,
+    cfg: ModelConfig | None = None,
 ) -> PermTestResult:
-    """PERMTEST(statistic, T) with the draws vmapped, chunked and sharded over devices.
+    """PERMTEST(statistic, T) with the draws vmapped, chunked and sharded over devices, called as
+    ``permtest(params_a, cfg_a, params_b, cfg_b, *, key, layers=None, **options)`` (docs/DESIGN.md §5.3; the old
+    form ``permtest(params_a, params_b, cfg, key, ...)`` works for one release with a DeprecationWarning).
 
     Args:
-      params_a, params_b: two param trees for the same ``cfg``.
+      params_a, cfg_a, params_b, cfg_b: two param trees of one config (``cfg_a == cfg_b``).
       key: PRNG key; draw ``t`` uses ``draw_permutations(fold_in(key, t), cfg)``.
       num_perms: T, the number of random group elements.
       statistic: larger = more similar: "l2", "mc", a name given to
@@ -740,6 +767,10 @@ def permtest(
       JaxindError: an unknown statistic or bad option (the message names the valid ones), a pair of trees that
         do not match ``cfg``, or a statistic that does not return one finite float scalar per draw.
     """
+    params_a, params_b, cfg, key = convention.one_config_pair(
+        "permtest.permtest", _NEW_FORM, (params_a, cfg_a, params_b, cfg_b), legacy, key, cfg
+    )
+    key = convention.check_key(key, "permtest.permtest")
     stat = _check_args(statistic, num_perms, tokens, layers, layer_shards)
     _check_pair(params_a, params_b, cfg)
     if cfg.moe and layer_shards > 1:
@@ -798,19 +829,32 @@ def _loop_step(stat: PermStatistic, cfg: ModelConfig) -> Callable:
 @timed
 def permtest_loop(
     params_a: Params,
-    params_b: Params,
-    cfg: ModelConfig,
-    key: jax.Array,
+    cfg_a: Any = None,
+    params_b: Any = None,
+    cfg_b: Any = None,
+    *legacy: Any,
+    key: jax.Array | None = None,
     num_perms: int = 999,
     statistic: Statistic = "l2",
     tokens: ArrayLike | None = None,
+    cfg: ModelConfig | None = None,
 ) -> PermTestResult:
     """Reference PERMTEST: a Python loop over draws, each materialising ``p_t(B)`` with
-    :func:`apply_permutation` and computing the statistic directly (one jitted step per draw).
+    :func:`apply_permutation` and computing the statistic directly (one jitted step per draw). Called as
+    :func:`permtest` is (the old form ``(params_a, params_b, cfg, key)`` with a DeprecationWarning).
 
     Same draws as :func:`permtest` for the same ``key`` (``fold_in(key, t)``), so the results
     agree up to float rounding.
     """
+    params_a, params_b, cfg, key = convention.one_config_pair(
+        "permtest.permtest_loop",
+        _NEW_FORM.replace("permtest(", "permtest_loop("),
+        (params_a, cfg_a, params_b, cfg_b),
+        legacy,
+        key,
+        cfg,
+    )
+    key = convention.check_key(key, "permtest.permtest_loop")
     stat = _check_args(statistic, num_perms, tokens, None)
     _check_pair(params_a, params_b, cfg)
     step = _loop_step(stat, cfg)

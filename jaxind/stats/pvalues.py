@@ -25,6 +25,19 @@ from typing import NamedTuple
 import numpy as np
 from scipy import special, stats
 
+__all__ = [
+    "CombinedPValue",
+    "EXACT_SPEARMAN_MAX_N",
+    "SpearmanResult",
+    "adjust_log10",
+    "fisher_combine",
+    "log10_min_spearman_pvalue",
+    "permtest_pvalue",
+    "pow10",
+    "spearman_matching_test",
+    "spearman_test",
+]
+
 _LN10 = math.log(10.0)
 # Below this, scipy's float64 survival function is replaced by the log-space series.
 _SCIPY_TAIL_FLOOR = 1e-250

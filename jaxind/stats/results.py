@@ -36,6 +36,22 @@ import jaxind
 from jaxind.io import destinations
 from jaxind.stats import pvalues
 
+__all__ = [
+    "Combine",
+    "LayerResult",
+    "RESULTS_SCHEMA",
+    "SCHEMA_VERSION",
+    "TEST_SCHEMA",
+    "TestResult",
+    "fisher_result",
+    "jsonable",
+    "make_results",
+    "rescue_path",
+    "timed",
+    "write_json",
+    "write_json_or_rescue",
+]
+
 SCHEMA_VERSION = 2
 # How per-layer results became one p-value.
 Combine = Literal["fisher", "permtest", "bonferroni_min"]

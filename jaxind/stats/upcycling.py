@@ -47,10 +47,28 @@ from jaxind.errors import JaxindError
 from jaxind.models import model as model_lib
 from jaxind.models.config import ModelConfig
 from jaxind.models.layer_selection import Layers, resolve_pairs
-from jaxind.stats import constrained, experts, match, pvalues
+from jaxind.stats import constrained, convention, experts, match, pvalues
 from jaxind.stats import grams as grams_lib
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import LayerPair, Params
+
+__all__ = [
+    "ALPHA",
+    "Block",
+    "Label",
+    "NOTE",
+    "PairTest",
+    "applies",
+    "blocks",
+    "combine_layer",
+    "csh_from_pass",
+    "csu",
+    "derived_experts",
+    "format_derived",
+    "match_from_pass",
+    "sidak_log10",
+    "sparse_upcycle",
+]
 
 ALPHA = 0.01  # the level of the derived-experts map
 NOTE = (
@@ -254,9 +272,16 @@ def _run(
 
 @timed
 def csu(
-    params_a: Params, cfg_a: ModelConfig, params_b: Params, cfg_b: ModelConfig, key: jax.Array, layers: Layers = None
+    params_a: Params,
+    cfg_a: ModelConfig,
+    params_b: Params,
+    cfg_b: ModelConfig,
+    *legacy: Any,
+    key: jax.Array | None = None,
+    layers: Layers = None,
 ) -> TestResult:
     """CSU block by block (module doc): up-projection weight columns of every block pair. Exact."""
+    key, layers = convention.key_and_layers("upcycling.csu", legacy, key, layers)
     if cfg_a.d_model != cfg_b.d_model:
         raise JaxindError(
             f"CSU compares weight rows, so it needs the same residual width ({cfg_a.d_model} vs {cfg_b.d_model}): "
