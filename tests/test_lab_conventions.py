@@ -196,6 +196,7 @@ def _submodules() -> list[str]:
 
 def test_every_submodule_lists_its_public_names():
     import importlib
+    import inspect
 
     modules = _submodules()
     assert "jaxind.stats.constrained" in modules and "jaxind.many.scan" in modules
@@ -206,6 +207,15 @@ def test_every_submodule_lists_its_public_names():
         assert len(listed) == len(set(listed)) and all(not n.startswith("_") for n in listed), name
         missing = [n for n in listed if not hasattr(module, n)]
         assert not missing, f"{name}.__all__ names what it lacks: {missing}"
+        defined = [  # the module's own public functions and classes
+            n
+            for n, v in vars(module).items()
+            if not n.startswith("_")
+            and (inspect.isfunction(v) or inspect.isclass(v))
+            and getattr(v, "__module__", None) == name
+        ]
+        unlisted = [n for n in defined if n not in listed]
+        assert not unlisted, f"{name}.__all__ leaves out its public {unlisted}"
     from jaxind.stats import constrained, match, permtest
 
     assert {"csu", "csu_all"} <= set(constrained.__all__) and "permtest" in permtest.__all__

@@ -20,6 +20,8 @@ import numpy as np
 
 from jaxind.errors import JaxindError
 
+__all__ = ["SharedTokens", "shared_tokens", "shared_by_string", "shared_by_id", "vocabulary", "token_key"]
+
 _MARKERS = ("Ġ", "▁")  # byte-level BPE's and sentencepiece's "a space before this word"
 
 

@@ -35,7 +35,7 @@ import jaxind
 from jaxind.errors import JaxindError
 from jaxind.many.sweep_config import ModelEntry, load_references
 
-__all__ = ["DEFAULT_SCAN_TESTS", "References", "format_ranking", "read_references", "scan"]
+__all__ = ["DEFAULT_SCAN_TESTS", "References", "format_ranking", "read_references", "scan", "format_layer_parents"]
 
 if TYPE_CHECKING:
     from jaxind.pair.result import PairResult

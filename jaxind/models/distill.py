@@ -22,6 +22,8 @@ from jaxind.errors import JaxindError
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
 
+__all__ = ["distill", "distill_loss", "kl_to_teacher"]
+
 
 def _log_probs(params: Any, cfg: ModelConfig, tokens: jax.Array, temperature: float) -> jax.Array:
     logits, _ = model.forward(params, cfg, tokens)

@@ -11,7 +11,21 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
-__all__ = ["ALL_TESTS", "CATALOG", "DEFAULT_TESTS", "Setting", "TestInfo", "TestName", "markdown_table", "tests_help"]
+__all__ = [
+    "ALL_TESTS",
+    "CATALOG",
+    "DEFAULT_TESTS",
+    "Setting",
+    "TestInfo",
+    "TestName",
+    "markdown_table",
+    "tests_help",
+    "APPLICABILITY",
+    "PAIR_KINDS",
+    "pair_kinds",
+    "not_applicable",
+    "applicability_table",
+]
 
 TestName = Literal["csu", "csh", "csu_all", "l2", "mc", "jsd", "match", "localized", "generalized", "csu_aligned"]
 Setting = Literal["constrained", "unconstrained", "none"]
@@ -195,7 +209,10 @@ APPLICABILITY: Mapping[str, Mapping[PairKind, tuple[Applies, str]]] = {
         "residual_width": ("no", "the residual map is an orthogonal d x d Procrustes fit: needs the same d_model"),
         "depth": ("yes", "layer l with layer l, or `--layer_pairs`"),
         "moe": ("no", "compares dense MLPs: use `match`"),
-        "tokenizer": ("yes", "weights only; the residual map is fitted on the tokens both vocabularies share by string"),
+        "tokenizer": (
+            "yes",
+            "weights only; the residual map is fitted on the tokens both vocabularies share by string",
+        ),
         "gguf": _GGUF,
     },
     "csh": {

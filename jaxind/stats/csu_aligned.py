@@ -31,6 +31,8 @@ from jaxind.stats.constrained import cosine_matrix, matched_spearman
 from jaxind.stats.results import LayerResult, TestResult, fisher_result, timed
 from jaxind.types import Params
 
+__all__ = ["csu_aligned", "check_models", "procrustes", "folded_up", "NOTE"]
+
 NOTE = (
     "exact under CSU's assumption (B's MLP units exchangeable under H0): the residual map is fitted on "
     "embeddings, which B's unit order does not move"

@@ -62,6 +62,7 @@ __all__ = [
     "localized_test",
     "pair_memory_bytes",
     "plot_heatmap",
+    "layer_parents",
 ]
 
 Batches = Sequence[Any] | Callable[[], Iterable[Any]]
