@@ -207,3 +207,26 @@ def test_the_mask_on_a_mesh_gives_the_one_device_logits():
     tokens, mask = padded(sequences(cfg) * 2, "left")  # 4 sequences, split over the data axis
     want = np.asarray(jaxind.from_params(cfg, params).logits(tokens, attention_mask=mask))
     np.testing.assert_allclose(np.asarray(placed.logits(tokens, attention_mask=mask)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_match_and_csh_on_a_tokenizers_padded_output_equal_the_unpadded_sequences():
+    """A tokenizer's padded output (``input_ids`` + ``attention_mask``, padding left on some rows and right on
+    others) as ``data``: CSH and MATCH give the matchings and p-values of the same sequences unpadded; the tests
+    that read no mask refuse it in one line."""
+    cfg = CONFIGS["qwen2_bias"]
+    a, b = (jaxind.from_params(cfg, numpy_params(cfg, s)) for s in (1, 2))
+    seqs = np.random.default_rng(3).integers(0, cfg.vocab_size, (4, 6))
+    left, left_mask = padded(list(seqs[:2]), "left")
+    right, right_mask = padded(list(seqs[2:]), "right")
+    data = {"input_ids": np.concatenate([left, right]), "attention_mask": np.concatenate([left_mask, right_mask])}
+    for name in ("csh", "match"):
+        key = jaxind.key_for(0, name)
+        got, want = jaxind.TESTS[name](a, b, key=key, data=data), jaxind.TESTS[name](a, b, key=key, data=seqs)
+        assert got.error is None and want.error is None, (got.error, want.error)
+        assert [r.statistic for r in got.layers] == pytest.approx([r.statistic for r in want.layers], abs=1e-9)
+        assert got.log10_pvalue == pytest.approx(want.log10_pvalue, rel=1e-9), name
+    for name in ("mc", "jsd"):
+        with pytest.raises(JaxindError, match="takes no padding mask"):
+            jaxind.TESTS[name](a, b, key=0, data=data)
+    with pytest.raises(JaxindError, match="padding mask must have the tokens' shape"):
+        jaxind.TESTS["match"](a, b, key=0, data={"input_ids": seqs, "attention_mask": np.ones((4, 5))})

@@ -219,6 +219,7 @@ def _mc(
 ) -> TestResult:
     _same_config(a, b, "mc")
     TokenData.of(data, "mc").require_shared_tokens("mc")
+    TokenData.of(data, "mc").require_unpadded("mc")
     tokens = TokenData.of(data, "mc").tokens[:mc_sequences]
     return permtest.permtest(
         a.params, a.config, b.params, b.config, key=key, num_perms=num_perms, statistic="mc", tokens=tokens
@@ -229,6 +230,7 @@ def _mc(
 def _jsd(a: Model, b: Model, *, key: jax.Array, data: Any = None, layers: Layers = None) -> TestResult:
     vocab = min(a.config.vocab_size, b.config.vocab_size)
     TokenData.of(data, "jsd").require_shared_tokens("jsd")
+    TokenData.of(data, "jsd").require_unpadded("jsd")
     return divergence.jsd(a.logits, b.logits, TokenData.of(data, "jsd").batches(), vocab)
 
 

@@ -14,7 +14,7 @@ pair and neither model runs (docs/DESIGN.md §5.10).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,11 +37,18 @@ class TokenData:
     Attributes:
       tokens: ``(N, T)`` int token ids (in both models' shared vocabulary).
       batch_size: sequences per forward pass.
+      aligned: for models with different tokenizers, a :class:`jaxind.io.alignment.AlignedTokens` (``tokens``
+        are then A's).
+      mask: ``(N, T)`` or None: 1 for a real token, 0 for padding (on either side of a sequence, as a tokenizer's
+        ``attention_mask``). CSH, MATCH and localized testing run the models with it as the attention mask and
+        count real tokens only, so their statistics are those of the unpadded sequences; tests that feed the
+        token ids to the models without a mask (``mc``, ``jsd``) refuse padded data.
     """
 
     tokens: np.ndarray
     batch_size: int = 8
-    aligned: Any = None  # models with different tokenizers: a jaxind.io.alignment.AlignedTokens (tokens are A's)
+    aligned: Any = None
+    mask: np.ndarray | None = None
     _passes: dict[tuple[int, int, tuple[LayerPair, ...]], tuple[Params, Params, PassStats]] = dataclasses.field(
         default_factory=dict, init=False, repr=False
     )
@@ -57,6 +64,18 @@ class TokenData:
             )
         if self.batch_size < 1:
             raise JaxindError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.mask is not None:
+            self.mask = np.asarray(self.mask)
+            if self.mask.shape != self.tokens.shape or self.aligned is not None:
+                raise JaxindError(
+                    f"a padding mask must have the tokens' shape {self.tokens.shape} (1 = real token, 0 = padding), "
+                    f"got {self.mask.shape}" + (" and aligned text of two tokenizers" if self.aligned else "")
+                )
+            real = self.mask != 0
+            if not real.any(axis=1).all():
+                raise JaxindError("every sequence needs at least one real token (mask 1); drop the empty rows")
+            if real.all():
+                self.mask = None  # no padding: the unpadded computation, bit for bit
 
     @classmethod
     def of(cls, data: TokenData | Any, test: str) -> TokenData:
@@ -71,18 +90,38 @@ class TokenData:
 
     @classmethod
     def wrap(cls, data: Any, batch_size: int = 8) -> TokenData:
-        """A token array ``(N, T)``, or the aligned tokens of two tokenizers (:mod:`jaxind.io.alignment`)."""
+        """A token array ``(N, T)``; a tokenizer's padded output (a mapping with ``input_ids`` and
+        ``attention_mask``, e.g. ``tokenizer(texts, padding=True, return_tensors="np")``); or the aligned tokens
+        of two tokenizers (:mod:`jaxind.io.alignment`)."""
         if hasattr(data, "tokens_a"):
             return cls(data.tokens_a, batch_size, aligned=data)
+        if isinstance(data, Mapping) and "input_ids" in data:
+            return cls(np.asarray(data["input_ids"]), batch_size, mask=data.get("attention_mask"))
         return cls(np.asarray(data), batch_size)
 
     def batches(self) -> Any:
         """``(tokens (B, T), mask (B, T))`` batches of equal shape (see
-        :func:`jaxind.io.token_source.batches`); for models with
-        different tokenizers, :class:`jaxind.io.alignment.AlignedBatches`."""
+        :func:`jaxind.io.token_source.batches`; with a padding :attr:`mask`, the batch's mask is 0 on padding
+        too); for models with different tokenizers, :class:`jaxind.io.alignment.AlignedBatches`."""
         if self.aligned is not None:
             return self.aligned.batches(self.batch_size)
-        return list(data_lib.batches(self.tokens, self.batch_size))
+        out = list(data_lib.batches(self.tokens, self.batch_size))
+        if self.mask is None:
+            return out
+        masks = (chunk for chunk, _ in data_lib.batches(self.mask.astype(np.float32), self.batch_size))
+        return [(tokens, rows * padding) for (tokens, rows), padding in zip(out, masks, strict=True)]
+
+    def require_unpadded(self, test: str) -> None:
+        """Refuses a test that runs the models on the token ids without an attention mask.
+
+        Raises:
+          JaxindError: the data has padding.
+        """
+        if self.mask is not None:
+            raise JaxindError(
+                f"{test} runs the models on whole sequences and takes no padding mask: pass unpadded token ids "
+                "(N, T) (e.g. windows of one length), or use csh/match/localized, which read the mask"
+            )
 
     def require_shared_tokens(self, test: str) -> None:
         """Refuses a test that feeds one token array to both models when the two tokenizers differ.
@@ -132,8 +171,9 @@ class TokenData:
             raise JaxindError(
                 "mixtures of experts on text of two different tokenizers are not supported yet: use --data=random"
             )
-        fp_a = None if moe or self.aligned is not None else self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
-        fp_b = None if moe or self.aligned is not None else self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
+        own_pass = moe or self.aligned is not None or self.mask is not None  # fingerprints read unpadded tokens
+        fp_a = None if own_pass else self._fingerprint_of(params_a, cfg_a, [a for a, _ in pairs])
+        fp_b = None if own_pass else self._fingerprint_of(params_b, cfg_b, [b for _, b in pairs])
         if (cached is None or cached[0] is not params_a or cached[1] is not params_b) and fp_a and fp_b:
             cached = (params_a, params_b, fingerprint.pass_stats(fp_a, params_a, fp_b, params_b, pairs))
             self._passes[key] = cached
