@@ -40,16 +40,21 @@ from jaxind.errors import JaxindError  # noqa: E402
 from jaxind.pair import catalog  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sizes", ["tiny"], f"model sizes of the zoo: {', '.join(dz.SIZES)}")
-flags.DEFINE_integer("seeds", 5, "bases per size: each derivation gets this many dependent and independent pairs")
-flags.DEFINE_string("out", "benchmarks/results/derivations_tiny.json", "results JSON (the tables: same path, .md)")
-flags.DEFINE_boolean("real", False, "also the real SmolLM2-135M and derivations of it (slower)")
-flags.DEFINE_boolean("quick", False, "2 seeds, short training, 19 permutations: a 2-minute smoke run")
-flags.DEFINE_list("derivations", list(dz.DERIVATIONS), "derivations to run")
-flags.DEFINE_list("tests", None, "tests to run (default: every registered test)")
-flags.DEFINE_integer("num_perms", 99, "PERMTEST draws (l2, mc); p-values are at least 1/(num_perms+1)")
-flags.DEFINE_integer("generalized_steps", 200, "distillation steps per MLP block of the generalized test")
-flags.DEFINE_float("alpha", 0.01, "level of the detection and false-positive rates")
+
+
+def define_flags() -> None:
+    """The benchmark's flags, defined when it runs as a program (importing it, as its test does, defines none:
+    other modules of the same process define --out, --tests, --alpha ...)."""
+    flags.DEFINE_list("sizes", ["tiny"], f"model sizes of the zoo: {', '.join(dz.SIZES)}")
+    flags.DEFINE_integer("seeds", 5, "bases per size: each derivation gets this many dependent and independent pairs")
+    flags.DEFINE_string("out", "benchmarks/results/derivations_tiny.json", "results JSON (the tables: same path, .md)")
+    flags.DEFINE_boolean("real", False, "also the real SmolLM2-135M and derivations of it (slower)")
+    flags.DEFINE_boolean("quick", False, "2 seeds, short training, 19 permutations: a 2-minute smoke run")
+    flags.DEFINE_list("derivations", list(dz.DERIVATIONS), "derivations to run")
+    flags.DEFINE_list("tests", None, "tests to run (default: every registered test)")
+    flags.DEFINE_integer("num_perms", 99, "PERMTEST draws (l2, mc); p-values are at least 1/(num_perms+1)")
+    flags.DEFINE_integer("generalized_steps", 200, "distillation steps per MLP block of the generalized test")
+    flags.DEFINE_float("alpha", 0.01, "level of the detection and false-positive rates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,4 +312,5 @@ if __name__ == "__main__":
     sys.modules.setdefault(
         "derivations", sys.modules[__name__]
     )  # derivations_real imports it: one module, one set of flags
+    define_flags()
     app.run(main)

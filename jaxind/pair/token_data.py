@@ -101,7 +101,7 @@ class TokenData:
 
     def batches(self) -> Any:
         """``(tokens (B, T), mask (B, T))`` batches of equal shape (see
-        :func:`jaxind.io.token_source.batches`; with a padding :attr:`mask`, the batch's mask is 0 on padding
+        :func:`jaxind.io.token_source.batches`; with a padding ``mask``, the batch's mask is 0 on padding
         too); for models with different tokenizers, :class:`jaxind.io.alignment.AlignedBatches`."""
         if self.aligned is not None:
             return self.aligned.batches(self.batch_size)
