@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from jaxind.errors import JaxindError
-from jaxind.models import model
+from jaxind.models import model, train
 from jaxind.models.config import ModelConfig
 
 __all__ = ["distill", "distill_loss", "kl_to_teacher"]
@@ -67,13 +67,6 @@ def _step(student, opt_state, teacher, tokens, student_cfg, teacher_cfg, optimiz
     loss, grads = jax.value_and_grad(distill_loss)(student, student_cfg, target, tokens, temperature)
     updates, opt_state = optimizer.update(grads, opt_state, student)
     return optax.apply_updates(student, updates), opt_state, loss
-
-
-@functools.lru_cache(maxsize=8)
-def _optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
-    """AdamW with warm-up and cosine decay (cached: the same object keeps the jitted step warm)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps)
-    return optax.adamw(schedule, weight_decay=0.01)
 
 
 def _check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:
@@ -126,7 +119,7 @@ def distill(
     corpus = np.asarray(corpus)
     if corpus.ndim != 1 or corpus.shape[0] < seq_len + 1:
         raise JaxindError(f"distillation needs a 1-D corpus of at least {seq_len + 1} tokens (seq_len + 1)")
-    optimizer = _optimizer(learning_rate, steps)
+    optimizer = train.warmup_cosine_adamw(learning_rate, steps)
     opt_state = optimizer.init(student)
     corpus_dev = jnp.asarray(corpus, jnp.int32)
     offsets = jnp.arange(seq_len)

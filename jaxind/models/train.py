@@ -17,7 +17,7 @@ import optax
 from jaxind.models import model
 from jaxind.models.config import ModelConfig
 
-__all__ = ["next_token_loss", "train"]
+__all__ = ["next_token_loss", "train", "warmup_cosine_adamw"]
 
 
 def next_token_loss(params: Any, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -34,7 +34,7 @@ def _step(params, opt_state, cfg, optimizer, tokens):
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer(learning_rate: float, steps: int) -> optax.GradientTransformation:
+def warmup_cosine_adamw(learning_rate: float, steps: int) -> optax.GradientTransformation:
     """AdamW with warm-up and cosine decay (cached: the same object keeps the jitted step warm)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps)
     return optax.adamw(schedule, weight_decay=0.01)
@@ -55,7 +55,7 @@ def train(
 
     Deterministic for a given ``seed``: windows are drawn from ``numpy.random.default_rng(seed)``.
     """
-    optimizer = _optimizer(learning_rate, steps)
+    optimizer = warmup_cosine_adamw(learning_rate, steps)
     opt_state = optimizer.init(params)
     rng = np.random.default_rng(seed)
     losses = []
